@@ -1,0 +1,225 @@
+"""Configs are flat dataclasses: loaded from YAML, overridden on the command line, saved with the run.
+
+Usage in an entry point::
+
+    cfg = parse_config(PretrainConfig, description=__doc__)   # --config f.yaml --lr 1e-3 ...
+    save_config(cfg, Path(cfg.output_dir) / "config.yaml")
+
+Precedence: dataclass defaults < YAML file(s) given with ``--config`` < ``--field value`` flags.
+Every field becomes a flag (``--field_name`` and ``--field-name``); the field's ``help`` metadata
+is shown by ``--help``. Values are parsed as YAML scalars/lists and then checked against the
+field's type, so a typo or a wrong type fails at start-up with a message naming the field.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+def field(default: Any = dataclasses.MISSING, *, help: str = "", default_factory: Any = dataclasses.MISSING):
+    """A dataclass field with a ``--help`` text."""
+    kw: dict[str, Any] = {"metadata": {"help": help}}
+    if default_factory is not dataclasses.MISSING:
+        kw["default_factory"] = default_factory
+    else:
+        kw["default"] = default
+    return dataclasses.field(**kw)
+
+
+class ConfigError(ValueError):
+    """A config value that is unknown, missing or of the wrong type."""
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert where it is lossless."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(name, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if origin is typing.Literal:
+        if value not in args:
+            raise ConfigError(f"{name}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value else []
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        if args and not (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
+            if origin is tuple and len(args) != len(value):
+                raise ConfigError(f"{name}: expected {len(args)} values, got {len(value)}: {value!r}")
+            item_types = args if origin is tuple else [args[0]] * len(value)
+        else:
+            item_types = [args[0] if args else Any] * len(value)
+        out = [_coerce(f"{name}[{i}]", v, t) for i, (v, t) in enumerate(zip(value, item_types))]
+        return tuple(out) if (origin is tuple or tp is tuple) else out
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "no", "off", "0"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        raise ConfigError(f"{name}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{name}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name}: expected a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def from_dict(cls: type[T], values: dict[str, Any], base: T | None = None, source: str = "config") -> T:
+    """Build ``cls`` from ``values`` (on top of ``base`` or the defaults); unknown keys are an error."""
+    hints = _type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown option(s) {unknown} for {cls.__name__}. "
+            f"Valid options: {', '.join(names)}"
+        )
+    current = dataclasses.asdict(base) if base is not None else {}
+    for k, v in values.items():
+        current[k] = _coerce(k, v, hints[k])
+    try:
+        return cls(**current)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_yaml(cls: type[T], path: str | Path, base: T | None = None) -> T:
+    """Load ``cls`` from a YAML mapping file, on top of ``base`` (or the defaults)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a YAML mapping of option: value")
+    return from_dict(cls, data, base=base, source=str(path))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain, YAML-safe dict of a config (tuples become lists)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, Path):
+            return str(v)
+        return v
+    return {k: plain(v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write ``cfg`` as YAML (atomically) so the run can be diffed and repeated."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
+
+
+def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with ``--config`` and one flag per field of ``cls``."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--config", action="append", default=[], metavar="YAML",
+                        help="YAML file(s) of option: value; later files and flags override earlier ones")
+    hints = _type_hints(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        tp = hints[f.name]
+        flags = [f"--{f.name}"]
+        if "_" in f.name:
+            flags.append(f"--{f.name.replace('_', '-')}")
+        kind = getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=kind.upper(),
+                            help=f"{f.metadata.get('help', '')} (default: {default!r})")
+    return parser
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
+    """Defaults < ``--config`` YAML files < command-line flags. Errors exit with a clear message."""
+    parser = build_parser(cls, description)
+    ns = parser.parse_args(argv)
+    try:
+        cfg = cls()
+        for path in ns.config:
+            cfg = load_yaml(cls, path, base=cfg)
+        overrides = {k: _parse_scalar(v) if isinstance(v, str) else v
+                     for k, v in vars(ns).items() if k != "config"}
+        hints = _type_hints(cls)
+        for k, v in list(overrides.items()):
+            raw = getattr(ns, k)
+            if hints[k] is str:
+                overrides[k] = raw  # keep strings verbatim ("1e-3" stays a string)
+            elif typing.get_args(hints[k]) == (str, type(None)):
+                overrides[k] = None if raw.lower() in ("null", "none", "~", "") else raw
+        cfg = from_dict(cls, overrides, base=cfg, source="command line")
+    except ConfigError as e:
+        parser.error(str(e))
+    validate = getattr(cfg, "validate", None)
+    if callable(validate):
+        try:
+            validate()
+        except ValueError as e:
+            parser.error(str(e))
+    return cfg

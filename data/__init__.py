@@ -1,0 +1,1 @@
+"""Shard writing, streaming, augmentation and sample sets (imported as beit.data)."""

@@ -1,0 +1,1 @@
+"""Frozen visual tokenizers: images -> LongTensor[B, h, w] (imported as beit.tokenizers)."""
