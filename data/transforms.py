@@ -1,0 +1,126 @@
+"""BEiT's two-view pretraining augmentation, with reduced-size JPEG decoding.
+
+One random-resized-crop box (timm's ``RandomResizedCropAndInterpolation.get_params``) is resized
+twice: to ``image_size`` with bicubic for the encoder (normalised) and to ``tokenizer_size`` with
+the tokenizer's interpolation (lanczos by default) for the tokenizer, in [0, 1]. Colour jitter
+(brightness, contrast, saturation 0.4, no hue) and a horizontal flip apply to both views alike.
+
+Speed: given a still-undecoded JPEG (``beit.data.decode.open_image``), the box is drawn from the
+header size and the JPEG is decoded with ``Image.draft`` at the largest 1/2, 1/4 or 1/8 scale that
+keeps the box at least as large as the bigger output view, then the box is mapped to the reduced
+image. Jitter runs on the cropped region only and the flip on the outputs; the distribution of
+boxes and flips is the reference's (flip-then-crop equals crop-then-flip for a uniform box), the
+only difference is that contrast blends towards the crop's mean grey instead of the whole image's.
+"""
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torchvision.transforms import ColorJitter
+
+from beit.data.decode import is_undecoded, load_pixels, to_rgb
+
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
+}
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor [3, H, W] in [0, 1]."""
+    a = np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _interp(name: str) -> Image.Resampling:
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {name!r}; choose one of {sorted(INTERPOLATIONS)}")
+    return INTERPOLATIONS[name]
+
+
+def draft_scale(box_w: float, box_h: float, target: int) -> int:
+    """Largest JPEG DCT reduction (1, 2, 4, 8) that keeps a box_w x box_h crop >= target px."""
+    for r in (8, 4, 2):
+        if box_w / r >= target and box_h / r >= target:
+            return r
+    return 1
+
+
+class TwoViewTransform:
+    """``(PIL image) -> (encoder_view [3,S,S] normalised, tokenizer_view [3,T,T] in [0,1])``.
+
+    Randomness comes from ``random`` (crop box, as timm) and ``torch`` (jitter, flip), so seeding
+    both per sample makes the output deterministic.
+    """
+
+    def __init__(self, image_size: int = 224, tokenizer_size: int = 112,
+                 tokenizer_interpolation: str = "lanczos", scale: tuple[float, float] = (0.08, 1.0),
+                 ratio: tuple[float, float] = (3 / 4, 4 / 3), color_jitter: float = 0.4,
+                 hflip: float = 0.5, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+                 interpolation: str = "bicubic", draft: bool = True):
+        if image_size < 1 or tokenizer_size < 1:
+            raise ValueError(f"image_size and tokenizer_size must be positive, got {image_size}, {tokenizer_size}")
+        if not (0 < scale[0] <= scale[1] <= 1.0):
+            raise ValueError(f"scale must satisfy 0 < min <= max <= 1, got {scale}")
+        if not (0 < ratio[0] <= ratio[1]):
+            raise ValueError(f"ratio must satisfy 0 < min <= max, got {ratio}")
+        if not 0.0 <= hflip <= 1.0:
+            raise ValueError(f"hflip is a probability in [0, 1], got {hflip}")
+        self.image_size, self.tokenizer_size = int(image_size), int(tokenizer_size)
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.interp = _interp(interpolation)
+        self.tok_interp = _interp(tokenizer_interpolation)
+        self.jitter = ColorJitter(color_jitter, color_jitter, color_jitter, 0.0) if color_jitter > 0 else None
+        self.hflip = hflip
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.draft = draft
+
+    def __repr__(self) -> str:
+        return (f"TwoViewTransform(image_size={self.image_size}, tokenizer_size={self.tokenizer_size}, "
+                f"scale={self.scale}, ratio={self.ratio}, jitter={self.jitter is not None}, hflip={self.hflip})")
+
+    def crop_region(self, img: Image.Image) -> tuple[Image.Image, tuple[float, float, float, float]]:
+        """Draw the box, decode (drafted when possible) and return the jittered crop + float box."""
+        full_w, full_h = img.size
+        top, left, h, w = RandomResizedCropAndInterpolation.get_params(img, self.scale, self.ratio)
+        s = 1.0
+        if self.draft and is_undecoded(img) and img.format == "JPEG":
+            r = draft_scale(w, h, max(self.image_size, self.tokenizer_size))
+            if r > 1:
+                img.draft("RGB", (math.ceil(full_w / r), math.ceil(full_h / r)))
+                s = 1.0 / round(full_w / img.size[0])
+        if is_undecoded(img):
+            load_pixels(img)
+        img = to_rgb(img)[0]
+        x0, y0, x1, y1 = left * s, top * s, (left + w) * s, (top + h) * s
+        ix0, iy0 = math.floor(x0), math.floor(y0)
+        ix1, iy1 = min(math.ceil(x1), img.size[0]), min(math.ceil(y1), img.size[1])
+        crop = img.crop((ix0, iy0, ix1, iy1))
+        box = (x0 - ix0, y0 - iy0, min(x1, ix1) - ix0, min(y1, iy1) - iy0)
+        if self.jitter is not None:
+            crop = self.jitter(crop)
+        return crop, box
+
+    def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
+        crop, box = self.crop_region(img)
+        enc = crop.resize((self.image_size, self.image_size), self.interp, box=box)
+        tok = crop.resize((self.tokenizer_size, self.tokenizer_size), self.tok_interp, box=box)
+        enc_t, tok_t = pil_to_tensor(enc), pil_to_tensor(tok)
+        if self.hflip > 0 and torch.rand(1).item() < self.hflip:
+            enc_t, tok_t = enc_t.flip(-1), tok_t.flip(-1)
+        return (enc_t - self.mean) / self.std, tok_t
+
+
+def seed_everything(seed: int) -> None:
+    """Seed ``random``, numpy's global RNG and torch (CPU) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
