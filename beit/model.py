@@ -1,0 +1,191 @@
+"""BEiT masked-image-modelling model, assembled from timm's BEiT modules.
+
+timm's ``Beit`` has the encoder (patch embedding, blocks with layer scale and q/v bias, a shared
+relative position bias) but no mask token and no masked-token head. ``BeitPretrainModel`` adds
+those around timm's own ``PatchEmbed``, ``Block`` and ``RelativePositionBias`` and initialises
+everything as the BEiT reference does. Parameter names match the reference checkpoints and timm,
+so ``encoder_state_dict()`` loads into ``timm.models.beit.Beit(**timm_beit_kwargs(...))``.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.layers import LayerNorm, PatchEmbed, to_2tuple
+from timm.models.beit import Block, RelativePositionBias
+from torch.utils.checkpoint import checkpoint
+
+BEIT_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(embed_dim=192, depth=12, num_heads=3, init_values=0.1),
+    "small": dict(embed_dim=384, depth=12, num_heads=6, init_values=0.1),
+    "base": dict(embed_dim=768, depth=12, num_heads=12, init_values=0.1),
+    "large": dict(embed_dim=1024, depth=24, num_heads=16, init_values=1e-5),
+}
+
+# Constructor arguments that also shape the timm fine-tune model (the rest is pretraining-only).
+_ENCODER_ARGS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "init_values")
+
+
+def _trunc_normal(t: torch.Tensor, std: float) -> None:
+    # The reference truncates at +-1 std (not timm's default +-2 absolute), so the empirical
+    # std of the weights is about 0.54 * std.
+    nn.init.trunc_normal_(t, mean=0.0, std=std, a=-std, b=std)
+
+
+class BeitPretrainModel(nn.Module):
+    """ViT encoder + mask token + ``lm_head`` over the masked positions (BEiT pretraining).
+
+    forward(images, bool_masked_pos) -> logits [M, vocab_size], M = number of masked patches in the
+    batch, ordered like ``tokens.flatten(1)[bool_masked_pos.flatten(1)]``.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4.0, vocab_size=8192, init_values=0.1, drop_path_rate=0.1, init_std=0.02):
+        super().__init__()
+        img_hw, patch_hw = to_2tuple(img_size), to_2tuple(patch_size)
+        if any(int(v) != v or v < 1 for v in (*img_hw, *patch_hw)):
+            raise ValueError(f"img_size {img_size!r} and patch_size {patch_size!r} must be positive ints")
+        if img_hw[0] % patch_hw[0] or img_hw[1] % patch_hw[1]:
+            raise ValueError(f"img_size {img_hw} must be divisible by patch_size {patch_hw}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        for name, v in (("depth", depth), ("vocab_size", vocab_size), ("in_chans", in_chans)):
+            if int(v) != v or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not 0.0 <= drop_path_rate < 1.0:
+            raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
+        self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                           depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, vocab_size=vocab_size,
+                           init_values=init_values, drop_path_rate=drop_path_rate, init_std=init_std)
+        self.embed_dim, self.vocab_size, self.in_chans = embed_dim, vocab_size, in_chans
+        self.grad_checkpointing = False
+
+        self.patch_embed = PatchEmbed(img_size=img_hw, patch_size=patch_hw, in_chans=in_chans, embed_dim=embed_dim)
+        self.grid_size = tuple(self.patch_embed.grid_size)
+        self.num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.rel_pos_bias = RelativePositionBias(window_size=self.grid_size, num_heads=num_heads)
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        self.blocks = nn.ModuleList([
+            Block(dim=embed_dim, num_heads=num_heads, qkv_bias=True, mlp_ratio=mlp_ratio, drop_path=dpr[i],
+                  init_values=init_values, norm_layer=LayerNorm, window_size=None)
+            for i in range(depth)])
+        self.norm = LayerNorm(embed_dim)  # eps 1e-6
+        self.lm_head = nn.Linear(embed_dim, vocab_size)
+        self._init_weights(init_std)
+
+    @torch.no_grad()
+    def _init_weights(self, std: float) -> None:
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                _trunc_normal(m.weight, std)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        _trunc_normal(self.cls_token, std)
+        _trunc_normal(self.mask_token, std)
+        nn.init.zeros_(self.rel_pos_bias.relative_position_bias_table)
+        for layer_id, blk in enumerate(self.blocks, start=1):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        expect = (self.in_chans, *self.patch_embed.img_size)
+        if images.ndim != 4 or tuple(images.shape[1:]) != expect:
+            raise ValueError(f"images must be [B, {expect[0]}, {expect[1]}, {expect[2]}], got {tuple(images.shape)}; "
+                             "resize to the model's img_size or build the model for your size")
+
+    def _flat_mask(self, bool_masked_pos, batch: int, device) -> torch.Tensor:
+        """[B, h, w] or [B, h*w] mask -> bool [B, h*w] on ``device``."""
+        m = torch.as_tensor(np.asarray(bool_masked_pos) if not torch.is_tensor(bool_masked_pos) else bool_masked_pos)
+        if m.dtype != torch.bool:
+            if m.is_floating_point() or m.is_complex():
+                raise ValueError(f"bool_masked_pos must be bool (or 0/1 ints), got dtype {m.dtype}")
+            m = m != 0
+        h, w = self.grid_size
+        if tuple(m.shape) not in ((batch, h, w), (batch, h * w)):
+            raise ValueError(f"bool_masked_pos must be [{batch}, {h}, {w}] or [{batch}, {h * w}] for this model's "
+                             f"{h}x{w} patch grid, got {tuple(m.shape)}")
+        return m.reshape(batch, h * w).to(device, non_blocking=True)
+
+    def forward_features(self, images: torch.Tensor, bool_masked_pos=None) -> torch.Tensor:
+        """Encoder output after the final norm, [B, 1 + num_patches, D]; masked patches see only the mask token."""
+        self._check_images(images)
+        x = self.patch_embed(images)
+        b = x.shape[0]
+        if bool_masked_pos is not None:
+            m = self._flat_mask(bool_masked_pos, b, x.device).unsqueeze(-1)
+            # same values as x * (1 - w) + mask_token * w, but no path at all from masked pixels
+            x = torch.where(m, self.mask_token.to(x.dtype), x)
+        x = torch.cat((self.cls_token.to(x.dtype).expand(b, -1, -1), x), dim=1)
+        rel_pos_bias = self.rel_pos_bias()
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
+            else:
+                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+        return self.norm(x)
+
+    def forward(self, images: torch.Tensor, bool_masked_pos) -> torch.Tensor:
+        """Logits [M, vocab_size] for the masked positions only."""
+        m = self._flat_mask(bool_masked_pos, images.shape[0], images.device)
+        x = self.forward_features(images, m)[:, 1:]
+        return self.lm_head(x[m])
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay (as timm's Beit, plus the mask token)."""
+        nwd = {"cls_token", "mask_token"}
+        nwd.update(n for n, _ in self.named_parameters() if "relative_position_bias_table" in n)
+        return nwd
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block's activations in backward (saves memory, costs ~1/3 more compute)."""
+        self.grad_checkpointing = bool(enable)
+
+    def encoder_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict without the pretraining-only ``mask_token`` and ``lm_head`` (reference/timm key names)."""
+        return {k: v for k, v in self.state_dict().items() if k != "mask_token" and not k.startswith("lm_head.")}
+
+    def timm_beit_kwargs(self) -> dict[str, Any]:
+        """kwargs for ``timm.models.beit.Beit`` with this encoder's architecture (see module function)."""
+        return timm_beit_kwargs(**{k: self.config[k] for k in _ENCODER_ARGS})
+
+
+def _resolve(size: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
+    """Constructor defaults < named size < overrides; unknown names are an error."""
+    defaults = {k: p.default for k, p in inspect.signature(BeitPretrainModel.__init__).parameters.items()
+                if k != "self"}
+    if size is not None and size not in BEIT_SIZES:
+        raise ValueError(f"unknown BEiT size {size!r}; choose one of {sorted(BEIT_SIZES)} or size=None with explicit dims")
+    unknown = sorted(set(overrides) - set(defaults))
+    if unknown:
+        raise ValueError(f"unknown model option(s) {unknown}; valid: {sorted(defaults)}")
+    return {**defaults, **(BEIT_SIZES[size] if size else {}), **overrides}
+
+
+def create_pretrain_model(size: str | None = "base", **overrides) -> BeitPretrainModel:
+    """A ``BeitPretrainModel`` of a named size (tiny/small/base/large); ``overrides`` set any constructor arg."""
+    return BeitPretrainModel(**_resolve(size, overrides))
+
+
+def timm_beit_kwargs(size: str | None = None, **overrides) -> dict[str, Any]:
+    """kwargs that build a ``timm.models.beit.Beit`` whose encoder matches ours key for key.
+
+    Shared relative position bias, no absolute position embedding, no per-block bias tables, so
+    ``Beit(**timm_beit_kwargs(...), num_classes=K).load_state_dict(model.encoder_state_dict(), strict=False)``
+    misses only the new head (and ``fc_norm`` with mean pooling, where ``norm.*`` is then unused).
+    Pretraining-only options (vocab_size, init_std, drop_path_rate) are ignored.
+    """
+    cfg = _resolve(size, overrides)
+    out = {k: cfg[k] for k in _ENCODER_ARGS}
+    out.update(qkv_bias=True, use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True)
+    return out
