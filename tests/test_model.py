@@ -222,3 +222,15 @@ def test_encoder_loads_into_timm_beit_and_features_agree(pool):
             torch.testing.assert_close(t.forward_features(x), m.forward_features(x), rtol=1e-4, atol=1e-5)
     # the two helpers agree
     assert m.timm_beit_kwargs() == timm_beit_kwargs("tiny", **TINY)
+
+
+def test_bf16_autocast_forward_and_backward():
+    m = tiny()
+    x = torch.randn(2, 3, 32, 32)
+    bm = masks(2, (4, 4), 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(x, bm)
+    assert logits.shape == (10, 64) and torch.isfinite(logits.float()).all()
+    logits.float().sum().backward()
+    assert m.mask_token.grad is not None and torch.isfinite(m.mask_token.grad).all()
+    assert m.mask_token.grad.abs().sum() > 0
