@@ -2,7 +2,6 @@
 and layer-wise lr decay parameter groups."""
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import timm
@@ -43,14 +42,17 @@ def build_timm_model(name: str, num_classes: int, *, weights: str | None = None,
     if img_size:
         kw["img_size"] = img_size
     try:
-        return timm.create_model(name, **kw)
+        model = timm.create_model(name, **kw)
     except TypeError as e:
         # Models without an img_size / drop_path_rate argument (e.g. MobileViT's img_size).
-        for optional in ("img_size", "drop_path_rate"):
-            if optional in str(e) and optional in kw:
-                kw.pop(optional)
-                return timm.create_model(name, **kw)
-        raise
+        optional = next((o for o in ("img_size", "drop_path_rate") if o in str(e) and o in kw), None)
+        if optional is None:
+            raise
+        kw.pop(optional)
+        model = timm.create_model(name, **kw)
+    # what export needs to rebuild it with timm.create_model(name, **create_kwargs)
+    model.create_kwargs = {k: v for k, v in kw.items() if k in ("num_classes", "in_chans", "img_size")}
+    return model
 
 
 class LinearProbe(nn.Module):
@@ -91,18 +93,9 @@ def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay:
     """AdamW groups with ``lr_scale = layer_decay ** (L + 1 - layer_id)`` (timm's
     ``param_groups_layer_decay``): id 0 = patch embed / cls / pos / rel-pos, block i -> i + 1, the rest
     (final norm, fc_norm, head) L + 1. No weight decay on 1-d tensors and ``model.no_weight_decay()``.
-    The scale must be applied by the scheduler: see :func:`set_lr`."""
+    The scale is applied by ``beit.optim.WarmupCosineSchedule``."""
     from timm.optim import param_groups_layer_decay
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=skip,
                                     layer_decay=layer_decay)
 
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set every group's lr to ``lr * group['lr_scale']`` (1 when absent)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def accepts_kwarg(fn, name: str) -> bool:
-    return name in inspect.signature(fn).parameters

@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 from timm.models.beit import Beit
 
 from beit.checkpoint_loading import CheckpointMismatchError, load_beit_weights, read_state_dict
-from beit.finetune_model import build_beit_classifier, layer_decay_param_groups, set_lr
+from beit.finetune_model import build_beit_classifier, layer_decay_param_groups
+from beit.optim import WarmupCosineSchedule
 
 DIMS = dict(patch_size=8, embed_dim=48, depth=2, num_heads=2)
 
@@ -183,5 +184,5 @@ def test_layer_decay_groups_and_lr_scale_applied():
     assert scale["blocks.0.attn.relative_position_bias_table"][1] == 0.0
     assert len(scale) == len(list(m.parameters()))
     opt = torch.optim.AdamW(groups, lr=1.0)
-    set_lr(opt, 2e-3)
+    WarmupCosineSchedule(opt, lr=2e-3, min_lr=0.0, total_steps=10, weight_decay=0.05).step()
     assert sorted({round(g["lr"], 9) for g in opt.param_groups}) == [2.5e-4, 5e-4, 1e-3, 2e-3]

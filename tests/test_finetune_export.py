@@ -1,0 +1,92 @@
+"""Export round trip: our safetensors + JSON load in timm with no missing keys, same outputs."""
+import json
+from types import SimpleNamespace
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from beit.checkpoint_loading import load_beit_weights
+from beit.export import export_model, load_exported
+from beit.finetune_model import LinearProbe, build_beit_classifier
+from beit.model import create_pretrain_model
+
+DIMS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
+
+
+def cfg(**kw):
+    base = dict(model="beit", img_size=32, patch_size=8, in_chans=3, init_values=0.1, num_classes=10,
+                mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def trained_like_model():
+    m = build_beit_classifier(10, drop_path_rate=0.0, **DIMS).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # nothing left at its init value
+    return m
+
+
+def test_timm_create_model_loads_export_with_no_missing_keys(tmp_path):
+    m = trained_like_model()
+    path = export_model(m, tmp_path / "model.safetensors", cfg(), class_names=[str(i) for i in range(10)])
+    conf = json.loads(path.with_suffix(".json").read_text())
+    assert conf["architecture"] == "beit_base_patch16_224" and conf["num_classes"] == 10
+    x = torch.randn(2, 3, 32, 32)
+    expected = m(x)
+    # 1) checkpoint_path= (strict load inside timm: any missing/unexpected key raises)
+    a = timm.create_model("beit_base_patch16_224", pretrained=False, checkpoint_path=str(path),
+                          **conf["model_kwargs"]).eval()
+    torch.testing.assert_close(a(x), expected)
+    # 2) pretrained=True with a file overlay (timm's filter fn + strict load)
+    b = timm.create_model("beit_base_patch16_224", pretrained=True, **conf["model_kwargs"],
+                          pretrained_cfg_overlay=dict(file=str(path), num_classes=10)).eval()
+    torch.testing.assert_close(b(x), expected)
+    # 3) the JSON alone is enough
+    torch.testing.assert_close(load_exported(path)(x), expected)
+
+
+def test_our_pretraining_model_to_finetune_to_timm(tmp_path):
+    """BeitPretrainModel weights -> fine-tune model -> export -> timm, keys intact all the way."""
+    pre = create_pretrain_model(None, vocab_size=64, **DIMS).eval()
+    with torch.no_grad():
+        pre.rel_pos_bias.relative_position_bias_table.normal_()
+    save_file({k: v.contiguous() for k, v in pre.state_dict().items()}, str(tmp_path / "pretrained.safetensors"))
+    ft = build_beit_classifier(10, drop_path_rate=0.0, **DIMS).eval()
+    rep = load_beit_weights(ft, tmp_path / "pretrained.safetensors")
+    assert set(rep.missing) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}, rep.summary()
+    assert not rep.unexpected, rep.summary()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = pre.forward_features(x)  # [B, 1+N, D] after the final norm
+        ours = ft.forward_features(x)    # mean-pooling model: no final norm
+    torch.testing.assert_close(pre.norm(ours), feats, atol=1e-5, rtol=0)
+    path = export_model(ft, tmp_path / "ft.safetensors", cfg())
+    torch.testing.assert_close(load_exported(path)(x), ft(x))
+
+
+def test_linear_probe_export_round_trip(tmp_path):
+    probe = LinearProbe(trained_like_model(), 10, block=1).eval()
+    path = export_model(probe, tmp_path / "probe.safetensors", cfg())
+    x = torch.randn(2, 3, 32, 32)
+    back = load_exported(path)
+    assert isinstance(back, LinearProbe) and back.block == 1
+    torch.testing.assert_close(back(x), probe(x))
+
+
+def test_timm_baseline_export(tmp_path):
+    from beit.finetune_model import build_timm_model
+    m = build_timm_model("vit_tiny_patch16_224", 10, img_size=32).eval()
+    path = export_model(m, tmp_path / "vit.safetensors", cfg(model="vit_tiny_patch16_224"))
+    x = torch.randn(1, 3, 32, 32)
+    torch.testing.assert_close(load_exported(path)(x), m(x))
+
+
+def test_missing_export_config_is_a_clear_error(tmp_path):
+    m = trained_like_model()
+    path = export_model(m, tmp_path / "m.safetensors", cfg())
+    path.with_suffix(".json").unlink()
+    with pytest.raises(FileNotFoundError, match="config"):
+        load_exported(path)
