@@ -1,0 +1,190 @@
+"""One BEiT pretraining epoch, and the held-out masked-token evaluation.
+
+Per micro-batch: the frozen tokenizer turns the tokenizer view into token ids (float32, no grad,
+outside autocast); the labels are the ids at the masked positions; the model predicts them from the
+corrupted encoder view under autocast; cross-entropy. Gradient accumulation is Accelerate's; lr and
+weight decay are set per optimizer step. A non-finite loss (decided jointly by all ranks) skips the
+whole optimizer step without touching the weights; K in a row abort the run.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after too many consecutive optimizer steps with a non-finite loss."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0                    # optimizer steps done (skipped ones included)
+    epoch: int = 0
+    nonfinite_steps: int = 0         # optimizer steps skipped for a non-finite loss, in total
+    nonfinite_in_a_row: int = 0
+    samples_seen: int = 0            # per rank
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def batch_to_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images = batch["image"].to(device, non_blocking=True)
+    tok_images = batch["tokenizer_image"].to(device, non_blocking=True)
+    mask = batch["mask"].to(device, non_blocking=True).bool()
+    return images, tok_images, mask
+
+
+def masked_labels(tokenizer, tok_images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token ids at the masked positions, ordered like the model's logits."""
+    with torch.no_grad():
+        tokens = tokenizer.tokenize(tok_images.float())
+    if tokens.shape[1:] != mask.shape[1:] and tokens[0].numel() != mask[0].numel():
+        raise ValueError(f"tokenizer grid {tuple(tokens.shape[1:])} != mask grid {tuple(mask.shape[1:])}")
+    return tokens.flatten(1)[mask.flatten(1)]
+
+
+class MimMeter:
+    """Sums of loss, hits and the label histogram on this rank; ``reduce`` sums over ranks in one
+    collective. The majority baseline is the hit rate of always predicting the most frequent masked
+    token of the window (a constant predictor that even knows the window's label counts)."""
+
+    def __init__(self, vocab_size: int, device):
+        self.vocab_size, self.device = vocab_size, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)   # loss*n, hits, n
+        self.hist = torch.zeros(self.vocab_size, dtype=torch.float64, device=self.device)
+
+    @torch.no_grad()
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        n = labels.numel()
+        hits = (logits.argmax(-1) == labels).sum()
+        self.sums += torch.stack([loss.detach().double() * n, hits.double(),
+                                  torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+        self.hist += torch.bincount(labels, minlength=self.vocab_size).double()
+
+    def reduce(self, accelerator) -> dict:
+        """Sum over ranks (every rank must call it) and return loss, mim_acc, majority_acc, tokens."""
+        flat = torch.cat([self.sums, self.hist])
+        if accelerator.num_processes > 1:
+            flat = accelerator.reduce(flat, reduction="sum")
+        loss_sum, hits, n = flat[:3].tolist()
+        hist = flat[3:]
+        if n == 0:
+            return {"tokens": 0}
+        return {"loss": loss_sum / n, "mim_acc": hits / n, "majority_acc": float(hist.max()) / n,
+                "tokens": int(n), "token_perplexity": _perplexity(hist)}
+
+
+def _perplexity(hist: torch.Tensor) -> float:
+    p = hist[hist > 0] / hist.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+def all_ranks_finite(loss: torch.Tensor, accelerator) -> bool:
+    """True only if the loss is finite on every rank (one small collective)."""
+    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
+    if accelerator.num_processes > 1:
+        bad = accelerator.reduce(bad, reduction="sum")
+    return bad.item() == 0
+
+
+def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, state: TrainState, *,
+                    total_steps: int, clip_grad: float, max_nonfinite_in_a_row: int, log_every: int,
+                    logger, after_step=None, progress=None, data_stats=None) -> None:
+    """Run the rest of epoch ``state.epoch`` (or until ``total_steps`` optimizer steps are done).
+
+    ``after_step(state)`` is called on every rank after each optimizer step (checkpointing);
+    ``data_stats()`` returns this rank's data-error counts to be summed into the logged metrics.
+    """
+    model.train()
+    vocab = tokenizer.vocab_size
+    meter = MimMeter(vocab, accelerator.device)
+    window_bad = False
+    last_grad_norm = float("nan")
+    t0, samples0 = time.time(), state.samples_seen
+    for batch in loader:
+        if state.step >= total_steps:
+            break
+        images, tok_images, mask = batch_to_device(batch, accelerator.device)
+        labels = masked_labels(tokenizer, tok_images, mask)
+        state.samples_seen += images.shape[0]
+        with accelerator.accumulate(model):
+            if not window_bad:
+                with accelerator.autocast():
+                    logits = model(images, mask)
+                loss = F.cross_entropy(logits.float(), labels)
+                if all_ranks_finite(loss, accelerator):
+                    accelerator.backward(loss)
+                    meter.update(loss, logits, labels)
+                else:
+                    window_bad = True  # drop this whole accumulation window on every rank
+            if not accelerator.sync_gradients:
+                continue
+            lr, wd = schedule.step()
+            if window_bad:
+                state.nonfinite_steps += 1
+                state.nonfinite_in_a_row += 1
+                logger.info(f"step {state.step + 1}: non-finite loss, optimizer step skipped "
+                            f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_steps} in total)")
+                if state.nonfinite_in_a_row >= max_nonfinite_in_a_row:
+                    raise NonFiniteLossError(
+                        f"the loss was non-finite for {state.nonfinite_in_a_row} consecutive optimizer steps "
+                        f"(up to step {state.step + 1}, lr {lr:.3g}): training diverged. The weights were not "
+                        "updated by those steps, so the last checkpoint is intact. Lower --lr, lengthen "
+                        "--warmup_epochs/--warmup_steps, lower --clip_grad, or use --mixed_precision bf16/no "
+                        "instead of fp16, then rerun the same command to resume.")
+            else:
+                state.nonfinite_in_a_row = 0
+                max_norm = clip_grad if clip_grad > 0 else float("inf")
+                last_grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_bad = False
+            state.step += 1
+            if progress is not None:
+                progress.update(1)
+            if state.step % log_every == 0 or state.step == total_steps:
+                metrics = meter.reduce(accelerator)
+                meter.reset()
+                dt = max(time.time() - t0, 1e-9)
+                metrics.update(epoch=state.epoch, lr=lr, weight_decay=wd, grad_norm=last_grad_norm,
+                               nonfinite_steps=state.nonfinite_steps,
+                               samples_per_s=(state.samples_seen - samples0) * accelerator.num_processes / dt)
+                if data_stats is not None:
+                    metrics.update(data_stats())
+                t0, samples0 = time.time(), state.samples_seen
+                logger.log(metrics, step=state.step)
+                if progress is not None and "loss" in metrics:
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['mim_acc']:.3f}",
+                                         base=f"{metrics['majority_acc']:.3f}", refresh=False)
+            if after_step is not None:
+                after_step(state)
+
+
+@torch.no_grad()
+def evaluate_mim(model, tokenizer, loader, accelerator, max_batches: int = 0) -> dict:
+    """Masked-token accuracy on held-out data beside the majority-token baseline (summed over ranks).
+
+    The baseline predicts the single most frequent masked token of the held-out set itself, which
+    is the best any constant prediction can do there."""
+    model.eval()
+    meter = MimMeter(tokenizer.vocab_size, accelerator.device)
+    for i, batch in enumerate(loader):
+        if max_batches and i >= max_batches:
+            break
+        images, tok_images, mask = batch_to_device(batch, accelerator.device)
+        labels = masked_labels(tokenizer, tok_images, mask)
+        with accelerator.autocast():
+            logits = model(images, mask)
+        loss = F.cross_entropy(logits.float(), labels)
+        if math.isfinite(loss.item()):
+            meter.update(loss, logits, labels)
+    model.train()
+    return meter.reduce(accelerator)

@@ -1,0 +1,413 @@
+"""BEiT masked-image-modelling pretraining on sharded WebDataset streams.
+
+    accelerate launch beit/pretrain.py --config launch/pretrain_beit_base_in1k.yaml --output_dir runs/x
+    python -m beit.pretrain --config launch/demo_pretrain.yaml --lr 1e-3
+
+Options: dataclass defaults < --config YAML < --flag value (``--help`` lists every option). The run
+resumes automatically from the newest complete checkpoint in --output_dir.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from beit.checkpointing import (check_resume_compatible, config_fingerprint, find_latest_complete,
+                                load_checkpoint, save_checkpoint, save_weights)
+from beit.config import field, load_yaml, parse_config, save_config, to_dict
+from beit.engine_pretrain import TrainState, evaluate_mim, train_one_epoch
+from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
+from beit.run_logging import RunLogger, resolve_trackers
+
+# Fields that define the model and its targets: a resumed run must not change them.
+RESUME_KEYS = ("image_size", "patch_size", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
+               "init_values", "tokenizer", "tokenizer_path")
+REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
+
+
+@dataclass
+class PretrainConfig:
+    # data
+    data_shards: list[str] = field(default_factory=list, help="training shards: brace patterns / paths (a YAML list, "
+                                   "or one pattern on the command line), e.g. '/data/train-{000000..000127}.tar'")
+    val_shards: list[str] = field(default_factory=list, help="held-out shards for the final masked-token evaluation "
+                                  "(empty: no evaluation)")
+    allow_remote_shards: bool = field(False, help="allow pipe:/http(s) shard specs (they run commands / fetch URLs)")
+    batches_per_epoch: int = field(0, help="batches per rank per epoch (0: from the shards' manifest)")
+    shuffle_buffer: int = field(1000, help="samples in the streaming shuffle buffer")
+    num_workers: int = field(4, help="data loader worker processes per rank")
+    max_bad_fraction: float = field(0.01, help="stop with an error when more than this fraction of samples fails to decode")
+    # augmentation
+    image_size: int = field(224, help="encoder input side in px")
+    crop_scale_min: float = field(0.08, help="random-resized-crop minimum area fraction (max is 1)")
+    color_jitter: float = field(0.4, help="brightness/contrast/saturation jitter (0: off)")
+    hflip: float = field(0.5, help="horizontal flip probability")
+    # model
+    model_size: str = field("base", help="tiny | small | base | large; embed_dim/depth/num_heads override it")
+    patch_size: int = field(16, help="patch side in px; the patch grid must equal the tokenizer's token grid")
+    embed_dim: int = field(0, help="custom width (0: from model_size)")
+    depth: int = field(0, help="custom number of blocks (0: from model_size)")
+    num_heads: int = field(0, help="custom attention heads (0: from model_size)")
+    mlp_ratio: float = field(4.0, help="MLP hidden width / embed_dim")
+    init_values: float = field(0.0, help="layer-scale init (0: from model_size: 0.1, large 1e-5)")
+    drop_path: float = field(0.1, help="stochastic depth rate")
+    grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
+    # tokenizer
+    tokenizer: str = field("dalle", help="visual tokenizer kind: kmeans | dalle | vqkd | dvae")
+    tokenizer_path: str | None = field(None, help="saved tokenizer (<name>.safetensors + <name>.json)")
+    # masking
+    num_masking_patches: int = field(0, help="masked patches per image (0: 75 on a 14x14 grid as BEiT, otherwise "
+                                     "round(mask_ratio * patches))")
+    mask_ratio: float = field(0.4, help="masked fraction used when num_masking_patches is 0 and the grid is not 14x14")
+    min_mask_patches: int = field(16, help="smallest masking block in patches (BEiT: 16)")
+    max_mask_patches: int = field(0, help="largest masking block in patches (0: no limit)")
+    min_mask_aspect: float = field(0.3, help="masking block aspect range [a, 1/a]")
+    # optimisation
+    batch_size: int = field(64, help="images per process per micro-step")
+    grad_accum_steps: int = field(1, help="micro-steps per optimizer step (ignored when global_batch_size is set)")
+    global_batch_size: int = field(0, help="images per optimizer step over all processes; sets grad_accum_steps = "
+                                   "global / (batch_size * processes) so the recipe holds for any process count")
+    epochs: int = field(800, help="passes over the data (ignored when total_steps > 0)")
+    total_steps: int = field(0, help="optimizer steps in total (0: epochs * steps per epoch)")
+    lr: float = field(1.5e-3, help="peak learning rate (for the effective batch; not rescaled)")
+    min_lr: float = field(1e-5, help="final learning rate of the cosine schedule")
+    warmup_epochs: float = field(10.0, help="linear warmup length in epochs")
+    warmup_steps: int = field(-1, help="linear warmup length in optimizer steps (>= 0 overrides warmup_epochs)")
+    weight_decay: float = field(0.05, help="AdamW weight decay (none on biases, norms, tokens, position tables)")
+    weight_decay_end: float | None = field(None, help="weight decay at the end of the cosine wd schedule (None: constant)")
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], help="AdamW betas")
+    eps: float = field(1e-8, help="AdamW epsilon")
+    clip_grad: float = field(3.0, help="max global gradient norm (0: no clipping)")
+    max_nonfinite_steps: int = field(5, help="abort after this many consecutive optimizer steps with a non-finite loss")
+    mixed_precision: str = field("auto", help="auto | no | fp16 | bf16 (auto: the launcher's setting, else bf16 on "
+                                 "GPUs that support it, fp16 on other GPUs, no on CPU)")
+    seed: int = field(0, help="seed for weights, data order, augmentation and masks")
+    # run
+    output_dir: str = field("runs/pretrain", help="run folder: config, checkpoints, metrics, final weights")
+    checkpoint_every: int = field(1000, help="save a checkpoint every N optimizer steps (and at the end)")
+    keep_last: int = field(3, help="complete checkpoints to keep (0: all)")
+    log_every: int = field(20, help="log metrics every N optimizer steps")
+    tensorboard: bool = field(True, help="also log to TensorBoard (output_dir/tensorboard)")
+    eval_batches: int = field(0, help="held-out batches per rank for the final evaluation (0: all)")
+    eval_batch_size: int = field(0, help="held-out batch size (0: batch_size)")
+
+    def validate(self) -> None:
+        """Checks that need no files; raises ValueError naming the option."""
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        for name in ("batch_size", "grad_accum_steps", "checkpoint_every", "log_every", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.total_steps < 0 or self.epochs < 0 or (self.total_steps == 0 and self.epochs == 0):
+            raise ValueError("set epochs >= 1 or total_steps >= 1")
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
+        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.lr <= 0 or self.min_lr < 0:
+            raise ValueError("lr must be > 0 and min_lr >= 0")
+        if self.global_batch_size < 0:
+            raise ValueError("global_batch_size must be >= 0")
+        if not self.data_shards:
+            raise ValueError("no training data: set data_shards (e.g. --data_shards '/data/train-{000000..000099}.tar')")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.image_size // self.patch_size,) * 2
+
+    def masked_count(self) -> int:
+        if self.num_masking_patches > 0:
+            return self.num_masking_patches
+        if self.grid == REFERENCE_GRID:
+            return REFERENCE_MASKED
+        return max(1, round(self.mask_ratio * self.grid[0] * self.grid[1]))
+
+
+def resolve_mixed_precision(choice: str) -> str | None:
+    """``auto``: defer to ``accelerate launch`` settings if any, else bf16/fp16 on GPU, no on CPU."""
+    if choice != "auto":
+        return choice
+    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+        return None
+    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "no"
+
+
+def sample_seed(*parts) -> int:
+    """A 63-bit seed from any mix of ints and strings (stable across processes and runs)."""
+    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+class MimSample:
+    """The loader's ``map_fn``: two-view augmentation + a block mask for one image.
+
+    All randomness is seeded from (seed, epoch, shard, key) of the sample, so a sample's views and
+    mask do not depend on which rank or worker decodes it, and a resumed run sees the same ones.
+    """
+
+    def __init__(self, transform, masker, seed: int, train: bool = True):
+        self.transform, self.masker, self.seed, self.train = transform, masker, seed, train
+        self.epoch = 0
+
+    def __call__(self, img, sample: dict) -> dict:
+        s = sample_seed(self.seed, self.epoch if self.train else "eval", sample.get("__url__", ""),
+                        sample.get("__key__", ""))
+        py_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(s)
+            torch.manual_seed(s)
+            enc, tok = self.transform(img)
+        random.setstate(py_state)
+        self.masker.reseed(s)
+        return {"image": enc, "tokenizer_image": tok, "mask": torch.from_numpy(self.masker())}
+
+
+def build_model(cfg: PretrainConfig, vocab_size: int):
+    from beit.model import create_pretrain_model
+
+    overrides = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=vocab_size,
+                     drop_path_rate=cfg.drop_path, mlp_ratio=cfg.mlp_ratio)
+    for name in ("embed_dim", "depth", "num_heads", "init_values"):
+        if getattr(cfg, name):
+            overrides[name] = getattr(cfg, name)
+    model = create_pretrain_model(cfg.model_size, **overrides)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    return model
+
+
+def check_grids(cfg: PretrainConfig, tokenizer) -> None:
+    if tuple(tokenizer.grid_size) != cfg.grid:
+        raise ValueError(
+            f"the {cfg.tokenizer} tokenizer gives a {tokenizer.grid_size[0]}x{tokenizer.grid_size[1]} token grid "
+            f"for its {tokenizer.input_size} px view, but the model's patch grid is {cfg.grid[0]}x{cfg.grid[1]} "
+            f"(image_size {cfg.image_size} / patch_size {cfg.patch_size}). Every patch needs exactly one target "
+            f"token: choose image_size/patch_size with that grid, or a tokenizer made for it")
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256(json.dumps({"vocab": tokenizer.vocab_size, "grid": list(tokenizer.grid_size)}).encode())
+    for k, v in sorted(tokenizer.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: bool, batch_size: int):
+    from beit.data.stream import build_stream_loader
+    from beit.data.transforms import TwoViewTransform
+    from beit.masking import MaskingGenerator
+
+    if train:
+        transform = TwoViewTransform(image_size=cfg.image_size, tokenizer_size=tokenizer.input_size,
+                                     tokenizer_interpolation=tokenizer.interpolation,
+                                     scale=(cfg.crop_scale_min, 1.0), color_jitter=cfg.color_jitter, hflip=cfg.hflip)
+    else:  # held-out: the whole image (centre square), no jitter or flip
+        transform = TwoViewTransform(image_size=cfg.image_size, tokenizer_size=tokenizer.input_size,
+                                     tokenizer_interpolation=tokenizer.interpolation,
+                                     scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0.0, hflip=0.0)
+    masker = MaskingGenerator(cfg.grid, cfg.masked_count(), min_num_patches=min(cfg.min_mask_patches, cfg.masked_count()),
+                              max_num_patches=cfg.max_mask_patches or None, min_aspect=cfg.min_mask_aspect)
+    map_fn = MimSample(transform, masker, cfg.seed, train=train)
+    loader = build_stream_loader(
+        shards, map_fn=map_fn, batch_size=batch_size, num_workers=cfg.num_workers,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
+        shuffle_buffer=cfg.shuffle_buffer if train else 0,
+        batches_per_epoch=(cfg.batches_per_epoch or None) if train else None,
+        allow_remote=cfg.allow_remote_shards, max_bad_fraction=cfg.max_bad_fraction)
+    return loader, map_fn
+
+
+def data_error_metrics(loader, accelerator) -> dict:
+    """Data-error counts of all ranks, summed (every rank must call it)."""
+    from accelerate.utils import gather_object
+
+    stats = loader.stats if isinstance(loader.stats, dict) else dict(loader.stats)
+    flat = {}
+    for k, v in stats.items():
+        if isinstance(v, (int, float)):
+            flat[f"data/{k}"] = v
+        elif isinstance(v, dict) and k != "by_shard":
+            flat.update({f"data/{k}/{r}": n for r, n in v.items() if isinstance(n, (int, float))})
+    if accelerator.num_processes > 1:
+        merged: dict = {}
+        for part in gather_object([flat]):
+            for k, v in part.items():
+                merged[k] = merged.get(k, 0) + v
+        flat = merged
+    return flat
+
+
+def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int, accum: int) -> tuple[int, int, int]:
+    """(steps per epoch, total optimizer steps, warmup steps)."""
+    steps_per_epoch = batches_per_epoch // accum
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch has {batches_per_epoch} batches per rank, fewer than grad_accum_steps={accum}: "
+                         "lower batch_size/grad_accum_steps or add data")
+    total = cfg.total_steps if cfg.total_steps > 0 else cfg.epochs * steps_per_epoch
+    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else round(cfg.warmup_epochs * steps_per_epoch)
+    return steps_per_epoch, total, min(warmup, total)
+
+
+def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> dict:
+    """Run (or resume) pretraining; returns the final summary (also written to final_metrics.json)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from beit.tokenizers import load_tokenizer
+
+    cfg = cfg or parse_config(PretrainConfig, argv, description=__doc__)
+    cfg.validate()
+    out = Path(cfg.output_dir)
+
+    # --- up-front checks, before any compute -----------------------------------------------
+    from beit.data.stream import expand_shards
+
+    shards = expand_shards(cfg.data_shards, allow_remote=cfg.allow_remote_shards)
+    val_shards = expand_shards(cfg.val_shards, allow_remote=cfg.allow_remote_shards) if cfg.val_shards else []
+    tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
+    check_grids(cfg, tokenizer)
+    n_masked = cfg.masked_count()
+    n_patches = cfg.grid[0] * cfg.grid[1]
+    if not 1 <= n_masked < n_patches:
+        raise ValueError(f"num_masking_patches {n_masked} must be in [1, {n_patches}) for the {cfg.grid} grid")
+
+    mp = resolve_mixed_precision(cfg.mixed_precision)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    accum = cfg.grad_accum_steps
+    if cfg.global_batch_size:
+        if cfg.global_batch_size % (cfg.batch_size * world):
+            raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by batch_size "
+                             f"{cfg.batch_size} x {world} processes")
+        accum = cfg.global_batch_size // (cfg.batch_size * world)
+    trackers = resolve_trackers(cfg.tensorboard)
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=accum, log_with=trackers or None,
+                              project_dir=str(out))
+    if accelerator.num_processes != world:  # launched by something that does not set WORLD_SIZE
+        raise RuntimeError(f"process count mismatch: WORLD_SIZE={world}, accelerate sees {accelerator.num_processes}")
+
+    latest = find_latest_complete(out)
+    saved_cfg_path = out / "config.yaml"
+    if latest is not None and saved_cfg_path.is_file():
+        saved = to_dict(load_yaml(PretrainConfig, saved_cfg_path))
+        check_resume_compatible(saved, to_dict(cfg), RESUME_KEYS, where=str(out))
+    tok_fp = tokenizer_fingerprint(tokenizer)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved_cfg_path)
+    accelerator.wait_for_everyone()
+
+    # --- build ---------------------------------------------------------------------------------
+    set_seed(cfg.seed)
+    model = build_model(cfg, tokenizer.vocab_size)
+    tokenizer = tokenizer.to(accelerator.device)
+    optimizer = create_adamw(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
+                             eps=cfg.eps)
+    loader, map_fn = build_loader(cfg, shards, tokenizer, accelerator, train=True, batch_size=cfg.batch_size)
+    steps_per_epoch, total_steps, warmup = resolve_steps(cfg, len(loader), accum)
+    schedule = WarmupCosineSchedule(optimizer, lr=cfg.lr, min_lr=cfg.min_lr, total_steps=total_steps,
+                                    warmup_steps=warmup, weight_decay=cfg.weight_decay,
+                                    weight_decay_end=cfg.weight_decay_end)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    set_seed(cfg.seed, device_specific=True)  # per-rank stream for drop path
+
+    # --- resume --------------------------------------------------------------------------------
+    state = TrainState()
+    cfg_hash = config_fingerprint(to_dict(cfg), RESUME_KEYS)
+    resumed_from = None
+    if latest is not None:
+        saved_state, rank_state = load_checkpoint(accelerator, latest)
+        if saved_state.get("tokenizer_fingerprint") not in (None, tok_fp):
+            raise ValueError(f"cannot resume {out}: the tokenizer weights at {cfg.tokenizer_path} differ from the "
+                             "ones the checkpoint was trained with; use a new --output_dir or the original tokenizer")
+        state = TrainState(**saved_state["train"])
+        schedule.load_state_dict(saved_state["schedule"])
+        if rank_state is not None:
+            loader.load_state_dict(rank_state["loader"])
+        resumed_from = latest
+    logger = RunLogger(accelerator, out, resume_step=state.step if resumed_from else None)
+    if trackers:
+        accelerator.init_trackers("tensorboard", config={k: v for k, v in to_dict(cfg).items()
+                                                         if isinstance(v, (int, float, str, bool))})
+
+    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
+    eff_batch = cfg.batch_size * accum * accelerator.num_processes
+    logger.info(f"BEiT pretraining: {n_params / 1e6:.2f}M params, grid {cfg.grid[0]}x{cfg.grid[1]}, "
+                f"{n_masked} masked, {cfg.tokenizer} tokenizer (vocab {tokenizer.vocab_size})")
+    logger.info(f"processes {accelerator.num_processes}, device {accelerator.device}, mixed precision "
+                f"{accelerator.mixed_precision}; effective batch {eff_batch} = {cfg.batch_size} x {accum} accum x "
+                f"{accelerator.num_processes} proc; lr {cfg.lr:g} (not rescaled), {total_steps} steps "
+                f"({steps_per_epoch}/epoch), warmup {warmup}")
+    if resumed_from:
+        logger.info(f"resumed from {resumed_from} at step {state.step} (epoch {state.epoch})")
+    else:
+        logger.info(f"starting a new run in {out}")
+
+    # --- train ---------------------------------------------------------------------------------
+    def checkpoint(st: TrainState) -> None:
+        if st.step % cfg.checkpoint_every and st.step != total_steps:
+            return
+        train_state = {"train": st.to_dict(), "schedule": schedule.state_dict(), "config_hash": cfg_hash,
+                       "tokenizer_fingerprint": tok_fp}
+        path = save_checkpoint(accelerator, out, st.step, train_state, {"loader": loader.state_dict()},
+                               keep_last=cfg.keep_last)
+        logger.info(f"checkpoint saved: {path}")
+
+    t_start = time.time()
+    with logger.progress(total_steps, initial=state.step) as bar:
+        while state.step < total_steps:
+            loader.set_epoch(state.epoch)
+            map_fn.epoch = state.epoch
+            train_one_epoch(model, tokenizer, loader, optimizer,
+                            schedule, accelerator, state, total_steps=total_steps, clip_grad=cfg.clip_grad,
+                            max_nonfinite_in_a_row=cfg.max_nonfinite_steps, log_every=cfg.log_every, logger=logger,
+                            after_step=checkpoint, progress=bar, data_stats=lambda: data_error_metrics(loader, accelerator))
+            if state.step < total_steps:
+                state.epoch += 1
+    train_time = time.time() - t_start
+
+    # --- finish: weights, held-out evaluation ----------------------------------------------------
+    summary = {"step": state.step, "epoch": state.epoch, "nonfinite_steps": state.nonfinite_steps,
+               "train_seconds": round(train_time, 1), "output_dir": str(out)}
+    summary.update(data_error_metrics(loader, accelerator))
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.is_main_process:
+        weights = save_weights(accelerator.get_state_dict(model), out / "pretrained.safetensors",
+                               {"model": unwrapped.config, "tokenizer": cfg.tokenizer,
+                                "tokenizer_path": cfg.tokenizer_path, "tokenizer_fingerprint": tok_fp,
+                                "step": state.step, "pretrain_config": to_dict(cfg)})
+        summary["pretrained"] = str(weights)
+    if val_shards:
+        val_loader, _ = build_loader(cfg, val_shards, tokenizer, accelerator, train=False,
+                                     batch_size=cfg.eval_batch_size or cfg.batch_size)
+        ev = evaluate_mim(unwrapped, tokenizer, val_loader, accelerator, max_batches=cfg.eval_batches)
+        summary.update({f"val/{k}": v for k, v in ev.items()})
+        logger.log({f"val/{k}": v for k, v in ev.items()}, step=state.step)
+        if "mim_acc" in ev:
+            logger.info(f"held-out masked-token accuracy {ev['mim_acc']:.4f} vs majority-token baseline "
+                        f"{ev['majority_acc']:.4f} ({ev['tokens']} masked tokens)")
+    if accelerator.is_main_process:
+        (out / "final_metrics.json").write_text(json.dumps(summary, indent=1))
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,102 @@
+"""Run logging: JSON-lines metrics, TensorBoard through Accelerate's trackers, tqdm on rank 0.
+
+Only the main process writes. ``metrics.jsonl`` gets one JSON object per logged step; on resume it
+is cut back to the resumed step so a restarted run continues the same file without duplicates.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def tensorboard_available() -> bool:
+    try:
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def resolve_trackers(tensorboard: bool) -> list[str]:
+    """``log_with`` for the Accelerator. Asking for TensorBoard without it installed warns loudly
+    (Accelerate itself would log nothing, silently) and logs JSON lines only."""
+    if not tensorboard:
+        return []
+    if tensorboard_available():
+        return ["tensorboard"]
+    print("!" * 78 + "\nWARNING: tensorboard=true but the tensorboard package is not importable; "
+          "TensorBoard logs are OFF.\n         Install it (pip install tensorboard) or set --tensorboard false. "
+          f"Metrics still go to {METRICS_FILE}.\n" + "!" * 78, file=sys.stderr, flush=True)
+    return []
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf
+    return v
+
+
+class RunLogger:
+    """Writes metrics on the main process; every other rank gets a no-op logger."""
+
+    def __init__(self, accelerator, output_dir: str | Path, resume_step: int | None = None):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.path = Path(output_dir) / METRICS_FILE
+        if self.main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._truncate_after(resume_step if resume_step is not None else 0)
+
+    def _truncate_after(self, step: int) -> None:
+        """Keep only records with ``step <= step`` (a fresh run keeps none of a stale file)."""
+        if not self.path.is_file():
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if rec.get("step", 0) <= step and step > 0:
+                keep.append(json.dumps(rec))
+        self.path.write_text("".join(k + "\n" for k in keep))
+
+    def log(self, metrics: dict, step: int) -> None:
+        """Append ``metrics`` at ``step`` to metrics.jsonl and the trackers (main process only)."""
+        if not self.main:
+            return
+        rec = {"step": step, "time": round(time.time(), 3)}
+        rec.update({k: _plain(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        numeric = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
+        if self.accelerator.trackers:
+            self.accelerator.log(numeric, step=step)
+
+    def progress(self, total: int, initial: int = 0, desc: str = "pretrain"):
+        """A tqdm bar shown on the main process only."""
+        return tqdm(total=total, initial=initial, desc=desc, disable=not self.main, dynamic_ncols=True,
+                    mininterval=2.0)
+
+    def info(self, msg: str) -> None:
+        if self.main:
+            tqdm.write(msg, file=sys.stdout)
+            sys.stdout.flush()
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """All records of a run's metrics.jsonl."""
+    path = Path(output_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,125 @@
+"""Pretraining pieces that need no data: config, grids, steps, per-sample seeding, metrics, logging."""
+import dataclasses
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from beit.config import parse_config
+from beit.engine_pretrain import MimMeter
+from beit.pretrain import MimSample, PretrainConfig, check_grids, resolve_steps, sample_seed
+from beit.run_logging import RunLogger, read_metrics
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(PretrainConfig, ["--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(PretrainConfig):
+        assert f"--{f.name}" in text, f.name
+        assert f.metadata.get("help"), f"{f.name} has no help text"
+
+
+def test_masked_count_reference_and_derived():
+    assert PretrainConfig(data_shards=["x"]).masked_count() == 75                      # 224/16 -> 14x14
+    assert PretrainConfig(data_shards=["x"], image_size=64, patch_size=8).masked_count() == round(0.4 * 64)
+    assert PretrainConfig(data_shards=["x"], image_size=64, patch_size=8, num_masking_patches=20).masked_count() == 20
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(image_size=65, patch_size=8), "not a multiple"),
+    (dict(mixed_precision="fp8"), "mixed_precision"),
+    (dict(data_shards=[]), "no training data"),
+    (dict(epochs=0, total_steps=0), "epochs"),
+    (dict(mask_ratio=1.5), "mask_ratio"),
+])
+def test_validate_rejects(kw, msg):
+    cfg = dataclasses.replace(PretrainConfig(data_shards=["x"]), **kw)
+    with pytest.raises(ValueError, match=msg):
+        cfg.validate()
+
+
+def test_grid_mismatch_message():
+    class Tok:
+        grid_size, input_size = (14, 14), 112
+    cfg = PretrainConfig(data_shards=["x"], image_size=64, patch_size=8, tokenizer="kmeans")
+    with pytest.raises(ValueError, match=r"14x14 token grid .* patch grid is 8x8 \(image_size 64 / patch_size 8\)"):
+        check_grids(cfg, Tok())
+
+
+def test_resolve_steps():
+    cfg = PretrainConfig(data_shards=["x"], epochs=3, warmup_epochs=0.5)
+    assert resolve_steps(cfg, 10, 2) == (5, 15, 2)                  # round(0.5 * 5) = 2 (banker's rounding)
+    cfg = PretrainConfig(data_shards=["x"], total_steps=7, warmup_steps=100)
+    assert resolve_steps(cfg, 10, 1) == (10, 7, 7)                  # warmup clamped to the run
+    with pytest.raises(ValueError, match="fewer than grad_accum_steps"):
+        resolve_steps(cfg, 3, 4)
+
+
+class _Masker:
+    def __init__(self):
+        import numpy as np
+        self.rng = np.random.default_rng(0)
+
+    def reseed(self, s):
+        import numpy as np
+        self.rng = np.random.default_rng(s)
+
+    def __call__(self):
+        return self.rng.random((4, 4)) < 0.5
+
+
+def _transform(img):
+    import random
+    return torch.full((1,), random.random()), torch.rand(1)
+
+
+def test_sample_seeding_depends_on_sample_and_epoch_only():
+    img = Image.new("RGB", (8, 8))
+    fn = MimSample(_transform, _Masker(), seed=3)
+    a = fn(img, {"__key__": "k1", "__url__": "s0.tar"})
+    torch.rand(5)                                                   # global RNG use must not matter
+    b = fn(img, {"__key__": "k1", "__url__": "s0.tar"})
+    c = fn(img, {"__key__": "k2", "__url__": "s0.tar"})
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["image"], c["image"])
+    fn.epoch = 1
+    d = fn(img, {"__key__": "k1", "__url__": "s0.tar"})
+    assert not torch.equal(a["image"], d["image"]) and not torch.equal(a["mask"], d["mask"])
+    # the caller's RNG streams are left where they were
+    torch.manual_seed(0)
+    x = torch.rand(1)
+    torch.manual_seed(0)
+    fn(img, {"__key__": "k1"})
+    assert torch.equal(torch.rand(1), x)
+    assert sample_seed(1, "a") != sample_seed(1, "b") and sample_seed(1, "a") == sample_seed(1, "a")
+
+
+def test_meter_accuracy_and_majority_baseline():
+    m = MimMeter(vocab_size=4, device="cpu")
+    labels = torch.tensor([0, 0, 0, 1, 2, 3])
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 1, 3, 3]), 4).float()
+    m.update(torch.tensor(2.0), logits, labels)
+
+    class Acc:
+        num_processes = 1
+    r = m.reduce(Acc())
+    assert r["mim_acc"] == pytest.approx(4 / 6) and r["majority_acc"] == pytest.approx(3 / 6)
+    assert r["loss"] == pytest.approx(2.0) and r["tokens"] == 6
+
+
+def test_logger_truncates_on_resume(tmp_path):
+    class Acc:
+        is_main_process, trackers = True, []
+    log = RunLogger(Acc(), tmp_path)
+    for s in (10, 20, 30):
+        log.log({"loss": 1.0 / s, "bad": float("nan")}, step=s)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 40, "lo')                                  # a line cut short by a kill
+    RunLogger(Acc(), tmp_path, resume_step=20)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [10, 20]
+    assert read_metrics(tmp_path)[0]["bad"] == "nan"
+    RunLogger(Acc(), tmp_path)                                      # a fresh run starts a fresh file
+    assert read_metrics(tmp_path) == []
+    json.dumps(read_metrics(tmp_path))
