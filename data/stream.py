@@ -1,0 +1,444 @@
+"""Streaming loader over WebDataset tar shards: robust, distributed, resumable.
+
+Layout of one epoch (every rank computes the same plan from the seed, with no communication):
+
+* non-resampled: the shard list is permuted with (seed, epoch); rank r takes every R-th shard,
+  worker w of that rank every W-th of those, so ranks and workers read disjoint shards.
+  Fewer shards than ranks x workers is refused at start-up (or use ``resampled=True``).
+* resampled: every worker draws shards with replacement, seeded by (seed, epoch, rank, worker).
+* ``len(loader)`` = batches per epoch = ``batches_per_epoch`` or floor(samples / (world_size x
+  batch_size)) from the manifest's per-shard counts; it is the same on every rank and every epoch.
+  Each worker gets a batch quota (its share by sample count); a worker that runs short (bad
+  samples, a truncated or missing shard) starts another shuffled pass over its shards, so a rank
+  never yields fewer batches than the others (no DDP hang). With balanced shards every sample is
+  seen exactly once per epoch.
+* Each worker streams its shards through a seeded shuffle buffer (drained at the end of each
+  pass), decodes robustly (``beit.data.decode``), seeds ``random``/numpy/torch per sample from
+  (seed, epoch, rank, worker, index) and calls ``map_fn(image, sample)``; ``sample["__seed__"]``
+  is that seed (reseed your own generators, e.g. a MaskingGenerator, with it).
+* Bad samples are skipped and counted by reason; the counts ride with each batch to the main
+  process (``loader.stats``) and more than ``max_bad_fraction`` bad raises DataQualityError.
+* Each batch also tells how far its worker has read, so ``state_dict()`` holds the epoch, the
+  batch position and each worker's read position; after ``load_state_dict`` the loader skips the
+  already-consumed samples without decoding them and continues with exactly the same batches.
+
+Never pass this loader through ``accelerator.prepare``; move batches with ``to_device``.
+"""
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import random
+import tarfile
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data._utils.collate import default_collate
+
+from beit.data.data_stats import DataStats
+from beit.data.decode import BadSample, is_undecoded, load_pixels, open_image
+from beit.data.shard_format import image_ext, iter_tar_samples
+from beit.data.shardspec import expand_shards, is_remote, shard_sample_counts
+from beit.data.transforms import seed_everything
+
+MapFn = Callable[[Any, dict], dict]
+STATE_VERSION = 1
+
+
+def derive_seed(*ints: int) -> int:
+    """A well-mixed 63-bit seed from a tuple of non-negative integers."""
+    a, b = np.random.SeedSequence([int(i) & 0xFFFFFFFF for i in ints]).generate_state(2)
+    return ((int(a) << 32) | int(b)) & 0x7FFFFFFFFFFFFFFF
+
+
+def plan_quotas(n: list[list[int]] | None, num_batches: int, batch_size: int,
+                num_workers: int) -> list[list[int]]:
+    """Batch quota per rank and worker summing to ``num_batches`` on every rank.
+
+    ``n[r][w]`` = samples assigned to worker w of rank r (None: unknown -> even split). Each
+    worker first gets floor(n/B); ranks with more are trimmed from their fullest worker, ranks
+    with fewer top up the workers with the most leftover samples.
+    """
+    if n is None:
+        return [[num_batches // num_workers + (w < num_batches % num_workers) for w in range(num_workers)]]
+    out = []
+    for rank_n in n:
+        k = [c // batch_size for c in rank_n]
+        while sum(k) > num_batches:
+            k[max(range(len(k)), key=lambda i: (k[i], -i))] -= 1
+        while sum(k) < num_batches:
+            k[max(range(len(k)), key=lambda i: (rank_n[i] - k[i] * batch_size, -i))] += 1
+        out.append(k)
+    return out
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, keep_outer: bool):
+    """Seed random/numpy/torch for one sample; in the main process (num_workers=0) restore the
+    caller's RNG states afterwards so the training loop's randomness is untouched."""
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state()) if keep_outer else None
+    seed_everything(seed)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.set_rng_state(saved[2])
+
+
+def round_robin(quotas: list[int]) -> list[int]:
+    """Worker id of every batch of an epoch: round robin over workers with quota left."""
+    left, order = list(quotas), []
+    while any(left):
+        for w, q in enumerate(left):
+            if q:
+                order.append(w)
+                left[w] -= 1
+    return order
+
+
+def safe_batches_per_epoch(counts: list[int], world_size: int, num_workers: int, batch_size: int) -> int:
+    """Batches per rank that every rank can fill in every epoch from distinct samples.
+
+    A rank gets at least the floor(S/R) smallest shards; each worker may strand up to B-1
+    samples in a partial batch, unless every shard holds a multiple of B samples.
+    """
+    per_rank = len(counts) // world_size
+    least = sum(sorted(counts)[:per_rank])
+    slack = 0 if all(c % batch_size == 0 for c in counts) else max(1, num_workers) * (batch_size - 1)
+    return max(0, least - slack) // batch_size
+
+
+class ShardStream(IterableDataset):
+    """Worker-side part of the loader: yields collated batches with a ``__meta__`` entry."""
+
+    def __init__(self, shards: list[str], counts: list[int] | None, map_fn: MapFn, batch_size: int,
+                 rank: int, world_size: int, num_workers: int, seed: int, shuffle_buffer: int,
+                 resampled: bool, min_image_size: int, small_image_size: int | None):
+        super().__init__()
+        self.shards, self.counts, self.map_fn = shards, counts, map_fn
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.seed, self.shuffle_buffer, self.resampled = seed, shuffle_buffer, resampled
+        self.min_image_size, self.small_image_size = min_image_size, small_image_size
+        # set by the loader before each epoch
+        self.epoch, self.quotas, self.assign, self.progress = 0, [0], [[]], [(0, 0)]
+
+    # ---- epoch plan (computed identically on every rank) ----
+    def assignment(self, epoch: int) -> list[list[list[int]]]:
+        """Shard indices per rank and worker for ``epoch`` (non-resampled mode)."""
+        order = np.random.default_rng(derive_seed(self.seed, epoch, 1)).permutation(len(self.shards))
+        W = self.num_workers
+        return [[list(order[r::self.world_size][w::W]) for w in range(W)] for r in range(self.world_size)]
+
+    # ---- worker side ----
+    def _expected(self, idx: int) -> int | None:
+        return self.counts[idx] if self.counts is not None else None
+
+    def _read_shard(self, idx: int, stats: DataStats) -> Iterator[dict]:
+        url = self.shards[idx]
+        n = 0
+        try:
+            if is_remote(url):
+                from webdataset import gopen
+                stream = gopen(url)
+            else:
+                stream = open(url, "rb")
+        except OSError as e:
+            exp = self._expected(idx)
+            stats.add_bad(url, "missing_shard", n=max(exp or 1, 1), detail=str(e))
+            return
+        try:
+            with stream:
+                for sample in iter_tar_samples(stream):
+                    sample["__shard__"] = url
+                    n += 1
+                    yield sample
+        except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            exp = self._expected(idx)
+            lost = max((exp - n) if exp is not None else 1, 1)
+            stats.add_bad(url, "tar_error", n=lost, detail=f"after {n} samples: {type(e).__name__}: {e}")
+
+    def _shuffled(self, it: Iterator[dict], rng: random.Random) -> Iterator[dict]:
+        buf: list[dict] = []
+        for s in it:
+            buf.append(s)
+            if len(buf) >= self.shuffle_buffer:
+                i = rng.randrange(len(buf))
+                buf[i], buf[-1] = buf[-1], buf[i]
+                yield buf.pop()
+        rng.shuffle(buf)
+        yield from buf
+
+    def _raw_stream(self, worker: int, stats: DataStats) -> Iterator[dict]:
+        """Infinite deterministic stream of raw samples for this worker and epoch."""
+        mine = self.assign[worker]
+        for cycle in range(1 << 62):
+            rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, cycle))
+            if self.resampled:
+                draws = max(1, math.ceil(len(self.shards) / (self.world_size * self.num_workers)))
+                order = [rng.randrange(len(self.shards)) for _ in range(draws)]
+            else:
+                order = list(mine)
+                rng.shuffle(order)
+            if not order:
+                raise RuntimeError(f"rank {self.rank} worker {worker} has no shards (bug in the plan)")
+            got = 0
+            for s in self._shuffled((x for i in order for x in self._read_shard(i, stats)), rng):
+                got += 1
+                yield s
+            if got == 0:
+                names = [self.shards[i] for i in order][:3]
+                raise RuntimeError(f"no readable samples in the shards of rank {self.rank} worker {worker} "
+                                   f"(e.g. {names}); bad: {stats.data['bad_by_reason']}")
+
+    def _decode(self, raw: dict, sample_seed: int, stats: DataStats) -> dict | None:
+        key, shard = raw["__key__"], raw["__shard__"]
+        try:
+            ext = image_ext(raw)
+            if ext is None:
+                raise BadSample("no_image", f"members: {sorted(k for k in raw if not k.startswith('__'))}")
+            label = None
+            if "cls" in raw:
+                try:
+                    label = int(raw["cls"].decode("ascii").strip())
+                except (UnicodeDecodeError, ValueError):
+                    raise BadSample("bad_label", f"cls={raw['cls'][:20]!r}") from None
+            img, converted = open_image(raw[ext], min_size=self.min_image_size)
+            lazy = is_undecoded(img)
+            sample = dict(raw, __seed__=sample_seed)
+            try:
+                with _seeded(sample_seed, keep_outer=get_worker_info() is None):
+                    out = self.map_fn(img, sample)
+            except BadSample:
+                raise
+            except Exception:
+                if lazy:  # a decoder error surfacing inside map_fn -> count it; anything else is a bug
+                    load_pixels(open_image(raw[ext], min_size=1)[0])
+                raise
+        except BadSample as e:
+            stats.add_bad(shard, e.reason, key=key, detail=e.detail)
+            return None
+        if not isinstance(out, dict):
+            raise TypeError(f"map_fn must return a dict of tensors/numbers, got {type(out).__name__}")
+        if converted:
+            stats.add_converted(converted)
+        if self.small_image_size and min(img.size) < self.small_image_size:
+            stats.add_upscaled()
+        if label is not None:
+            out.setdefault("label", label)
+        out["__key__"] = key
+        stats.add_good(shard)
+        return out
+
+    def _batch(self, outs: list[dict]) -> dict:
+        keys = [o.pop("__key__") for o in outs]
+        batch = default_collate(outs)
+        batch["__key__"] = keys
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        quota = self.quotas[worker]
+        raw_pos, emitted = self.progress[worker]
+        stats = DataStats()
+        stream = self._raw_stream(worker, stats)
+        for _ in range(raw_pos):  # resume: skip consumed samples without decoding them
+            next(stream)
+        outs: list[dict] = []
+        while emitted < quota:
+            raw = next(stream)
+            raw_pos += 1
+            out = self._decode(raw, derive_seed(self.seed, self.epoch, self.rank, worker, raw_pos, 7), stats)
+            if out is None:
+                continue
+            outs.append(out)
+            if len(outs) == self.batch_size:
+                emitted += 1
+                batch = self._batch(outs)
+                outs = []
+                batch["__meta__"] = {"worker": worker, "raw": raw_pos, "emitted": emitted,
+                                     "stats": stats.pop_delta()}
+                yield batch
+        yield {"__meta__": {"worker": worker, "raw": raw_pos, "emitted": emitted,
+                            "stats": stats.pop_delta(), "stats_only": True}}
+
+
+class StreamLoader:
+    """One epoch of dict batches per iteration; see the module docstring."""
+
+    def __init__(self, dataset: ShardStream, *, num_workers: int, num_batches: int,
+                 max_bad_fraction: float, bad_check_after: int, pin_memory: bool = False,
+                 prefetch_factor: int = 2, timeout: float = 0):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.num_batches = num_batches
+        self.max_bad_fraction, self.bad_check_after = max_bad_fraction, bad_check_after
+        self.pin_memory, self.prefetch_factor, self.timeout = pin_memory, prefetch_factor, timeout
+        self._stats = DataStats()
+        self.epoch, self.position = 0, 0
+        self._progress = [(0, 0)] * dataset.num_workers
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Counts so far on this rank (see DataStats for the layout)."""
+        return self._stats.data
+
+    def metrics(self, prefix: str = "data/") -> dict[str, float]:
+        """Flat counts for logging; sum them across ranks (e.g. accelerator.reduce) first."""
+        return self._stats.metrics(prefix)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (shard order and shuffling); a saved mid-epoch position is kept only
+        when ``epoch`` is the saved one."""
+        if epoch != self.epoch:
+            self.epoch, self.position = int(epoch), 0
+            self._progress = [(0, 0)] * self.dataset.num_workers
+
+    def _layout(self) -> dict[str, Any]:
+        d = self.dataset
+        return {"world_size": d.world_size, "num_workers": d.num_workers, "batch_size": d.batch_size,
+                "seed": d.seed, "num_shards": len(d.shards), "resampled": d.resampled,
+                "num_batches": self.num_batches}
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-safe position: epoch, batches consumed, each worker's read position, stats."""
+        return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position,
+                "workers": [list(p) for p in self._progress], "layout": self._layout(),
+                "stats": self._stats.data}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch = int(state["epoch"])
+        self._stats = DataStats(state.get("stats"))
+        if state.get("layout") != self._layout():
+            warnings.warn(f"data loader layout changed since the checkpoint ({state.get('layout')} -> "
+                          f"{self._layout()}); restarting epoch {self.epoch} from its first batch")
+            self.position, self._progress = 0, [(0, 0)] * self.dataset.num_workers
+            return
+        self.position = int(state["position"])
+        self._progress = [tuple(p) for p in state["workers"]]
+
+    def _configure(self) -> None:
+        d = self.dataset
+        d.epoch = self.epoch
+        if d.resampled:
+            d.assign = [[] for _ in range(d.num_workers)]
+            n = None
+        else:
+            assign = d.assignment(self.epoch)
+            d.assign = assign[d.rank]
+            n = ([[sum(d.counts[i] for i in ws) for ws in rank] for rank in assign]
+                 if d.counts is not None else None)
+        quotas = plan_quotas(n, self.num_batches, d.batch_size, d.num_workers)
+        d.quotas = quotas[d.rank] if n is not None else quotas[0]
+        d.progress = list(self._progress)
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.position >= self.num_batches:  # finished epoch without set_epoch: go on to the next
+            self.set_epoch(self.epoch + 1)
+        self._configure()
+        if self.num_workers > 0:
+            source = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                                pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
+                                timeout=self.timeout, persistent_workers=False)
+        else:
+            source = self.dataset
+        # Yield in a fixed round-robin order over the workers (whatever order they finish in),
+        # so a resumed epoch continues with exactly the batches the interrupted one would have had.
+        pending: dict[int, collections.deque] = {w: collections.deque() for w in range(self.dataset.num_workers)}
+        items = iter(source)
+        for worker in round_robin(self.dataset.quotas)[self.position:]:
+            while not pending[worker]:
+                item = next(items, None)
+                if item is None:
+                    raise RuntimeError(f"rank {self.dataset.rank}: worker {worker} ended before its batch "
+                                       f"quota in epoch {self.epoch}; please report this")
+                meta = item.pop("__meta__")
+                if meta.get("stats_only"):
+                    self._stats.merge(meta["stats"])
+                else:
+                    pending[meta["worker"]].append((item, meta))
+            item, meta = pending[worker].popleft()
+            self._stats.merge(meta["stats"])
+            self._progress[worker] = (meta["raw"], meta["emitted"])
+            self.position += 1
+            if self._stats.total >= self.bad_check_after:
+                self._stats.check(self.max_bad_fraction)
+            yield item
+        for item in items:  # the workers' final counts
+            self._stats.merge(item.pop("__meta__")["stats"])
+        self._stats.check(self.max_bad_fraction)
+
+
+def to_device(batch: dict[str, Any], device, non_blocking: bool = True) -> dict[str, Any]:
+    """Move the tensors of a batch to ``device`` (other entries, e.g. ``__key__``, stay)."""
+    return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_size: int,
+                        num_workers: int = 2, rank: int = 0, world_size: int = 1, seed: int = 0,
+                        shuffle_buffer: int = 1000, resampled: bool = False,
+                        batches_per_epoch: int | None = None, allow_remote: bool = False,
+                        max_bad_fraction: float = 0.01, bad_check_after: int = 200,
+                        min_image_size: int = 8, small_image_size: int | None = None,
+                        manifest: str | None = None, pin_memory: bool = False,
+                        prefetch_factor: int = 2, timeout: float = 0) -> StreamLoader:
+    """Build the streaming loader for ``shards`` (path, brace pattern, glob, folder, list or
+    comma-separated string; URLs and ``pipe:`` only with ``allow_remote``).
+
+    ``map_fn(image, sample) -> dict`` turns one RGB PIL image (a plain RGB JPEG may arrive still
+    undecoded, which ``TwoViewTransform`` uses for draft decoding; any PIL operation decodes it)
+    and its sample dict (raw member bytes, ``__key__``, ``__shard__``, ``__seed__``) into a dict
+    of tensors/numbers; ``label`` is added from ``cls`` when present. Images with a side below
+    ``min_image_size`` are skipped as "too_small"; below ``small_image_size`` they are used and
+    counted as "upscaled". The bad fraction is checked once ``bad_check_after`` samples were seen
+    and at the end of each epoch. Every start-up problem raises ValueError before any work.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if not 0.0 <= max_bad_fraction <= 1.0:
+        raise ValueError(f"max_bad_fraction is a fraction in [0, 1], got {max_bad_fraction}")
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be >= 1 (1 = no shuffling), got {shuffle_buffer}")
+    if not callable(map_fn):
+        raise ValueError("map_fn must be a function (image, sample) -> dict")
+    urls = expand_shards(shards, allow_remote=allow_remote)
+    readers = world_size * max(1, num_workers)
+    if not resampled and len(urls) < readers:
+        raise ValueError(
+            f"{len(urls)} shard(s) cannot be split over {world_size} rank(s) x {max(1, num_workers)} worker(s) "
+            f"= {readers} readers without duplicates or an idle reader (which would hang DDP). Write more, "
+            f"smaller shards (python -m beit.data.shards write --max_samples ...), use fewer workers, or pass "
+            f"resampled=True to sample shards with replacement.")
+    counts = shard_sample_counts(urls, manifest)
+    if batches_per_epoch is None:
+        if counts is None:
+            raise ValueError("the number of samples in the remote shards is unknown: pass batches_per_epoch, "
+                             "or manifest=<path to the shards' manifest.json>")
+        batches_per_epoch = (sum(counts) // (world_size * batch_size) if resampled
+                             else safe_batches_per_epoch(counts, world_size, num_workers, batch_size))
+        if batches_per_epoch < 1:
+            raise ValueError(f"{sum(counts)} samples in {len(counts)} shards do not fill one batch per rank "
+                             f"(batch_size={batch_size}, world_size={world_size}, num_workers={num_workers}); "
+                             f"lower batch_size or num_workers, or pass batches_per_epoch")
+    elif batches_per_epoch < 1:
+        raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
+    ds = ShardStream(urls, counts, map_fn, batch_size, rank, world_size, num_workers, seed, shuffle_buffer,
+                     resampled, min_image_size, small_image_size)
+    return StreamLoader(ds, num_workers=num_workers, num_batches=batches_per_epoch,
+                        max_bad_fraction=max_bad_fraction, bad_check_after=bad_check_after,
+                        pin_memory=pin_memory, prefetch_factor=prefetch_factor, timeout=timeout)
