@@ -136,6 +136,22 @@ def describe_format(sd: dict[str, torch.Tensor]) -> str:
     return "BEiT encoder" + (" (shared rel-pos)" if shared else " (per-block rel-pos)" if per_block else "")
 
 
+def infer_beit_dims(sd: dict[str, torch.Tensor]) -> dict:
+    """embed_dim / depth / num_heads / mlp_ratio / patch_size / in_chans read off a BEiT state dict,
+    so a model can be built to match a checkpoint instead of guessing its size."""
+    if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
+        raise CheckpointMismatchError("not a BEiT/ViT state dict: no cls_token / patch_embed.proj.weight")
+    pe = sd["patch_embed.proj.weight"]
+    dims = dict(embed_dim=int(pe.shape[0]), in_chans=int(pe.shape[1]), patch_size=int(pe.shape[-1]),
+                depth=1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))))
+    table = sd.get("rel_pos_bias.relative_position_bias_table", sd.get("blocks.0.attn.relative_position_bias_table"))
+    if table is not None:
+        dims["num_heads"] = int(table.shape[1])
+    if "blocks.0.mlp.fc1.weight" in sd:
+        dims["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / dims["embed_dim"]
+    return dims
+
+
 # ------------------------------------------------------------------------------------- resizing
 def _resize_rel_table(table: torch.Tensor, window: tuple[int, int], target_shape: torch.Size,
                       key: str, source_window: tuple[int, int] | None) -> torch.Tensor:

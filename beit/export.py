@@ -24,7 +24,8 @@ from beit.checkpointing import load_weights, save_weights
 
 
 def _beit_kwargs(cfg, model: nn.Module) -> dict:
-    return dict(img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+    pe = model.patch_embed
+    return dict(img_size=pe.img_size[0], patch_size=pe.patch_size[0], in_chans=pe.proj.in_channels,
                 embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
                 mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim,
                 use_abs_pos_emb=False, use_rel_pos_bias=True, use_shared_rel_pos_bias=False,

@@ -1,0 +1,313 @@
+"""Fine-tune a BEiT encoder (or any timm model) for image classification on WebDataset shards.
+
+    python -m beit.finetune --config launch/finetune_base.yaml --init out/pretrained.safetensors \
+        --train_shards 'in1k/train-{000000..001023}.tar' --val_shards 'in1k/val-{000000..000049}.tar'
+    accelerate launch beit/finetune.py ...            # same flags on 1..N GPUs
+    python -m beit.finetune ... --linear_probe true --probe_block 9
+    python -m beit.finetune ... --model swin_tiny_patch4_window7_224   # a timm baseline
+
+Recipe (BEiT): AdamW, warmup + per-step cosine, layer-wise lr decay, drop path, Mixup/CutMix with
+label smoothing, RandAugment + random erasing, mean pooling + fc_norm, head init scale, optional EMA.
+Writes metrics.jsonl, checkpoints (resumed automatically), final.json, confusion_matrix.png and
+the fine-tuned weights (``model.safetensors`` + JSON, loadable by timm; see beit/export.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from beit.config import field, parse_config, save_config, to_dict
+
+
+@dataclasses.dataclass
+class FinetuneConfig:
+    task: str = field("classification", help="classification (segmentation is not implemented yet)")
+    # data
+    train_shards: str = field("", help="training shards: path, brace pattern or comma list of WebDataset tars")
+    val_shards: str = field("", help="held-out shards (never trained on) for top-1/top-5 and the confusion matrix")
+    num_classes: int = field(0, help="number of classes; 0 = from the label_map in the shards' manifest.json")
+    img_size: int = field(224, help="input resolution (rel-pos tables/patch embed are resized to it on load)")
+    in_chans: int = field(3, help="input channels (images are decoded as RGB)")
+    num_workers: int = field(2, help="data loader workers per process")
+    mean: tuple[float, float, float] = field((0.485, 0.456, 0.406), help="normalisation mean (as in pretraining)")
+    std: tuple[float, float, float] = field((0.229, 0.224, 0.225), help="normalisation std (as in pretraining)")
+    # model
+    model: str = field("beit", help="'beit' or any timm model name (swin_tiny_patch4_window7_224, mobilevit_s, "
+                                     "deit_small_patch16_224, ...) for a baseline")
+    model_size: str = field("base", help="BEiT size: tiny | small | base | large (see beit.model.BEIT_SIZES)")
+    embed_dim: int = field(0, help="override the size's embedding dim (0 = from --init's weights, else model_size)")
+    depth: int = field(0, help="override the size's depth (0 = from --init's weights, else model_size)")
+    num_heads: int = field(0, help="override the size's heads (0 = from --init's weights, else model_size)")
+    mlp_ratio: float = field(0.0, help="MLP width / embed_dim (0 = from --init's weights, else 4)")
+    patch_size: int = field(16, help="patch size in px (--init's patch embedding is resampled to it)")
+    init_values: float = field(0.1, help="layer-scale init (0.1 base, 1e-5 large; overwritten by loaded weights)")
+    init: str = field("", help="weights to start from: our pretrained.safetensors / checkpoint dir, an official "
+                               "BEiT .pth, timm weights; for --model <timm name> a timm weights file. Empty = scratch")
+    init_key: str = field("", help="entry of a wrapping dict holding the weights (default: model/module/state_dict)")
+    drop_path: float = field(0.1, help="stochastic depth rate")
+    head_init_scale: float = field(0.001, help="the new head's weights are scaled by this")
+    linear_probe: bool = field(False, help="freeze the encoder; train a linear head on pooled block features")
+    probe_block: int = field(0, help="linear probe: features after this block (1-based; 0 = last)")
+    # optimisation
+    epochs: int = field(100, help="training epochs")
+    batches_per_epoch: int = field(0, help="optimizer micro-batches per epoch per process (0 = one pass over the shards)")
+    batch_size: int = field(64, help="per-process batch size")
+    grad_accum_steps: int = field(1, help="micro-batches per optimizer step")
+    lr: float = field(4e-3, help="peak learning rate (layer scales multiply it)")
+    min_lr: float = field(1e-6, help="final learning rate of the cosine")
+    warmup_epochs: float = field(5.0, help="linear warmup length in epochs")
+    weight_decay: float = field(0.05, help="AdamW weight decay (none on 1-d params, tokens, rel-pos tables)")
+    layer_decay: float = field(0.65, help="layer-wise lr decay: scale = layer_decay ** (L + 1 - layer_id)")
+    clip_grad: float = field(0.0, help="gradient norm clip (0 = off)")
+    label_smoothing: float = field(0.1, help="label smoothing")
+    mixup: float = field(0.8, help="mixup alpha (0 = off)")
+    cutmix: float = field(1.0, help="cutmix alpha (0 = off)")
+    mixup_prob: float = field(1.0, help="probability of applying mixup or cutmix to a batch")
+    mixup_switch_prob: float = field(0.5, help="probability of cutmix instead of mixup when both are on")
+    # augmentation
+    auto_augment: str = field("rand-m9-mstd0.5-inc1", help="timm RandAugment spec ('' = off)")
+    reprob: float = field(0.25, help="random erasing probability")
+    color_jitter: float = field(0.4, help="colour jitter (timm ignores it when RandAugment is on)")
+    crop_scale_min: float = field(0.08, help="RandomResizedCrop minimum area fraction")
+    hflip: float = field(0.5, help="horizontal flip probability (use 0 for digits/text)")
+    crop_pct: float = field(0.875, help="eval: resize to img_size/crop_pct then centre crop")
+    interpolation: str = field("bicubic", help="resize interpolation")
+    # EMA
+    model_ema: bool = field(False, help="keep an EMA of the weights (evaluated too)")
+    model_ema_decay: float = field(0.9999, help="EMA decay per optimizer step")
+    # run
+    output_dir: str = field("output/finetune", help="run folder: config, metrics, checkpoints, results")
+    seed: int = field(0, help="seed for init, data order, augmentation")
+    mixed_precision: str = field("no", help="no | bf16 | fp16 (fp32 on CPU)")
+    eval_every: int = field(1, help="evaluate every N epochs (and always at the end)")
+    save_every: int = field(1, help="checkpoint every N epochs (0 = only at the end)")
+    keep_last: int = field(2, help="checkpoints to keep")
+    log_every: int = field(10, help="log train metrics every N optimizer steps")
+    tensorboard: bool = field(True, help="also log to TensorBoard when installed")
+    resume: bool = field(True, help="resume from the newest complete checkpoint in output_dir")
+    max_bad_fraction: float = field(0.01, help="stop when more than this fraction of samples fail to decode")
+
+    def validate(self) -> None:
+        if self.task == "segmentation":
+            raise ValueError("--task segmentation is not implemented yet (ADE20K UperNet fine-tuning is planned); "
+                             "use --task classification")
+        if self.task != "classification":
+            raise ValueError(f"--task must be classification, got {self.task!r}")
+        if not self.train_shards or not self.val_shards:
+            raise ValueError("--train_shards and --val_shards are both required (the held-out split is never "
+                             "trained on); write them with `python -m beit.data.shards` from your class folders")
+        if self.batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1:
+            raise ValueError("batch_size, grad_accum_steps and epochs must be >= 1")
+        if (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0 and self.batch_size % 2:
+            raise ValueError(f"mixup/cutmix need an even --batch_size, got {self.batch_size}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.linear_probe and self.model != "beit":
+            raise ValueError("--linear_probe is for BEiT encoders (--model beit)")
+        if self.probe_block < 0:
+            raise ValueError(f"--probe_block must be >= 0 (0 = last block), got {self.probe_block}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.init and not Path(self.init).exists():
+            raise ValueError(f"--init {self.init} does not exist")
+
+    def beit_dims(self, init_dims: dict | None = None) -> dict:
+        """embed_dim / depth / num_heads / mlp_ratio: explicit flags > the --init checkpoint's (``init_dims``)
+        > model_size."""
+        keys = ("embed_dim", "depth", "num_heads", "mlp_ratio")
+        dims: dict = {"mlp_ratio": 4.0}
+        if init_dims:
+            dims.update({k: init_dims[k] for k in keys if k in init_dims})
+        if not all(k in dims for k in keys) and not (self.embed_dim and self.depth and self.num_heads):
+            from beit.model import BEIT_SIZES
+            if self.model_size not in BEIT_SIZES:
+                raise ValueError(f"--model_size must be one of {sorted(BEIT_SIZES)}, got {self.model_size!r}")
+            dims.update({k: v for k, v in BEIT_SIZES[self.model_size].items() if k in keys and k not in dims})
+        dims.update({k: getattr(self, k) for k in keys if getattr(self, k)})
+        return dims
+
+
+RESUME_KEYS = ("model", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "num_classes",
+               "linear_probe", "probe_block", "init", "epochs", "batch_size", "grad_accum_steps")
+
+
+def build_model(cfg: FinetuneConfig, num_classes: int, log=print):
+    """The model to train (BEiT classifier, timm baseline, or linear probe) with its initial weights."""
+    from beit.checkpoint_loading import infer_beit_dims, load_beit_weights, read_state_dict
+    from beit.finetune_model import LinearProbe, build_beit_classifier, build_timm_model
+    if cfg.model != "beit":
+        return build_timm_model(cfg.model, num_classes, weights=cfg.init or None, img_size=cfg.img_size,
+                                in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path)
+    state = read_state_dict(cfg.init, key=cfg.init_key or None) if cfg.init else None
+    model = build_beit_classifier(
+        num_classes, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+        init_values=cfg.init_values, drop_path_rate=0.0 if cfg.linear_probe else cfg.drop_path,
+        head_init_scale=cfg.head_init_scale, **cfg.beit_dims(infer_beit_dims(state) if state else None))
+    if state is not None:
+        report = load_beit_weights(model, state)
+        report.source = cfg.init
+        log(report.summary())
+    elif cfg.linear_probe:
+        log("warning: linear probe on a randomly initialised encoder (no --init)")
+    return LinearProbe(model, num_classes, cfg.probe_block) if cfg.linear_probe else model
+
+
+def build_optimizer(cfg: FinetuneConfig, model, total_steps: int, warmup_steps: int):
+    from beit.finetune_model import layer_decay_param_groups
+    from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
+    if cfg.linear_probe:
+        groups = param_groups_weight_decay(model, cfg.weight_decay)
+    else:
+        groups = layer_decay_param_groups(model, cfg.weight_decay, cfg.layer_decay)
+    optimizer = create_adamw(groups, lr=cfg.lr)
+    schedule = WarmupCosineSchedule(optimizer, lr=cfg.lr, min_lr=cfg.min_lr, total_steps=total_steps,
+                                    warmup_steps=warmup_steps, weight_decay=cfg.weight_decay)
+    return optimizer, schedule
+
+
+def build_criterion(cfg: FinetuneConfig, num_classes: int):
+    """(loss, mixup_fn): SoftTargetCrossEntropy with Mixup/CutMix (which smooths the labels itself),
+    else label-smoothed cross-entropy."""
+    from timm.data import Mixup
+    from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                      switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
+                      num_classes=num_classes)
+        return SoftTargetCrossEntropy(), mixup
+    if cfg.label_smoothing > 0:
+        return LabelSmoothingCrossEntropy(smoothing=cfg.label_smoothing), None
+    return torch.nn.CrossEntropyLoss(), None
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """Train, evaluate, checkpoint/resume, and write the final results; returns the final metrics."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from beit.checkpointing import (TRAIN_STATE, check_resume_compatible, find_latest_complete,
+                                    load_checkpoint, save_checkpoint)
+    from beit.engine_finetune import save_confusion_png, train_one_epoch
+    from beit.export import export_model
+    from beit.finetune_data import build_loaders, infer_num_classes
+    from beit.pretrain import data_error_metrics
+    from beit.run_logging import RunLogger, resolve_trackers
+
+    out = Path(cfg.output_dir)
+    trackers = resolve_trackers(cfg.tensorboard)
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
+                              log_with=trackers or None, project_dir=str(out))
+    set_seed(cfg.seed)
+    class_names = None
+    if cfg.num_classes:
+        num_classes = cfg.num_classes
+    else:
+        num_classes, class_names = infer_num_classes(cfg.train_shards)
+        cfg = dataclasses.replace(cfg, num_classes=num_classes)
+    latest = find_latest_complete(out) if cfg.resume else None
+    resume_step = json.loads((latest / TRAIN_STATE).read_text())["step"] if latest else None
+    logger = RunLogger(accelerator, out, resume_step=resume_step)
+    model = build_model(cfg, num_classes, log=logger.info)
+    if cfg.model == "beit":  # record the dims actually built (they may come from --init)
+        enc = model.encoder if cfg.linear_probe else model
+        cfg = dataclasses.replace(cfg, embed_dim=enc.embed_dim, depth=len(enc.blocks),
+                                  num_heads=enc.blocks[0].attn.num_heads,
+                                  mlp_ratio=enc.blocks[0].mlp.fc1.out_features / enc.embed_dim)
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+    set_seed(cfg.seed + accelerator.process_index)  # mixup / drop path differ per rank
+    train_loader, val_loader = build_loaders(cfg, accelerator, num_classes)
+    steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(f"an epoch has {len(train_loader)} batches, fewer than grad_accum_steps="
+                         f"{cfg.grad_accum_steps}: lower --batch_size or --grad_accum_steps")
+    total_steps = steps_per_epoch * cfg.epochs
+    optimizer, schedule = build_optimizer(cfg, model, total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    criterion, mixup_fn = build_criterion(cfg, num_classes)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = None
+    if cfg.model_ema:
+        from timm.utils import ModelEmaV3
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=cfg.model_ema_decay)
+        accelerator.register_for_checkpointing(ema)
+
+    step, start_epoch = 0, 0
+    if latest is not None:
+        train_state, rank_state = load_checkpoint(accelerator, latest)
+        check_resume_compatible(train_state["config"], to_dict(cfg), RESUME_KEYS, where=str(out))
+        schedule.load_state_dict(train_state["schedule"])
+        step, start_epoch = int(train_state["step"]), int(train_state["epoch"])
+        if rank_state is not None:
+            train_loader.load_state_dict(rank_state["loader"])
+        logger.info(f"resumed from {latest} (epoch {start_epoch}, step {step})")
+    if trackers:
+        accelerator.init_trackers("finetune")
+    eff_batch = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(f"fine-tune {cfg.model}{' linear probe' if cfg.linear_probe else ''}: {num_classes} classes, "
+                f"{n_train / 1e6:.2f}M trainable params, effective batch {eff_batch}, lr {cfg.lr:g}, "
+                f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs")
+
+    def on_step(s: int, metrics: dict) -> None:
+        if s % cfg.log_every == 0 or s == total_steps:
+            logger.log(metrics, step=s)
+
+    results: dict = {}
+    bar = logger.progress(total=total_steps, initial=step, desc="finetune")
+    for epoch in range(start_epoch, cfg.epochs):
+        train_loader.set_epoch(epoch)
+        step, train_stats = train_one_epoch(
+            model, train_loader, optimizer, schedule, accelerator, criterion, epoch=epoch, step=step,
+            max_steps=(epoch + 1) * steps_per_epoch, mixup_fn=mixup_fn, ema=ema, clip_grad=cfg.clip_grad,
+            on_step=on_step, progress=bar)
+        record = {"epoch": epoch + 1, **train_stats, **data_error_metrics(train_loader, accelerator)}
+        last = epoch + 1 == cfg.epochs
+        if last or (epoch + 1) % cfg.eval_every == 0:
+            results = _evaluate_all(model, ema, val_loader, accelerator, num_classes)
+            record.update({f"val_{k}": v for k, v in results.items() if not k.endswith("confusion")})
+            logger.info(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in record.items()
+                                                          if isinstance(v, float)))
+        logger.log(record, step=step)
+        if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
+            save_checkpoint(accelerator, out, step,
+                            {"epoch": epoch + 1, "schedule": schedule.state_dict(), "config": to_dict(cfg)},
+                            rank_state={"loader": train_loader.state_dict()}, keep_last=cfg.keep_last)
+    bar.close()
+    if not results:  # resumed after the last epoch: evaluate the restored weights
+        results = _evaluate_all(model, ema, val_loader, accelerator, num_classes)
+    if accelerator.is_main_process:
+        final = {k: v for k, v in results.items() if not k.endswith("confusion")}
+        final.update(step=step, epochs=cfg.epochs, num_classes=num_classes, class_names=class_names)
+        (out / "confusion.json").write_text(json.dumps(results["confusion"]))
+        save_confusion_png(results["confusion"], out / "confusion_matrix.png", class_names,
+                           title=f"{cfg.model} on {cfg.val_shards} (top-1 {results['top1']:.1f}%)")
+        export_model(accelerator.unwrap_model(model), out / "model.safetensors", cfg, class_names=class_names,
+                     metrics=final)
+        (out / "final.json").write_text(json.dumps(final, indent=1))
+        logger.info(f"final: top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  ->  {out}/final.json, "
+                    f"{out}/confusion_matrix.png, {out}/model.safetensors")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return results
+
+
+def _evaluate_all(model, ema, loader, accelerator, num_classes: int) -> dict:
+    from beit.engine_finetune import evaluate
+    res = evaluate(model, loader, accelerator, num_classes)
+    if ema is not None:
+        res.update({f"ema_{k}": v for k, v in evaluate(ema.module, loader, accelerator, num_classes).items()})
+    return res
+
+
+def main(argv: list[str] | None = None) -> dict:
+    cfg = parse_config(FinetuneConfig, argv, description=__doc__)
+    return run_finetune(cfg)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

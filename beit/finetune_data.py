@@ -1,0 +1,112 @@
+"""Labelled WebDataset shards for fine-tuning: timm transforms, label parsing, the two loaders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+def infer_num_classes(spec: str) -> tuple[int, list[str] | None]:
+    """(number of classes, class names) from the ``label_map`` in the manifest beside the shards."""
+    from beit.data.shardspec import expand_shards
+    shards = expand_shards(spec)
+    manifest = Path(shards[0]).parent / "manifest.json" if shards else None
+    if manifest is None or not manifest.is_file():
+        raise ValueError(f"--num_classes is 0 and there is no manifest.json beside {shards[:1]}; pass --num_classes")
+    label_map = json.loads(manifest.read_text()).get("label_map")
+    if not label_map:
+        raise ValueError(f"{manifest} has no label_map (unlabelled shards?); pass --num_classes or use labelled shards")
+    names = [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
+    return max(label_map.values()) + 1, names
+
+
+def build_transforms(cfg, is_training: bool):
+    """timm's classification transform: RandAugment + random erasing for training, resize + centre crop
+    for evaluation."""
+    from timm.data import create_transform
+    if is_training:
+        return create_transform(
+            cfg.img_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment or None, interpolation=cfg.interpolation,
+            re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=tuple(cfg.mean), std=tuple(cfg.std))
+    return create_transform(cfg.img_size, is_training=False, interpolation=cfg.interpolation,
+                            crop_pct=cfg.crop_pct, mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+
+def parse_label(sample: dict, num_classes: int) -> int:
+    """The integer label stored as ASCII text under ``cls``."""
+    raw = sample.get("cls")
+    if raw is None:
+        raise ValueError(f"sample {sample.get('__key__')!r} has no 'cls' label; fine-tuning needs labelled shards")
+    if isinstance(raw, (bytes, bytearray)):
+        raw = raw.decode("ascii")
+    label = int(str(raw).strip())
+    if not 0 <= label < num_classes:
+        raise ValueError(f"sample {sample.get('__key__')!r}: label {label} outside 0..{num_classes - 1}")
+    return label
+
+
+class LabelledMap:
+    """``map_fn`` for ``build_stream_loader``: (PIL image, sample) -> {"image", "label"}. Picklable.
+    (The loader seeds python/numpy/torch per sample, so the augmentation is reproducible.)"""
+
+    def __init__(self, transform, num_classes: int):
+        self.transform, self.num_classes = transform, num_classes
+
+    def __call__(self, image, sample: dict) -> dict:
+        return {"image": self.transform(image), "label": parse_label(sample, self.num_classes)}
+
+
+class HeldOutStream(IterableDataset):
+    """Every sample of this rank's share of the held-out shards, exactly once, in order (the
+    training stream emits only full batches, which would leave samples out of the score).
+    Undecodable samples come out with label -1 and a ``bad`` reason, so they are counted, not hidden."""
+
+    def __init__(self, shards: list[str], transform, num_classes: int, rank: int = 0, world_size: int = 1):
+        super().__init__()
+        self.shards = shards[rank::world_size]
+        self.transform, self.num_classes = transform, num_classes
+
+    def __iter__(self):
+        from beit.data.decode import BadSample, open_image
+        from beit.data.shard_format import image_ext, iter_tar_samples
+        info = get_worker_info()
+        mine = self.shards[info.id::info.num_workers] if info is not None else self.shards
+        shape = None
+        for shard in mine:
+            with open(shard, "rb") as f:
+                for raw in iter_tar_samples(f):
+                    try:
+                        ext = image_ext(raw)
+                        if ext is None:
+                            raise BadSample("no_image")
+                        img, _ = open_image(raw[ext], lazy_jpeg=False)
+                        x = self.transform(img)
+                        shape = x.shape
+                        yield {"image": x, "label": parse_label(raw, self.num_classes), "bad": ""}
+                    except BadSample as e:
+                        if shape is None:
+                            raise RuntimeError(f"{shard}: first held-out sample {raw.get('__key__')} is bad "
+                                               f"({e}); check the shards with the verify command") from None
+                        yield {"image": torch.zeros(shape), "label": -1, "bad": e.reason}
+
+
+def build_loaders(cfg, accelerator, num_classes: int):
+    """(train loader, held-out loader). The train stream is shuffled and reshuffled per epoch; the
+    held-out loader reads every sample once, in order, with a partial last batch."""
+    from beit.data.shardspec import expand_shards
+    from beit.data.stream import build_stream_loader
+    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=accelerator.process_index,
+                  world_size=accelerator.num_processes, seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction)
+    train_map = LabelledMap(build_transforms(cfg, True), num_classes)
+    train = build_stream_loader(expand_shards(cfg.train_shards), map_fn=train_map,
+                                batches_per_epoch=cfg.batches_per_epoch or None, **common)
+    val_shards = expand_shards(cfg.val_shards)
+    val_ds = HeldOutStream(val_shards, build_transforms(cfg, False), num_classes, accelerator.process_index,
+                           accelerator.num_processes)
+    workers = min(cfg.num_workers, max(1, len(val_shards) // accelerator.num_processes))
+    val = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=workers)
+    return train, val
+
