@@ -1,0 +1,141 @@
+"""Shard tools: ``python -m beit.data.shards write ...`` and ``python -m beit.data.shards verify ...``.
+
+write: turn a flat folder (recursive), ImageNet class folders, ADE20K image/annotation pairs or a
+file list into WebDataset shards plus manifest.json (see ``write --help``). Deterministic; each
+shard is renamed into place only when complete; ``--resume`` continues an interrupted run.
+
+verify: read every shard of a folder, check the manifest's hashes and counts, decode every
+sample and list the bad ones by key; exits non-zero on any problem.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from beit.config import field, parse_config
+from beit.data.shard_sources import list_ade20k, list_filelist, list_folder, list_imagenet, load_label_map
+from beit.data.shard_verify import verify_folder
+from beit.data.shard_writer import WriteOptions, write_shards
+
+LAYOUTS = ("folder", "imagenet", "ade20k", "filelist")
+
+
+@dataclass
+class WriteConfig:
+    source: str = field("", help="input folder (folder/imagenet/ade20k layouts) or text file (filelist)")
+    out: str = field("", help="output folder for the shards and manifest.json")
+    layout: str = field("folder", help="folder | imagenet (class folders -> labels) | ade20k | filelist")
+    prefix: str = field("", help="shard name prefix, e.g. train or val (default: the split, else 'shard')")
+    split: str = field("", help="ade20k: sub-folder of images/ and annotations/ (training, validation)")
+    label_map: str = field("", help="JSON class->int map to reuse (val must use train's class_index.json)")
+    max_samples: int = field(1000, help="samples per shard at most")
+    max_bytes: int = field(0, help="bytes per shard at most (0: no limit)")
+    resize: int = field(0, help="shrink images whose longer side exceeds this many px (0: keep size)")
+    reencode: str = field("keep", help="keep | jpg | png: output encoding (keep re-encodes only resized images)")
+    quality: int = field(90, help="JPEG quality when re-encoding")
+    shuffle_seed: int = field(0, help="seed of the sample order across shards (-1: sorted order)")
+    check_images: str = field("decode", help="decode | header | none: how inputs are checked before writing")
+    workers: int = field(1, help="parallel encoder processes")
+    resume: bool = field(False, help="continue an interrupted run (same source and options)")
+    overwrite: bool = field(False, help="replace existing shards with the same prefix")
+    progress: bool = field(True, help="show a progress bar")
+
+    def validate(self) -> None:
+        if not self.source or not self.out:
+            raise ValueError("--source and --out are required")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"--layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.resume and self.overwrite:
+            raise ValueError("--resume and --overwrite exclude each other")
+        self.options().check()
+
+    def options(self) -> WriteOptions:
+        return WriteOptions(max_samples=self.max_samples, max_bytes=self.max_bytes or None,
+                            resize=self.resize or None, reencode=self.reencode, quality=self.quality,
+                            shuffle_seed=None if self.shuffle_seed < 0 else self.shuffle_seed,
+                            validate=self.check_images)
+
+
+@dataclass
+class VerifyConfig:
+    dir: str = field("", help="folder holding the shards and manifest.json")
+    decode: bool = field(True, help="decode every sample (false: only hashes and counts)")
+    workers: int = field(1, help="parallel checker processes")
+    max_report: int = field(50, help="bad samples to list at most")
+
+    def validate(self) -> None:
+        if not self.dir:
+            raise ValueError("--dir is required")
+
+
+def run_write(cfg: WriteConfig) -> list[str]:
+    lm = load_label_map(cfg.label_map) if cfg.label_map else None
+    if cfg.layout == "folder":
+        items, label_map, skipped = list_folder(cfg.source)
+    elif cfg.layout == "imagenet":
+        items, label_map, skipped = list_imagenet(cfg.source, lm)
+    elif cfg.layout == "ade20k":
+        items, label_map, skipped = list_ade20k(cfg.source, cfg.split)
+    else:
+        items, label_map, skipped = list_filelist(cfg.source, lm)
+    out = Path(cfg.out)
+    prefix = cfg.prefix or cfg.split or "shard"
+    source = f"{cfg.layout}:{Path(cfg.source).resolve()}" + (f"/{cfg.split}" if cfg.split else "")
+    paths = write_shards(items, out, prefix=prefix, opts=cfg.options(), label_map=label_map, source=source,
+                         workers=cfg.workers, resume=cfg.resume, overwrite=cfg.overwrite,
+                         progress=cfg.progress, pre_skipped=skipped)
+    if label_map is not None:
+        (out / "class_index.json").write_text(json.dumps(label_map, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(paths)} shard(s) with prefix '{prefix}' to {out} (manifest: {out / 'manifest.json'})")
+    return paths
+
+
+def run_verify(cfg: VerifyConfig) -> int:
+    reports, problems = verify_folder(cfg.dir, decode=cfg.decode, workers=cfg.workers)
+    n_bad, listed = 0, 0
+    for rep in reports:
+        name = Path(rep.shard).name
+        for p in rep.problems:
+            print(f"BAD SHARD {name}: {p}")
+        for key, why in rep.bad_samples:
+            n_bad += 1
+            if listed < cfg.max_report:
+                print(f"BAD SAMPLE {name} {key}: {why}")
+                listed += 1
+    for p in problems:
+        print(f"PROBLEM {cfg.dir}: {p}")
+    bad_shards = sum(1 for r in reports if r.problems)
+    total = sum(r.samples for r in reports)
+    print(f"verified {len(reports)} shard(s), {total} sample(s): {bad_shards} bad shard(s), "
+          f"{n_bad} bad sample(s), {len(problems)} other problem(s)")
+    return 1 if (bad_shards or n_bad or problems) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("write", "verify"):
+        print(__doc__.strip() + "\n\nusage: python -m beit.data.shards {write,verify} [--help] ...", file=sys.stderr)
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "write":
+        cfg = parse_config(WriteConfig, rest, description="Write WebDataset shards + manifest.json")
+        try:
+            run_write(cfg)
+        except (ValueError, FileExistsError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    cfg = parse_config(VerifyConfig, rest, description="Verify shards against manifest.json")
+    try:
+        return run_verify(cfg)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
