@@ -63,14 +63,28 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+class _CountingReader:
+    """File wrapper that counts the bytes read (to check for the end-of-archive marker)."""
+
+    def __init__(self, raw):
+        self.raw, self.count = raw, 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.count += len(data)
+        return data
+
+
 def iter_tar_samples(fileobj) -> Iterator[dict[str, Any]]:
     """Stream samples ``{"__key__": key, ext: bytes, ...}`` from a tar file object, in order.
 
-    Errors of the tar stream itself (truncation, garbage) propagate to the caller, which decides
-    how to count them; samples completed before the error have already been yielded.
+    A damaged or truncated tar raises ``tarfile.ReadError`` (Python's tarfile silently stops at
+    a truncated header, so the end-of-archive marker is checked too); the samples completed
+    before the damage have been yielded by then, the incomplete one is dropped.
     """
     current: dict[str, Any] | None = None
-    with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+    reader = _CountingReader(fileobj)
+    with tarfile.open(fileobj=reader, mode="r|*") as tar:
         for member in tar:
             if not member.isfile():
                 continue
@@ -84,6 +98,11 @@ def iter_tar_samples(fileobj) -> Iterator[dict[str, Any]]:
                     yield current
                 current = {"__key__": key}
             current[ext] = data
+        end = tar.offset
+    while reader.read(1 << 16):
+        pass
+    if reader.count < end + 512:
+        raise tarfile.ReadError(f"tar ends at byte {reader.count} without its end-of-archive marker (truncated)")
     if current is not None:
         yield current
 

@@ -151,6 +151,7 @@ class ShardStream(IterableDataset):
             else:
                 stream = open(url, "rb")
         except OSError as e:
+            self._dead.add(idx)
             exp = self._expected(idx)
             stats.add_bad(url, "missing_shard", n=max(exp or 1, 1), detail=str(e))
             return
@@ -161,6 +162,9 @@ class ShardStream(IterableDataset):
                     n += 1
                     yield sample
         except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+            if idx in self._damaged:  # counted on the first pass of this epoch already
+                return
+            self._damaged.add(idx)
             exp = self._expected(idx)
             lost = max((exp - n) if exp is not None else 1, 1)
             stats.add_bad(url, "tar_error", n=lost, detail=f"after {n} samples: {type(e).__name__}: {e}")
@@ -179,16 +183,18 @@ class ShardStream(IterableDataset):
     def _raw_stream(self, worker: int, stats: DataStats) -> Iterator[dict]:
         """Infinite deterministic stream of raw samples for this worker and epoch."""
         mine = self.assign[worker]
+        self._dead, self._damaged = set(), set()  # per epoch: missing shards, counted tar errors
         for cycle in range(1 << 62):
             rng = random.Random(derive_seed(self.seed, self.epoch, self.rank, worker, cycle))
             if self.resampled:
                 draws = max(1, math.ceil(len(self.shards) / (self.world_size * self.num_workers)))
                 order = [rng.randrange(len(self.shards)) for _ in range(draws)]
             else:
-                order = list(mine)
+                order = [i for i in mine if i not in self._dead]
                 rng.shuffle(order)
             if not order:
-                raise RuntimeError(f"rank {self.rank} worker {worker} has no shards (bug in the plan)")
+                raise RuntimeError(f"rank {self.rank} worker {worker}: all its shards are missing "
+                                   f"(e.g. {[self.shards[i] for i in mine][:3]}); bad: {stats.data['bad_by_reason']}")
             got = 0
             for s in self._shuffled((x for i in order for x in self._read_shard(i, stats)), rng):
                 got += 1
