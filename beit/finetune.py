@@ -91,6 +91,12 @@ class FinetuneConfig:
     tensorboard: bool = field(True, help="also log to TensorBoard when installed")
     resume: bool = field(True, help="resume from the newest complete checkpoint in output_dir")
     max_bad_fraction: float = field(0.01, help="stop when more than this fraction of samples fail to decode")
+    # scaling out (see launch/accelerate/ and the README's "Scaling out")
+    data_order: str = field("shards", help="shards: disjoint shards per process (scalable default); global: every "
+                                           "process reads one seeded stream and keeps its slice, so any process "
+                                           "count sees the same global batches (exact 1-vs-N equivalence)")
+    dist_timeout_s: int = field(1800, help="seconds a collective may wait for a hung process before the job fails")
+    grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
 
     def validate(self) -> None:
         if self.task == "segmentation":
@@ -113,6 +119,8 @@ class FinetuneConfig:
             raise ValueError(f"--probe_block must be >= 0 (0 = last block), got {self.probe_block}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        from beit.scaling import check_data_order
+        check_data_order(self.data_order)
         if self.init and not Path(self.init).exists():
             raise ValueError(f"--init {self.init} does not exist")
 
@@ -197,11 +205,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from beit.finetune_data import build_loaders, infer_num_classes
     from beit.pretrain import data_error_metrics
     from beit.run_logging import RunLogger, resolve_trackers
+    from beit.scaling import accelerator_kwargs_handlers, describe_scaling
 
     out = Path(cfg.output_dir)
     trackers = resolve_trackers(cfg.tensorboard)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
-                              log_with=trackers or None, project_dir=str(out))
+                              log_with=trackers or None, project_dir=str(out),
+                              kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
     set_seed(cfg.seed)
     class_names = None
     if cfg.num_classes:
@@ -213,6 +223,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     resume_step = json.loads((latest / TRAIN_STATE).read_text())["step"] if latest else None
     logger = RunLogger(accelerator, out, resume_step=resume_step)
     model = build_model(cfg, num_classes, log=logger.info)
+    if cfg.grad_checkpointing:
+        (model.encoder if cfg.linear_probe else model).set_grad_checkpointing(True)
     if cfg.model == "beit":  # record the dims actually built (they may come from --init)
         enc = model.encoder if cfg.linear_probe else model
         cfg = dataclasses.replace(cfg, embed_dim=enc.embed_dim, depth=len(enc.blocks),
@@ -252,6 +264,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     logger.info(f"fine-tune {cfg.model}{' linear probe' if cfg.linear_probe else ''}: {num_classes} classes, "
                 f"{n_train / 1e6:.2f}M trainable params, effective batch {eff_batch}, lr {cfg.lr:g}, "
                 f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs")
+    logger.info(describe_scaling(cfg.batch_size, cfg.grad_accum_steps, accelerator.num_processes, cfg.lr,
+                                 "not rescaled: keep the global batch with --grad_accum_steps") +
+                f"; data order {cfg.data_order}")
 
     def on_step(s: int, metrics: dict) -> None:
         if s % cfg.log_every == 0 or s == total_steps:

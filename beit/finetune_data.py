@@ -97,12 +97,12 @@ def build_loaders(cfg, accelerator, num_classes: int):
     """(train loader, held-out loader). The train stream is shuffled and reshuffled per epoch; the
     held-out loader reads every sample once, in order, with a partial last batch."""
     from beit.data.shardspec import expand_shards
-    from beit.data.stream import build_stream_loader
+    from beit.data.global_order import build_loader_for_order
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=accelerator.process_index,
                   world_size=accelerator.num_processes, seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction)
     train_map = LabelledMap(build_transforms(cfg, True), num_classes)
-    train = build_stream_loader(expand_shards(cfg.train_shards), map_fn=train_map,
-                                batches_per_epoch=cfg.batches_per_epoch or None, **common)
+    train = build_loader_for_order(getattr(cfg, "data_order", "shards"), expand_shards(cfg.train_shards),
+                                   map_fn=train_map, batches_per_epoch=cfg.batches_per_epoch or None, **common)
     val_shards = expand_shards(cfg.val_shards)
     val_ds = HeldOutStream(val_shards, build_transforms(cfg, False), num_classes, accelerator.process_index,
                            accelerator.num_processes)
