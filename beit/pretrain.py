@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass
@@ -145,45 +144,43 @@ def resolve_mixed_precision(choice: str) -> str | None:
     return "no"
 
 
-def sample_seed(*parts) -> int:
-    """A 63-bit seed from any mix of ints and strings (stable across processes and runs)."""
-    h = hashlib.blake2b("\x1f".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") >> 1
-
-
 class MimSample:
     """The loader's ``map_fn``: two-view augmentation + a block mask for one image.
 
-    All randomness is seeded from (seed, epoch, shard, key) of the sample, so a sample's views and
-    mask do not depend on which rank or worker decodes it, and a resumed run sees the same ones.
+    The stream seeds ``random``/numpy/torch per sample (the crop, jitter and flip) and passes the
+    seed as ``sample["__seed__"]``; the masking generator is reseeded with it, so a sample's views
+    and mask are reproducible and a resumed run sees exactly the batches it would have seen.
     """
 
-    def __init__(self, transform, masker, seed: int, train: bool = True):
-        self.transform, self.masker, self.seed, self.train = transform, masker, seed, train
-        self.epoch = 0
+    def __init__(self, transform, masker):
+        self.transform, self.masker = transform, masker
 
     def __call__(self, img, sample: dict) -> dict:
-        s = sample_seed(self.seed, self.epoch if self.train else "eval", sample.get("__url__", ""),
-                        sample.get("__key__", ""))
-        py_state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            random.seed(s)
-            torch.manual_seed(s)
-            enc, tok = self.transform(img)
-        random.setstate(py_state)
-        self.masker.reseed(s)
+        enc, tok = self.transform(img)
+        self.masker.reseed(sample["__seed__"])
         return {"image": enc, "tokenizer_image": tok, "mask": torch.from_numpy(self.masker())}
 
 
+def model_dims(cfg: PretrainConfig) -> dict:
+    """embed_dim/depth/num_heads/init_values of the config's model (size preset + custom dims)."""
+    from beit.model import BEIT_SIZES
+
+    if cfg.model_size not in BEIT_SIZES:
+        raise ValueError(f"unknown model_size {cfg.model_size!r}; choose one of {sorted(BEIT_SIZES)}")
+    dims = dict(BEIT_SIZES[cfg.model_size])
+    dims.update({k: getattr(cfg, k) for k in ("embed_dim", "depth", "num_heads", "init_values") if getattr(cfg, k)})
+    if dims["embed_dim"] % dims["num_heads"]:
+        raise ValueError(f"embed_dim {dims['embed_dim']} is not divisible by num_heads {dims['num_heads']}")
+    return dims
+
+
 def build_model(cfg: PretrainConfig, vocab_size: int):
+    """The pretraining model of the config."""
     from beit.model import create_pretrain_model
 
     overrides = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=vocab_size,
                      drop_path_rate=cfg.drop_path, mlp_ratio=cfg.mlp_ratio)
-    for name in ("embed_dim", "depth", "num_heads", "init_values"):
-        if getattr(cfg, name):
-            overrides[name] = getattr(cfg, name)
-    model = create_pretrain_model(cfg.model_size, **overrides)
+    model = create_pretrain_model(None, **model_dims(cfg), **overrides)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model
@@ -221,27 +218,21 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
                                      scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0.0, hflip=0.0)
     masker = MaskingGenerator(cfg.grid, cfg.masked_count(), min_num_patches=min(cfg.min_mask_patches, cfg.masked_count()),
                               max_num_patches=cfg.max_mask_patches or None, min_aspect=cfg.min_mask_aspect)
-    map_fn = MimSample(transform, masker, cfg.seed, train=train)
+    workers = cfg.num_workers if train else min(cfg.num_workers, len(shards) // accelerator.num_processes)
     loader = build_stream_loader(
-        shards, map_fn=map_fn, batch_size=batch_size, num_workers=cfg.num_workers,
+        shards, map_fn=MimSample(transform, masker), batch_size=batch_size, num_workers=workers,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer if train else 0,
+        shuffle_buffer=cfg.shuffle_buffer if train else 1,
         batches_per_epoch=(cfg.batches_per_epoch or None) if train else None,
         allow_remote=cfg.allow_remote_shards, max_bad_fraction=cfg.max_bad_fraction)
-    return loader, map_fn
+    return loader
 
 
 def data_error_metrics(loader, accelerator) -> dict:
-    """Data-error counts of all ranks, summed (every rank must call it)."""
+    """Data counts (samples, bad samples by reason, conversions) summed over ranks; every rank calls it."""
     from accelerate.utils import gather_object
 
-    stats = loader.stats if isinstance(loader.stats, dict) else dict(loader.stats)
-    flat = {}
-    for k, v in stats.items():
-        if isinstance(v, (int, float)):
-            flat[f"data/{k}"] = v
-        elif isinstance(v, dict) and k != "by_shard":
-            flat.update({f"data/{k}/{r}": n for r, n in v.items() if isinstance(n, (int, float))})
+    flat = loader.metrics("data/")
     if accelerator.num_processes > 1:
         merged: dict = {}
         for part in gather_object([flat]):
@@ -262,52 +253,67 @@ def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int, accum: int) -> tu
     return steps_per_epoch, total, min(warmup, total)
 
 
+class SetupError(ValueError):
+    """A problem with the inputs, found before any compute (printed without a traceback)."""
+
+
+def check_inputs(cfg: PretrainConfig, world: int):
+    """Every check that needs files but no compute: shards, tokenizer grid, masking, batch split,
+    resume compatibility. Returns (shards, val_shards, tokenizer, grad_accum_steps)."""
+    from beit.data.shardspec import expand_shards
+    from beit.masking import MaskingGenerator
+    from beit.tokenizers import load_tokenizer
+
+    try:
+        cfg.validate()
+        shards = expand_shards(cfg.data_shards, allow_remote=cfg.allow_remote_shards)
+        val_shards = expand_shards(cfg.val_shards, allow_remote=cfg.allow_remote_shards) if cfg.val_shards else []
+        if val_shards and len(val_shards) < world:
+            raise ValueError(f"{len(val_shards)} held-out shard(s) for {world} processes: each process needs one; "
+                             "split the held-out set into more shards")
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
+        check_grids(cfg, tokenizer)
+        n_masked = cfg.masked_count()
+        MaskingGenerator(cfg.grid, n_masked, min_num_patches=min(cfg.min_mask_patches, n_masked),
+                         max_num_patches=cfg.max_mask_patches or None, min_aspect=cfg.min_mask_aspect)
+        if n_masked >= cfg.grid[0] * cfg.grid[1]:
+            raise ValueError(f"num_masking_patches {n_masked} leaves no visible patch on the {cfg.grid} grid")
+        accum = cfg.grad_accum_steps
+        if cfg.global_batch_size:
+            if cfg.global_batch_size % (cfg.batch_size * world):
+                raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by batch_size "
+                                 f"{cfg.batch_size} x {world} process(es)")
+            accum = cfg.global_batch_size // (cfg.batch_size * world)
+        model_dims(cfg)
+        out = Path(cfg.output_dir)
+        if find_latest_complete(out) is not None and (out / "config.yaml").is_file():
+            saved = to_dict(load_yaml(PretrainConfig, out / "config.yaml"))
+            check_resume_compatible(saved, to_dict(cfg), RESUME_KEYS, where=str(out))
+    except (ValueError, FileNotFoundError) as e:
+        raise SetupError(str(e)) from e
+    return shards, val_shards, tokenizer, accum
+
+
 def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> dict:
     """Run (or resume) pretraining; returns the final summary (also written to final_metrics.json)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from beit.tokenizers import load_tokenizer
-
     cfg = cfg or parse_config(PretrainConfig, argv, description=__doc__)
-    cfg.validate()
     out = Path(cfg.output_dir)
-
-    # --- up-front checks, before any compute -----------------------------------------------
-    from beit.data.stream import expand_shards
-
-    shards = expand_shards(cfg.data_shards, allow_remote=cfg.allow_remote_shards)
-    val_shards = expand_shards(cfg.val_shards, allow_remote=cfg.allow_remote_shards) if cfg.val_shards else []
-    tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
-    check_grids(cfg, tokenizer)
-    n_masked = cfg.masked_count()
-    n_patches = cfg.grid[0] * cfg.grid[1]
-    if not 1 <= n_masked < n_patches:
-        raise ValueError(f"num_masking_patches {n_masked} must be in [1, {n_patches}) for the {cfg.grid} grid")
-
-    mp = resolve_mixed_precision(cfg.mixed_precision)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    accum = cfg.grad_accum_steps
-    if cfg.global_batch_size:
-        if cfg.global_batch_size % (cfg.batch_size * world):
-            raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by batch_size "
-                             f"{cfg.batch_size} x {world} processes")
-        accum = cfg.global_batch_size // (cfg.batch_size * world)
-    trackers = resolve_trackers(cfg.tensorboard)
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=accum, log_with=trackers or None,
-                              project_dir=str(out))
-    if accelerator.num_processes != world:  # launched by something that does not set WORLD_SIZE
-        raise RuntimeError(f"process count mismatch: WORLD_SIZE={world}, accelerate sees {accelerator.num_processes}")
+    shards, val_shards, tokenizer, accum = check_inputs(cfg, world)
 
+    trackers = resolve_trackers(cfg.tensorboard)
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+                              gradient_accumulation_steps=accum, log_with=trackers or None, project_dir=str(out))
+    if accelerator.num_processes != world:
+        raise RuntimeError(f"process count mismatch: WORLD_SIZE={world}, accelerate sees {accelerator.num_processes}")
     latest = find_latest_complete(out)
-    saved_cfg_path = out / "config.yaml"
-    if latest is not None and saved_cfg_path.is_file():
-        saved = to_dict(load_yaml(PretrainConfig, saved_cfg_path))
-        check_resume_compatible(saved, to_dict(cfg), RESUME_KEYS, where=str(out))
     tok_fp = tokenizer_fingerprint(tokenizer)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, saved_cfg_path)
+        save_config(cfg, out / "config.yaml")
     accelerator.wait_for_everyone()
 
     # --- build ---------------------------------------------------------------------------------
@@ -316,7 +322,7 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     tokenizer = tokenizer.to(accelerator.device)
     optimizer = create_adamw(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              eps=cfg.eps)
-    loader, map_fn = build_loader(cfg, shards, tokenizer, accelerator, train=True, batch_size=cfg.batch_size)
+    loader = build_loader(cfg, shards, tokenizer, accelerator, train=True, batch_size=cfg.batch_size)
     steps_per_epoch, total_steps, warmup = resolve_steps(cfg, len(loader), accum)
     schedule = WarmupCosineSchedule(optimizer, lr=cfg.lr, min_lr=cfg.min_lr, total_steps=total_steps,
                                     warmup_steps=warmup, weight_decay=cfg.weight_decay,
@@ -337,6 +343,8 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
         schedule.load_state_dict(saved_state["schedule"])
         if rank_state is not None:
             loader.load_state_dict(rank_state["loader"])
+            if loader.epoch == state.epoch and loader.position >= len(loader):
+                state.epoch += 1  # saved right at the end of an epoch
         resumed_from = latest
     logger = RunLogger(accelerator, out, resume_step=state.step if resumed_from else None)
     if trackers:
@@ -346,7 +354,7 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     eff_batch = cfg.batch_size * accum * accelerator.num_processes
     logger.info(f"BEiT pretraining: {n_params / 1e6:.2f}M params, grid {cfg.grid[0]}x{cfg.grid[1]}, "
-                f"{n_masked} masked, {cfg.tokenizer} tokenizer (vocab {tokenizer.vocab_size})")
+                f"{cfg.masked_count()} masked, {cfg.tokenizer} tokenizer (vocab {tokenizer.vocab_size})")
     logger.info(f"processes {accelerator.num_processes}, device {accelerator.device}, mixed precision "
                 f"{accelerator.mixed_precision}; effective batch {eff_batch} = {cfg.batch_size} x {accum} accum x "
                 f"{accelerator.num_processes} proc; lr {cfg.lr:g} (not rescaled), {total_steps} steps "
@@ -370,9 +378,7 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     with logger.progress(total_steps, initial=state.step) as bar:
         while state.step < total_steps:
             loader.set_epoch(state.epoch)
-            map_fn.epoch = state.epoch
-            train_one_epoch(model, tokenizer, loader, optimizer,
-                            schedule, accelerator, state, total_steps=total_steps, clip_grad=cfg.clip_grad,
+            train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, state, total_steps=total_steps, clip_grad=cfg.clip_grad,
                             max_nonfinite_in_a_row=cfg.max_nonfinite_steps, log_every=cfg.log_every, logger=logger,
                             after_step=checkpoint, progress=bar, data_stats=lambda: data_error_metrics(loader, accelerator))
             if state.step < total_steps:
@@ -384,15 +390,16 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
                "train_seconds": round(train_time, 1), "output_dir": str(out)}
     summary.update(data_error_metrics(loader, accelerator))
     unwrapped = accelerator.unwrap_model(model)
+    full_state = accelerator.get_state_dict(model)  # a collective under FSDP/DeepSpeed
     if accelerator.is_main_process:
-        weights = save_weights(accelerator.get_state_dict(model), out / "pretrained.safetensors",
+        weights = save_weights(full_state, out / "pretrained.safetensors",
                                {"model": unwrapped.config, "tokenizer": cfg.tokenizer,
                                 "tokenizer_path": cfg.tokenizer_path, "tokenizer_fingerprint": tok_fp,
                                 "step": state.step, "pretrain_config": to_dict(cfg)})
         summary["pretrained"] = str(weights)
     if val_shards:
-        val_loader, _ = build_loader(cfg, val_shards, tokenizer, accelerator, train=False,
-                                     batch_size=cfg.eval_batch_size or cfg.batch_size)
+        val_loader = build_loader(cfg, val_shards, tokenizer, accelerator, train=False,
+                                  batch_size=cfg.eval_batch_size or cfg.batch_size)
         ev = evaluate_mim(unwrapped, tokenizer, val_loader, accelerator, max_batches=cfg.eval_batches)
         summary.update({f"val/{k}": v for k, v in ev.items()})
         logger.log({f"val/{k}": v for k, v in ev.items()}, step=state.step)
@@ -408,6 +415,6 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: a message, not a traceback
+    except SetupError as e:  # bad input: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
