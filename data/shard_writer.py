@@ -174,7 +174,8 @@ class _ShardSink:
         if self.opts.max_bytes is None:
             return False
         extra = sum(512 + -(-len(d) // 512) * 512 for _, d in members)
-        return self.tar.offset + extra + 1024 > self.opts.max_bytes
+        end = self.tar.offset + extra + 1024  # + end-of-archive blocks, then padded to a tar record
+        return -(-end // tarfile.RECORDSIZE) * tarfile.RECORDSIZE > self.opts.max_bytes
 
     def add(self, members: list[tuple[str, bytes]]) -> None:
         if self.tar is None:
