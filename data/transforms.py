@@ -8,9 +8,10 @@ the tokenizer's interpolation (lanczos by default) for the tokenizer, in [0, 1].
 Speed: given a still-undecoded JPEG (``beit.data.decode.open_image``), the box is drawn from the
 header size and the JPEG is decoded with ``Image.draft`` at the largest 1/2, 1/4 or 1/8 scale that
 keeps the box at least as large as the bigger output view, then the box is mapped to the reduced
-image. Jitter runs on the cropped region only and the flip on the outputs; the distribution of
-boxes and flips is the reference's (flip-then-crop equals crop-then-flip for a uniform box), the
-only difference is that contrast blends towards the crop's mean grey instead of the whole image's.
+image. The jitter (same factors, same order for both views) runs on the two small outputs instead
+of the whole image, and the flip on the output tensors; the distribution of boxes, flips and
+factors is the reference's (flip-then-crop equals crop-then-flip for a uniform box). The one
+difference: contrast blends towards the crop's mean grey instead of the whole image's.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import ColorJitter
+from torchvision.transforms import functional as F
 
 from beit.data.decode import is_undecoded, load_pixels, to_rgb
 
@@ -56,8 +58,8 @@ def draft_scale(box_w: float, box_h: float, target: int) -> int:
 class TwoViewTransform:
     """``(PIL image) -> (encoder_view [3,S,S] normalised, tokenizer_view [3,T,T] in [0,1])``.
 
-    Randomness comes from ``random`` (crop box, as timm) and ``torch`` (jitter, flip), so seeding
-    both per sample makes the output deterministic.
+    Randomness comes from ``random`` (crop box as in timm, flip) and ``torch`` (jitter factors),
+    so seeding both per sample makes the output deterministic.
     """
 
     def __init__(self, image_size: int = 224, tokenizer_size: int = 112,
@@ -87,8 +89,8 @@ class TwoViewTransform:
         return (f"TwoViewTransform(image_size={self.image_size}, tokenizer_size={self.tokenizer_size}, "
                 f"scale={self.scale}, ratio={self.ratio}, jitter={self.jitter is not None}, hflip={self.hflip})")
 
-    def crop_region(self, img: Image.Image) -> tuple[Image.Image, tuple[float, float, float, float]]:
-        """Draw the box, decode (drafted when possible) and return the jittered crop + float box."""
+    def decode_box(self, img: Image.Image) -> tuple[Image.Image, tuple[float, float, float, float]]:
+        """Draw the crop box, decode (drafted when possible); return the RGB image and the box in it."""
         full_w, full_h = img.size
         top, left, h, w = RandomResizedCropAndInterpolation.get_params(img, self.scale, self.ratio)
         s = 1.0
@@ -100,21 +102,45 @@ class TwoViewTransform:
         if is_undecoded(img):
             load_pixels(img)
         img = to_rgb(img)[0]
-        x0, y0, x1, y1 = left * s, top * s, (left + w) * s, (top + h) * s
-        ix0, iy0 = math.floor(x0), math.floor(y0)
-        ix1, iy1 = min(math.ceil(x1), img.size[0]), min(math.ceil(y1), img.size[1])
-        crop = img.crop((ix0, iy0, ix1, iy1))
-        box = (x0 - ix0, y0 - iy0, min(x1, ix1) - ix0, min(y1, iy1) - iy0)
-        if self.jitter is not None:
-            crop = self.jitter(crop)
-        return crop, box
+        box = (left * s, top * s, min((left + w) * s, img.size[0]), min((top + h) * s, img.size[1]))
+        return img, box
+
+    @staticmethod
+    def _reduced_resize(img: Image.Image, box, size: int, resample) -> Image.Image:
+        """Resize ``box`` to size x size; when the box is 2x+ larger than needed, first average
+        it down by the largest power of two that keeps it >= size (as JPEG draft decoding would)."""
+        r = draft_scale(box[2] - box[0], box[3] - box[1], size)
+        if r == 1:
+            return img.resize((size, size), resample, box=box)
+        x0, y0 = math.floor(box[0]), math.floor(box[1])
+        ib = (x0, y0, min(x0 + math.ceil((box[2] - x0) / r) * r, img.size[0]),
+              min(y0 + math.ceil((box[3] - y0) / r) * r, img.size[1]))
+        small = img.reduce(r, box=ib)
+        rel = ((box[0] - ib[0]) / r, (box[1] - ib[1]) / r,
+               min((box[2] - ib[0]) / r, small.size[0]), min((box[3] - ib[1]) / r, small.size[1]))
+        return small.resize((size, size), resample, box=rel)
+
+    def _jitter(self, views: list[Image.Image]) -> list[Image.Image]:
+        """The same random brightness/contrast/saturation change, in the same order, on each view."""
+        order, b, c, s, _ = ColorJitter.get_params(self.jitter.brightness, self.jitter.contrast,
+                                                   self.jitter.saturation, None)
+        for fn in order.tolist():
+            if fn == 0 and b is not None:
+                views = [F.adjust_brightness(v, b) for v in views]
+            elif fn == 1 and c is not None:
+                views = [F.adjust_contrast(v, c) for v in views]
+            elif fn == 2 and s is not None:
+                views = [F.adjust_saturation(v, s) for v in views]
+        return views
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
-        crop, box = self.crop_region(img)
-        enc = crop.resize((self.image_size, self.image_size), self.interp, box=box)
-        tok = crop.resize((self.tokenizer_size, self.tokenizer_size), self.tok_interp, box=box)
+        img, box = self.decode_box(img)
+        enc = img.resize((self.image_size, self.image_size), self.interp, box=box)
+        tok = self._reduced_resize(img, box, self.tokenizer_size, self.tok_interp)
+        if self.jitter is not None:
+            enc, tok = self._jitter([enc, tok])
         enc_t, tok_t = pil_to_tensor(enc), pil_to_tensor(tok)
-        if self.hflip > 0 and torch.rand(1).item() < self.hflip:
+        if self.hflip > 0 and random.random() < self.hflip:
             enc_t, tok_t = enc_t.flip(-1), tok_t.flip(-1)
         return (enc_t - self.mean) / self.std, tok_t
 
@@ -123,4 +149,4 @@ def seed_everything(seed: int) -> None:
     """Seed ``random``, numpy's global RNG and torch (CPU) from one integer."""
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    torch.default_generator.manual_seed(seed)  # CPU generator only: torch.manual_seed costs 30x more

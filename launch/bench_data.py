@@ -1,0 +1,126 @@
+"""Data pipeline benchmark: our stream (draft/reduced decoding + TwoViewTransform) against a plain
+torchvision ImageFolder with the reference transform (decode full size, jitter the whole image,
+flip, crop + resize twice), on the same ImageNet-sized JPEGs (500x375, cut from the sample photos).
+
+    python launch/bench_data.py [--images 512] [--workers 1 2] [--batch_size 32]
+
+Prints images/s and images/s per worker for each pipeline and worker count, and the ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data.transforms import RandomResizedCropAndInterpolation
+from torch.utils.data import DataLoader
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from beit.data.samples import load_photos
+from beit.data.shard_writer import Item, WriteOptions, write_shards
+from beit.data.stream import build_stream_loader
+from beit.data.transforms import TwoViewTransform
+
+
+def make_jpegs(n: int, folder: Path) -> list[Item]:
+    """n 500x375 JPEGs (quality 90) cut from the sample photos, as files and as shard items."""
+    rng = random.Random(0)
+    photos = [Image.fromarray(a) for _, a in sorted(load_photos().items())]
+    (folder / "all").mkdir(parents=True)
+    items = []
+    for i in range(n):
+        p = photos[i % len(photos)]
+        w, h = p.size
+        cw = rng.randint(min(w, h) // 2, w)
+        ch = min(h, int(cw * 0.75))
+        cw = int(ch / 0.75)
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        img = p.crop((x, y, x + cw, y + ch)).resize((500, 375), Image.Resampling.BICUBIC)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        (folder / "all" / f"{i:05d}.jpg").write_bytes(buf.getvalue())
+        items.append(Item(key=f"{i:05d}", image=buf.getvalue(), ext="jpg"))
+    return items
+
+
+class ReferenceTwoView:
+    """The reference pipeline: full decode, ColorJitter on the whole image, flip, one RRC box
+    resized twice (bicubic 224 normalised, lanczos 112 in [0,1])."""
+
+    def __init__(self, image_size=224, tokenizer_size=112):
+        self.jitter = T.ColorJitter(0.4, 0.4, 0.4, 0.0)
+        self.flip = T.RandomHorizontalFlip(0.5)
+        self.sizes = (image_size, tokenizer_size)
+        self.norm = T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        self.to_tensor = T.ToTensor()
+
+    def __call__(self, img):
+        img = self.flip(self.jitter(img))
+        i, j, h, w = RandomResizedCropAndInterpolation.get_params(img, (0.08, 1.0), (3 / 4, 4 / 3))
+        box = (j, i, j + w, i + h)
+        enc = img.resize((self.sizes[0],) * 2, Image.Resampling.BICUBIC, box=box)
+        tok = img.resize((self.sizes[1],) * 2, Image.Resampling.LANCZOS, box=box)
+        return self.norm(self.to_tensor(enc)), self.to_tensor(tok)
+
+
+def timed(batches, warmup: int = 1) -> float:
+    """Images/s after the first ``warmup`` batches (worker start-up excluded)."""
+    n, t0 = 0, None
+    for k, b in enumerate(batches):
+        if k == warmup - 1:
+            t0 = time.perf_counter()
+        elif k >= warmup:
+            n += (b["enc"] if isinstance(b, dict) else b[0][0]).shape[0]
+    return n / (time.perf_counter() - t0)
+
+
+def ours(shards: str, workers: int, batch: int) -> float:
+    tf = TwoViewTransform()
+
+    def map_fn(img, sample):
+        enc, tok = tf(img)
+        return {"enc": enc, "tok": tok}
+
+    loader = build_stream_loader(shards, map_fn=map_fn, batch_size=batch, num_workers=workers,
+                                 shuffle_buffer=64)
+    return timed(loader)
+
+
+def plain(folder: Path, workers: int, batch: int) -> float:
+    ds = ImageFolder(str(folder), transform=ReferenceTwoView())
+    return timed(DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=2, help="alternate the two pipelines this many times")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        items = make_jpegs(args.images, tmp / "folder")
+        write_shards(items, tmp / "shards", opts=WriteOptions(max_samples=max(1, args.images // 8),
+                                                              validate="none"), progress=False)
+        shards = str(tmp / "shards")
+        print(f"{args.images} JPEGs of 500x375, batch {args.batch_size}, views 224 bicubic + 112 lanczos")
+        print(f"{'workers':>7} {'ours img/s':>11} {'per worker':>11} {'plain img/s':>12} {'per worker':>11} {'ratio':>6}")
+        for w in args.workers:
+            o = max(ours(shards, w, args.batch_size) for _ in range(args.repeats))
+            r = max(plain(tmp / "folder", w, args.batch_size) for _ in range(args.repeats))
+            print(f"{w:>7} {o:>11.1f} {o / w:>11.1f} {r:>12.1f} {r / w:>11.1f} {o / r:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()
