@@ -150,6 +150,12 @@ class VisualTokenizer(nn.Module):
         with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=False):
             return self._decode(tokens.to(self.device).long()).clamp(0.0, 1.0)
 
+    def random_like(self, seed: int = 0) -> "VisualTokenizer":
+        """The same architecture with random (untrained) weights: the baseline a trained one must beat."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return type(self).from_config(self.get_config()).freeze()
+
     # ---- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Write ``<stem>.safetensors`` + ``<stem>.json`` atomically; returns the stem."""

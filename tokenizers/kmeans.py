@@ -13,7 +13,8 @@ would swallow a large part of the image; keeping colour and contrast gives flat 
 different brightness/colour different codes, so tokens carry information there too. The std floor
 keeps the noise of near-flat patches from being blown up to full-contrast shapes.
 
-Tokens are the nearest of ``vocab_size`` centroids. ``fit`` runs mini-batch k-means (k-means++
+Tokens are the nearest of ``vocab_size`` centroids; ``decode`` paints each token's centroid back
+as a patch (mean colour + contrast x shape), so the report can show reconstructions and PSNR. ``fit`` runs mini-batch k-means (k-means++
 init, per-centre learning rates, dead-code re-seeding) over batches streamed from any iterable.
 """
 from __future__ import annotations
@@ -123,10 +124,35 @@ class KMeansTokenizer(VisualTokenizer):
         idx, _ = nearest(self.features(patches.reshape(b * l, -1)), self.centroids)
         return idx.view(b, *self.grid_size)
 
+    @property
+    def has_decoder(self) -> bool:
+        return True
+
+    def centroid_patches(self) -> torch.Tensor:
+        """Each centroid turned back into pixels [K, 3*p*p]: mean colour + contrast * shape."""
+        d = self.shape_dim
+        shape = self.centroids[:, :d] * math.sqrt(d) @ torch.linalg.pinv(self.whitening)
+        mean_rgb = self.centroids[:, d:d + 3] / self.color_weight + 0.5
+        contrast = (self.centroids[:, d + 3:] / self.contrast_weight).clamp_min(0)
+        centred = shape * contrast.clamp_min(self.contrast_floor)
+        p2 = self.patch_size ** 2
+        return (centred.view(-1, 3, p2) + mean_rgb[:, :, None]).reshape(-1, d)
+
+    def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        b = tokens.shape[0]
+        cols = self.centroid_patches()[tokens.flatten(1)].transpose(1, 2)  # [B, 3*p*p, L]
+        return F.fold(cols, (self.input_size, self.input_size), kernel_size=self.patch_size, stride=self.patch_size)
+
     def patch_features_of(self, images: torch.Tensor) -> torch.Tensor:
         """All patch features of a batch of images [B,3,S,S] -> [B*h*w, F]."""
         x = self.check_images(images)
         return self.features(extract_patches(x, self.patch_size).reshape(-1, self.shape_dim))
+
+    def random_like(self, seed: int = 0) -> "KMeansTokenizer":
+        """Random Gaussian centroids with this tokenizer's config and whitening."""
+        tok = KMeansTokenizer.random(seed=seed, **self.get_config())
+        tok.whitening.copy_(self.whitening)
+        return tok
 
     # ---- fitting --------------------------------------------------------------------------------
     @classmethod
@@ -140,7 +166,8 @@ class KMeansTokenizer(VisualTokenizer):
     @classmethod
     def fit(cls, batches: Iterable[torch.Tensor] | Callable[[], Iterable[torch.Tensor]], *, epochs: int = 2,
             seed: int = 0, init_patches: int = 20000, reseed_every: int = 50, progress: bool = True,
-            max_batches_per_epoch: int | None = None, **config: Any) -> "KMeansTokenizer":
+            max_batches_per_epoch: int | None = None, batches_per_epoch: int | None = None,
+            **config: Any) -> "KMeansTokenizer":
         """Fit by mini-batch k-means over image batches [B,3,S,S] in [0,1] (S = input_size).
 
         ``batches`` is re-iterated once per epoch (a list, a DataLoader, or a function returning a
@@ -177,7 +204,7 @@ class KMeansTokenizer(VisualTokenizer):
         step = 0
         for epoch in range(epochs):
             bar = tqdm(source(), desc=f"k-means epoch {epoch + 1}/{epochs}", disable=not progress,
-                       unit="batch", leave=False)
+                       unit="batch", leave=False, total=max_batches_per_epoch or batches_per_epoch)
             inertia_sum, n_seen = 0.0, 0
             for b_i, images in enumerate(bar):
                 if max_batches_per_epoch is not None and b_i >= max_batches_per_epoch:
