@@ -117,7 +117,7 @@ class VisualTokenizer(nn.Module):
                 f"({self.interpolation}) before tokenizing")
         if not images.is_floating_point():
             raise TypeError(f"images must be float in [0, 1], got dtype {images.dtype} (divide uint8 by 255)")
-        images = images.float()
+        images = images.detach().float()
         if images.numel():
             lo, hi = float(images.min()), float(images.max())
             if lo < -RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
