@@ -24,7 +24,6 @@ from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import ColorJitter
-from torchvision.transforms import functional as F
 
 from beit.data.decode import is_undecoded, load_pixels, to_rgb
 
@@ -39,6 +38,16 @@ def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 tensor [3, H, W] in [0, 1]."""
     a = np.asarray(img, dtype=np.uint8)
     return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _apply_lut(img: Image.Image, table: np.ndarray) -> Image.Image:
+    """The same 256-entry lookup table on every band (PIL's core call: ``Image.point`` would
+    round all 768 entries in Python first, which costs more than the lookup itself)."""
+    lut = table.astype(np.int64).tolist() * len(img.getbands())
+    try:
+        return img._new(img.im.point(lut, None))
+    except AttributeError:  # a Pillow without the private API
+        return img.point(lut)
 
 
 def _interp(name: str) -> Image.Resampling:
@@ -121,16 +130,20 @@ class TwoViewTransform:
         return small.resize((size, size), resample, box=rel)
 
     def _jitter(self, views: list[Image.Image]) -> list[Image.Image]:
-        """The same random brightness/contrast/saturation change, in the same order, on each view."""
+        """The same random brightness/contrast/saturation change, in the same (random) order, on
+        each uint8 view: brightness and contrast as one lookup table, saturation as a blend with
+        the grey image (what PIL's ImageEnhance does, without its intermediate images)."""
         order, b, c, s, _ = ColorJitter.get_params(self.jitter.brightness, self.jitter.contrast,
                                                    self.jitter.saturation, None)
+        x = np.arange(256, dtype=np.float64)
         for fn in order.tolist():
             if fn == 0 and b is not None:
-                views = [F.adjust_brightness(v, b) for v in views]
+                views = [_apply_lut(v, np.clip(np.rint(x * b), 0, 255)) for v in views]
             elif fn == 1 and c is not None:
-                views = [F.adjust_contrast(v, c) for v in views]
+                m = int(np.asarray(views[0].convert("L"), dtype=np.float32).mean() + 0.5)  # shared mean
+                views = [_apply_lut(v, np.clip(np.rint(m + (x - m) * c), 0, 255)) for v in views]
             elif fn == 2 and s is not None:
-                views = [F.adjust_saturation(v, s) for v in views]
+                views = [Image.blend(v.convert("L").convert("RGB"), v, s) for v in views]
         return views
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:

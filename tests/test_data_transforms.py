@@ -91,3 +91,20 @@ def test_pil_to_tensor():
     arr = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
     t = pil_to_tensor(Image.fromarray(arr, "RGB"))
     assert t.shape == (3, 2, 3) and torch.allclose(t[:, 1, 2] * 255, torch.tensor([15.0, 16.0, 17.0]))
+
+
+def test_jitter_matches_torchvision_color_jitter():
+    import torchvision.transforms.functional as F
+    from torchvision.transforms import ColorJitter
+    t = TwoViewTransform()
+    view = photo(8, (64, 64))
+    for seed in range(4):
+        torch.manual_seed(seed)
+        ours = np.asarray(t._jitter([view])[0], dtype=float)
+        torch.manual_seed(seed)
+        order, b, c, s, _ = ColorJitter.get_params(t.jitter.brightness, t.jitter.contrast, t.jitter.saturation, None)
+        ref = view
+        for fn in order.tolist():
+            if fn < 3:
+                ref = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation][fn](ref, [b, c, s][fn])
+        assert np.abs(ours - np.asarray(ref, dtype=float)).max() <= 3  # rounding only
