@@ -26,6 +26,7 @@ class TrainState:
     epoch: int = 0
     nonfinite_steps: int = 0         # optimizer steps skipped for a non-finite loss, in total
     nonfinite_in_a_row: int = 0
+    scaler_skipped_steps: int = 0    # fp16 only: steps the grad scaler skipped (normal while it calibrates)
     samples_seen: int = 0            # per rank
 
     def to_dict(self) -> dict:
@@ -97,15 +98,15 @@ def all_ranks_finite(loss: torch.Tensor, accelerator) -> bool:
 
 def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, state: TrainState, *,
                     total_steps: int, clip_grad: float, max_nonfinite_in_a_row: int, log_every: int,
-                    logger, after_step=None, progress=None, data_stats=None) -> None:
+                    logger, after_step=None, progress=None, data_stats=None, meter: MimMeter | None = None) -> None:
     """Run the rest of epoch ``state.epoch`` (or until ``total_steps`` optimizer steps are done).
 
     ``after_step(state)`` is called on every rank after each optimizer step (checkpointing);
-    ``data_stats()`` returns this rank's data-error counts to be summed into the logged metrics.
+    ``data_stats()`` returns this rank's data-error counts to be summed into the logged metrics;
+    pass the same ``meter`` to every epoch so a logging window may span an epoch boundary.
     """
     model.train()
-    vocab = tokenizer.vocab_size
-    meter = MimMeter(vocab, accelerator.device)
+    meter = meter if meter is not None else MimMeter(tokenizer.vocab_size, accelerator.device)
     window_bad = False
     last_grad_norm = float("nan")
     t0, samples0 = time.time(), state.samples_seen
@@ -128,23 +129,29 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
             if not accelerator.sync_gradients:
                 continue
             lr, wd = schedule.step()
+            if not window_bad:
+                max_norm = clip_grad if clip_grad > 0 else float("inf")
+                last_grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                # a finite loss can still give inf/nan gradients; without a grad scaler (which skips
+                # such steps itself) they would poison the weights, so the step is dropped instead
+                window_bad = accelerator.scaler is None and not math.isfinite(last_grad_norm)
             if window_bad:
                 state.nonfinite_steps += 1
                 state.nonfinite_in_a_row += 1
-                logger.info(f"step {state.step + 1}: non-finite loss, optimizer step skipped "
+                logger.info(f"step {state.step + 1}: non-finite loss or gradient, optimizer step skipped "
                             f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_steps} in total)")
                 if state.nonfinite_in_a_row >= max_nonfinite_in_a_row:
                     raise NonFiniteLossError(
-                        f"the loss was non-finite for {state.nonfinite_in_a_row} consecutive optimizer steps "
+                        f"the loss or gradients were non-finite for {state.nonfinite_in_a_row} consecutive optimizer steps "
                         f"(up to step {state.step + 1}, lr {lr:.3g}): training diverged. The weights were not "
                         "updated by those steps, so the last checkpoint is intact. Lower --lr, lengthen "
                         "--warmup_epochs/--warmup_steps, lower --clip_grad, or use --mixed_precision bf16/no "
                         "instead of fp16, then rerun the same command to resume.")
             else:
                 state.nonfinite_in_a_row = 0
-                max_norm = clip_grad if clip_grad > 0 else float("inf")
-                last_grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
                 optimizer.step()
+                if accelerator.optimizer_step_was_skipped:  # fp16 grad scaler found inf/nan gradients
+                    state.scaler_skipped_steps += 1
             optimizer.zero_grad(set_to_none=True)
             window_bad = False
             state.step += 1
@@ -155,7 +162,7 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
                 meter.reset()
                 dt = max(time.time() - t0, 1e-9)
                 metrics.update(epoch=state.epoch, lr=lr, weight_decay=wd, grad_norm=last_grad_norm,
-                               nonfinite_steps=state.nonfinite_steps,
+                               nonfinite_steps=state.nonfinite_steps, scaler_skipped_steps=state.scaler_skipped_steps,
                                samples_per_s=(state.samples_seen - samples0) * accelerator.num_processes / dt)
                 if data_stats is not None:
                     metrics.update(data_stats())

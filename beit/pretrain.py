@@ -21,7 +21,7 @@ import torch
 from beit.checkpointing import (check_resume_compatible, config_fingerprint, find_latest_complete,
                                 load_checkpoint, save_checkpoint, save_weights)
 from beit.config import field, load_yaml, parse_config, save_config, to_dict
-from beit.engine_pretrain import TrainState, evaluate_mim, train_one_epoch
+from beit.engine_pretrain import MimMeter, TrainState, evaluate_mim, train_one_epoch
 from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
 from beit.run_logging import RunLogger, resolve_trackers
 
@@ -374,13 +374,15 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
                                keep_last=cfg.keep_last)
         logger.info(f"checkpoint saved: {path}")
 
+    meter = MimMeter(tokenizer.vocab_size, accelerator.device)
     t_start = time.time()
     with logger.progress(total_steps, initial=state.step) as bar:
         while state.step < total_steps:
             loader.set_epoch(state.epoch)
             train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, state, total_steps=total_steps, clip_grad=cfg.clip_grad,
                             max_nonfinite_in_a_row=cfg.max_nonfinite_steps, log_every=cfg.log_every, logger=logger,
-                            after_step=checkpoint, progress=bar, data_stats=lambda: data_error_metrics(loader, accelerator))
+                            after_step=checkpoint, progress=bar, meter=meter,
+                            data_stats=lambda: data_error_metrics(loader, accelerator))
             if state.step < total_steps:
                 state.epoch += 1
     train_time = time.time() - t_start

@@ -134,24 +134,27 @@ def test_nonfinite_loss_skips_the_step_then_aborts(assets, tmp_path, monkeypatch
     from beit.model import BeitPretrainModel
 
     real_forward = BeitPretrainModel.forward
-    calls = {"n": 0, "bad": {3}}
+    calls = {"n": 0, "bad": {3}, "bad_grad": {4}}
 
     def forward(self, images, mask):
         calls["n"] += 1
         logits = real_forward(self, images, mask)
+        if self.training and calls["n"] in calls["bad_grad"]:      # finite loss, nan gradients
+            logits.register_hook(lambda g: g * float("nan"))
         return logits * float("nan") if self.training and calls["n"] in calls["bad"] else logits
 
     monkeypatch.setattr(BeitPretrainModel, "forward", forward)
     out = tmp_path / "nan"
     summary = run(tiny_cfg(assets, out, total_steps=5, eval_batches=1))
-    assert summary["nonfinite_steps"] == 1 and summary["step"] == 5
+    assert summary["nonfinite_steps"] == 2 and summary["step"] == 5
     recs = {r["step"]: r for r in read_metrics(out) if "nonfinite_steps" in r}
-    assert recs[2]["nonfinite_steps"] == 0 and recs[3]["nonfinite_steps"] == 1
+    assert [recs[s]["nonfinite_steps"] for s in (2, 3, 4, 5)] == [0, 1, 2, 2]
     assert "loss" not in recs[3]                                   # nothing from the skipped step is averaged in
+    assert math.isnan(float(recs[4]["grad_norm"])) and math.isfinite(recs[5]["grad_norm"])
     w = load_file(str(out / "pretrained.safetensors"))
     assert all(torch.isfinite(v).all() for v in w.values())
 
-    calls.update(n=0, bad=set(range(4, 100)))
+    calls.update(n=0, bad=set(range(4, 100)), bad_grad=set())
     with pytest.raises(NonFiniteLossError, match="non-finite for 3 consecutive optimizer steps"):
         run(tiny_cfg(assets, tmp_path / "nan2", total_steps=20, max_nonfinite_steps=3))
     # the checkpoint written at step 3 (before the bad steps) is intact
