@@ -1,0 +1,282 @@
+"""Token cache: tokenize K augmented views per image once, so pretraining can skip the tokenizer.
+
+    python -m beit.tokenizers.cache --shards 'data/train-*.tar' --out data/token_cache \\
+        --tokenizer dalle --tokenizer_path weights/dalle --views_per_image 8
+
+Each output sample holds the source image bytes (unchanged, same extension), ``views.json``
+(``{"size": [W, H], "boxes": [[x0, y0, x1, y1] * K], "flips": [0/1 * K]}``, boxes in source
+pixels) and ``tokens.npy`` (``uint16``/``int32`` [K, h, w], ``np.load(allow_pickle=False)``).
+``manifest.json`` beside the shards has the data helper's fields plus ``token_cache`` (tokenizer
+kind, vocab_size, grid_size, views_per_image, crop parameters). Boxes come from timm's
+``RandomResizedCropAndInterpolation.get_params`` (scale 0.08-1, ratio 3/4-4/3), seeded per
+(seed, key, view). Tokens are computed on the un-jittered tokenizer view: colour jitter, if any,
+is applied by the reader to the encoder view only.
+
+Reader: ``CachedViews(image_size=...)`` is a ``map_fn(pil_image, sample)`` for
+``beit.data.stream.build_stream_loader``; it picks one of the K views at random and returns
+``{"images": [3, S, S] normalised, "tokens": LongTensor [h, w]}``. ``read_cache_info(dir)`` and
+``check_cache_compatible`` validate a cache against the model before training starts.
+"""
+from __future__ import annotations
+
+import io
+import json
+import random
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from PIL import Image
+
+from beit.config import field, parse_config
+from beit.data.decode import BadSample, load_pixels, open_image, to_rgb
+from beit.data.shard_format import (MANIFEST_NAME, add_member, image_ext, iter_tar_samples, sha256_file,
+                                    write_json_atomic)
+from beit.data.shardspec import expand_shards
+from beit.data.transforms import INTERPOLATIONS, pil_to_tensor
+from beit.tokenizers import TOKENIZER_KINDS, VisualTokenizer, load_tokenizer
+from beit.tokenizers.images import ShardReadStats
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def sample_box(img: Image.Image, scale, ratio, seed_key: str) -> tuple[int, int, int, int]:
+    """timm's random-resized-crop box (x0, y0, x1, y1), seeded by ``seed_key`` (global RNG untouched)."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+
+    state = random.getstate()
+    random.seed(seed_key)
+    try:
+        top, left, h, w = RandomResizedCropAndInterpolation.get_params(img, tuple(scale), tuple(ratio))
+    finally:
+        random.setstate(state)
+    return int(left), int(top), int(left + w), int(top + h)
+
+
+def crop_view(img: Image.Image, box, size: int, interpolation: str, flip: bool) -> torch.Tensor:
+    """The box of ``img`` resized to size x size, maybe flipped: float [3, size, size] in [0, 1]."""
+    t = pil_to_tensor(img.resize((size, size), INTERPOLATIONS[interpolation], box=tuple(box)))
+    return t.flip(-1) if flip else t
+
+
+def _encode_tokens(tokens: np.ndarray, vocab_size: int) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, tokens.astype(np.uint16 if vocab_size <= 65536 else np.int32), allow_pickle=False)
+    return buf.getvalue()
+
+
+class _CacheShardWriter:
+    """Writes ``<prefix>-NNNNNN.tar`` shards of at most ``per_shard`` samples (temp name, then rename)."""
+
+    def __init__(self, out: Path, per_shard: int, prefix: str = "cache"):
+        self.out, self.per_shard, self.prefix = out, per_shard, prefix
+        self.tar: Optional[tarfile.TarFile] = None
+        self.count, self.index, self.shards = 0, 0, []
+
+    def add(self, key: str, members: list[tuple[str, bytes]]) -> None:
+        if self.tar is None:
+            self.path = self.out / f"{self.prefix}-{self.index:06d}.tar"
+            self.tmp = self.path.with_name(self.path.name + ".tmp")
+            self.tar = tarfile.open(self.tmp, "w")
+        for ext, data in members:
+            add_member(self.tar, f"{key}.{ext}", data)
+        self.count += 1
+        if self.count == self.per_shard:
+            self.close()
+
+    def close(self) -> None:
+        if self.tar is None:
+            return
+        self.tar.close()
+        self.tmp.replace(self.path)
+        self.shards.append({"name": self.path.name, "samples": self.count, "bytes": self.path.stat().st_size,
+                            "sha256": sha256_file(self.path)})
+        self.tar, self.count, self.index = None, 0, self.index + 1
+
+
+def write_token_cache(shards, out_dir, tok: VisualTokenizer, *, views_per_image: int = 4,
+                      scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, seed: int = 0,
+                      batch_size: int = 64, samples_per_shard: int = 1000, progress: bool = True,
+                      tokenizer_path: Optional[str] = None, max_bad_fraction: float = 0.01) -> dict[str, Any]:
+    """Tokenize ``views_per_image`` random views of every image of ``shards`` into cache shards; returns the manifest."""
+    from tqdm.auto import tqdm
+
+    if views_per_image < 1:
+        raise ValueError("views_per_image must be >= 1")
+    paths = expand_shards(shards)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    writer = _CacheShardWriter(out, samples_per_shard)
+    stats = ShardReadStats()
+    pending: list[tuple[str, list[tuple[str, bytes]], dict]] = []
+    views: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if not pending:
+            return
+        tokens = torch.cat([tok.tokenize(v) for v in torch.stack(views).split(batch_size)]).cpu().numpy()
+        for i, (key, members, meta) in enumerate(pending):
+            k = views_per_image
+            members = members + [("views.json", json.dumps(meta).encode()),
+                                 ("tokens.npy", _encode_tokens(tokens[i * k:(i + 1) * k], tok.vocab_size))]
+            writer.add(key, members)
+        pending.clear()
+        views.clear()
+
+    bar = tqdm(desc="token cache", unit="img", disable=not progress)
+    t0 = time.time()
+    for shard in paths:
+        try:
+            with open(shard, "rb") as f:
+                for sample in iter_tar_samples(f):
+                    ext = image_ext(sample)
+                    try:
+                        if ext is None:
+                            raise BadSample("no_image")
+                        img, _ = open_image(sample[ext])
+                        load_pixels(img)
+                        img, _ = to_rgb(img)
+                    except BadSample as e:
+                        stats.add_bad(e.reason, shard)
+                        continue
+                    stats.samples += 1
+                    key = sample["__key__"]
+                    boxes, flips = [], []
+                    for k in range(views_per_image):
+                        box = sample_box(img, scale, ratio, f"{seed}/{key}/{k}")
+                        flip = random.Random(f"flip/{seed}/{key}/{k}").random() < hflip
+                        boxes.append(list(box))
+                        flips.append(int(flip))
+                        views.append(crop_view(img, box, tok.input_size, tok.interpolation, flip))
+                    extra = [(e, sample[e]) for e in ("cls",) if e in sample]
+                    pending.append((key, [(ext, sample[ext])] + extra,
+                                    {"size": list(img.size), "boxes": boxes, "flips": flips}))
+                    if len(views) >= batch_size:
+                        flush()
+                    bar.update(1)
+        except (tarfile.TarError, OSError, EOFError):
+            stats.add_bad("truncated_shard", shard)
+    flush()
+    writer.close()
+    bar.close()
+    total = stats.samples + stats.num_bad
+    if total and stats.num_bad / total > max_bad_fraction:
+        raise RuntimeError(f"{stats.num_bad} of {total} source samples were bad ({stats.bad}); worst shards "
+                           f"{sorted(stats.bad_by_shard.items(), key=lambda kv: -kv[1])[:3]}")
+    manifest = {"shards": writer.shards, "num_samples": stats.samples, "label_map": None,
+                "source": f"beit.tokenizers.cache:{len(paths)} shard(s) from {paths[0]}",
+                "options": {"seed": seed, "samples_per_shard": samples_per_shard},
+                "bad_samples": stats.bad,
+                "token_cache": {"tokenizer": tok.kind, "tokenizer_path": tokenizer_path,
+                                "tokenizer_config": tok.get_config(), "vocab_size": tok.vocab_size,
+                                "grid_size": list(tok.grid_size), "tokenizer_input_size": tok.input_size,
+                                "interpolation": tok.interpolation, "views_per_image": views_per_image,
+                                "scale": list(scale), "ratio": list(ratio), "hflip": hflip,
+                                "seconds": round(time.time() - t0, 1)}}
+    write_json_atomic(out / MANIFEST_NAME, manifest)
+    return manifest
+
+
+# ---- reading --------------------------------------------------------------------------------------
+def read_cache_info(cache_dir: str | Path) -> dict[str, Any]:
+    """The ``token_cache`` block of a cache's manifest (raises if the folder is not a token cache)."""
+    path = Path(cache_dir) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: build a token cache with `python -m beit.tokenizers.cache`")
+    info = json.loads(path.read_text()).get("token_cache")
+    if not info:
+        raise ValueError(f"{path} describes ordinary shards, not a token cache (no 'token_cache' entry)")
+    return info
+
+
+def check_cache_compatible(info: dict[str, Any], vocab_size: int, grid_size) -> None:
+    """Refuse a cache whose tokens do not fit the model (vocab, patch grid)."""
+    if int(info["vocab_size"]) != int(vocab_size):
+        raise ValueError(f"token cache vocab_size {info['vocab_size']} != model vocab_size {vocab_size}")
+    if list(info["grid_size"]) != list(grid_size):
+        raise ValueError(f"token cache grid {tuple(info['grid_size'])} != model patch grid {tuple(grid_size)}; "
+                         "rebuild the cache with a tokenizer whose grid equals image_size / patch_size")
+
+
+def _member(sample: dict, name: str) -> Any:
+    if name not in sample:
+        raise BadSample("not_a_token_cache_sample", f"sample {sample.get('__key__')} has no {name}")
+    return sample[name]
+
+
+class CachedViews:
+    """``map_fn(pil_image, sample) -> {"images": [3,S,S] normalised, "tokens": Long[h,w]}`` for cache shards.
+
+    Picks one of the stored views with ``random`` (seed it per worker/sample as the stream does),
+    crops its box from the source image, resizes (bicubic) to ``image_size``, flips as stored, and
+    applies colour jitter to the encoder view.
+    """
+
+    def __init__(self, image_size: int = 224, interpolation: str = "bicubic", color_jitter: float = 0.4,
+                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        from torchvision.transforms import ColorJitter
+
+        self.image_size, self.interpolation = int(image_size), interpolation
+        self.jitter = ColorJitter(color_jitter, color_jitter, color_jitter, 0.0) if color_jitter > 0 else None
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __call__(self, img: Image.Image, sample: dict) -> dict[str, torch.Tensor]:
+        meta = _member(sample, "views.json")
+        meta = json.loads(meta) if isinstance(meta, (bytes, str)) else meta
+        tokens = _member(sample, "tokens.npy")
+        tokens = np.load(io.BytesIO(tokens), allow_pickle=False) if isinstance(tokens, bytes) else np.asarray(tokens)
+        if list(img.size) != list(meta["size"]):
+            raise BadSample("cache_mismatch", f"image is {img.size}, cache recorded {meta['size']}")
+        k = random.randrange(len(meta["boxes"]))
+        crop = img.crop(tuple(meta["boxes"][k]))
+        if self.jitter is not None:
+            crop = self.jitter(crop)
+        x = crop_view(crop, (0, 0, crop.size[0], crop.size[1]), self.image_size, self.interpolation,
+                      bool(meta["flips"][k]))
+        return {"images": (x - self.mean) / self.std, "tokens": torch.from_numpy(tokens[k].astype(np.int64))}
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+@dataclass
+class TokenCacheConfig:
+    shards: str = field("", help="source shards (path, brace pattern, glob or folder)")
+    out: str = field("data/token_cache", help="output folder for cache-*.tar + manifest.json")
+    tokenizer: str = field("kmeans", help=f"tokenizer kind: {', '.join(TOKENIZER_KINDS)}")
+    tokenizer_path: Optional[str] = field(None, help="saved tokenizer / converted weights")
+    views_per_image: int = field(4, help="augmented views (crop box + flip) stored per image")
+    scale_min: float = field(0.08, help="random-resized-crop minimum area fraction")
+    hflip: float = field(0.5, help="flip probability")
+    batch_size: int = field(64, help="views per tokenizer call")
+    samples_per_shard: int = field(1000, help="images per cache shard")
+    seed: int = field(0, help="seed of the boxes and flips")
+    model_grid: int = field(0, help="BEiT patch grid side to check the tokenizer against; 0 = no check")
+    device: str = field("cpu", help="device for the tokenizer (cpu, cuda)")
+
+    def validate(self) -> None:
+        if not self.shards:
+            raise ValueError("--shards is required")
+        if self.views_per_image < 1:
+            raise ValueError("--views_per_image must be >= 1")
+
+
+def main(argv=None) -> int:
+    cfg = parse_config(TokenCacheConfig, argv, description=__doc__)
+    tok = load_tokenizer(cfg.tokenizer, cfg.tokenizer_path).to(cfg.device)
+    if cfg.model_grid and tuple(tok.grid_size) != (cfg.model_grid, cfg.model_grid):
+        raise SystemExit(f"tokenizer grid {tok.grid_size} != model patch grid {cfg.model_grid}x{cfg.model_grid}")
+    m = write_token_cache(cfg.shards, cfg.out, tok, views_per_image=cfg.views_per_image,
+                          scale=(cfg.scale_min, 1.0), hflip=cfg.hflip, seed=cfg.seed, batch_size=cfg.batch_size,
+                          samples_per_shard=cfg.samples_per_shard, tokenizer_path=cfg.tokenizer_path)
+    print(f"wrote {len(m['shards'])} cache shard(s), {m['num_samples']} images x {cfg.views_per_image} views "
+          f"in {m['token_cache']['seconds']}s to {cfg.out} (bad source samples: {m['bad_samples'] or 0})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
