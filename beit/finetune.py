@@ -313,7 +313,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
 
 def _evaluate_all(model, ema, loader, accelerator, num_classes: int) -> dict:
     from beit.engine_finetune import evaluate
-    res = evaluate(model, loader, accelerator, num_classes)
+    # The unwrapped module: a DDP forward broadcasts buffers, a collective that ranks with fewer
+    # held-out batches would not join (the job would hang).
+    res = evaluate(accelerator.unwrap_model(model), loader, accelerator, num_classes)
     if ema is not None:
         res.update({f"ema_{k}": v for k, v in evaluate(ema.module, loader, accelerator, num_classes).items()})
     return res
