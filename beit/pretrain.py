@@ -24,6 +24,7 @@ from beit.config import field, load_yaml, parse_config, save_config, to_dict
 from beit.engine_pretrain import MimMeter, TrainState, evaluate_mim, train_one_epoch
 from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
 from beit.run_logging import RunLogger, resolve_trackers
+from beit.scaling import accelerator_kwargs_handlers, check_data_order
 
 # Fields that define the model and its targets: a resumed run must not change them.
 RESUME_KEYS = ("image_size", "patch_size", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
@@ -43,6 +44,9 @@ class PretrainConfig:
     shuffle_buffer: int = field(1000, help="samples in the streaming shuffle buffer")
     num_workers: int = field(4, help="data loader worker processes per rank")
     max_bad_fraction: float = field(0.01, help="stop with an error when more than this fraction of samples fails to decode")
+    data_order: str = field("shards", help="shards: disjoint shards per process (scalable default); global: every "
+                            "process reads one seeded stream and keeps its slice, so any process count sees the "
+                            "same global batches (exact 1-vs-N equivalence; N x the read I/O)")
     # augmentation
     image_size: int = field(224, help="encoder input side in px")
     crop_scale_min: float = field(0.08, help="random-resized-crop minimum area fraction (max is 1)")
@@ -88,6 +92,7 @@ class PretrainConfig:
     mixed_precision: str = field("auto", help="auto | no | fp16 | bf16 (auto: the launcher's setting, else bf16 on "
                                  "GPUs that support it, fp16 on other GPUs, no on CPU)")
     seed: int = field(0, help="seed for weights, data order, augmentation and masks")
+    dist_timeout_s: int = field(1800, help="seconds a collective may wait for a hung process before the job fails")
     # run
     output_dir: str = field("runs/pretrain", help="run folder: config, checkpoints, metrics, final weights")
     checkpoint_every: int = field(1000, help="save a checkpoint every N optimizer steps (and at the end)")
@@ -118,6 +123,9 @@ class PretrainConfig:
             raise ValueError("lr must be > 0 and min_lr >= 0")
         if self.global_batch_size < 0:
             raise ValueError("global_batch_size must be >= 0")
+        check_data_order(self.data_order)
+        if self.dist_timeout_s < 1:
+            raise ValueError(f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
         if not self.data_shards:
             raise ValueError("no training data: set data_shards (e.g. --data_shards '/data/train-{000000..000099}.tar')")
 
@@ -204,7 +212,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: bool, batch_size: int):
-    from beit.data.stream import build_stream_loader
+    from beit.data.global_order import build_loader_for_order
     from beit.data.transforms import TwoViewTransform
     from beit.masking import MaskingGenerator
 
@@ -219,8 +227,9 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
     masker = MaskingGenerator(cfg.grid, cfg.masked_count(), min_num_patches=min(cfg.min_mask_patches, cfg.masked_count()),
                               max_num_patches=cfg.max_mask_patches or None, min_aspect=cfg.min_mask_aspect)
     workers = cfg.num_workers if train else min(cfg.num_workers, len(shards) // accelerator.num_processes)
-    loader = build_stream_loader(
-        shards, map_fn=MimSample(transform, masker), batch_size=batch_size, num_workers=workers,
+    loader = build_loader_for_order(
+        cfg.data_order if train else "shards", shards, map_fn=MimSample(transform, masker), batch_size=batch_size,
+        num_workers=workers,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer if train else 1,
         batches_per_epoch=(cfg.batches_per_epoch or None) if train else None,
@@ -306,7 +315,8 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
 
     trackers = resolve_trackers(cfg.tensorboard)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-                              gradient_accumulation_steps=accum, log_with=trackers or None, project_dir=str(out))
+                              gradient_accumulation_steps=accum, log_with=trackers or None, project_dir=str(out),
+                              kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
     if accelerator.num_processes != world:
         raise RuntimeError(f"process count mismatch: WORLD_SIZE={world}, accelerate sees {accelerator.num_processes}")
     latest = find_latest_complete(out)
