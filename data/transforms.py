@@ -34,10 +34,14 @@ INTERPOLATIONS = {
 }
 
 
+def _uint8_tensor(img: Image.Image) -> torch.Tensor:
+    w, h = img.size
+    return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(h, w, 3).permute(2, 0, 1)
+
+
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 tensor [3, H, W] in [0, 1]."""
-    a = np.asarray(img, dtype=np.uint8)
-    return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div_(255.0)
+    return _uint8_tensor(img).float().div_(255.0)
 
 
 def _apply_lut(img: Image.Image, table: np.ndarray) -> Image.Image:
@@ -92,6 +96,7 @@ class TwoViewTransform:
         self.hflip = hflip
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._scale, self._shift = 1.0 / (255.0 * self.std), self.mean / self.std
         self.draft = draft
 
     def __repr__(self) -> str:
@@ -152,10 +157,10 @@ class TwoViewTransform:
         tok = self._reduced_resize(img, box, self.tokenizer_size, self.tok_interp)
         if self.jitter is not None:
             enc, tok = self._jitter([enc, tok])
-        enc_t, tok_t = pil_to_tensor(enc), pil_to_tensor(tok)
         if self.hflip > 0 and random.random() < self.hflip:
-            enc_t, tok_t = enc_t.flip(-1), tok_t.flip(-1)
-        return (enc_t - self.mean) / self.std, tok_t
+            enc, tok = enc.transpose(Image.Transpose.FLIP_LEFT_RIGHT), tok.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        enc_t = _uint8_tensor(enc).float().mul_(self._scale).sub_(self._shift)  # (x/255 - mean) / std
+        return enc_t, pil_to_tensor(tok)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,8 +1,8 @@
 """Data pipeline benchmark: our stream (draft/reduced decoding + TwoViewTransform) against a plain
 torchvision ImageFolder with the reference transform (decode full size, jitter the whole image,
-flip, crop + resize twice), on the same ImageNet-sized JPEGs (500x375, cut from the sample photos).
+flip, crop + resize twice), on the same ImageNet-sized JPEGs (500x375 by default, cut from the sample photos).
 
-    python launch/bench_data.py [--images 512] [--workers 1 2] [--batch_size 32]
+    python launch/bench_data.py [--images 512] [--workers 1 2] [--batch_size 32] [--size 500x375]
 
 Prints images/s and images/s per worker for each pipeline and worker count, and the ratio.
 """
@@ -29,8 +29,8 @@ from beit.data.stream import build_stream_loader
 from beit.data.transforms import TwoViewTransform
 
 
-def make_jpegs(n: int, folder: Path) -> list[Item]:
-    """n 500x375 JPEGs (quality 90) cut from the sample photos, as files and as shard items."""
+def make_jpegs(n: int, folder: Path, size: tuple[int, int] = (500, 375)) -> list[Item]:
+    """n JPEGs (quality 90, 4:3) cut from the sample photos, as files and as shard items."""
     rng = random.Random(0)
     photos = [Image.fromarray(a) for _, a in sorted(load_photos().items())]
     (folder / "all").mkdir(parents=True)
@@ -42,7 +42,7 @@ def make_jpegs(n: int, folder: Path) -> list[Item]:
         ch = min(h, int(cw * 0.75))
         cw = int(ch / 0.75)
         x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-        img = p.crop((x, y, x + cw, y + ch)).resize((500, 375), Image.Resampling.BICUBIC)
+        img = p.crop((x, y, x + cw, y + ch)).resize(size, Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
         (folder / "all" / f"{i:05d}.jpg").write_bytes(buf.getvalue())
@@ -119,6 +119,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=512)
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--size", default="500x375", help="JPEG size WxH (ImageNet-like by default)")
     p.add_argument("--repeats", type=int, default=2, help="alternate the two pipelines this many times")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -126,11 +127,12 @@ def main() -> None:
     random.seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        items = make_jpegs(args.images, tmp / "folder")
+        size = tuple(int(v) for v in args.size.lower().split("x"))
+        items = make_jpegs(args.images, tmp / "folder", size)
         write_shards(items, tmp / "shards", opts=WriteOptions(max_samples=max(1, args.images // 8),
                                                               validate="none"), progress=False)
         shards = str(tmp / "shards")
-        print(f"{args.images} JPEGs of 500x375, batch {args.batch_size}, views 224 bicubic + 112 lanczos")
+        print(f"{args.images} JPEGs of {size[0]}x{size[1]}, batch {args.batch_size}, views 224 bicubic + 112 lanczos")
         torch.set_num_threads(1)
         runs = [in_process(items, tmp / "folder") for _ in range(args.repeats)]
         o, r = max(x[0] for x in runs), max(x[1] for x in runs)
