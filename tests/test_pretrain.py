@@ -193,3 +193,63 @@ def test_sigkill_and_rerun_resumes(assets, tmp_path):
     assert steps == list(range(1, 41))                             # metrics.jsonl continues, no gaps or repeats
     assert json.loads((out / "final_metrics.json").read_text())["step"] == 40
     assert [s for s, _ in list_complete(out)] == [32, 36, 40]
+
+
+def _rank_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the training processes started by a torchrun launcher."""
+    out = {}
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            stat = (p / "stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            env = (p / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if ppid == launcher_pid:
+            for kv in env:
+                if kv.startswith(b"RANK="):
+                    out[int(kv[5:])] = int(p.name)
+    return out
+
+
+def test_two_processes_kill_one_rank_then_resume(assets, tmp_path):
+    """2 ranks (gloo): SIGKILL rank 1 mid-run -> the job ends (no hang); the same command resumes
+    both ranks from the last checkpoint that both completed, and finishes with one metrics record per step."""
+    out = tmp_path / "ddp"
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_cfg(assets, out, batch_size=8, total_steps=24, checkpoint_every=4,
+                                                num_workers=1, eval_batches=1)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "beit" / "pretrain.py"), "--config", str(cfg_path)]
+    env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while find_latest_complete(out) is None:
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.time() < deadline, "no checkpoint within 180 s"
+            time.sleep(0.05)
+        ranks = _rank_pids(proc.pid)
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        t_kill = time.time()
+        proc.wait(timeout=120)                                      # the launcher takes the job down
+        assert time.time() - t_kill < 120
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    resume_step = int(find_latest_complete(out).name.split("_")[1])
+    assert resume_step < 24
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"at step {resume_step}" in done.stdout
+    steps = [r["step"] for r in read_metrics(out) if "loss" in r]
+    assert steps == list(range(1, 25))
+    final = json.loads((out / "final_metrics.json").read_text())
+    assert final["step"] == 24 and final["data/samples"] > 0
+    for s, ck in list_complete(out):
+        assert {p.name for p in ck.glob("rank_*.json")} == {"rank_0.json", "rank_1.json"}
