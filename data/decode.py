@@ -2,7 +2,8 @@
 
 ``open_image`` keeps a plain RGB JPEG *undecoded* (header parsed, pixels not yet read) so a
 transform that knows its crop box can ask PIL for reduced-size DCT decoding (``Image.draft``)
-before the pixels are decoded; everything else is decoded and converted here.
+before the pixels are decoded; everything else is decoded and converted here (images with an
+EXIF orientation are decoded and turned upright).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Reasons a sample is skipped (the keys of the loader's bad-sample counts).
 BAD_REASONS = ("empty", "no_image", "not_image", "truncated", "corrupt", "bad_mode", "too_small",
@@ -97,9 +98,21 @@ def open_image(data: bytes, *, min_size: int = 1, lazy_jpeg: bool = True) -> tup
     w, h = img.size
     if w < min_size or h < min_size:
         raise BadSample("too_small", f"{w}x{h} px is below the minimum side of {min_size} px")
-    if lazy_jpeg and img.format == "JPEG" and img.mode == "RGB":
+    rotated = _exif_orientation(img) not in (0, 1)
+    if lazy_jpeg and img.format == "JPEG" and img.mode == "RGB" and not rotated:
         return img, None
     if getattr(img, "n_frames", 1) > 1:
         img.seek(0)
     load_pixels(img)
+    if rotated:  # camera photos: show them upright, as every viewer does
+        img = ImageOps.exif_transpose(img)
     return to_rgb(img)
+
+
+def _exif_orientation(img: Image.Image) -> int:
+    if "exif" not in img.info:
+        return 1
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block is not a reason to drop the image
+        return 1

@@ -205,3 +205,16 @@ def test_plan_helpers():
     q = plan_quotas([[9, 3], [7, 16]], 5, 2, 2)
     assert [sum(r) for r in q] == [5, 5] and q[0] == [4, 1]
     assert plan_quotas(None, 5, 2, 2) == [[3, 2]]
+
+
+def test_exif_orientation_is_applied():
+    from PIL import Image
+    from beit.data.decode import open_image
+    img = photo(4, (60, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    data = encode(img, "JPEG", exif=exif.tobytes())
+    out, _ = open_image(data)
+    assert out.size == (30, 60)
+    plain, _ = open_image(encode(img, "JPEG"))
+    assert plain.size == (60, 30)
