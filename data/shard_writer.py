@@ -238,7 +238,7 @@ def write_shards(items: Iterable[Item], out_dir: str | Path, *, prefix: str = "s
     if prev is not None and resume:
         if prev["options"] != options or prev["source"] != source or prev["num_items"] != len(items):
             raise ValueError(f"{out_dir}: cannot resume, the existing '{prefix}' shards were written from "
-                             f"another source or with other options; use --overwrite to start again")
+                             f"another source or with other options; use --overwrite true to start again")
         for s in (s for s in old["shards"] if s.get("split") == prefix):
             p = out_dir / s["name"]
             if not p.is_file() or sha256_file(p) != s["sha256"]:
@@ -248,8 +248,8 @@ def write_shards(items: Iterable[Item], out_dir: str | Path, *, prefix: str = "s
         skipped += [x for x in prev.get("skipped", []) if x.get("index", len(items)) < start_item]
     elif prev is not None or (not old and any(out_dir.glob(f"{prefix}-*.tar"))):
         if not overwrite:
-            raise FileExistsError(f"{out_dir} already holds '{prefix}' shards; pass --resume to continue an "
-                                  f"interrupted run or --overwrite to replace them")
+            raise FileExistsError(f"{out_dir} already holds '{prefix}' shards; pass --resume true to continue an "
+                                  f"interrupted run or --overwrite true to replace them")
     if not resume or prev is None:
         for p in out_dir.glob(f"{prefix}-*.tar"):
             p.unlink()

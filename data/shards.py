@@ -2,7 +2,7 @@
 
 write: turn a flat folder (recursive), ImageNet class folders, ADE20K image/annotation pairs or a
 file list into WebDataset shards plus manifest.json (see ``write --help``). Deterministic; each
-shard is renamed into place only when complete; ``--resume`` continues an interrupted run.
+shard is renamed into place only when complete; ``--resume true`` continues an interrupted run.
 
 verify: read every shard of a folder, check the manifest's hashes and counts, decode every
 sample and list the bad ones by key; exits non-zero on any problem.
