@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from beit.checkpointing import (check_resume_compatible, config_fingerprint, find_latest_complete,
+from beit.checkpointing import (TRAIN_STATE, check_resume_compatible, config_fingerprint, find_latest_complete,
                                 load_checkpoint, save_checkpoint, save_weights)
 from beit.config import field, load_yaml, parse_config, save_config, to_dict
 from beit.engine_pretrain import MimMeter, TrainState, evaluate_mim, train_one_epoch
@@ -26,9 +26,10 @@ from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_d
 from beit.run_logging import RunLogger, resolve_trackers
 from beit.scaling import accelerator_kwargs_handlers, check_data_order
 
-# Fields that define the model and its targets: a resumed run must not change them.
+# Fields that define the model and its targets: a resumed run must not change them. (The tokenizer's
+# weights are compared by fingerprint, so a tokenizer file may move but not change.)
 RESUME_KEYS = ("image_size", "patch_size", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
-               "init_values", "tokenizer", "tokenizer_path")
+               "init_values", "tokenizer")
 REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 
@@ -295,9 +296,15 @@ def check_inputs(cfg: PretrainConfig, world: int):
             accum = cfg.global_batch_size // (cfg.batch_size * world)
         model_dims(cfg)
         out = Path(cfg.output_dir)
-        if find_latest_complete(out) is not None and (out / "config.yaml").is_file():
+        latest = find_latest_complete(out)
+        if latest is not None and (out / "config.yaml").is_file():
             saved = to_dict(load_yaml(PretrainConfig, out / "config.yaml"))
             check_resume_compatible(saved, to_dict(cfg), RESUME_KEYS, where=str(out))
+        if latest is not None:
+            saved_fp = json.loads((latest / TRAIN_STATE).read_text()).get("tokenizer_fingerprint")
+            if saved_fp not in (None, tokenizer_fingerprint(tokenizer)):
+                raise ValueError(f"cannot resume {out}: the tokenizer at {cfg.tokenizer_path} has other weights than "
+                                 "the one this run was trained with; use a new --output_dir or the original tokenizer")
     except (ValueError, FileNotFoundError) as e:
         raise SetupError(str(e)) from e
     return shards, val_shards, tokenizer, accum
@@ -346,9 +353,6 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     resumed_from = None
     if latest is not None:
         saved_state, rank_state = load_checkpoint(accelerator, latest)
-        if saved_state.get("tokenizer_fingerprint") not in (None, tok_fp):
-            raise ValueError(f"cannot resume {out}: the tokenizer weights at {cfg.tokenizer_path} differ from the "
-                             "ones the checkpoint was trained with; use a new --output_dir or the original tokenizer")
         state = TrainState(**saved_state["train"])
         schedule.load_state_dict(saved_state["schedule"])
         if rank_state is not None:

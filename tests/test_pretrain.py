@@ -118,6 +118,12 @@ def test_resume_refuses_changed_model(assets, tmp_path):
     run(tiny_cfg(assets, tmp_path / "r", total_steps=3))
     with pytest.raises(ValueError, match=r"embed_dim: saved 32, now 64"):
         run(tiny_cfg(assets, tmp_path / "r", total_steps=6, embed_dim=64, num_heads=2))
+    other = KMeansTokenizer.fit(lambda: shard_image_batches(assets["train"], size=32, batch_size=64, max_images=128),
+                                epochs=1, seed=1, init_patches=2000, progress=False,
+                                vocab_size=32, patch_size=4, input_size=32)
+    other.save(tmp_path / "other_kmeans")
+    with pytest.raises(ValueError, match="tokenizer at .* has other weights"):
+        run(tiny_cfg(assets, tmp_path / "r", total_steps=6, tokenizer_path=str(tmp_path / "other_kmeans")))
 
 
 def test_bad_inputs_fail_before_compute(assets, tmp_path):

@@ -101,3 +101,14 @@ def test_logger_truncates_on_resume(tmp_path):
     RunLogger(Acc(), tmp_path)                                      # a fresh run starts a fresh file
     assert read_metrics(tmp_path) == []
     json.dumps(read_metrics(tmp_path))
+
+
+def test_tensorboard_requested_but_missing_warns_loudly(monkeypatch, capsys):
+    import beit.run_logging as rl
+
+    monkeypatch.setattr(rl, "tensorboard_available", lambda: False)
+    assert rl.resolve_trackers(True) == []
+    assert "tensorboard=true but the tensorboard package is not importable" in capsys.readouterr().err
+    assert rl.resolve_trackers(False) == []
+    monkeypatch.setattr(rl, "tensorboard_available", lambda: True)
+    assert rl.resolve_trackers(True) == ["tensorboard"]
