@@ -1,0 +1,64 @@
+"""2 processes (torchrun, gloo, CPU) vs 1 process: same seed, global batch and data -> the same
+loss curve, for pretraining (with gradient accumulation on 1 process) and fine-tuning; metrics are
+reduced over ranks and written by rank 0 only.
+
+Both runs use ``data_order: global`` (same samples per global batch and the same per-sample
+augmentation/mask for any process count) and drop path 0 (its RNG is per rank). Tolerance: losses
+agree to rtol 1e-4 (observed ~1e-7: only the summation order of the gradient all-reduce differs).
+"""
+import re
+
+import pytest
+
+from mp.common import (BAD_KEYS, FINETUNE, assets, finetune_args, pretrain_reference, rank_logs, run,
+                       step_records)
+
+RTOL = 1e-4
+
+
+def test_pretrain_two_processes_match_one(capsys):
+    out1, logs1, text1 = pretrain_reference(1)
+    out2, logs2, _ = pretrain_reference(2)
+    one, two = step_records(out1), step_records(out2)
+    assert sorted(one) == sorted(two) == list(range(1, 49))
+    for s in one:
+        a, b = one[s], two[s]
+        assert b["loss"] == pytest.approx(a["loss"], rel=RTOL), f"step {s}"
+        assert b["lr"] == pytest.approx(a["lr"], rel=1e-9)
+        assert b["tokens"] == a["tokens"] == 16 * 26           # 16 images x round(0.4 * 64) masked each
+        assert abs(b["mim_acc"] - a["mim_acc"]) <= 1e-3
+        assert abs(b["majority_acc"] - a["majority_acc"]) <= 1e-9
+        # data counts are summed over the ranks before logging: 16 slots per optimizer step in total
+        assert b["data/samples"] == a["data/samples"] == 16 * s
+        assert b["data/bad"] == a["data/bad"]
+    assert two[48]["data/bad"] >= len(BAD_KEYS)                # the corrupt samples were counted, once each
+    assert two[48]["loss"] < two[1]["loss"] - 0.1               # and it learns
+    # the effective batch and lr are printed at start-up; global batch kept by gradient accumulation
+    assert "effective batch 16 = 8 x 2 accum x 1 proc; lr 0.002 (not rescaled)" in text1
+    rank0, rank1 = rank_logs(logs2, 0), rank_logs(logs2, 1)
+    assert "effective batch 16 = 8 x 1 accum x 2 proc; lr 0.002 (not rescaled)" in rank0
+    # only rank 0 prints, shows progress and writes the shared checkpoint files
+    assert "pretrain:" in rank0 and "checkpoint saved" in rank0
+    assert "effective batch" not in rank1 and "pretrain:" not in rank1 and "checkpoint saved" not in rank1
+    ckpt = out2 / "checkpoints" / "step_0000048"
+    assert {p.name for p in ckpt.iterdir()} >= {"COMPLETE", "train_state.json", "rank_0.json", "rank_1.json",
+                                                "random_states_0.pkl", "random_states_1.pkl", "model.safetensors"}
+
+
+def test_finetune_two_processes_match_one(tmp_path):
+    assets()
+    out1, out2 = tmp_path / "x1", tmp_path / "x2"
+    text1 = run(FINETUNE, finetune_args(out1, batch_size=16), 1, tmp_path / "logs1")
+    run(FINETUNE, finetune_args(out2, batch_size=8), 2, tmp_path / "logs2")
+    one, two = step_records(out1), step_records(out2)
+    assert sorted(one) == sorted(two) == list(range(1, 9))
+    for s in one:
+        assert two[s]["loss"] == pytest.approx(one[s]["loss"], rel=RTOL), f"step {s}"
+        assert two[s]["lr"] == pytest.approx(one[s]["lr"], rel=1e-9)
+    final1, final2 = step_records(out1, "val_top1"), step_records(out2, "val_top1")
+    assert final1[8]["val_top1"] == pytest.approx(final2[8]["val_top1"], abs=1e-6)
+    assert final1[8]["val_samples"] == final2[8]["val_samples"] == 360   # every held-out digit once
+    assert re.search(r"effective batch 16 = 16 per process x 1 accumulation x 1 process", text1)
+    rank0, rank1 = rank_logs(tmp_path / "logs2", 0), rank_logs(tmp_path / "logs2", 1)
+    assert "effective batch 16 = 8 per process x 1 accumulation x 2 process" in rank0
+    assert "effective batch" not in rank1 and "finetune:" not in rank1
