@@ -198,8 +198,8 @@ def build_model(cfg: PretrainConfig, vocab_size: int):
 def check_grids(cfg: PretrainConfig, tokenizer) -> None:
     if tuple(tokenizer.grid_size) != cfg.grid:
         raise ValueError(
-            f"the {cfg.tokenizer} tokenizer gives a {tokenizer.grid_size[0]}x{tokenizer.grid_size[1]} token grid "
-            f"for its {tokenizer.input_size} px view, but the model's patch grid is {cfg.grid[0]}x{cfg.grid[1]} "
+            f"the {cfg.tokenizer} tokenizer's token grid is {tokenizer.grid_size[0]}x{tokenizer.grid_size[1]} "
+            f"(for its {tokenizer.input_size} px view), but the model's patch grid is {cfg.grid[0]}x{cfg.grid[1]} "
             f"(image_size {cfg.image_size} / patch_size {cfg.patch_size}). Every patch needs exactly one target "
             f"token: choose image_size/patch_size with that grid, or a tokenizer made for it")
 

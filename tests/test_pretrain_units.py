@@ -45,7 +45,7 @@ def test_grid_mismatch_message():
     class Tok:
         grid_size, input_size = (14, 14), 112
     cfg = PretrainConfig(data_shards=["x"], image_size=64, patch_size=8, tokenizer="kmeans")
-    with pytest.raises(ValueError, match=r"14x14 token grid .* patch grid is 8x8 \(image_size 64 / patch_size 8\)"):
+    with pytest.raises(ValueError, match=r"token grid is 14x14 .* patch grid is 8x8 \(image_size 64 / patch_size 8\)"):
         check_grids(cfg, Tok())
 
 
