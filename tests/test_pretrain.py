@@ -89,10 +89,11 @@ def test_end_to_end_outputs(assets, tmp_path):
 
 
 def test_same_config_same_numbers_and_exact_resume(assets, tmp_path, monkeypatch):
-    a = losses(run(tiny_cfg(assets, tmp_path / "a"))["output_dir"])
-    b = losses(run(tiny_cfg(assets, tmp_path / "b"))["output_dir"])
+    # 3 batches per epoch: the checkpoint at step 3 falls exactly on an epoch boundary
+    a = losses(run(tiny_cfg(assets, tmp_path / "a", batches_per_epoch=3))["output_dir"])
+    b = losses(run(tiny_cfg(assets, tmp_path / "b", batches_per_epoch=3))["output_dir"])
     assert list(a) == [1, 2, 3, 4, 5, 6] and a == b
-    c = losses(run(tiny_cfg(assets, tmp_path / "c", seed=1))["output_dir"])
+    c = losses(run(tiny_cfg(assets, tmp_path / "c", batches_per_epoch=3, seed=1))["output_dir"])
     assert c != a
 
     # crash after step 5 (the checkpoint is at 3), then rerun: steps 4.. must repeat exactly
@@ -105,10 +106,11 @@ def test_same_config_same_numbers_and_exact_resume(assets, tmp_path, monkeypatch
 
     monkeypatch.setattr(RunLogger, "log", crash_at_5)
     with pytest.raises(KeyboardInterrupt):
-        run(tiny_cfg(assets, tmp_path / "d"))
+        run(tiny_cfg(assets, tmp_path / "d", batches_per_epoch=3))
     monkeypatch.setattr(RunLogger, "log", real_log)
     assert find_latest_complete(tmp_path / "d").name == "step_0000003"
-    run(tiny_cfg(assets, tmp_path / "d"))
+    summary = run(tiny_cfg(assets, tmp_path / "d", batches_per_epoch=3))
+    assert summary["epoch"] == 1
     d = losses(tmp_path / "d")
     assert list(d) == [1, 2, 3, 4, 5, 6]                          # truncated at 3, then continued once
     assert d == pytest.approx(a, rel=1e-6, abs=1e-7)
