@@ -131,7 +131,9 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
             lr, wd = schedule.step()
             if not window_bad:
                 max_norm = clip_grad if clip_grad > 0 else float("inf")
-                last_grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
+                norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+                # DeepSpeed clips inside its engine (config gradient_clipping) and may return None here
+                last_grad_norm = float(norm) if norm is not None else float("nan")
                 # a finite loss can still give inf/nan gradients; without a grad scaler (which skips
                 # such steps itself) they would poison the weights, so the step is dropped instead
                 window_bad = accelerator.scaler is None and not math.isfinite(last_grad_norm)
