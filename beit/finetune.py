@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -57,7 +58,9 @@ class FinetuneConfig:
     epochs: int = field(100, help="training epochs")
     batches_per_epoch: int = field(0, help="optimizer micro-batches per epoch per process (0 = one pass over the shards)")
     batch_size: int = field(64, help="per-process batch size")
-    grad_accum_steps: int = field(1, help="micro-batches per optimizer step")
+    grad_accum_steps: int = field(1, help="micro-batches per optimizer step (ignored when global_batch_size is set)")
+    global_batch_size: int = field(0, help="images per optimizer step over all processes; sets grad_accum_steps = "
+                                   "global / (batch_size x processes) so the recipe holds for any process count")
     lr: float = field(4e-3, help="peak learning rate (layer scales multiply it)")
     min_lr: float = field(1e-6, help="final learning rate of the cosine")
     warmup_epochs: float = field(5.0, help="linear warmup length in epochs")
@@ -205,9 +208,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from beit.finetune_data import build_loaders, infer_num_classes
     from beit.pretrain import data_error_metrics
     from beit.run_logging import RunLogger, resolve_trackers
-    from beit.scaling import accelerator_kwargs_handlers, describe_scaling
+    from beit.scaling import accelerator_kwargs_handlers, describe_scaling, grad_accum_for
 
     out = Path(cfg.output_dir)
+    if cfg.global_batch_size:  # keep the global batch for any process count (lr is not rescaled)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg = dataclasses.replace(cfg, grad_accum_steps=grad_accum_for(cfg.global_batch_size, cfg.batch_size, world))
     trackers = resolve_trackers(cfg.tensorboard)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=trackers or None, project_dir=str(out),
@@ -265,7 +271,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                 f"{n_train / 1e6:.2f}M trainable params, effective batch {eff_batch}, lr {cfg.lr:g}, "
                 f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs")
     logger.info(describe_scaling(cfg.batch_size, cfg.grad_accum_steps, accelerator.num_processes, cfg.lr,
-                                 "not rescaled: keep the global batch with --grad_accum_steps") +
+                                 "not rescaled; global batch kept by gradient accumulation" if cfg.global_batch_size
+                                 else "not rescaled; set global_batch_size to keep the global batch") +
                 f"; data order {cfg.data_order}")
 
     def on_step(s: int, metrics: dict) -> None:
