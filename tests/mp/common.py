@@ -68,8 +68,8 @@ def finetune_args(out: Path, batch_size: int, **over) -> list[str]:
     drop path 0; RandAugment and random erasing stay on (seeded per sample)."""
     a = assets()
     cfg = dict(train_shards=a["digits_train"], val_shards=a["digits_test"], img_size=32, patch_size=8, embed_dim=32,
-               depth=2, num_heads=2, epochs=1, batches_per_epoch=8, batch_size=batch_size, num_workers=0,
-               mixup=0, cutmix=0, drop_path=0, tensorboard=False, log_every=1, data_order="global",
+               depth=2, num_heads=2, epochs=1, batches_per_epoch=8, batch_size=batch_size, global_batch_size=16,
+               num_workers=0, mixup=0, cutmix=0, drop_path=0, tensorboard=False, log_every=1, data_order="global",
                warmup_epochs=0.25, auto_augment="rand-m5-mstd0.5-inc1", reprob=0.25, hflip=0.0, crop_pct=1.0,
                seed=0, output_dir=str(out))
     cfg.update(over)
