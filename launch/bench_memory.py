@@ -1,0 +1,140 @@
+"""Peak memory of one BEiT pretraining step with and without activation (gradient) checkpointing.
+
+    python launch/bench_memory.py                               # BEiT-B, batch 8, 224 px, on CPU
+    python launch/bench_memory.py --batch_size 64 --device cuda --mixed_precision bf16
+
+Each setting runs in its own fresh subprocess: build the model (vocab 8192, drop path 0.1) and
+AdamW, run one warm-up step (creates gradients and optimizer state), then measure one more full
+step (forward on 75 of 196 masked patches, cross-entropy, backward, clip, AdamW step):
+
+* CUDA: ``torch.cuda.max_memory_allocated`` over the measured step (peak tensor memory), and the
+  memory held before it (weights + grads + optimizer state).
+* CPU: peak resident set size (Linux VmHWM, reset through /proc/self/clear_refs before the step)
+  minus the RSS before it; large blocks go straight to mmap (MALLOC_MMAP_THRESHOLD_) so freed
+  activations return to the OS and RSS follows the live tensors.
+
+The frozen tokenizer is not included (it runs under no_grad, its activations are freed per batch).
+In the configs: ``grad_checkpointing: true`` (pretrain and fine-tune).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def measure(model_size: str, batch_size: int, image_size: int, grad_ckpt: bool, device: str,
+            mixed_precision: str) -> dict:
+    """One setting, in this process: returns MiB figures and the step time."""
+    import torch
+    import torch.nn.functional as F
+
+    from beit.model import create_pretrain_model
+    from beit.optim import create_adamw, param_groups_weight_decay
+
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = create_pretrain_model(model_size, img_size=image_size, vocab_size=8192, drop_path_rate=0.1).to(dev)
+    model.set_grad_checkpointing(grad_ckpt)
+    model.train()
+    opt = create_adamw(param_groups_weight_decay(model, 0.05), lr=1.5e-3)
+    h, w = model.grid_size
+    n_masked = min(75, round(0.4 * h * w))
+    images = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+    mask = torch.zeros(batch_size, h * w, dtype=torch.bool, device=dev)
+    for i in range(batch_size):
+        mask[i, torch.randperm(h * w)[:n_masked]] = True
+    labels = torch.randint(0, 8192, (batch_size * n_masked,), device=dev)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed_precision)
+
+    def step():
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype is not None):
+            logits = model(images, mask)
+        loss = F.cross_entropy(logits.float(), labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 3.0)
+        opt.step()
+        opt.zero_grad(set_to_none=False)  # keep gradient buffers allocated, as in steady state
+        return float(loss)
+
+    step()  # warm-up: gradients + AdamW state exist from now on
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+        t0 = time.time()
+        step()
+        torch.cuda.synchronize()
+        took = time.time() - t0
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+        before = _rss_kib("VmRSS") / 1024
+        t0 = time.time()
+        step()
+        took = time.time() - t0
+        peak = _rss_kib("VmHWM") / 1024
+    params = sum(p.numel() for p in model.parameters())
+    return {"grad_checkpointing": grad_ckpt, "params_m": round(params / 1e6, 1),
+            "held_before_step_mib": round(before), "peak_mib": round(peak),
+            "step_extra_mib": round(peak - before), "step_seconds": round(took, 2)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model_size", default="base", help="tiny | small | base | large")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--image_size", type=int, default=224)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument("--mixed_precision", default="no", help="no | bf16 | fp16 (autocast)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch default)")
+    ap.add_argument("--_child", choices=["on", "off"], help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            ap.error("--device cuda but no CUDA device is available")
+    if a._child:
+        if a.threads:
+            import torch
+            torch.set_num_threads(a.threads)
+        res = measure(a.model_size, a.batch_size, a.image_size, a._child == "on", a.device, a.mixed_precision)
+        print("RESULT " + json.dumps(res), flush=True)
+        return
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    results = {}
+    for setting in ("off", "on"):
+        cmd = [sys.executable, __file__, "--_child", setting, "--model_size", a.model_size,
+               "--batch_size", str(a.batch_size), "--image_size", str(a.image_size), "--device", a.device,
+               "--mixed_precision", a.mixed_precision, "--threads", str(a.threads)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            sys.exit(f"measurement with grad_checkpointing={setting} failed:\n{proc.stderr[-3000:]}")
+        results[setting] = json.loads(line[len("RESULT "):])
+    off, on = results["off"], results["on"]
+    unit = "peak tensor memory" if a.device == "cuda" else "peak RSS"
+    print(f"BEiT-{a.model_size} ({off['params_m']}M params) pretraining step, batch {a.batch_size}, "
+          f"{a.image_size} px, {a.device}, mixed precision {a.mixed_precision}; {unit}:")
+    for name, r in (("without activation checkpointing", off), ("with activation checkpointing", on)):
+        print(f"  {name:34s} peak {r['peak_mib']:6d} MiB = {r['held_before_step_mib']:6d} held (weights, grads, "
+              f"AdamW) + {r['step_extra_mib']:6d} for the step; {r['step_seconds']:.2f} s/step")
+    print(f"  ratio with/without: peak {on['peak_mib'] / off['peak_mib']:.2f}, "
+          f"step memory {on['step_extra_mib'] / max(off['step_extra_mib'], 1):.2f}, "
+          f"time {on['step_seconds'] / off['step_seconds']:.2f}")
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
