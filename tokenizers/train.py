@@ -89,6 +89,7 @@ class DVAETrainConfig:
     anneal_steps: int = field(1500, help="steps over which the temperature is annealed")
     kl_weight: float = field(1.0, help="weight of KL(q || uniform) after kl_warmup_steps")
     kl_warmup_steps: int = field(500, help="linear warm-up of the KL weight from 0")
+    usage_weight: float = field(0.1, help="weight of the codebook-usage term log K - H(batch-mean code distribution)")
     recon_sigma: float = field(0.1, help="Gaussian likelihood scale of the reconstruction (pixels in [0,1])")
     checkpoint_every: int = field(250, help="save an atomic, resumable checkpoint every N steps")
     keep_last: int = field(2, help="complete checkpoints to keep")
@@ -199,7 +200,8 @@ def train_dvae(cfg: DVAETrainConfig):
             for g in opt.param_groups:
                 g["lr"] = lr
             with acc.autocast():
-                loss, parts = model(images.to(acc.device), tau=tau, kl_weight=klw, recon_sigma=cfg.recon_sigma)
+                loss, parts = model(images.to(acc.device), tau=tau, kl_weight=klw, recon_sigma=cfg.recon_sigma,
+                                     usage_weight=cfg.usage_weight)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite dVAE loss at step {step}; lower lr or check the data")
             acc.backward(loss)
