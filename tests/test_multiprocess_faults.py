@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from mp.common import (PRETRAIN, REPO, alive, all_logs, env, popen, pretrain_args, pretrain_reference,
-                       rank_logs, rank_pids, run, step_records)
 from beit.checkpointing import find_latest_complete
+from mp.common import (PRETRAIN, REPO, alive, all_logs, env, kill_job, popen, pretrain_args, pretrain_reference,
+                       rank_logs, rank_pids, run, step_records)
 
 EXIT_BOUND_S = 60
 
@@ -38,7 +38,7 @@ def test_killed_rank_ends_job_and_restart_resumes(tmp_path):
         took = time.time() - t0
     finally:
         if p.poll() is None:
-            p.kill()
+            kill_job(p)
     assert rc != 0 and took < EXIT_BOUND_S
     assert not alive(pids[0]), "rank 0 survived its peer's death"
     latest = find_latest_complete(out)
@@ -62,10 +62,15 @@ def test_hung_rank_fails_the_job_after_dist_timeout(tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "--monitor-interval", "0.5", str(REPO / "tests" / "mp" / "hang_worker.py"), "5"]
     t0 = time.time()
-    res = subprocess.run(cmd, cwd=REPO, env=env(2), capture_output=True, text=True, timeout=120)
+    p = subprocess.Popen(cmd, cwd=REPO, env=env(2), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         start_new_session=True)
+    try:
+        text, _ = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            kill_job(p)
     took = time.time() - t0
-    text = res.stdout + res.stderr
-    assert res.returncode != 0 and took < EXIT_BOUND_S, text[-3000:]
+    assert p.returncode != 0 and took < EXIT_BOUND_S, text[-3000:]
     m = re.search(r"rank 0: collective failed after ([\d.]+)s", text)
     assert m, text[-3000:]
     assert 4.0 <= float(m.group(1)) < 30, text[-3000:]

@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -65,11 +66,13 @@ def pretrain_args(out: Path, **over) -> list[str]:
 
 def finetune_args(out: Path, batch_size: int, **over) -> list[str]:
     """A tiny global-order fine-tune from scratch: no mixup/cutmix (per-batch, per-rank draws) and
-    drop path 0; RandAugment and random erasing stay on (seeded per sample)."""
+    drop path 0; RandAugment and random erasing stay on (seeded per sample); activation checkpointing
+    on (under DDP too)."""
     a = assets()
     cfg = dict(train_shards=a["digits_train"], val_shards=a["digits_test"], img_size=32, patch_size=8, embed_dim=32,
                depth=2, num_heads=2, epochs=1, batches_per_epoch=8, batch_size=batch_size, global_batch_size=16,
                num_workers=0, mixup=0, cutmix=0, drop_path=0, tensorboard=False, log_every=1, data_order="global",
+               grad_checkpointing=True,
                warmup_epochs=0.25, auto_augment="rand-m5-mstd0.5-inc1", reprob=0.25, hflip=0.0, crop_pct=1.0,
                seed=0, output_dir=str(out))
     cfg.update(over)
@@ -90,11 +93,21 @@ def env(nproc: int) -> dict[str, str]:
                 PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
 
 
-def popen(script: Path, args: list[str], nproc: int, log_dir: Path, **kw) -> subprocess.Popen:
+def popen(script: Path, args: list[str], nproc: int, log_dir: Path) -> subprocess.Popen:
+    """Start the job in its own process group (``kill_job`` ends launcher and workers together)."""
     log_dir.mkdir(parents=True, exist_ok=True)
-    out = open(log_dir / "launcher.log", "ab")
-    return subprocess.Popen(command(script, args, nproc, log_dir), cwd=REPO, env=env(nproc), stdout=out,
-                            stderr=subprocess.STDOUT, **kw)
+    with open(log_dir / "launcher.log", "ab") as out:
+        return subprocess.Popen(command(script, args, nproc, log_dir), cwd=REPO, env=env(nproc), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_job(p: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker it started (cleanup after a failed test)."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.wait()
 
 
 def rank_logs(log_dir: Path, rank: int) -> str:
@@ -116,7 +129,7 @@ def run(script: Path, args: list[str], nproc: int, log_dir: Path, timeout: float
     try:
         rc = p.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        p.kill()
+        kill_job(p)
         raise AssertionError(f"{script.name} x{nproc} did not finish in {timeout}s:\n{all_logs(log_dir)}")
     assert rc == 0, f"{script.name} x{nproc} exited with {rc}:\n{all_logs(log_dir)}"
     return (log_dir / "launcher.log").read_text(errors="replace")
