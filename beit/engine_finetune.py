@@ -29,6 +29,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
     """
     model.train()
     sums = {"loss": 0.0, "n": 0, "skipped": 0}
+    window: list[torch.Tensor] = []  # micro-batch losses of the current accumulation window
     for batch in loader:
         if step >= max_steps:
             break
@@ -43,6 +44,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
             finite = bool(accelerator.reduce(finite.float(), reduction="min") > 0)
             if finite:
                 accelerator.backward(loss)
+            window.append(loss.detach().float())
             if accelerator.sync_gradients:
                 lr, wd = schedule.step()
                 if finite and clip_grad > 0:
@@ -55,7 +57,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
                 step += 1
                 if ema is not None:
                     ema.update(accelerator.unwrap_model(model), step=step)
-                value = float(accelerator.reduce(loss.detach().float(), reduction="mean"))
+                # the optimizer step's loss: mean over its micro-batches and over the ranks
+                value = float(accelerator.reduce(torch.stack(window).mean(), reduction="mean"))
+                window = []
                 if math.isfinite(value):
                     sums["loss"] += value
                     sums["n"] += 1
