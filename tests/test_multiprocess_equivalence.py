@@ -1,5 +1,5 @@
 """2 processes (torchrun, gloo, CPU) vs 1 process: same seed, global batch and data -> the same
-loss curve, for pretraining (with gradient accumulation on 1 process) and fine-tuning; metrics are
+loss curve, for pretraining and fine-tuning (with gradient accumulation on 1 process); metrics are
 reduced over ranks and written by rank 0 only.
 
 Both runs use ``data_order: global`` (same samples per global batch and the same per-sample
@@ -46,7 +46,8 @@ def test_pretrain_two_processes_match_one():
 def test_finetune_two_processes_match_one(tmp_path):
     assets()
     out1, out2 = tmp_path / "x1", tmp_path / "x2"
-    text1 = run(FINETUNE, finetune_args(out1, batch_size=16), 1, tmp_path / "logs1")
+    # 1 process accumulates 2 micro-batches of 8 (16 micro-batches = 8 steps); 2 processes take 8 each
+    text1 = run(FINETUNE, finetune_args(out1, batch_size=8, batches_per_epoch=16), 1, tmp_path / "logs1")
     run(FINETUNE, finetune_args(out2, batch_size=8), 2, tmp_path / "logs2")
     one, two = step_records(out1), step_records(out2)
     assert sorted(one) == sorted(two) == list(range(1, 9))
@@ -56,7 +57,7 @@ def test_finetune_two_processes_match_one(tmp_path):
     final1, final2 = step_records(out1, "val_top1"), step_records(out2, "val_top1")
     assert final1[8]["val_top1"] == pytest.approx(final2[8]["val_top1"], abs=1e-6)
     assert final1[8]["val_samples"] == final2[8]["val_samples"] == 360   # every held-out digit once
-    assert "effective batch 16 = 16 per process x 1 accumulation x 1 process(es); lr 0.004 (not rescaled; " \
+    assert "effective batch 16 = 8 per process x 2 accumulation x 1 process(es); lr 0.004 (not rescaled; " \
            "global batch kept by gradient accumulation)" in text1
     rank0, rank1 = rank_logs(tmp_path / "logs2", 0), rank_logs(tmp_path / "logs2", 1)
     assert "effective batch 16 = 8 per process x 1 accumulation x 2 process" in rank0
