@@ -96,3 +96,14 @@ def test_report_writes_png_and_json(saved, tmp_path):
     assert saved_json["trained"]["num_images"] == 64 and "psnr" in saved_json["trained"]
     assert res["trained"]["usage"] > res["random_weights"]["usage"] or \
         res["trained"]["perplexity"] > res["random_weights"]["perplexity"]
+
+
+@pytest.mark.parametrize("module,argv", [("train", ["kmeans", "--help"]), ("train", ["dvae", "--help"]),
+                                         ("report", ["--help"]), ("cache", ["--help"]),
+                                         ("convert_dalle", ["--help"]), ("bench_cache", ["--help"])])
+def test_every_cli_has_help(module, argv, capsys):
+    import importlib
+    mod = importlib.import_module(f"beit.tokenizers.{module}")
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    assert e.value.code == 0 and "--" in capsys.readouterr().out

@@ -82,7 +82,7 @@ class DVAETrainConfig:
     crop_scale_min: float = field(0.08, help="smallest random crop (area fraction)")
     batch_size: int = field(32, help="images per step per process")
     steps: int = field(2000, help="optimizer steps")
-    lr: float = field(1e-3, help="peak learning rate (AdamW), cosine-decayed to 10 % after a 5 % warmup")
+    lr: float = field(1e-3, help="peak learning rate (AdamW), cosine-decayed to a tenth after a warmup of 5 percent of the steps")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     tau_start: float = field(1.0, help="Gumbel-softmax temperature at step 0")
     tau_end: float = field(1 / 16, help="temperature after anneal_steps (exponential decay)")
