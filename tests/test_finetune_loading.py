@@ -186,3 +186,16 @@ def test_layer_decay_groups_and_lr_scale_applied():
     opt = torch.optim.AdamW(groups, lr=1.0)
     WarmupCosineSchedule(opt, lr=2e-3, min_lr=0.0, total_steps=10, weight_decay=0.05).step()
     assert sorted({round(g["lr"], 9) for g in opt.param_groups}) == [2.5e-4, 5e-4, 1e-3, 2e-3]
+
+
+def test_timm_baseline_from_local_weights_file(tmp_path):
+    from beit.finetune_model import build_timm_model
+    src = build_timm_model("vit_tiny_patch16_224", 1000, img_size=32)
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    m = build_timm_model("vit_tiny_patch16_224", 10, weights=str(tmp_path / "vit.safetensors"), img_size=32)
+    assert m.head.out_features == 10
+    torch.testing.assert_close(m.blocks[5].mlp.fc2.weight, src.blocks[5].mlp.fc2.weight)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_timm_model("vit_tiny_patch16_224", 10, weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match="unknown timm model"):
+        build_timm_model("vit_tinyy_patch16", 10)
