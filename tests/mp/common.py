@@ -85,7 +85,7 @@ def command(script: Path, args: list[str], nproc: int, log_dir: Path | None = No
         return [sys.executable, str(script), *args]
     logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-            "--monitor-interval", "0.5", *logs, str(script), *args]
+            *logs, str(script), *args]
 
 
 def env(nproc: int) -> dict[str, str]:
