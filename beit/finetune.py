@@ -205,7 +205,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                                     load_checkpoint, save_checkpoint)
     from beit.engine_finetune import save_confusion_png, train_one_epoch
     from beit.export import export_model
-    from beit.finetune_data import build_loaders, infer_num_classes
+    from beit.finetune_data import build_loaders, check_shards, infer_num_classes
     from beit.pretrain import data_error_metrics
     from beit.run_logging import RunLogger, resolve_trackers
     from beit.scaling import accelerator_kwargs_handlers, describe_scaling, grad_accum_for
@@ -219,6 +219,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                               log_with=trackers or None, project_dir=str(out),
                               kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
     set_seed(cfg.seed)
+    check_shards(cfg)  # missing / empty shard specs fail here, before any model is built
     class_names = None
     if cfg.num_classes:
         num_classes = cfg.num_classes
@@ -334,4 +335,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError) as e:  # bad input (shards, checkpoint shapes): a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

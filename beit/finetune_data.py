@@ -8,6 +8,16 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
+def check_shards(cfg) -> None:
+    """Expand both shard specs now so a typo fails at start-up with the data layer's message."""
+    from beit.data.shardspec import expand_shards
+    for name in ("train_shards", "val_shards"):
+        try:
+            expand_shards(getattr(cfg, name))
+        except ValueError as e:
+            raise ValueError(f"--{name}: {e}") from None
+
+
 def infer_num_classes(spec: str) -> tuple[int, list[str] | None]:
     """(number of classes, class names) from the ``label_map`` in the manifest beside the shards."""
     from beit.data.shardspec import expand_shards

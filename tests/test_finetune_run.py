@@ -44,8 +44,8 @@ def pretrained(tmp_path_factory):
 
 
 def cfg(digits, out, **kw):
-    return FinetuneConfig(train_shards=str(digits / "train-*.tar"), val_shards=str(digits / "test-*.tar"),
-                          output_dir=str(out), **{**TINY, **FAST, **kw})
+    shards = dict(train_shards=str(digits / "train-*.tar"), val_shards=str(digits / "test-*.tar"))
+    return FinetuneConfig(output_dir=str(out), **{**shards, **TINY, **FAST, **kw})
 
 
 def read_jsonl(path):
@@ -121,3 +121,9 @@ def test_config_errors_before_compute(flags, msg, capsys):
     with pytest.raises(SystemExit):
         main(flags)
     assert msg in capsys.readouterr().err
+
+
+def test_missing_shards_fail_at_start_up(digits, tmp_path):
+    with pytest.raises(ValueError, match="--val_shards: .*matches no files"):
+        run_finetune(cfg(digits, tmp_path / "x", val_shards=str(digits / "nope-*.tar")))
+    assert not (tmp_path / "x" / "config.yaml").exists()
