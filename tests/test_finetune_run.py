@@ -73,6 +73,12 @@ def test_finetune_end_to_end_and_resume(digits, pretrained, tmp_path):
     m = timm.create_model(conf["architecture"], checkpoint_path=str(out / "model.safetensors"),
                           **conf["model_kwargs"]).eval()
     assert m.head.out_features == 10 and conf["model_kwargs"]["embed_dim"] == 48
+    # re-export the EMA weights of the newest checkpoint with the CLI
+    from beit.export import load_exported
+    from beit.export import main as export_main
+    ema_path = export_main(["--run_dir", str(out), "--out", str(tmp_path / "ema.safetensors"), "--ema"])
+    ema_model = load_exported(ema_path)
+    assert not torch.equal(ema_model.head.weight, m.head.weight)
 
     # resume: drop the final checkpoint, run again -> continues from epoch 1 and ends where the
     # uninterrupted run ended (same data order, augmentation, dropout, EMA)
