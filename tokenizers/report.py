@@ -5,7 +5,9 @@
 
 Measures on held-out shards: codebook usage (fraction of codes seen), perplexity exp(H) of the
 token histogram, the majority token's share (the masked-token accuracy of always guessing it),
-stability (fraction of tokens unchanged by a 1-pixel shift, and by flip-tokenize-flip-back),
+stability (fraction of tokens unchanged by a 1-pixel shift, and by flip-tokenize-flip-back) and
+the information that survives them (mutual information, bits per token: agreement alone rewards a
+tokenizer that outputs one token everywhere),
 reconstruction PSNR when the tokenizer has a decoder, the same numbers for the same architecture
 with random weights, and writes ``tokenizer_report.json`` + ``tokenizer_report.png`` (images,
 reconstructions, token maps) into ``out_dir``.
@@ -106,7 +108,8 @@ def run_report(cfg: ReportConfig, tok: VisualTokenizer | None = None) -> dict:
 
 
 def format_table(result: dict) -> str:
-    keys = ["usage", "perplexity", "majority_share", "shift_stability", "flip_stability", "psnr"]
+    keys = ["usage", "perplexity", "entropy_bits", "majority_share", "shift_stability", "shift_info_bits",
+            "flip_stability", "flip_info_bits", "psnr"]
     cols = [c for c in ("trained", "random_weights") if c in result]
     lines = [f"{'metric':<16}" + "".join(f"{c:>16}" for c in cols)]
     for k in keys:
