@@ -28,6 +28,7 @@ class TrainState:
     nonfinite_in_a_row: int = 0
     scaler_skipped_steps: int = 0    # fp16 only: steps the grad scaler skipped (normal while it calibrates)
     samples_seen: int = 0            # per rank
+    train_seconds: float = 0.0       # wall time spent training, over all restarts (as of the last save)
 
     def to_dict(self) -> dict:
         return asdict(self)

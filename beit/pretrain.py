@@ -214,6 +214,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: bool, batch_size: int):
     from beit.data.global_order import build_loader_for_order
+    from beit.data.shardspec import shard_sample_counts
     from beit.data.transforms import TwoViewTransform
     from beit.masking import MaskingGenerator
 
@@ -227,13 +228,20 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
                                      scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0.0, hflip=0.0)
     masker = MaskingGenerator(cfg.grid, cfg.masked_count(), min_num_patches=min(cfg.min_mask_patches, cfg.masked_count()),
                               max_num_patches=cfg.max_mask_patches or None, min_aspect=cfg.min_mask_aspect)
-    workers = cfg.num_workers if train else min(cfg.num_workers, len(shards) // accelerator.num_processes)
+    workers, batches = cfg.num_workers, (cfg.batches_per_epoch or None)
+    if not train:
+        workers, batches = min(cfg.num_workers, len(shards) // accelerator.num_processes), None
+        counts = shard_sample_counts(shards)
+        if accelerator.num_processes == 1 and counts:
+            # one reader over all held-out shards: every image once, only the last partial batch is left out
+            batch_size = min(batch_size, sum(counts))
+            workers, batches = 0, sum(counts) // batch_size
     loader = build_loader_for_order(
         cfg.data_order if train else "shards", shards, map_fn=MimSample(transform, masker), batch_size=batch_size,
         num_workers=workers,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer if train else 1,
-        batches_per_epoch=(cfg.batches_per_epoch or None) if train else None,
+        batches_per_epoch=batches,
         allow_remote=cfg.allow_remote_shards, max_bad_fraction=cfg.max_bad_fraction)
     return loader
 
@@ -382,6 +390,7 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     def checkpoint(st: TrainState) -> None:
         if st.step % cfg.checkpoint_every and st.step != total_steps:
             return
+        st.train_seconds = time_before + time.time() - t_start
         train_state = {"train": st.to_dict(), "schedule": schedule.state_dict(), "config_hash": cfg_hash,
                        "tokenizer_fingerprint": tok_fp}
         path = save_checkpoint(accelerator, out, st.step, train_state, {"loader": loader.state_dict()},
@@ -389,21 +398,20 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
         logger.info(f"checkpoint saved: {path}")
 
     meter = MimMeter(tokenizer.vocab_size, accelerator.device)
-    t_start = time.time()
+    t_start, time_before = time.time(), state.train_seconds
     with logger.progress(total_steps, initial=state.step) as bar:
         while state.step < total_steps:
             loader.set_epoch(state.epoch)
-            train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, state, total_steps=total_steps, clip_grad=cfg.clip_grad,
-                            max_nonfinite_in_a_row=cfg.max_nonfinite_steps, log_every=cfg.log_every, logger=logger,
+            train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, state,
+                            total_steps=total_steps, clip_grad=cfg.clip_grad, max_nonfinite_in_a_row=cfg.max_nonfinite_steps, log_every=cfg.log_every, logger=logger,
                             after_step=checkpoint, progress=bar, meter=meter,
                             data_stats=lambda: data_error_metrics(loader, accelerator))
             if state.step < total_steps:
                 state.epoch += 1
-    train_time = time.time() - t_start
 
     # --- finish: weights, held-out evaluation ----------------------------------------------------
     summary = {"step": state.step, "epoch": state.epoch, "nonfinite_steps": state.nonfinite_steps,
-               "train_seconds": round(train_time, 1), "output_dir": str(out)}
+               "train_seconds": round(state.train_seconds, 1), "output_dir": str(out)}
     summary.update(data_error_metrics(loader, accelerator))
     unwrapped = accelerator.unwrap_model(model)
     full_state = accelerator.get_state_dict(model)  # a collective under FSDP/DeepSpeed
