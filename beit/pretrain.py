@@ -90,8 +90,8 @@ class PretrainConfig:
     eps: float = field(1e-8, help="AdamW epsilon")
     clip_grad: float = field(3.0, help="max global gradient norm (0: no clipping)")
     max_nonfinite_steps: int = field(5, help="abort after this many consecutive optimizer steps with a non-finite loss")
-    mixed_precision: str = field("auto", help="auto | no | fp16 | bf16 (auto: the launcher's setting, else bf16 on "
-                                 "GPUs that support it, fp16 on other GPUs, no on CPU)")
+    mixed_precision: str = field("auto", help="auto | no | fp16 | bf16 (auto: the launcher's fp16/bf16 if set, else "
+                                 "bf16 on GPUs that support it, fp16 on other GPUs, no on CPU)")
     seed: int = field(0, help="seed for weights, data order, augmentation and masks")
     dist_timeout_s: int = field(1800, help="seconds a collective may wait for a hung process before the job fails")
     # run
@@ -143,10 +143,11 @@ class PretrainConfig:
 
 
 def resolve_mixed_precision(choice: str) -> str | None:
-    """``auto``: defer to ``accelerate launch`` settings if any, else bf16/fp16 on GPU, no on CPU."""
+    """``auto``: the launcher's fp16/bf16 if ``accelerate launch`` set one (its default is "no", which
+    is not taken as a choice), else bf16 on GPUs that support it, fp16 on other GPUs, no on CPU."""
     if choice != "auto":
         return choice
-    if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() not in ("", "no"):
         return None
     if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -112,3 +112,21 @@ def test_tensorboard_requested_but_missing_warns_loudly(monkeypatch, capsys):
     assert rl.resolve_trackers(False) == []
     monkeypatch.setattr(rl, "tensorboard_available", lambda: True)
     assert rl.resolve_trackers(True) == ["tensorboard"]
+
+
+def test_auto_mixed_precision(monkeypatch):
+    from beit.pretrain import resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert resolve_mixed_precision("auto") == "no"                 # fp32 on CPU
+    assert resolve_mixed_precision("bf16") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert resolve_mixed_precision("auto") == "fp16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_mixed_precision("auto") == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")          # accelerate launch's default: not a choice
+    assert resolve_mixed_precision("auto") == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")        # the launcher's explicit setting wins
+    assert resolve_mixed_precision("auto") is None
