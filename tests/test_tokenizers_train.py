@@ -19,7 +19,8 @@ def shards(tmp_path_factory):
 def test_kmeans_cli_fits_saves_and_reports(shards, tmp_path, capsys):
     train, val = shards
     rc = main(["kmeans", "--shards", train, "--val_shards", val, "--out", str(tmp_path / "km"), "--vocab_size", "64",
-               "--input_size", "32", "--patch_size", "8", "--epochs", "1", "--init_patches", "2000"])
+               "--input_size", "32", "--patch_size", "8", "--epochs", "1", "--init_patches", "2000",
+               "--num_workers", "0"])
     assert rc == 0
     out = capsys.readouterr().out
     held_out = json.loads(out.split("[kmeans] held-out: ")[1].splitlines()[0])
@@ -41,7 +42,7 @@ def test_grid_mismatch_is_refused_before_compute():
 def _cfg(train, out, steps):
     return DVAETrainConfig(shards=train, output_dir=str(out), vocab_size=32, hidden=16, downsample=4, input_size=16,
                            batch_size=8, steps=steps, anneal_steps=4, kl_warmup_steps=2, checkpoint_every=2,
-                           log_every=1, progress=False, keep_last=5)
+                           log_every=1, progress=False, keep_last=5, num_workers=0)
 
 
 def test_dvae_trains_checkpoints_and_resumes_exactly(shards, tmp_path):

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from beit.config import field, parse_config, save_config, to_dict
-from beit.tokenizers.train_data import CropSpec, TokenizerTrainStream
+from beit.tokenizers.train_data import CropSpec, build_view_loader
 
 
 def check_grid(kind: str, input_size: int, factor: int, model_grid: int, factor_name: str) -> None:
@@ -58,6 +58,7 @@ class KMeansTrainConfig:
     contrast_floor: float = field(0.05, help="std below which a patch counts as flat")
     whiten: bool = field(False, help="ZCA-whiten the patch shapes")
     seed: int = field(0, help="seed (same data + seed -> same codebook)")
+    num_workers: int = field(2, help="data loader worker processes")
     val_shards: Optional[str] = field(None, help="held-out shards: print usage/perplexity/stability after fitting")
     max_bad_fraction: float = field(0.01, help="stop if more than this fraction of samples is undecodable")
 
@@ -95,6 +96,7 @@ class DVAETrainConfig:
     keep_last: int = field(2, help="complete checkpoints to keep")
     log_every: int = field(50, help="metrics.jsonl / progress interval (steps)")
     mixed_precision: str = field("no", help="no | fp16 | bf16 (GPU)")
+    num_workers: int = field(2, help="data loader worker processes per rank")
     seed: int = field(0, help="seed")
     val_shards: Optional[str] = field(None, help="held-out shards: usage/perplexity/stability/PSNR at the end")
     max_bad_fraction: float = field(0.01, help="stop if more than this fraction of samples is undecodable")
@@ -125,18 +127,25 @@ def train_kmeans(cfg: KMeansTrainConfig):
     """Fit the k-means tokenizer on the shards; returns it (and writes cfg.out)."""
     from beit.tokenizers.kmeans import KMeansTokenizer
 
-    stream = TokenizerTrainStream(cfg.shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
-                                  cfg.batch_size, seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction)
-    epoch_counter = iter(range(10 ** 9))
+    loader = build_view_loader(cfg.shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
+                               cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
+                               max_bad_fraction=cfg.max_bad_fraction)
+    epochs = iter(range(10 ** 9))
+
+    def one_epoch():
+        loader.set_epoch(next(epochs))
+        return (b["images"] for b in loader)
+
     t0 = time.time()
-    tok = KMeansTokenizer.fit(lambda: (b for b, _ in stream.epoch(next(epoch_counter))), epochs=cfg.epochs,
-                              seed=cfg.seed, init_patches=cfg.init_patches, batches_per_epoch=len(stream), vocab_size=cfg.vocab_size,
+    tok = KMeansTokenizer.fit(one_epoch, epochs=cfg.epochs, seed=cfg.seed, init_patches=cfg.init_patches,
+                              batches_per_epoch=len(loader), vocab_size=cfg.vocab_size,
                               patch_size=cfg.patch_size, input_size=cfg.input_size, interpolation=cfg.interpolation,
                               color_weight=cfg.color_weight, contrast_weight=cfg.contrast_weight,
                               contrast_floor=cfg.contrast_floor, whiten=cfg.whiten)
     stem = tok.save(cfg.out)
-    print(f"[kmeans] fit in {time.time() - t0:.1f}s on {stream.stats.samples} image reads "
-          f"(bad: {stream.stats.bad or 0}); {tok.fit_stats}; wrote {stem}.safetensors/.json")
+    bad = loader.metrics().get("data/bad", 0)
+    print(f"[kmeans] fit in {time.time() - t0:.1f}s ({len(loader)} batches/epoch, bad samples: {bad}); "
+          f"{tok.fit_stats}; wrote {stem}.safetensors/.json")
     val = _val_report(tok, cfg.val_shards, cfg.input_size, cfg.interpolation)
     if val:
         print("[kmeans] held-out: " + json.dumps({k: round(v, 4) for k, v in val.items()}))
@@ -168,13 +177,13 @@ def train_dvae(cfg: DVAETrainConfig):
     acc = Accelerator(mixed_precision=cfg.mixed_precision)
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
-    stream = TokenizerTrainStream(cfg.shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
-                                  cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
-                                  max_bad_fraction=cfg.max_bad_fraction)
+    loader = build_view_loader(cfg.shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
+                               cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
+                               num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction)
     model = DiscreteVAE(cfg.vocab_size, cfg.hidden, cfg.downsample)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
-    step, epoch, pos, done_in_epoch = 0, 0, 0, 0
+    step, epoch = 0, 0
     latest = find_latest_complete(out)
     if latest is not None:
         saved_cfg = json.loads((latest / TRAIN_STATE).read_text()).get("config", {})
@@ -185,7 +194,7 @@ def train_dvae(cfg: DVAETrainConfig):
         state, rank_state = load_checkpoint(acc, latest)
         step, epoch = int(state["step"]), int(state["epoch"])
         if rank_state:
-            pos, done_in_epoch = int(rank_state["pos"]), int(rank_state["done"])
+            loader.load_state_dict(rank_state["loader"])
         acc.print(f"[dvae] resumed from {latest} at step {step} (epoch {epoch})")
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -194,8 +203,12 @@ def train_dvae(cfg: DVAETrainConfig):
     log = open(out / "metrics.jsonl", "a") if acc.is_main_process else None
     t0 = time.time()
     while step < cfg.steps:
-        for images, pos in stream.epoch(epoch, skip=pos, skip_batches=done_in_epoch):
-            done_in_epoch += 1
+        loader.set_epoch(epoch)
+        if loader.position >= len(loader):  # resumed exactly at the end of an epoch
+            epoch += 1
+            continue
+        for batch in loader:
+            images = batch["images"]
             lr, tau, klw = _schedules(cfg, step)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -212,18 +225,18 @@ def train_dvae(cfg: DVAETrainConfig):
             if step % cfg.log_every == 0 or step == cfg.steps:
                 vals = {k: float(acc.reduce(v.detach().float(), "mean")) for k, v in parts.items()}
                 rec = {"step": step, "epoch": epoch, "lr": lr, "tau": tau, "kl_weight": klw, **vals,
-                       "bad_samples": stream.stats.num_bad, "elapsed_s": round(time.time() - t0, 1)}
+                       "bad_samples": loader.metrics().get("data/bad", 0), "elapsed_s": round(time.time() - t0, 1)}
                 bar.set_postfix(mse=f"{vals['mse']:.4f}", tau=f"{tau:.3f}")
                 if log:
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_checkpoint(acc, out, step, {"epoch": epoch, "config": to_dict(cfg)},
-                                {"pos": pos, "done": done_in_epoch}, keep_last=cfg.keep_last)
+                                {"loader": loader.state_dict()}, keep_last=cfg.keep_last)
             if step >= cfg.steps:
                 break
         else:
-            epoch, pos, done_in_epoch = epoch + 1, 0, 0
+            epoch += 1
     bar.close()
     if log:
         log.close()
@@ -233,7 +246,7 @@ def train_dvae(cfg: DVAETrainConfig):
     tok = DVAETokenizer(cfg.vocab_size, cfg.hidden, cfg.downsample, cfg.input_size, cfg.interpolation)
     tok.vae.load_state_dict(acc.unwrap_model(model).state_dict())
     stem = tok.freeze().save(out / "dvae")
-    print(f"[dvae] {step} steps; wrote {stem}.safetensors/.json (bad samples: {stream.stats.bad or 0})")
+    print(f"[dvae] {step} steps; wrote {stem}.safetensors/.json (bad samples: {loader.metrics().get('data/bad', 0)})")
     val = _val_report(tok, cfg.val_shards, cfg.input_size, cfg.interpolation)
     if val:
         (out / "val_metrics.json").write_text(json.dumps(val, indent=2))
