@@ -94,3 +94,18 @@ def test_convert_cli(pickles, tmp_path):
     r = subprocess.run(cmd + ["--trust_pickle", "true"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "w" / "dalle.json").is_file()
+
+
+def test_download_caches_and_verifies_sha256(pickles, tmp_path):
+    from beit.tokenizers.dalle import download, sha256_of
+
+    d, _, _ = pickles
+    url = (d / "encoder.pkl").as_uri()  # file:// goes through the same urllib code path as https://
+    good = sha256_of(d / "encoder.pkl")
+    path = download(url, tmp_path / "cache", sha256=good)
+    assert path.read_bytes() == (d / "encoder.pkl").read_bytes()
+    assert download(url, tmp_path / "cache") == path  # cached: no second download
+    with pytest.raises(ValueError, match="sha256"):
+        download(url, tmp_path / "cache", sha256="0" * 64)
+    with pytest.raises(ConnectionError, match="could not download"):
+        download((tmp_path / "missing.pkl").as_uri(), tmp_path / "cache2")
