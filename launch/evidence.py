@@ -1,6 +1,6 @@
 """Evidence that BEiT pretraining helps when labels are few, on real images, offline, on a CPU.
 
-    python launch/evidence.py --out runs/evidence            # 3 seeds: ~10 min on 2 free CPU cores
+    python launch/evidence.py --out runs/evidence            # 3 seeds: about 15 min on 2 CPU cores
     python launch/evidence.py --out runs/evidence --seeds 0  # one seed, quicker
 
 Data: scikit-learn's 1,797 real hand-written digits as shards (``beit.data.samples``, 32x32 RGB),
@@ -48,7 +48,7 @@ FINETUNE = dict(epochs=100, batch_size=16, lr=4e-3, min_lr=1e-6, warmup_epochs=5
                 eval_every=1000, log_every=50)
 # A from-scratch model has no pretrained lower layers to protect: no layer-wise lr decay for it.
 SCRATCH_OVERRIDES = dict(layer_decay=1.0)
-PRETRAIN = dict(epochs=60, batch_size=64, lr=1.5e-3, min_lr=1e-5, warmup_epochs=3, weight_decay=0.05,
+PRETRAIN = dict(epochs=150, batch_size=64, lr=1.5e-3, min_lr=1e-5, warmup_epochs=3, weight_decay=0.05,
                 drop_path=0.0, clip_grad=3.0, crop_scale_min=0.6, color_jitter=0.0, hflip=0.0,
                 mask_ratio=0.4, min_mask_patches=2, num_workers=0, tensorboard=False,
                 checkpoint_every=100000, log_every=100, shuffle_buffer=500)
