@@ -4,7 +4,7 @@
 #  1. installs into .venv (reused when present)
 #  2. writes the built-in real photo shards (skimage / sklearn sample photos -> train/val tar shards)
 #  3. fits the offline k-means visual-word tokenizer on the training shards
-#  4. pretrains a small BEiT for a few minutes (masked-token prediction, checkpoints every 100 steps)
+#  4. pretrains a small BEiT for a few minutes (masked-token prediction, checkpoints every 50 steps)
 #  5. prints where everything is and the held-out masked-token accuracy beside the majority baseline
 #
 # Re-running skips finished stages; a killed run resumes from its last complete checkpoint.
@@ -45,7 +45,7 @@ echo "== 3/3 BEiT pretraining (CPU) -> $PRETRAIN_DIR"
 
 # Hook for later stages (e.g. fine-tuning): the pretrained weights of this demo.
 PRETRAINED="$PRETRAIN_DIR/pretrained.safetensors"
-export PRETRAINED
+export PRETRAINED DEMO_DIR
 
 "$PY" - "$PRETRAIN_DIR" "$TOKENIZER" "$T0" <<'PYEOF'
 import json, sys, time
@@ -65,3 +65,5 @@ print(f"   tokenizer          : {tok}.safetensors / .json")
 print(f"   held-out images    : masked-token accuracy {acc:.1%} vs majority-token baseline {base:.1%} "
       f"({acc / base:.1f}x, {m['val/tokens']} masked tokens; {m['step']} steps, {m['train_seconds']:.0f} s training)")
 PYEOF
+
+# ---- later stages go below this line; they can use $PRETRAINED, $DEMO_DIR and $PY ----
