@@ -1,10 +1,11 @@
 """One BEiT pretraining epoch, and the held-out masked-token evaluation.
 
 Per micro-batch: the frozen tokenizer turns the tokenizer view into token ids (float32, no grad,
-outside autocast); the labels are the ids at the masked positions; the model predicts them from the
-corrupted encoder view under autocast; cross-entropy. Gradient accumulation is Accelerate's; lr and
-weight decay are set per optimizer step. A non-finite loss (decided jointly by all ranks) skips the
-whole optimizer step without touching the weights; K in a row abort the run.
+outside autocast), unless the batch already carries them (``--token_cache``); the labels are the ids
+at the masked positions; the model predicts them from the corrupted encoder view under autocast;
+cross-entropy. Gradient accumulation is Accelerate's; lr and weight decay are set per optimizer step.
+A non-finite loss (decided jointly by all ranks) skips the whole optimizer step without touching the
+weights; K in a row abort the run.
 """
 from __future__ import annotations
 
@@ -34,19 +35,26 @@ class TrainState:
         return asdict(self)
 
 
-def batch_to_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def batch_to_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
     images = batch["image"].to(device, non_blocking=True)
-    tok_images = batch["tokenizer_image"].to(device, non_blocking=True)
     mask = batch["mask"].to(device, non_blocking=True).bool()
-    return images, tok_images, mask
+    return images, mask
 
 
-def masked_labels(tokenizer, tok_images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Token ids at the masked positions, ordered like the model's logits."""
+def batch_tokens(batch: dict, tokenizer, device) -> torch.Tensor:
+    """Target token ids [B, h, w]: the batch's own (pre-tokenised, from a token cache) when it carries
+    them, otherwise the frozen tokenizer's on the batch's tokenizer view. The one place the loop
+    meets the tokenizer."""
+    if "tokens" in batch:
+        return batch["tokens"].to(device, non_blocking=True).long()
     with torch.no_grad():
-        tokens = tokenizer.tokenize(tok_images.float())
+        return tokenizer.tokenize(batch["tokenizer_image"].to(device, non_blocking=True).float())
+
+
+def masked_labels(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Token ids at the masked positions, ordered like the model's logits."""
     if tokens.shape[1:] != mask.shape[1:] and tokens[0].numel() != mask[0].numel():
-        raise ValueError(f"tokenizer grid {tuple(tokens.shape[1:])} != mask grid {tuple(mask.shape[1:])}")
+        raise ValueError(f"token grid {tuple(tokens.shape[1:])} != mask grid {tuple(mask.shape[1:])}")
     return tokens.flatten(1)[mask.flatten(1)]
 
 
@@ -102,20 +110,22 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
                     logger, after_step=None, progress=None, data_stats=None, meter: MimMeter | None = None) -> None:
     """Run the rest of epoch ``state.epoch`` (or until ``total_steps`` optimizer steps are done).
 
+    ``tokenizer`` may be None when the batches carry their tokens (a token cache).
     ``after_step(state)`` is called on every rank after each optimizer step (checkpointing);
     ``data_stats()`` returns this rank's data-error counts to be summed into the logged metrics;
     pass the same ``meter`` to every epoch so a logging window may span an epoch boundary.
     """
     model.train()
-    meter = meter if meter is not None else MimMeter(tokenizer.vocab_size, accelerator.device)
+    if meter is None:
+        meter = MimMeter(accelerator.unwrap_model(model).lm_head.out_features, accelerator.device)
     window_bad = False
     last_grad_norm = float("nan")
     t0, samples0 = time.time(), state.samples_seen
     for batch in loader:
         if state.step >= total_steps:
             break
-        images, tok_images, mask = batch_to_device(batch, accelerator.device)
-        labels = masked_labels(tokenizer, tok_images, mask)
+        images, mask = batch_to_device(batch, accelerator.device)
+        labels = masked_labels(batch_tokens(batch, tokenizer, accelerator.device), mask)
         state.samples_seen += images.shape[0]
         with accelerator.accumulate(model):
             if not window_bad:
@@ -189,8 +199,8 @@ def evaluate_mim(model, tokenizer, loader, accelerator, max_batches: int = 0) ->
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
-        images, tok_images, mask = batch_to_device(batch, accelerator.device)
-        labels = masked_labels(tokenizer, tok_images, mask)
+        images, mask = batch_to_device(batch, accelerator.device)
+        labels = masked_labels(batch_tokens(batch, tokenizer, accelerator.device), mask)
         with accelerator.autocast():
             logits = model(images, mask)
         loss = F.cross_entropy(logits.float(), labels)

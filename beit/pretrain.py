@@ -66,6 +66,10 @@ class PretrainConfig:
     # tokenizer
     tokenizer: str = field("dalle", help="visual tokenizer kind: kmeans | dalle | vqkd | dvae")
     tokenizer_path: str | None = field(None, help="saved tokenizer (<name>.safetensors + <name>.json)")
+    token_cache: str | None = field(None, help="pre-tokenised training data: a folder written by `python -m "
+                                    "beit.tokenizers.cache` (its cache-*.tar replace data_shards, its stored crops and "
+                                    "flips replace crop_scale_min/hflip; no tokenizer call in training; the tokenizer "
+                                    "is then loaded only for val_shards)")
     # masking
     num_masking_patches: int = field(0, help="masked patches per image (0: 75 on a 14x14 grid as BEiT, otherwise "
                                      "round(mask_ratio * patches))")
@@ -127,7 +131,7 @@ class PretrainConfig:
         check_data_order(self.data_order)
         if self.dist_timeout_s < 1:
             raise ValueError(f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
-        if not self.data_shards:
+        if not self.data_shards and not self.token_cache:
             raise ValueError("no training data: set data_shards (e.g. --data_shards '/data/train-{000000..000099}.tar')")
 
     @property
@@ -169,6 +173,15 @@ class MimSample:
         enc, tok = self.transform(img)
         self.masker.reseed(sample["__seed__"])
         return {"image": enc, "tokenizer_image": tok, "mask": torch.from_numpy(self.masker())}
+
+
+class CachedMimSample(MimSample):
+    """The loader's ``map_fn`` on token-cache shards: one stored view with its tokens + a block mask."""
+
+    def __call__(self, img, sample: dict) -> dict:
+        view = self.transform(img, sample)  # CachedViews: picks a stored view with the seeded `random`
+        self.masker.reseed(sample["__seed__"])
+        return {"image": view["images"], "tokens": view["tokens"], "mask": torch.from_numpy(self.masker())}
 
 
 def model_dims(cfg: PretrainConfig) -> dict:
@@ -213,13 +226,41 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
+def token_cache_fingerprint(cache_dir: str) -> str:
+    """Hash of a token cache's tokenizer settings, views and shard contents (its folder may move)."""
+    from beit.data.shard_format import MANIFEST_NAME
+
+    manifest = json.loads((Path(cache_dir) / MANIFEST_NAME).read_text())
+    info = {k: v for k, v in manifest["token_cache"].items() if k not in ("seconds", "tokenizer_path")}
+    shards = [(s["name"], s["sha256"]) for s in manifest["shards"]]
+    return hashlib.sha256(json.dumps([info, shards, manifest.get("options")], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_token_cache(cfg: PretrainConfig, info: dict, tokenizer) -> None:
+    """Refuse a token cache that does not fit the config (tokenizer kind, vocab, patch grid)."""
+    from beit.tokenizers.cache import check_cache_compatible
+
+    if info["tokenizer"] != cfg.tokenizer:
+        raise ValueError(f"--token_cache {cfg.token_cache} holds {info['tokenizer']} tokens, but tokenizer is "
+                         f"{cfg.tokenizer}: set --tokenizer {info['tokenizer']} (and its --tokenizer_path for val_shards)")
+    try:
+        check_cache_compatible(info, tokenizer.vocab_size if tokenizer else info["vocab_size"], cfg.grid)
+    except ValueError as e:
+        raise ValueError(f"--token_cache {cfg.token_cache} does not fit this run: {e} (model grid = image_size "
+                         f"{cfg.image_size} / patch_size {cfg.patch_size})") from e
+
+
 def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: bool, batch_size: int):
+    """Training (``train``) or held-out loader; training reads the token cache when cfg.token_cache is set."""
     from beit.data.global_order import build_loader_for_order
     from beit.data.shardspec import shard_sample_counts
     from beit.data.transforms import TwoViewTransform
     from beit.masking import MaskingGenerator
+    from beit.tokenizers.cache import CachedViews
 
-    if train:
+    if train and cfg.token_cache:
+        transform = CachedViews(image_size=cfg.image_size, color_jitter=cfg.color_jitter)
+    elif train:
         transform = TwoViewTransform(image_size=cfg.image_size, tokenizer_size=tokenizer.input_size,
                                      tokenizer_interpolation=tokenizer.interpolation,
                                      scale=(cfg.crop_scale_min, 1.0), color_jitter=cfg.color_jitter, hflip=cfg.hflip)
@@ -237,8 +278,9 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
             # one reader over all held-out shards: every image once, only the last partial batch is left out
             batch_size = min(batch_size, sum(counts))
             workers, batches = 0, sum(counts) // batch_size
+    map_fn = (CachedMimSample if train and cfg.token_cache else MimSample)(transform, masker)
     loader = build_loader_for_order(
-        cfg.data_order if train else "shards", shards, map_fn=MimSample(transform, masker), batch_size=batch_size,
+        cfg.data_order if train else "shards", shards, map_fn=map_fn, batch_size=batch_size,
         num_workers=workers,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer if train else 1,
@@ -277,21 +319,30 @@ class SetupError(ValueError):
 
 
 def check_inputs(cfg: PretrainConfig, world: int):
-    """Every check that needs files but no compute: shards, tokenizer grid, masking, batch split,
-    resume compatibility. Returns (shards, val_shards, tokenizer, grad_accum_steps)."""
+    """Every check that needs files but no compute: shards, tokenizer grid, token cache, masking, batch
+    split, resume compatibility. Returns (shards, val_shards, tokenizer or None, grad_accum_steps,
+    token cache info or None); the tokenizer is None when a token cache replaces it and nothing else needs it."""
     from beit.data.shardspec import expand_shards
     from beit.masking import MaskingGenerator
     from beit.tokenizers import load_tokenizer
+    from beit.tokenizers.cache import read_cache_info
 
     try:
         cfg.validate()
-        shards = expand_shards(cfg.data_shards, allow_remote=cfg.allow_remote_shards)
+        cache = read_cache_info(cfg.token_cache) if cfg.token_cache else None
+        if cache is not None:
+            shards = expand_shards(str(Path(cfg.token_cache) / "cache-*.tar"))
+        else:
+            shards = expand_shards(cfg.data_shards, allow_remote=cfg.allow_remote_shards)
         val_shards = expand_shards(cfg.val_shards, allow_remote=cfg.allow_remote_shards) if cfg.val_shards else []
         if val_shards and len(val_shards) < world:
             raise ValueError(f"{len(val_shards)} held-out shard(s) for {world} processes: each process needs one; "
                              "split the held-out set into more shards")
-        tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
-        check_grids(cfg, tokenizer)
+        tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_path) if cache is None or val_shards else None
+        if tokenizer is not None:
+            check_grids(cfg, tokenizer)
+        if cache is not None:
+            check_token_cache(cfg, cache, tokenizer)
         n_masked = cfg.masked_count()
         MaskingGenerator(cfg.grid, n_masked, min_num_patches=min(cfg.min_mask_patches, n_masked),
                          max_num_patches=cfg.max_mask_patches or None, min_aspect=cfg.min_mask_aspect)
@@ -310,13 +361,21 @@ def check_inputs(cfg: PretrainConfig, world: int):
             saved = to_dict(load_yaml(PretrainConfig, out / "config.yaml"))
             check_resume_compatible(saved, to_dict(cfg), RESUME_KEYS, where=str(out))
         if latest is not None:
-            saved_fp = json.loads((latest / TRAIN_STATE).read_text()).get("tokenizer_fingerprint")
-            if saved_fp not in (None, tokenizer_fingerprint(tokenizer)):
+            saved = json.loads((latest / TRAIN_STATE).read_text())
+            saved_fp = saved.get("tokenizer_fingerprint")
+            if tokenizer is not None and saved_fp not in (None, tokenizer_fingerprint(tokenizer)):
                 raise ValueError(f"cannot resume {out}: the tokenizer at {cfg.tokenizer_path} has other weights than "
                                  "the one this run was trained with; use a new --output_dir or the original tokenizer")
+            cache_fp = token_cache_fingerprint(cfg.token_cache) if cache is not None else None
+            saved_cache = saved.get("token_cache_fingerprint", cache_fp)  # absent: a checkpoint from before caches
+            if saved_cache != cache_fp:
+                was = ("another token cache than " if cache_fp else "a token cache, not ") if saved_cache else \
+                    "no token cache, not "
+                raise ValueError(f"cannot resume {out}: it was trained with {was}--token_cache {cfg.token_cache}; "
+                                 "use a new --output_dir or the run's original token cache setting")
     except (ValueError, FileNotFoundError) as e:
         raise SetupError(str(e)) from e
-    return shards, val_shards, tokenizer, accum
+    return shards, val_shards, tokenizer, accum, cache
 
 
 def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> dict:
@@ -327,7 +386,8 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     cfg = cfg or parse_config(PretrainConfig, argv, description=__doc__)
     out = Path(cfg.output_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    shards, val_shards, tokenizer, accum = check_inputs(cfg, world)
+    shards, val_shards, tokenizer, accum, cache = check_inputs(cfg, world)
+    vocab_size = tokenizer.vocab_size if tokenizer is not None else int(cache["vocab_size"])
 
     trackers = resolve_trackers(cfg.tensorboard)
     accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
@@ -336,7 +396,8 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     if accelerator.num_processes != world:
         raise RuntimeError(f"process count mismatch: WORLD_SIZE={world}, accelerate sees {accelerator.num_processes}")
     latest = find_latest_complete(out)
-    tok_fp = tokenizer_fingerprint(tokenizer)
+    tok_fp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
+    cache_fp = token_cache_fingerprint(cfg.token_cache) if cache is not None else None
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -344,8 +405,9 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
 
     # --- build ---------------------------------------------------------------------------------
     set_seed(cfg.seed)
-    model = build_model(cfg, tokenizer.vocab_size)
-    tokenizer = tokenizer.to(accelerator.device)
+    model = build_model(cfg, vocab_size)
+    if tokenizer is not None:
+        tokenizer = tokenizer.to(accelerator.device)
     optimizer = create_adamw(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              eps=cfg.eps)
     loader = build_loader(cfg, shards, tokenizer, accelerator, train=True, batch_size=cfg.batch_size)
@@ -377,7 +439,10 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     eff_batch = cfg.batch_size * accum * accelerator.num_processes
     logger.info(f"BEiT pretraining: {n_params / 1e6:.2f}M params, grid {cfg.grid[0]}x{cfg.grid[1]}, "
-                f"{cfg.masked_count()} masked, {cfg.tokenizer} tokenizer (vocab {tokenizer.vocab_size})")
+                f"{cfg.masked_count()} masked, {cfg.tokenizer} tokenizer (vocab {vocab_size})")
+    if cache is not None:
+        logger.info(f"token cache {cfg.token_cache}: {cache['views_per_image']} stored views per image (crop scale "
+                    f"{cache['scale']}, hflip {cache['hflip']}); no tokenizer call in training")
     logger.info(f"processes {accelerator.num_processes}, device {accelerator.device}, mixed precision "
                 f"{accelerator.mixed_precision}; effective batch {eff_batch} = {cfg.batch_size} x {accum} accum x "
                 f"{accelerator.num_processes} proc; lr {cfg.lr:g} (not rescaled), {total_steps} steps "
@@ -393,12 +458,12 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
             return
         st.train_seconds = time_before + time.time() - t_start
         train_state = {"train": st.to_dict(), "schedule": schedule.state_dict(), "config_hash": cfg_hash,
-                       "tokenizer_fingerprint": tok_fp}
+                       "tokenizer_fingerprint": tok_fp, "token_cache_fingerprint": cache_fp}
         path = save_checkpoint(accelerator, out, st.step, train_state, {"loader": loader.state_dict()},
                                keep_last=cfg.keep_last)
         logger.info(f"checkpoint saved: {path}")
 
-    meter = MimMeter(tokenizer.vocab_size, accelerator.device)
+    meter = MimMeter(vocab_size, accelerator.device)
     t_start, time_before = time.time(), state.train_seconds
     with logger.progress(total_steps, initial=state.step) as bar:
         while state.step < total_steps:
@@ -420,6 +485,7 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
         weights = save_weights(full_state, out / "pretrained.safetensors",
                                {"model": unwrapped.config, "tokenizer": cfg.tokenizer,
                                 "tokenizer_path": cfg.tokenizer_path, "tokenizer_fingerprint": tok_fp,
+                                "token_cache": cfg.token_cache, "token_cache_fingerprint": cache_fp,
                                 "step": state.step, "pretrain_config": to_dict(cfg)})
         summary["pretrained"] = str(weights)
     if val_shards:
