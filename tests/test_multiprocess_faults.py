@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from beit.checkpointing import find_latest_complete
+from beit.checkpointing import find_latest_complete, list_complete
 from mp.common import (PRETRAIN, REPO, alive, all_logs, env, kill_job, popen, pretrain_args, pretrain_reference,
                        rank_logs, rank_pids, run, step_records)
 
@@ -55,6 +55,8 @@ def test_killed_rank_ends_job_and_restart_resumes(tmp_path):
         assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-4), f"step {s}"
         assert got[s]["data/samples"] == ref[s]["data/samples"]
     assert find_latest_complete(out).name == "step_0000048"
+    for _, ck in list_complete(out):                          # complete == every rank wrote its part
+        assert {f.name for f in ck.glob("rank_*.json")} == {"rank_0.json", "rank_1.json"}
 
 
 def test_hung_rank_fails_the_job_after_dist_timeout(tmp_path):
