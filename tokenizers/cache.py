@@ -33,13 +33,12 @@ import torch
 from PIL import Image
 
 from beit.config import field, parse_config
-from beit.data.decode import BadSample, load_pixels, open_image, to_rgb
-from beit.data.shard_format import (MANIFEST_NAME, add_member, image_ext, iter_tar_samples, sha256_file,
-                                    write_json_atomic)
+from beit.data.decode import BadSample
+from beit.data.shard_format import MANIFEST_NAME, add_member, sha256_file, write_json_atomic
 from beit.data.shardspec import expand_shards
 from beit.data.transforms import INTERPOLATIONS, pil_to_tensor
 from beit.tokenizers import TOKENIZER_KINDS, VisualTokenizer, load_tokenizer
-from beit.tokenizers.images import ShardReadStats
+from beit.tokenizers.images import ShardReadStats, iter_shard_samples
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -130,37 +129,21 @@ def write_token_cache(shards, out_dir, tok: VisualTokenizer, *, views_per_image:
 
     bar = tqdm(desc="token cache", unit="img", disable=not progress)
     t0 = time.time()
-    for shard in paths:
-        try:
-            with open(shard, "rb") as f:
-                for sample in iter_tar_samples(f):
-                    ext = image_ext(sample)
-                    try:
-                        if ext is None:
-                            raise BadSample("no_image")
-                        img, _ = open_image(sample[ext])
-                        load_pixels(img)
-                        img, _ = to_rgb(img)
-                    except BadSample as e:
-                        stats.add_bad(e.reason, shard)
-                        continue
-                    stats.samples += 1
-                    key = sample["__key__"]
-                    boxes, flips = [], []
-                    for k in range(views_per_image):
-                        box = sample_box(img, scale, ratio, f"{seed}/{key}/{k}")
-                        flip = random.Random(f"flip/{seed}/{key}/{k}").random() < hflip
-                        boxes.append(list(box))
-                        flips.append(int(flip))
-                        views.append(crop_view(img, box, tok.input_size, tok.interpolation, flip))
-                    extra = [(e, sample[e]) for e in ("cls",) if e in sample]
-                    pending.append((key, [(ext, sample[ext])] + extra,
-                                    {"size": list(img.size), "boxes": boxes, "flips": flips}))
-                    if len(views) >= batch_size:
-                        flush()
-                    bar.update(1)
-        except (tarfile.TarError, OSError, EOFError):
-            stats.add_bad("truncated_shard", shard)
+    for sample, ext, img in iter_shard_samples(paths, stats):
+        key = sample["__key__"]
+        boxes, flips = [], []
+        for k in range(views_per_image):
+            box = sample_box(img, scale, ratio, f"{seed}/{key}/{k}")
+            flip = random.Random(f"flip/{seed}/{key}/{k}").random() < hflip
+            boxes.append(list(box))
+            flips.append(int(flip))
+            views.append(crop_view(img, box, tok.input_size, tok.interpolation, flip))
+        extra = [(e, sample[e]) for e in ("cls",) if e in sample]
+        pending.append((key, [(ext, sample[ext])] + extra,
+                        {"size": list(img.size), "boxes": boxes, "flips": flips}))
+        if len(views) >= batch_size:
+            flush()
+        bar.update(1)
     flush()
     writer.close()
     bar.close()

@@ -65,8 +65,10 @@ class ShardReadStats:
         return sum(self.bad.values())
 
 
-def iter_shard_images(shards: Sequence[str], stats: ShardReadStats) -> Iterator[tuple[str, Image.Image]]:
-    """(key, RGB PIL image) for every usable sample of the shards, in order."""
+def iter_shard_samples(shards: Sequence[str], stats: ShardReadStats
+                       ) -> Iterator[tuple[dict, str, Image.Image]]:
+    """(raw sample, image extension, RGB PIL image) for every usable sample of the shards, in order;
+    bad samples and unreadable shards are counted in ``stats``."""
     for shard in shards:
         try:
             with open(shard, "rb") as f:
@@ -83,9 +85,15 @@ def iter_shard_images(shards: Sequence[str], stats: ShardReadStats) -> Iterator[
                         stats.add_bad(e.reason, shard)
                         continue
                     stats.samples += 1
-                    yield sample["__key__"], img
+                    yield sample, ext, img
         except (tarfile.TarError, OSError, EOFError):
             stats.add_bad("truncated_shard", shard)
+
+
+def iter_shard_images(shards: Sequence[str], stats: ShardReadStats) -> Iterator[tuple[str, Image.Image]]:
+    """(key, RGB PIL image) for every usable sample of the shards, in order."""
+    for sample, _, img in iter_shard_samples(shards, stats):
+        yield sample["__key__"], img
 
 
 def shard_image_batches(shards: str | Sequence[str], size: int, batch_size: int = 64,
