@@ -8,8 +8,9 @@ augmentation, masking, forward/backward, AdamW): "live" tokenizes every batch's 
 "cached" reads a token cache of the same images written beforehand (its build time is reported
 apart: a one-off cost, paid once for many epochs). The tokenizer is a full-size DALL-E dVAE encoder
 (n_hid 256, 2 blocks per group, 8192 codes; 112 px -> 14x14 tokens) with random weights: the
-official one's FLOPs without the download. images/s = images of the timed steps / their summed step
-times from metrics.jsonl; the first ``--warmup`` steps (loader start-up, allocator warm-up) are not timed.
+official one's FLOPs without the download. images/s = batch size / the median step time from
+metrics.jsonl (robust to load spikes on a shared machine; the plain mean is printed too); the first
+``--warmup`` steps of each run (loader start-up, allocator warm-up) are not timed.
 Data loading runs in the main process (``num_workers 0``), so every cost is on the same cores; the two
 modes alternate for ``--rounds`` rounds so a busy shared machine weighs on both alike.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tarfile
 import tempfile
 import time
@@ -41,8 +43,8 @@ def subset_shard(shards: str, out: Path, n: int) -> int:
     return count
 
 
-def timed_run(cfg_kw: dict, warmup: int) -> tuple[int, float]:
-    """(images, seconds) of one pretraining run's steps after ``warmup``."""
+def timed_run(cfg_kw: dict, warmup: int) -> list[float]:
+    """Seconds of each of one pretraining run's steps after ``warmup``."""
     from accelerate.state import AcceleratorState, GradientState
 
     import beit.pretrain as pretrain
@@ -56,8 +58,7 @@ def timed_run(cfg_kw: dict, warmup: int) -> tuple[int, float]:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
     recs = [r for r in read_metrics(cfg_kw["output_dir"]) if "samples_per_s" in r and r["step"] > warmup]
-    seconds = sum(cfg_kw["batch_size"] / r["samples_per_s"] for r in recs)
-    return len(recs) * cfg_kw["batch_size"], seconds
+    return [cfg_kw["batch_size"] / r["samples_per_s"] for r in recs]
 
 
 def main(argv=None) -> dict:
@@ -69,7 +70,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--model_size", default="tiny", help="tiny | small | base | large")
     ap.add_argument("--image_size", type=int, default=224, help="encoder view side (patch 16 -> 14x14 at 224)")
     ap.add_argument("--rounds", type=int, default=2, help="live/cached runs alternate this many times (evens out "
-                    "the load of a shared machine); images/s = all timed images / all timed seconds per mode")
+                    "the load of a shared machine)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
 
@@ -105,18 +106,19 @@ def main(argv=None) -> dict:
                       log_every=1, checkpoint_every=10 ** 9, keep_last=1, tensorboard=False, seed=args.seed)
         modes = {"live": dict(common, data_shards=[str(tmp / "bench-000000.tar")]),
                  "cached": dict(common, token_cache=str(tmp / "cache"))}
-        totals = {m: [0, 0.0] for m in modes}
+        step_s: dict[str, list[float]] = {m: [] for m in modes}
         for r in range(args.rounds):
             for mode, kw in modes.items():
-                images, seconds = timed_run(dict(kw, output_dir=str(tmp / f"{mode}{r}")), args.warmup)
-                totals[mode][0] += images
-                totals[mode][1] += seconds
-        live, cached = (totals[m][0] / totals[m][1] for m in modes)
+                step_s[mode] += timed_run(dict(kw, output_dir=str(tmp / f"{mode}{r}")), args.warmup)
+        live, cached = (args.batch_size / statistics.median(step_s[m]) for m in modes)
+        mean = {m: args.batch_size * len(v) / sum(v) for m, v in step_s.items()}
     result = {"model": f"beit_{args.model_size} {args.image_size}px", "tokenizer": "dalle-size (random, 8192, 14x14)",
-              "batch_size": args.batch_size, "timed_steps": (steps - args.warmup) * args.rounds, "torch_threads": torch.get_num_threads(),
-              "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "live_img_per_s": round(live, 2), "cached_img_per_s": round(cached, 2),
-              "speedup": round(cached / live, 2), "cache_build_s_per_img": round(build_s / args.images, 3)}
+              "batch_size": args.batch_size, "timed_steps": (steps - args.warmup) * args.rounds,
+              "torch_threads": torch.get_num_threads(), "device": "cuda" if torch.cuda.is_available() else "cpu",
+              "live_img_per_s": round(live, 2), "cached_img_per_s": round(cached, 2), "speedup": round(cached / live, 2),
+              "mean_live_img_per_s": round(mean["live"], 2), "mean_cached_img_per_s": round(mean["cached"], 2),
+              "cache_build_s_per_img": round(build_s / args.images, 3),
+              "step_s": {m: [round(x, 2) for x in v] for m, v in step_s.items()}}
     print(f"pretraining images/s: live tokenizer {live:.2f}, token cache {cached:.2f} "
           f"({cached / live:.2f}x); cache build {build_s / args.images:.3f} s/img (one-off)")
     print(json.dumps(result))
