@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from beit.data.transforms import encoder_input, tokenizer_input
+
 
 class NonFiniteLossError(RuntimeError):
     """Raised after too many consecutive optimizer steps with a non-finite loss."""
@@ -36,7 +38,8 @@ class TrainState:
 
 
 def batch_to_device(batch: dict, device) -> tuple[torch.Tensor, torch.Tensor]:
-    images = batch["image"].to(device, non_blocking=True)
+    """(normalised float encoder views, bool mask) on ``device``; uint8 views are converted there."""
+    images = encoder_input(batch["image"].to(device, non_blocking=True))
     mask = batch["mask"].to(device, non_blocking=True).bool()
     return images, mask
 
@@ -48,7 +51,7 @@ def batch_tokens(batch: dict, tokenizer, device) -> torch.Tensor:
     if "tokens" in batch:
         return batch["tokens"].to(device, non_blocking=True).long()
     with torch.no_grad():
-        return tokenizer.tokenize(batch["tokenizer_image"].to(device, non_blocking=True).float())
+        return tokenizer.tokenize(tokenizer_input(batch["tokenizer_image"].to(device, non_blocking=True)))
 
 
 def masked_labels(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,15 +1,21 @@
 """BEiT's two-view pretraining augmentation, with reduced-size JPEG decoding.
 
 One random-resized-crop box (timm's ``RandomResizedCropAndInterpolation.get_params``) is resized
-twice: to ``image_size`` with bicubic for the encoder (normalised) and to ``tokenizer_size`` with
-the tokenizer's interpolation (lanczos by default) for the tokenizer, in [0, 1]. Colour jitter
-(brightness, contrast, saturation 0.4, no hue) and a horizontal flip apply to both views alike.
+twice: to ``image_size`` with bicubic for the encoder and to ``tokenizer_size`` with the
+tokenizer's interpolation (lanczos by default) for the tokenizer. Colour jitter (brightness,
+contrast, saturation 0.4, no hue) and a horizontal flip apply to both views alike.
+
+Both views leave the transform as uint8 [3, H, W]: a loader worker sends 4x fewer bytes and does
+no float work. ``encoder_input`` (normalise with the ImageNet mean/std) and ``tokenizer_input``
+(scale to [0, 1]) convert them on the device; the pretraining loop calls them.
 
 Speed: given a still-undecoded JPEG (``beit.data.decode.open_image``), the box is drawn from the
 header size and the JPEG is decoded with ``Image.draft`` at the largest 1/2, 1/4 or 1/8 scale that
 keeps the box at least as large as the bigger output view, then the box is mapped to the reduced
-image. The jitter (same factors, same order for both views) runs on the two small outputs instead
-of the whole image, and the flip on the output tensors; the distribution of boxes, flips and
+image (rounded to whole pixels there). Bicubic and bilinear resizes run on torch's antialiased
+uint8 kernels (the same filters as PIL to within rounding), lanczos on PIL after a power-of-two
+box reduction. The jitter (same factors, same order for both views) runs on the two small outputs
+instead of the whole image, and the flip on the outputs; the distribution of boxes, flips and
 factors is the reference's (flip-then-crop equals crop-then-flip for a uniform box). The one
 difference: contrast blends towards the crop's mean grey instead of the whole image's.
 """
@@ -20,6 +26,7 @@ import random
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
@@ -32,6 +39,7 @@ INTERPOLATIONS = {
     "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX, "hamming": Image.Resampling.HAMMING,
 }
+_TORCH_MODES = {Image.Resampling.BICUBIC: "bicubic", Image.Resampling.BILINEAR: "bilinear"}
 
 
 def _uint8_tensor(img: Image.Image) -> torch.Tensor:
@@ -54,6 +62,11 @@ def _apply_lut(img: Image.Image, table: np.ndarray) -> Image.Image:
         return img.point(lut)
 
 
+def _then(first: np.ndarray | None, second: np.ndarray) -> np.ndarray:
+    """The lookup table that applies ``first`` (None: nothing) and then ``second``."""
+    return second if first is None else second[first.astype(np.int64)]
+
+
 def _interp(name: str) -> Image.Resampling:
     if name not in INTERPOLATIONS:
         raise ValueError(f"unknown interpolation {name!r}; choose one of {sorted(INTERPOLATIONS)}")
@@ -69,7 +82,7 @@ def draft_scale(box_w: float, box_h: float, target: int) -> int:
 
 
 class TwoViewTransform:
-    """``(PIL image) -> (encoder_view [3,S,S] normalised, tokenizer_view [3,T,T] in [0,1])``.
+    """``(PIL image) -> (encoder_view uint8 [3,S,S], tokenizer_view uint8 [3,T,T])``.
 
     Randomness comes from ``random`` (crop box as in timm, flip) and ``torch`` (jitter factors),
     so seeding both per sample makes the output deterministic.
@@ -78,8 +91,7 @@ class TwoViewTransform:
     def __init__(self, image_size: int = 224, tokenizer_size: int = 112,
                  tokenizer_interpolation: str = "lanczos", scale: tuple[float, float] = (0.08, 1.0),
                  ratio: tuple[float, float] = (3 / 4, 4 / 3), color_jitter: float = 0.4,
-                 hflip: float = 0.5, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
-                 interpolation: str = "bicubic", draft: bool = True):
+                 hflip: float = 0.5, interpolation: str = "bicubic", draft: bool = True):
         if image_size < 1 or tokenizer_size < 1:
             raise ValueError(f"image_size and tokenizer_size must be positive, got {image_size}, {tokenizer_size}")
         if not (0 < scale[0] <= scale[1] <= 1.0):
@@ -94,9 +106,6 @@ class TwoViewTransform:
         self.tok_interp = _interp(tokenizer_interpolation)
         self.jitter = ColorJitter(color_jitter, color_jitter, color_jitter, 0.0) if color_jitter > 0 else None
         self.hflip = hflip
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-        self._scale, self._shift = 1.0 / (255.0 * self.std), self.mean / self.std
         self.draft = draft
 
     def __repr__(self) -> str:
@@ -136,31 +145,73 @@ class TwoViewTransform:
 
     def _jitter(self, views: list[Image.Image]) -> list[Image.Image]:
         """The same random brightness/contrast/saturation change, in the same (random) order, on
-        each uint8 view: brightness and contrast as one lookup table, saturation as a blend with
-        the grey image (what PIL's ImageEnhance does, without its intermediate images)."""
+        each uint8 view (``views[-1]`` the smallest). Brightness and contrast are per-value lookup
+        tables, so adjacent ones fuse into one exact table; saturation blends with the grey image
+        (what PIL's ImageEnhance does, without its intermediate images). Contrast blends towards
+        the mean grey of the view at that point, measured on the smallest view."""
         order, b, c, s, _ = ColorJitter.get_params(self.jitter.brightness, self.jitter.contrast,
                                                    self.jitter.saturation, None)
         x = np.arange(256, dtype=np.float64)
+        lut = None  # pending brightness/contrast table, applied lazily
         for fn in order.tolist():
             if fn == 0 and b is not None:
-                views = [_apply_lut(v, np.clip(np.rint(x * b), 0, 255)) for v in views]
+                lut = _then(lut, np.clip(np.rint(x * b), 0, 255))
             elif fn == 1 and c is not None:
-                m = int(np.asarray(views[0].convert("L"), dtype=np.float32).mean() + 0.5)  # shared mean
-                views = [_apply_lut(v, np.clip(np.rint(m + (x - m) * c), 0, 255)) for v in views]
+                small = views[-1] if lut is None else _apply_lut(views[-1], lut)
+                m = int(np.asarray(small.convert("L"), dtype=np.float32).mean() + 0.5)
+                lut = _then(lut, np.clip(np.rint(m + (x - m) * c), 0, 255))
             elif fn == 2 and s is not None:
+                if lut is not None:
+                    views, lut = [_apply_lut(v, lut) for v in views], None
                 views = [Image.blend(v.convert("L").convert("RGB"), v, s) for v in views]
-        return views
+        return views if lut is None else [_apply_lut(v, lut) for v in views]
+
+    def _view(self, img: Image.Image, box: tuple[int, int, int, int], size: int, resample) -> Image.Image:
+        """The box resized to size x size: torch's antialiased uint8 kernels for bicubic/bilinear
+        (they match PIL's filters to rounding, about 5x faster), PIL otherwise."""
+        mode = _TORCH_MODES.get(resample)
+        if mode is None:
+            return self._reduced_resize(img, box, size, resample)
+        crop = img.crop(box)
+        x = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8)
+        x = x.view(1, crop.size[1], crop.size[0], 3).permute(0, 3, 1, 2)  # NCHW view of HWC bytes
+        y = F.interpolate(x, size=(size, size), mode=mode, antialias=True)
+        y = y.contiguous(memory_format=torch.channels_last)[0].permute(1, 2, 0)  # HWC, contiguous
+        return Image.fromarray(y.numpy(), "RGB")
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         img, box = self.decode_box(img)
-        enc = img.resize((self.image_size, self.image_size), self.interp, box=box)
-        tok = self._reduced_resize(img, box, self.tokenizer_size, self.tok_interp)
+        box = _pixel_box(box, img.size)
+        enc = self._view(img, box, self.image_size, self.interp)
+        tok = self._view(img, box, self.tokenizer_size, self.tok_interp)
         if self.jitter is not None:
             enc, tok = self._jitter([enc, tok])
         if self.hflip > 0 and random.random() < self.hflip:
             enc, tok = enc.transpose(Image.Transpose.FLIP_LEFT_RIGHT), tok.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        enc_t = _uint8_tensor(enc).float().mul_(self._scale).sub_(self._shift)  # (x/255 - mean) / std
-        return enc_t, pil_to_tensor(tok)
+        return _uint8_tensor(enc), _uint8_tensor(tok)
+
+
+def _pixel_box(box, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A float (left, top, right, bottom) box rounded to whole pixels inside an image of ``size``
+    (exact for undrafted images, whose boxes are whole pixels already), at least 1 px each way."""
+    x0 = min(max(0, round(box[0])), size[0] - 1)
+    y0 = min(max(0, round(box[1])), size[1] - 1)
+    return x0, y0, min(max(x0 + 1, round(box[2])), size[0]), min(max(y0 + 1, round(box[3])), size[1])
+
+
+def encoder_input(images: torch.Tensor, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> torch.Tensor:
+    """uint8 encoder views [..., 3, H, W] -> float32 ``(x / 255 - mean) / std``, on the views' device.
+    Float input is taken as already normalised and returned unchanged."""
+    if images.is_floating_point():
+        return images
+    m = torch.as_tensor(mean, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    s = torch.as_tensor(std, dtype=torch.float32, device=images.device).view(3, 1, 1)
+    return images.float().mul_(1.0 / 255.0).sub_(m).div_(s)
+
+
+def tokenizer_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 tokenizer views -> float32 in [0, 1]; float input is returned as float32 unchanged."""
+    return images.float() if images.is_floating_point() else images.float().mul_(1.0 / 255.0)
 
 
 def seed_everything(seed: int) -> None:

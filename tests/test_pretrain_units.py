@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from beit.config import parse_config
-from beit.engine_pretrain import MimMeter
+from beit.engine_pretrain import MimMeter, batch_to_device, batch_tokens
 from beit.pretrain import MimSample, PretrainConfig, check_grids, resolve_steps
 from beit.run_logging import RunLogger, read_metrics
 
@@ -72,6 +72,24 @@ def test_map_fn_reseeds_the_mask_from_the_sample_seed():
     a, b, c = (fn(img, {"__seed__": s})["mask"] for s in (5, 5, 6))
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert a.dtype == torch.bool and a.shape == (4, 4)
+
+
+def test_loop_converts_uint8_views_on_the_device():
+    """The loader ships uint8 views; the loop normalises the encoder view and gives the tokenizer [0, 1]."""
+    enc = torch.tensor([0, 255], dtype=torch.uint8).repeat(1, 3, 4, 2)  # [1, 3, 4, 4]
+    tok = torch.full((1, 3, 2, 2), 51, dtype=torch.uint8)
+    batch = {"image": enc, "tokenizer_image": tok, "mask": torch.ones(1, 2, 2, dtype=torch.bool)}
+    images, mask = batch_to_device(batch, "cpu")
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    assert images.dtype == torch.float32 and torch.allclose(images, (enc.float() / 255 - mean) / std)
+    assert mask.dtype == torch.bool
+
+    class Tok:
+        def tokenize(self, x):
+            assert x.dtype == torch.float32 and torch.allclose(x, torch.full_like(x, 0.2))
+            return torch.zeros(x.shape[0], 2, 2, dtype=torch.long)
+    assert batch_tokens(batch, Tok(), "cpu").shape == (1, 2, 2)
 
 
 def test_meter_accuracy_and_majority_baseline():

@@ -111,7 +111,7 @@ def test_report_writes_png_and_json(saved, tmp_path):
 
 @pytest.mark.parametrize("module,argv", [("train", ["kmeans", "--help"]), ("train", ["dvae", "--help"]),
                                          ("report", ["--help"]), ("cache", ["--help"]),
-                                         ("convert_dalle", ["--help"]), ("bench_cache", ["--help"])])
+                                         ("convert_dalle", ["--help"])])
 def test_every_cli_has_help(module, argv, capsys):
     import importlib
     mod = importlib.import_module(f"beit.tokenizers.{module}")
