@@ -1,10 +1,15 @@
 """Data pipeline benchmark: our stream (draft/reduced decoding + TwoViewTransform) against a plain
 torchvision ImageFolder with the reference transform (decode full size, jitter the whole image,
-flip, crop + resize twice), on the same ImageNet-sized JPEGs (500x375 by default, cut from the sample photos).
+flip, crop + resize twice), on the same JPEGs: ImageNet-sized (500x375 by default) windows of the
+sample photos, or your own with --jpegs.
 
-    python launch/bench_data.py [--images 512] [--workers 1 2] [--batch_size 32] [--size 500x375]
+    python launch/bench_data.py [--images 1024] [--workers 1 2] [--batch_size 32] [--size 500x375]
+    python launch/bench_data.py --jpegs /data/imagenet/val --images 2000
 
-Prints images/s and images/s per worker for each pipeline and worker count, and the ratio.
+Prints images/s and images/s per worker for each pipeline and worker count, and the ratio. Our
+loader ships uint8 views that the training loop normalises on the accelerator; the plain one ships
+float tensors (its normalisation is part of its transform). The in-process line also gives our rate
+with the float conversion done on the CPU.
 """
 from __future__ import annotations
 
@@ -26,23 +31,27 @@ from torchvision.datasets import ImageFolder
 from beit.data.samples import load_photos
 from beit.data.shard_writer import Item, WriteOptions, write_shards
 from beit.data.stream import build_stream_loader
-from beit.data.transforms import TwoViewTransform
+from beit.data.transforms import TwoViewTransform, encoder_input, tokenizer_input
 
 
 def make_jpegs(n: int, folder: Path, size: tuple[int, int] = (500, 375)) -> list[Item]:
-    """n JPEGs (quality 90, 4:3) cut from the sample photos, as files and as shard items."""
+    """n JPEGs (quality 90, 4:2:0) as files and as shard items: random windows of the sample photos
+    that are at least ``size`` (so every JPEG has camera-level detail, never upscaled), scaled down
+    to ``size`` from windows up to twice as large."""
     rng = random.Random(0)
     photos = [Image.fromarray(a) for _, a in sorted(load_photos().items())]
+    photos = [p for p in photos if p.size[0] >= size[0] and p.size[1] >= size[1]]
+    if not photos:
+        raise SystemExit(f"no sample photo is at least {size[0]}x{size[1]}; pick a smaller --size")
     (folder / "all").mkdir(parents=True)
     items = []
     for i in range(n):
         p = photos[i % len(photos)]
         w, h = p.size
-        cw = rng.randint(min(w, h) // 2, w)
-        ch = min(h, int(cw * 0.75))
-        cw = int(ch / 0.75)
+        f = rng.uniform(1.0, min(2.0, w / size[0], h / size[1]))
+        cw, ch = round(size[0] * f), round(size[1] * f)
         x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
-        img = p.crop((x, y, x + cw, y + ch)).resize(size, Image.Resampling.BICUBIC)
+        img = p.crop((x, y, x + cw, y + ch)).resize(size, Image.Resampling.LANCZOS)
         buf = io.BytesIO()
         img.save(buf, format="JPEG", quality=90)
         (folder / "all" / f"{i:05d}.jpg").write_bytes(buf.getvalue())
@@ -98,8 +107,9 @@ def plain(folder: Path, workers: int, batch: int) -> float:
     return timed(DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers))
 
 
-def in_process(items: list[Item], folder: Path) -> tuple[float, float]:
-    """Images/s of decode + two-view transform alone (no loader), ours vs reference."""
+def in_process(items: list[Item], folder: Path) -> tuple[float, float, float]:
+    """Images/s of decode + two-view transform alone (no loader): ours (uint8 views), ours with the
+    float conversion done on the CPU too, and the reference."""
     from beit.data.decode import open_image
     tf, ref = TwoViewTransform(), ReferenceTwoView()
     paths = sorted((folder / "all").glob("*.jpg"))
@@ -107,16 +117,36 @@ def in_process(items: list[Item], folder: Path) -> tuple[float, float]:
     for it in items:
         tf(open_image(it.image)[0])
     t1 = time.perf_counter()
+    for it in items:
+        enc, tok = tf(open_image(it.image)[0])
+        encoder_input(enc), tokenizer_input(tok)
+    t2 = time.perf_counter()
     for p in paths:
         with open(p, "rb") as f:
             ref(Image.open(f).convert("RGB"))
-    t2 = time.perf_counter()
-    return len(items) / (t1 - t0), len(paths) / (t2 - t1)
+    t3 = time.perf_counter()
+    return len(items) / (t1 - t0), len(items) / (t2 - t1), len(paths) / (t3 - t2)
+
+
+def own_jpegs(src: Path, n: int, folder: Path) -> list[Item]:
+    """The first n JPEGs under ``src`` (recursive, sorted), as files and as shard items."""
+    files = sorted(q for q in src.rglob("*") if q.suffix.lower() in (".jpg", ".jpeg"))[:n]
+    if not files:
+        raise SystemExit(f"no .jpg/.jpeg files under {src}")
+    (folder / "all").mkdir(parents=True)
+    items = []
+    for i, f in enumerate(files):
+        data = f.read_bytes()
+        (folder / "all" / f"{i:05d}.jpg").write_bytes(data)
+        items.append(Item(key=f"{i:05d}", image=data, ext="jpg"))
+    return items
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=512)
+    p.add_argument("--images", type=int, default=1024)
+    p.add_argument("--jpegs", type=Path, default=None,
+                   help="use the first --images JPEGs under this folder (e.g. ImageNet val) instead of generated ones")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--size", default="500x375", help="JPEG size WxH (ImageNet-like by default)")
@@ -128,15 +158,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         size = tuple(int(v) for v in args.size.lower().split("x"))
-        items = make_jpegs(args.images, tmp / "folder", size)
-        write_shards(items, tmp / "shards", opts=WriteOptions(max_samples=max(1, args.images // 8),
+        items = own_jpegs(args.jpegs, args.images, tmp / "folder") if args.jpegs else make_jpegs(args.images, tmp / "folder", size)
+        write_shards(items, tmp / "shards", opts=WriteOptions(max_samples=max(1, len(items) // 8),
                                                               validate="none"), progress=False)
         shards = str(tmp / "shards")
-        print(f"{args.images} JPEGs of {size[0]}x{size[1]}, batch {args.batch_size}, views 224 bicubic + 112 lanczos")
+        kb = sum(len(it.image) for it in items) / len(items) / 1024
+        what = f"from {args.jpegs}" if args.jpegs else f"of {size[0]}x{size[1]}"
+        print(f"{len(items)} JPEGs {what} ({kb:.0f} KiB on average), batch {args.batch_size}, "
+              f"views 224 bicubic + 112 lanczos; ours ships uint8 views, plain ships float")
         torch.set_num_threads(1)
         runs = [in_process(items, tmp / "folder") for _ in range(args.repeats)]
-        o, r = max(x[0] for x in runs), max(x[1] for x in runs)
-        print(f"decode + transform in one process: ours {o:.1f} img/s, plain {r:.1f} img/s, ratio {o / r:.2f}")
+        o, of, r = (max(x[k] for x in runs) for k in range(3))
+        print(f"decode + transform in one process: ours {o:.1f} img/s, plain {r:.1f} img/s, ratio {o / r:.2f} "
+              f"(ours converting to float on the CPU as well: {of:.1f} img/s, {of / r:.2f}x)")
         print(f"{'workers':>7} {'ours img/s':>11} {'per worker':>11} {'plain img/s':>12} {'per worker':>11} {'ratio':>6}")
         for w in args.workers:
             o = max(ours(shards, w, args.batch_size) for _ in range(args.repeats))
