@@ -34,26 +34,27 @@ from beit.data.stream import build_stream_loader
 from beit.data.transforms import TwoViewTransform, encoder_input, tokenizer_input
 
 
-def make_jpegs(n: int, folder: Path, size: tuple[int, int] = (500, 375)) -> list[Item]:
-    """n JPEGs (quality 90, 4:2:0) as files and as shard items: random windows of the sample photos
-    that are at least ``size`` (so every JPEG has camera-level detail, never upscaled), scaled down
-    to ``size`` from windows up to twice as large."""
+def make_jpegs(n: int, folder: Path, size: tuple[int, int] = (500, 375), quality: int = 90) -> list[Item]:
+    """n JPEGs (4:2:0) as files and as shard items: random windows of the sample photos,
+    scaled to ``size`` from windows 1-2x as large, so every JPEG keeps camera-level detail. Only the
+    photos at least ``size`` are used, unless fewer than 4 are (then windows of smaller ones are
+    upscaled, which makes smoother, cheaper-to-decode JPEGs)."""
     rng = random.Random(0)
     photos = [Image.fromarray(a) for _, a in sorted(load_photos().items())]
-    photos = [p for p in photos if p.size[0] >= size[0] and p.size[1] >= size[1]]
-    if not photos:
-        raise SystemExit(f"no sample photo is at least {size[0]}x{size[1]}; pick a smaller --size")
+    big = [p for p in photos if p.size[0] >= size[0] and p.size[1] >= size[1]]
+    photos = big if len(big) >= 4 else photos
     (folder / "all").mkdir(parents=True)
     items = []
     for i in range(n):
         p = photos[i % len(photos)]
         w, h = p.size
-        f = rng.uniform(1.0, min(2.0, w / size[0], h / size[1]))
+        hi = min(2.0, w / size[0], h / size[1])
+        f = rng.uniform(min(1.0, hi), hi)
         cw, ch = round(size[0] * f), round(size[1] * f)
         x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
         img = p.crop((x, y, x + cw, y + ch)).resize(size, Image.Resampling.LANCZOS)
         buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=90)
+        img.save(buf, format="JPEG", quality=quality)
         (folder / "all" / f"{i:05d}.jpg").write_bytes(buf.getvalue())
         items.append(Item(key=f"{i:05d}", image=buf.getvalue(), ext="jpg"))
     return items
@@ -150,6 +151,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--size", default="500x375", help="JPEG size WxH (ImageNet-like by default)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated JPEGs (higher: more bytes)")
     p.add_argument("--repeats", type=int, default=2, help="alternate the two pipelines this many times")
     args = p.parse_args()
     torch.manual_seed(0)
@@ -158,12 +160,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         size = tuple(int(v) for v in args.size.lower().split("x"))
-        items = own_jpegs(args.jpegs, args.images, tmp / "folder") if args.jpegs else make_jpegs(args.images, tmp / "folder", size)
+        items = own_jpegs(args.jpegs, args.images, tmp / "folder") if args.jpegs else make_jpegs(args.images, tmp / "folder", size, args.quality)
         write_shards(items, tmp / "shards", opts=WriteOptions(max_samples=max(1, len(items) // 8),
                                                               validate="none"), progress=False)
         shards = str(tmp / "shards")
         kb = sum(len(it.image) for it in items) / len(items) / 1024
-        what = f"from {args.jpegs}" if args.jpegs else f"of {size[0]}x{size[1]}"
+        what = f"from {args.jpegs}" if args.jpegs else f"of {size[0]}x{size[1]}, quality {args.quality}"
         print(f"{len(items)} JPEGs {what} ({kb:.0f} KiB on average), batch {args.batch_size}, "
               f"views 224 bicubic + 112 lanczos; ours ships uint8 views, plain ships float")
         torch.set_num_threads(1)
