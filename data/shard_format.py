@@ -89,13 +89,14 @@ def iter_tar_samples(fileobj) -> Iterator[dict[str, Any]]:
             if not member.isfile():
                 continue
             key, ext = split_member_name(member.name)
+            if current is not None and current["__key__"] != key:
+                yield current  # complete: a new key starts (before its data is read, which may fail)
+                current = None
             f = tar.extractfile(member)
             data = f.read() if f is not None else b""
             if len(data) != member.size:
                 raise tarfile.ReadError(f"member {member.name} truncated ({len(data)} of {member.size} bytes)")
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
+            if current is None:
                 current = {"__key__": key}
             current[ext] = data
         end = tar.offset
