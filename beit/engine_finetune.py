@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from beit.data.heldout import good_rows
+
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int] = (1, 5)) -> list[int]:
     """Number of samples whose target is among the top-k logits, for each k (k capped at #classes)."""
@@ -75,18 +77,17 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
 def evaluate(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
     """Top-1 / top-5 accuracy, mean cross-entropy and the confusion matrix over every held-out
     sample, summed across ranks (ranks may hold different numbers of samples). Samples the loader
-    could not decode (label -1) are counted in ``bad_samples`` and left out of the scores."""
+    could not decode (``bad`` set) are counted in ``bad_samples`` and left out of the scores."""
     model.eval()
     dev = accelerator.device
     cm = torch.zeros(num_classes, num_classes, dtype=torch.long, device=dev)
     sums = torch.zeros(4, dtype=torch.float64, device=dev)  # top5 hits, loss, samples, bad
     for batch in loader:
-        target = batch["label"].to(dev)
-        ok = target >= 0
+        ok = good_rows(batch).to(dev)
         sums[3] += int((~ok).sum())
         if not ok.any():
             continue
-        images, target = batch["image"].to(dev, non_blocking=True)[ok], target[ok]
+        images, target = batch["image"].to(dev, non_blocking=True)[ok], batch["label"].to(dev)[ok]
         with accelerator.autocast():
             logits = model(images).float()
         sums[1] += float(nn.functional.cross_entropy(logits, target, reduction="sum"))

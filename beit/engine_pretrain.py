@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from beit.data.heldout import good_rows
 from beit.data.transforms import encoder_input, tokenizer_input
 
 
@@ -196,12 +197,21 @@ def evaluate_mim(model, tokenizer, loader, accelerator, max_batches: int = 0) ->
     """Masked-token accuracy on held-out data beside the majority-token baseline (summed over ranks).
 
     The baseline predicts the single most frequent masked token of the held-out set itself, which
-    is the best any constant prediction can do there."""
+    is the best any constant prediction can do there. With a ``HeldOutStream`` loader, samples that
+    did not decode are left out and counted (``bad_images``); ``images`` counts the scored ones."""
     model.eval()
     meter = MimMeter(tokenizer.vocab_size, accelerator.device)
+    counts = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # images scored, images bad
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
             break
+        if "bad" in batch:  # a held-out stream: leave out (and count) the samples that did not decode
+            ok = good_rows(batch)
+            counts[1] += int((~ok).sum())
+            batch = {k: v[ok] for k, v in batch.items() if torch.is_tensor(v)}
+            if not len(batch["mask"]):
+                continue
+        counts[0] += len(batch["mask"])
         images, mask = batch_to_device(batch, accelerator.device)
         labels = masked_labels(batch_tokens(batch, tokenizer, accelerator.device), mask)
         with accelerator.autocast():
@@ -210,4 +220,7 @@ def evaluate_mim(model, tokenizer, loader, accelerator, max_batches: int = 0) ->
         if math.isfinite(loss.item()):
             meter.update(loss, logits, labels)
     model.train()
-    return meter.reduce(accelerator)
+    if accelerator.num_processes > 1:
+        counts = accelerator.reduce(counts, reduction="sum")
+    images, bad_images = counts.cpu().tolist()
+    return {**meter.reduce(accelerator), "images": int(images), "bad_images": int(bad_images)}

@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
 
 def check_shards(cfg) -> None:
@@ -69,53 +68,20 @@ class LabelledMap:
         return {"image": self.transform(image), "label": parse_label(sample, self.num_classes)}
 
 
-class HeldOutStream(IterableDataset):
-    """Every sample of this rank's share of the held-out shards, exactly once, in order (the
-    training stream emits only full batches, which would leave samples out of the score).
-    Undecodable samples come out with label -1 and a ``bad`` reason, so they are counted, not hidden."""
-
-    def __init__(self, shards: list[str], transform, num_classes: int, rank: int = 0, world_size: int = 1):
-        super().__init__()
-        self.shards = shards[rank::world_size]
-        self.transform, self.num_classes = transform, num_classes
-
-    def __iter__(self):
-        from beit.data.decode import BadSample, open_image
-        from beit.data.shard_format import image_ext, iter_tar_samples
-        info = get_worker_info()
-        mine = self.shards[info.id::info.num_workers] if info is not None else self.shards
-        shape = None
-        for shard in mine:
-            with open(shard, "rb") as f:
-                for raw in iter_tar_samples(f):
-                    try:
-                        ext = image_ext(raw)
-                        if ext is None:
-                            raise BadSample("no_image")
-                        img, _ = open_image(raw[ext], lazy_jpeg=False)
-                        x = self.transform(img)
-                        shape = x.shape
-                        yield {"image": x, "label": parse_label(raw, self.num_classes), "bad": ""}
-                    except BadSample as e:
-                        if shape is None:
-                            raise RuntimeError(f"{shard}: first held-out sample {raw.get('__key__')} is bad "
-                                               f"({e}); check the shards with the verify command") from None
-                        yield {"image": torch.zeros(shape), "label": -1, "bad": e.reason}
-
-
 def build_loaders(cfg, accelerator, num_classes: int):
     """(train loader, held-out loader). The train stream is shuffled and reshuffled per epoch; the
     held-out loader reads every sample once, in order, with a partial last batch."""
-    from beit.data.shardspec import expand_shards
     from beit.data.global_order import build_loader_for_order
+    from beit.data.heldout import HeldOutStream
+    from beit.data.shardspec import expand_shards
     common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=accelerator.process_index,
                   world_size=accelerator.num_processes, seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction)
     train_map = LabelledMap(build_transforms(cfg, True), num_classes)
     train = build_loader_for_order(getattr(cfg, "data_order", "shards"), expand_shards(cfg.train_shards),
                                    map_fn=train_map, batches_per_epoch=cfg.batches_per_epoch or None, **common)
     val_shards = expand_shards(cfg.val_shards)
-    val_ds = HeldOutStream(val_shards, build_transforms(cfg, False), num_classes, accelerator.process_index,
-                           accelerator.num_processes)
+    val_ds = HeldOutStream(val_shards, LabelledMap(build_transforms(cfg, False), num_classes),
+                           accelerator.process_index, accelerator.num_processes, seed=cfg.seed)
     workers = min(cfg.num_workers, max(1, len(val_shards) // accelerator.num_processes))
     val = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=workers)
     return train, val

@@ -251,9 +251,12 @@ def check_token_cache(cfg: PretrainConfig, info: dict, tokenizer) -> None:
 
 
 def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: bool, batch_size: int):
-    """Training (``train``) or held-out loader; training reads the token cache when cfg.token_cache is set."""
+    """Training (``train``) or held-out loader; training reads the token cache when cfg.token_cache is set.
+    The held-out loader reads every image of this rank's share once (a partial last batch included)."""
+    from torch.utils.data import DataLoader
+
     from beit.data.global_order import build_loader_for_order
-    from beit.data.shardspec import shard_sample_counts
+    from beit.data.heldout import HeldOutStream
     from beit.data.transforms import TwoViewTransform
     from beit.masking import MaskingGenerator
     from beit.tokenizers.cache import CachedViews
@@ -270,23 +273,17 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
                                      scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0.0, hflip=0.0)
     masker = MaskingGenerator(cfg.grid, cfg.masked_count(), min_num_patches=min(cfg.min_mask_patches, cfg.masked_count()),
                               max_num_patches=cfg.max_mask_patches or None, min_aspect=cfg.min_mask_aspect)
-    workers, batches = cfg.num_workers, (cfg.batches_per_epoch or None)
-    if not train:
-        workers, batches = min(cfg.num_workers, len(shards) // accelerator.num_processes), None
-        counts = shard_sample_counts(shards)
-        if accelerator.num_processes == 1 and counts:
-            # one reader over all held-out shards: every image once, only the last partial batch is left out
-            batch_size = min(batch_size, sum(counts))
-            workers, batches = 0, sum(counts) // batch_size
     map_fn = (CachedMimSample if train and cfg.token_cache else MimSample)(transform, masker)
-    loader = build_loader_for_order(
-        cfg.data_order if train else "shards", shards, map_fn=map_fn, batch_size=batch_size,
-        num_workers=workers,
+    if not train:
+        workers = min(cfg.num_workers, len(shards) // accelerator.num_processes)
+        held_out = HeldOutStream(shards, map_fn, rank=accelerator.process_index,
+                                 world_size=accelerator.num_processes, seed=cfg.seed, lazy_jpeg=True)
+        return DataLoader(held_out, batch_size=batch_size, num_workers=workers)
+    return build_loader_for_order(
+        cfg.data_order, shards, map_fn=map_fn, batch_size=batch_size, num_workers=cfg.num_workers,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer if train else 1,
-        batches_per_epoch=batches,
+        shuffle_buffer=cfg.shuffle_buffer, batches_per_epoch=cfg.batches_per_epoch or None,
         allow_remote=cfg.allow_remote_shards, max_bad_fraction=cfg.max_bad_fraction)
-    return loader
 
 
 def data_error_metrics(loader, accelerator) -> dict:
@@ -496,7 +493,8 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
         logger.log({f"val/{k}": v for k, v in ev.items()}, step=state.step)
         if "mim_acc" in ev:
             logger.info(f"held-out masked-token accuracy {ev['mim_acc']:.4f} vs majority-token baseline "
-                        f"{ev['majority_acc']:.4f} ({ev['tokens']} masked tokens)")
+                        f"{ev['majority_acc']:.4f} ({ev['tokens']} masked tokens in {ev['images']} images"
+                        + (f"; {ev['bad_images']} undecodable images left out)" if ev["bad_images"] else ")"))
     if accelerator.is_main_process:
         (out / "final_metrics.json").write_text(json.dumps(summary, indent=1))
     accelerator.end_training()

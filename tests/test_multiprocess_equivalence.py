@@ -6,7 +6,11 @@ Both runs use ``data_order: global`` (same samples per global batch and the same
 augmentation/mask for any process count) and drop path 0 (its RNG is per rank). Tolerance: losses
 agree to rtol 1e-4 (observed ~1e-7: only the summation order of the gradient all-reduce differs).
 """
+import json
+
 import pytest
+
+from beit.data.shardspec import expand_shards, shard_sample_counts
 
 from mp.common import (BAD_KEYS, FINETUNE, assets, finetune_args, pretrain_reference, rank_logs, run,
                        step_records)
@@ -31,6 +35,12 @@ def test_pretrain_two_processes_match_one():
         assert b["data/bad"] == a["data/bad"]
     assert two[48]["data/bad"] >= len(BAD_KEYS)                # the corrupt samples were counted, once each
     assert two[48]["loss"] < two[1]["loss"] - 0.1               # and it learns
+    # the held-out evaluation scores every held-out image once, split over the ranks
+    f1, f2 = (json.loads((o / "final_metrics.json").read_text()) for o in (out1, out2))
+    n_val = sum(shard_sample_counts(expand_shards(assets()["photos_val"])))
+    assert f1["val/images"] == f2["val/images"] == n_val and f1["val/bad_images"] == f2["val/bad_images"] == 0
+    assert f1["val/tokens"] == f2["val/tokens"] == n_val * 26
+    assert abs(f1["val/mim_acc"] - f2["val/mim_acc"]) <= 1e-3
     # the effective batch and lr are printed at start-up; global batch kept by gradient accumulation
     assert "effective batch 16 = 8 x 2 accum x 1 proc; lr 0.002 (not rescaled)" in text1
     rank0, rank1 = rank_logs(logs2, 0), rank_logs(logs2, 1)

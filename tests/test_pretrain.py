@@ -64,7 +64,8 @@ def losses(out) -> dict[int, float]:
 
 def test_end_to_end_outputs(assets, tmp_path):
     out = tmp_path / "run"
-    summary = run(tiny_cfg(assets, out, tensorboard=True, num_workers=2, grad_accum_steps=2, log_every=2))
+    summary = run(tiny_cfg(assets, out, tensorboard=True, num_workers=2, grad_accum_steps=2, log_every=2,
+                           eval_batches=0, eval_batch_size=10))
     recs = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in recs] == [2, 4, 6]
     for r in recs:
@@ -86,6 +87,11 @@ def test_end_to_end_outputs(assets, tmp_path):
     assert final == json.loads(json.dumps(summary))
     assert final["step"] == 6 and final["val/tokens"] > 0
     assert 0 <= final["val/mim_acc"] <= 1 and 0 < final["val/majority_acc"] <= 1
+    # every held-out image is scored once (partial last batch included)
+    from beit.data.shardspec import expand_shards, shard_sample_counts
+    n_val = sum(shard_sample_counts(expand_shards(assets["val"])))
+    assert final["val/images"] == n_val and final["val/bad_images"] == 0
+    assert final["val/tokens"] == n_val * pretrain.PretrainConfig(**tiny_cfg(assets, out)).masked_count()
 
 
 def test_same_config_same_numbers_and_exact_resume(assets, tmp_path, monkeypatch):

@@ -49,13 +49,15 @@ def assets() -> dict[str, str]:
                               vocab_size=32, patch_size=4, input_size=32)
     tok.save(root / "kmeans")
     return {"root": str(root), "photos": train, "flawed": str(flawed), "tok": str(root / "kmeans"),
+            "photos_val": str(root / "photos" / "val-{000000..000002}.tar"),
             "digits_train": str(root / "digits" / "train-*.tar"), "digits_test": str(root / "digits" / "test-*.tar")}
 
 
 def pretrain_args(out: Path, **over) -> list[str]:
     """A tiny global-order pretraining run: global batch 16, drop path 0 (its RNG is per rank)."""
     a = assets()
-    cfg = dict(data_shards=f"{a['photos']},{a['flawed']}", tokenizer="kmeans", tokenizer_path=a["tok"],
+    cfg = dict(data_shards=f"{a['photos']},{a['flawed']}", val_shards=a["photos_val"], tokenizer="kmeans",
+               tokenizer_path=a["tok"],
                image_size=32, patch_size=4, model_size="tiny", embed_dim=32, depth=2, num_heads=2, drop_path=0,
                total_steps=48, warmup_steps=4, lr=2e-3, min_lr=1e-4, num_workers=0, checkpoint_every=8,
                keep_last=2, log_every=1, tensorboard=False, shuffle_buffer=32, data_order="global",
