@@ -144,7 +144,27 @@ class FinetuneConfig:
 
 
 RESUME_KEYS = ("model", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "num_classes",
-               "linear_probe", "probe_block", "init", "epochs", "batch_size", "grad_accum_steps")
+               "linear_probe", "probe_block", "init", "epochs")
+
+
+def check_resume_schedule(train_state: dict, cfg, world: int, total_steps: int, where: str) -> None:
+    """A run may resume on another process count or micro-batch size, but only with the same global
+    batch (images per optimizer step) and the same number of optimizer steps: the lr schedule and
+    the optimizer state were built for them."""
+    saved = train_state["config"]
+    saved_world = int(train_state.get("world_size", 1))
+    before = saved["batch_size"] * saved["grad_accum_steps"] * saved_world
+    now = cfg.batch_size * cfg.grad_accum_steps * world
+    if before != now:
+        raise ValueError(
+            f"cannot resume {where}: it was trained with a global batch of {before} images per optimizer step "
+            f"({saved['batch_size']} x {saved['grad_accum_steps']} accum x {saved_world} process(es)), this run "
+            f"has {now} ({cfg.batch_size} x {cfg.grad_accum_steps} x {world}); pass --global_batch_size {before}")
+    if "total_steps" in train_state and int(train_state["total_steps"]) != total_steps:
+        raise ValueError(
+            f"cannot resume {where}: it was planned for {train_state['total_steps']} optimizer steps, this run for "
+            f"{total_steps} (--batches_per_epoch counts micro-batches per process: scale it with the process count "
+            f"and micro-batch size, or leave it 0 for one pass over the shards)")
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int, log=print):
@@ -259,6 +279,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if latest is not None:
         train_state, rank_state = load_checkpoint(accelerator, latest)
         check_resume_compatible(train_state["config"], to_dict(cfg), RESUME_KEYS, where=str(out))
+        check_resume_schedule(train_state, cfg, accelerator.num_processes, total_steps, where=str(out))
         schedule.load_state_dict(train_state["schedule"])
         step, start_epoch = int(train_state["step"]), int(train_state["epoch"])
         if rank_state is not None:
@@ -298,7 +319,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         logger.log(record, step=step)
         if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
             save_checkpoint(accelerator, out, step,
-                            {"epoch": epoch + 1, "schedule": schedule.state_dict(), "config": to_dict(cfg)},
+                            {"epoch": epoch + 1, "schedule": schedule.state_dict(), "config": to_dict(cfg),
+                             "total_steps": total_steps},
                             rank_state={"loader": train_loader.state_dict()}, keep_last=cfg.keep_last)
     bar.close()
     if not results:  # resumed after the last epoch: evaluate the restored weights

@@ -133,3 +133,24 @@ def test_missing_shards_fail_at_start_up(digits, tmp_path):
     with pytest.raises(ValueError, match="--val_shards: .*matches no files"):
         run_finetune(cfg(digits, tmp_path / "x", val_shards=str(digits / "nope-*.tar")))
     assert not (tmp_path / "x" / "config.yaml").exists()
+
+
+def test_resume_with_another_micro_batch_keeps_the_global_batch(digits, tmp_path):
+    """Resuming with a different micro-batch / process split of the same global batch continues the
+    same run (as moving from 8 to 16 GPUs would); a different global batch is refused."""
+    out = tmp_path / "run"
+    # no per-micro-batch randomness (mixup, drop path); 12 steps per epoch
+    same = dict(mixup=0.0, cutmix=0.0, drop_path=0.0, global_batch_size=16, lr=3e-3, batches_per_epoch=12)
+    res = run_finetune(cfg(digits, out, **same))
+    ckpts = sorted((out / "checkpoints").glob("step_*"))
+    shutil.rmtree(ckpts[-1])
+    with pytest.raises(ValueError, match="global batch of 16 .*--global_batch_size 16"):
+        run_finetune(cfg(digits, out, **{**same, "global_batch_size": 32}))
+    with pytest.raises(ValueError, match="planned for 24 optimizer steps"):
+        run_finetune(cfg(digits, out, **{**same, "batch_size": 8}))  # 12 micro-batches -> 6 steps per epoch
+    with pytest.warns(UserWarning, match="layout changed"):
+        res2 = run_finetune(cfg(digits, out, **{**same, "batch_size": 8, "batches_per_epoch": 24}))
+    assert res2["samples"] == 360
+    # same samples, augmentation and schedule: the held-out loss after 12 more steps matches to ~1e-8
+    assert res2["loss"] == pytest.approx(res["loss"], abs=1e-6) and res2["top1"] == res["top1"]
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, 25))
