@@ -327,8 +327,14 @@ class StreamLoader:
         self.epoch = int(state["epoch"])
         self._stats = DataStats(state.get("stats"))
         if state.get("layout") != self._layout():
+            saved_batches = (state.get("layout") or {}).get("num_batches")
+            if saved_batches is not None and int(state["position"]) >= int(saved_batches):
+                self.epoch += 1  # the saved epoch was complete: nothing to redo
+                what = f"epoch {self.epoch - 1} was complete; epoch {self.epoch} starts from its first batch"
+            else:
+                what = f"restarting epoch {self.epoch} from its first batch"
             warnings.warn(f"data loader layout changed since the checkpoint ({state.get('layout')} -> "
-                          f"{self._layout()}); restarting epoch {self.epoch} from its first batch")
+                          f"{self._layout()}); {what}")
             self.position, self._progress = 0, [(0, 0)] * self.dataset.num_workers
             return
         self.position = int(state["position"])

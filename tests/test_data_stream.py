@@ -218,3 +218,21 @@ def test_exif_orientation_is_applied():
     assert out.size == (30, 60)
     plain, _ = open_image(encode(img, "JPEG"))
     assert plain.size == (60, 30)
+
+
+def test_layout_change_on_resume_restarts_or_moves_on(tmp_path):
+    shards = good_shards(tmp_path, n_shards=4, per_shard=6)
+    fn = lambda img, s: {"x": torch.zeros(1)}  # noqa: E731
+    a = build_stream_loader(shards, map_fn=fn, batch_size=4, num_workers=0, seed=1)
+    a.set_epoch(3)
+    it = iter(a)
+    next(it)
+    mid = a.state_dict()
+    list(it)
+    done = a.state_dict()
+    for state, epoch, msg in ((mid, 3, "restarting epoch 3"), (done, 4, "epoch 3 was complete")):
+        b = build_stream_loader(shards, map_fn=fn, batch_size=2, num_workers=0, seed=1)  # another layout
+        with pytest.warns(UserWarning, match=msg):
+            b.load_state_dict(state)
+        assert b.epoch == epoch and b.state_dict()["position"] == 0
+        assert len(list(b)) == len(b)
