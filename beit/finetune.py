@@ -228,7 +228,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from beit.finetune_data import build_loaders, check_shards, infer_num_classes
     from beit.pretrain import data_error_metrics
     from beit.run_logging import RunLogger, resolve_trackers
-    from beit.scaling import accelerator_kwargs_handlers, describe_scaling, grad_accum_for
+    from beit.scaling import accelerator_kwargs_handlers, describe_scaling, grad_accum_for, refuse_under_fsdp
 
     out = Path(cfg.output_dir)
     if cfg.global_batch_size:  # keep the global batch for any process count (lr is not rescaled)
@@ -238,6 +238,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=trackers or None, project_dir=str(out),
                               kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
+    refuse_under_fsdp(accelerator.distributed_type, "fine-tuning's evaluation and export",
+                      "fine-tune with DDP (launch/accelerate/8gpu.yaml, plus --grad_checkpointing true for ViT-L)")
     set_seed(cfg.seed)
     check_shards(cfg)  # missing / empty shard specs fail here, before any model is built
     class_names = None

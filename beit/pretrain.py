@@ -24,7 +24,7 @@ from beit.config import field, load_yaml, parse_config, save_config, to_dict
 from beit.engine_pretrain import MimMeter, TrainState, evaluate_mim, train_one_epoch
 from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
 from beit.run_logging import RunLogger, resolve_trackers
-from beit.scaling import accelerator_kwargs_handlers, check_data_order
+from beit.scaling import accelerator_kwargs_handlers, check_data_order, refuse_under_fsdp
 
 # Fields that define the model and its targets: a resumed run must not change them. (The tokenizer's
 # weights are compared by fingerprint, so a tokenizer file may move but not change.)
@@ -392,6 +392,12 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
                               kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
     if accelerator.num_processes != world:
         raise RuntimeError(f"process count mismatch: WORLD_SIZE={world}, accelerate sees {accelerator.num_processes}")
+    if val_shards:
+        try:
+            refuse_under_fsdp(accelerator.distributed_type, "the held-out evaluation (--val_shards)",
+                              "leave --val_shards empty and evaluate pretrained.safetensors afterwards")
+        except ValueError as e:
+            raise SetupError(str(e)) from None
     latest = find_latest_complete(out)
     tok_fp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     cache_fp = token_cache_fingerprint(cfg.token_cache) if cache is not None else None

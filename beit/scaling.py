@@ -45,3 +45,13 @@ def grad_accum_for(global_batch_size: int, batch_size: int, processes: int) -> i
         raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of batch_size "
                          f"{batch_size} x {processes} process(es); change batch_size or global_batch_size")
     return global_batch_size // (batch_size * processes)
+
+
+def refuse_under_fsdp(distributed_type, what: str, instead: str) -> None:
+    """Refuse, at start-up, ``what`` under FSDP: it runs the unwrapped model, which there holds only
+    this rank's shard of the parameters (its numbers would be wrong or it would fail hours in)."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type == DistributedType.FSDP:
+        raise ValueError(f"{what} runs the unwrapped model, which under FSDP holds only this rank's shard of "
+                         f"the weights; {instead} (see docs/scaling.md, 'FSDP and DeepSpeed notes')")

@@ -154,3 +154,11 @@ def test_resume_with_another_micro_batch_keeps_the_global_batch(digits, tmp_path
     # same samples, augmentation and schedule: the held-out loss after 12 more steps matches to ~1e-8
     assert res2["loss"] == pytest.approx(res["loss"], abs=1e-6) and res2["top1"] == res["top1"]
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, 25))
+
+
+def test_fsdp_is_refused_at_start_up(digits, tmp_path, monkeypatch):
+    from test_pretrain import _pretend_fsdp
+    _pretend_fsdp(monkeypatch)
+    with pytest.raises(ValueError, match="under FSDP .*fine-tune with DDP"):
+        run_finetune(cfg(digits, tmp_path / "x"))
+    assert not (tmp_path / "x" / "checkpoints").exists()

@@ -144,6 +144,29 @@ def test_bad_inputs_fail_before_compute(assets, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def _pretend_fsdp(monkeypatch):
+    """Make ``accelerate.Accelerator`` report FSDP (no GPU here to run real FSDP)."""
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    class FsdpAccelerator(accelerate.Accelerator):
+        @property
+        def distributed_type(self):
+            return DistributedType.FSDP
+    monkeypatch.setattr(accelerate, "Accelerator", FsdpAccelerator)
+
+
+def test_fsdp_with_held_out_evaluation_is_refused_at_start_up(assets, tmp_path, monkeypatch):
+    _pretend_fsdp(monkeypatch)
+    with pytest.raises(pretrain.SetupError, match="under FSDP holds only this rank's shard.*leave --val_shards empty"):
+        run(tiny_cfg(assets, tmp_path / "x"))
+    assert not (tmp_path / "x").exists()  # nothing written, nothing computed
+    from beit.scaling import refuse_under_fsdp
+    from accelerate.utils import DistributedType
+    for ok in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.DEEPSPEED):
+        refuse_under_fsdp(ok, "x", "y")
+
+
 def test_nonfinite_loss_skips_the_step_then_aborts(assets, tmp_path, monkeypatch):
     from beit.model import BeitPretrainModel
 
