@@ -162,3 +162,13 @@ def test_fsdp_is_refused_at_start_up(digits, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="under FSDP .*fine-tune with DDP"):
         run_finetune(cfg(digits, tmp_path / "x"))
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_bf16_autocast_fine_tune_on_cpu(digits, tmp_path):
+    out = tmp_path / "bf16"
+    res = run_finetune(cfg(digits, out, mixed_precision="bf16", epochs=1))
+    steps = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert len(steps) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert res["samples"] == 360 and torch.isfinite(torch.tensor(res["loss"]))
+    from safetensors.torch import load_file
+    assert all(v.dtype == torch.float32 for v in load_file(str(out / "model.safetensors")).values())

@@ -231,3 +231,16 @@ def test_sigkill_and_rerun_resumes(assets, tmp_path):
     final = json.loads((out / "final_metrics.json").read_text())
     assert final["step"] == 40 and final["train_seconds"] > 0        # training time summed over both runs
     assert [s for s, _ in list_complete(out)] == [32, 36, 40]
+
+
+def test_bf16_autocast_training_on_cpu(assets, tmp_path):
+    """A real bf16 run (autocast on the CPU): finite losses, fp32 master weights saved, eval in bf16."""
+    out = tmp_path / "bf16"
+    summary = run(tiny_cfg(assets, out, mixed_precision="bf16", total_steps=6, lr=3e-3))
+    recs = [r for r in read_metrics(out) if "loss" in r]
+    assert len(recs) == 6 and all(math.isfinite(r["loss"]) for r in recs)
+    assert recs[-1]["loss"] < recs[0]["loss"]
+    assert summary["val/tokens"] > 0 and 0 <= summary["val/mim_acc"] <= 1
+    weights = load_file(str(out / "pretrained.safetensors"))
+    assert all(v.dtype == torch.float32 for v in weights.values())
+    assert yaml.safe_load((out / "config.yaml").read_text())["mixed_precision"] == "bf16"
