@@ -165,8 +165,17 @@ def test_fsdp_is_refused_at_start_up(digits, tmp_path, monkeypatch):
 
 
 def test_bf16_autocast_fine_tune_on_cpu(digits, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():  # Accelerate keeps one state per process; a new precision needs a fresh one
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
     out = tmp_path / "bf16"
-    res = run_finetune(cfg(digits, out, mixed_precision="bf16", epochs=1))
+    reset()
+    try:
+        res = run_finetune(cfg(digits, out, mixed_precision="bf16", epochs=1))
+    finally:
+        reset()
     steps = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert len(steps) == 3 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     assert res["samples"] == 360 and torch.isfinite(torch.tensor(res["loss"]))
