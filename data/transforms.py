@@ -143,7 +143,7 @@ class TwoViewTransform:
                min((box[2] - ib[0]) / r, small.size[0]), min((box[3] - ib[1]) / r, small.size[1]))
         return small.resize((size, size), resample, box=rel)
 
-    def _jitter(self, views: list[Image.Image]) -> list[Image.Image]:
+    def jitter_views(self, views: list[Image.Image]) -> list[Image.Image]:
         """The same random brightness/contrast/saturation change, in the same (random) order, on
         each uint8 view (``views[-1]`` the smallest). Brightness and contrast are per-value lookup
         tables, so adjacent ones fuse into one exact table; saturation blends with the grey image
@@ -166,7 +166,7 @@ class TwoViewTransform:
                 views = [Image.blend(v.convert("L").convert("RGB"), v, s) for v in views]
         return views if lut is None else [_apply_lut(v, lut) for v in views]
 
-    def _view(self, img: Image.Image, box: tuple[int, int, int, int], size: int, resample) -> Image.Image:
+    def resize_view(self, img: Image.Image, box: tuple[int, int, int, int], size: int, resample) -> Image.Image:
         """The box resized to size x size: torch's antialiased uint8 kernels for bicubic/bilinear
         (they match PIL's filters to rounding, about 5x faster), PIL otherwise."""
         mode = _TORCH_MODES.get(resample)
@@ -182,10 +182,10 @@ class TwoViewTransform:
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         img, box = self.decode_box(img)
         box = _pixel_box(box, img.size)
-        enc = self._view(img, box, self.image_size, self.interp)
-        tok = self._view(img, box, self.tokenizer_size, self.tok_interp)
+        enc = self.resize_view(img, box, self.image_size, self.interp)
+        tok = self.resize_view(img, box, self.tokenizer_size, self.tok_interp)
         if self.jitter is not None:
-            enc, tok = self._jitter([enc, tok])
+            enc, tok = self.jitter_views([enc, tok])
         if self.hflip > 0 and random.random() < self.hflip:
             enc, tok = enc.transpose(Image.Transpose.FLIP_LEFT_RIGHT), tok.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return _uint8_tensor(enc), _uint8_tensor(tok)

@@ -120,7 +120,7 @@ def test_jitter_matches_torchvision_color_jitter():
     view = photo(8, (64, 64))
     for seed in range(4):
         torch.manual_seed(seed)
-        ours = np.asarray(t._jitter([view])[0], dtype=float)
+        ours = np.asarray(t.jitter_views([view])[0], dtype=float)
         torch.manual_seed(seed)
         order, b, c, s, _ = ColorJitter.get_params(t.jitter.brightness, t.jitter.contrast, t.jitter.saturation, None)
         ref = view

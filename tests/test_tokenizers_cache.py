@@ -48,8 +48,12 @@ def test_cache_roundtrip_and_reader(setup):
         view = crop_view(img, meta["boxes"][k], 32, tok.interpolation, bool(meta["flips"][k]))
         assert np.array_equal(tok.tokenize(view[None])[0].numpy(), tokens[k])
     out = CachedViews(image_size=64, color_jitter=0.0)(img, sample)
-    assert out["images"].shape == (3, 64, 64) and out["tokens"].dtype == torch.long
-    assert any(np.array_equal(out["tokens"].numpy(), t) for t in tokens)
+    assert out["images"].shape == (3, 64, 64) and out["images"].dtype == torch.uint8
+    assert out["tokens"].dtype == torch.long
+    k = next(i for i, t in enumerate(tokens) if np.array_equal(out["tokens"].numpy(), t))
+    # the encoder view is the stored box and flip (bicubic, as the live path): matches PIL to rounding
+    ref = crop_view(img, meta["boxes"][k], 64, "bicubic", bool(meta["flips"][k]))
+    assert (out["images"].float() / 255 - ref).abs().mean() < 0.01
     # Same seed -> identical cache bytes.
     m2 = write_token_cache(str(d / "photos" / "val-000000.tar"), d / "c2", tok, views_per_image=3, progress=False,
                            samples_per_shard=40)

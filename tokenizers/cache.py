@@ -40,9 +40,6 @@ from beit.data.transforms import INTERPOLATIONS, pil_to_tensor
 from beit.tokenizers import TOKENIZER_KINDS, VisualTokenizer, load_tokenizer
 from beit.tokenizers.images import ShardReadStats, iter_shard_samples
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def sample_box(img: Image.Image, scale, ratio, seed_key: str) -> tuple[int, int, int, int]:
     """timm's random-resized-crop box (x0, y0, x1, y1), seeded by ``seed_key`` (global RNG untouched)."""
@@ -193,21 +190,20 @@ def _member(sample: dict, name: str) -> Any:
 
 
 class CachedViews:
-    """``map_fn(pil_image, sample) -> {"images": [3,S,S] normalised, "tokens": Long[h,w]}`` for cache shards.
+    """``map_fn(pil_image, sample) -> {"images": uint8 [3,S,S], "tokens": Long[h,w]}`` for cache shards.
 
     Picks one of the stored views with ``random`` (seed it per worker/sample as the stream does),
-    crops its box from the source image, resizes (bicubic) to ``image_size``, flips as stored, and
-    applies colour jitter to the encoder view.
+    resizes its box of the source image to ``image_size`` (bicubic), applies colour jitter and flips
+    as stored, with the same kernels as ``TwoViewTransform``. The view stays uint8, like the live
+    path's; the pretraining loop normalises it on the device (``encoder_input``).
     """
 
-    def __init__(self, image_size: int = 224, interpolation: str = "bicubic", color_jitter: float = 0.4,
-                 mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        from torchvision.transforms import ColorJitter
+    def __init__(self, image_size: int = 224, interpolation: str = "bicubic", color_jitter: float = 0.4):
+        from beit.data.transforms import TwoViewTransform
 
-        self.image_size, self.interpolation = int(image_size), interpolation
-        self.jitter = ColorJitter(color_jitter, color_jitter, color_jitter, 0.0) if color_jitter > 0 else None
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
+        self.image_size = int(image_size)
+        self.views = TwoViewTransform(image_size=image_size, tokenizer_size=image_size, interpolation=interpolation,
+                                      color_jitter=color_jitter)
 
     def __call__(self, img: Image.Image, sample: dict) -> dict[str, torch.Tensor]:
         meta = _member(sample, "views.json")
@@ -217,12 +213,14 @@ class CachedViews:
         if list(img.size) != list(meta["size"]):
             raise BadSample("cache_mismatch", f"image is {img.size}, cache recorded {meta['size']}")
         k = random.randrange(len(meta["boxes"]))
-        crop = img.crop(tuple(meta["boxes"][k]))
-        if self.jitter is not None:
-            crop = self.jitter(crop)
-        x = crop_view(crop, (0, 0, crop.size[0], crop.size[1]), self.image_size, self.interpolation,
-                      bool(meta["flips"][k]))
-        return {"images": (x - self.mean) / self.std, "tokens": torch.from_numpy(tokens[k].astype(np.int64))}
+        box = tuple(int(v) for v in meta["boxes"][k])
+        view = self.views.resize_view(img, box, self.image_size, self.views.interp)
+        if self.views.jitter is not None:
+            view = self.views.jitter_views([view])[0]
+        if meta["flips"][k]:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = torch.from_numpy(np.array(view)).permute(2, 0, 1)
+        return {"images": image, "tokens": torch.from_numpy(tokens[k].astype(np.int64))}
 
 
 # ---- CLI ------------------------------------------------------------------------------------------
