@@ -27,7 +27,8 @@ from beit.config import field, parse_config, save_config, to_dict
 
 @dataclasses.dataclass
 class FinetuneConfig:
-    task: str = field("classification", help="classification (segmentation is not implemented yet)")
+    task: str = field("classification", help="classification | segmentation (image + seg.png shards, UperNet head, "
+                                             "mIoU; --img_size is the crop)")
     # data
     train_shards: str = field("", help="training shards: path, brace pattern or comma list of WebDataset tars")
     val_shards: str = field("", help="held-out shards (never trained on) for top-1/top-5 and the confusion matrix")
@@ -100,19 +101,36 @@ class FinetuneConfig:
                                            "count sees the same global batches (exact 1-vs-N equivalence)")
     dist_timeout_s: int = field(1800, help="seconds a collective may wait for a hung process before the job fails")
     grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
+    # semantic segmentation (--task segmentation; mixup/cutmix/RandAugment/label smoothing are classification only)
+    reduce_zero_label: bool = field(True, help="segmentation: label 0 is 'other' (ignored), v -> v-1 (ADE20K)")
+    seg_channels: int = field(512, help="segmentation: UperNet head channels")
+    seg_aux_weight: float = field(0.4, help="segmentation: weight of the auxiliary FCN head's loss")
+    seg_scale_min: float = field(0.5, help="segmentation: random rescale, short side = img_size x U(min, max)")
+    seg_scale_max: float = field(2.0, help="segmentation: random rescale upper bound")
+    seg_cat_max_ratio: float = field(0.75, help="segmentation: re-draw a crop where one class covers more than this")
+    seg_stride: int = field(0, help="segmentation: sliding-window stride for evaluation (0 = 2/3 of img_size)")
 
     def validate(self) -> None:
+        if self.task not in ("classification", "segmentation"):
+            raise ValueError(f"--task must be classification or segmentation, got {self.task!r}")
         if self.task == "segmentation":
-            raise ValueError("--task segmentation is not implemented yet (ADE20K UperNet fine-tuning is planned); "
-                             "use --task classification")
-        if self.task != "classification":
-            raise ValueError(f"--task must be classification, got {self.task!r}")
+            if self.model != "beit" or self.linear_probe:
+                raise ValueError("--task segmentation fine-tunes a BEiT encoder (--model beit, no --linear_probe)")
+            if self.num_classes < 1:
+                raise ValueError("--task segmentation needs --num_classes (ADE20K: 150 with --reduce_zero_label true)")
+            if self.batch_size < 2:
+                raise ValueError("--task segmentation needs --batch_size >= 2 (the heads use BatchNorm)")
+            if not 0 < self.seg_scale_min <= self.seg_scale_max:
+                raise ValueError(f"need 0 < --seg_scale_min <= --seg_scale_max, got {self.seg_scale_min}, {self.seg_scale_max}")
+            if self.model_ema:
+                raise ValueError("--model_ema is for classification (its BatchNorm statistics are not averaged)")
         if not self.train_shards or not self.val_shards:
             raise ValueError("--train_shards and --val_shards are both required (the held-out split is never "
                              "trained on); write them with `python -m beit.data.shards` from your class folders")
         if self.batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1:
             raise ValueError("batch_size, grad_accum_steps and epochs must be >= 1")
-        if (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0 and self.batch_size % 2:
+        if self.task == "classification" and (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0 \
+                and self.batch_size % 2:
             raise ValueError(f"mixup/cutmix need an even --batch_size, got {self.batch_size}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
@@ -168,9 +186,11 @@ def check_resume_schedule(train_state: dict, cfg, world: int, total_steps: int, 
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int, log=print):
-    """The model to train (BEiT classifier, timm baseline, or linear probe) with its initial weights."""
+    """The model to train (BEiT classifier or segmenter, timm baseline, or linear probe) with its initial weights."""
     from beit.checkpoint_loading import infer_beit_dims, load_beit_weights, read_state_dict
     from beit.finetune_model import LinearProbe, build_beit_classifier, build_timm_model
+    if cfg.task == "segmentation":
+        return build_seg_model(cfg, num_classes, log)
     if cfg.model != "beit":
         return build_timm_model(cfg.model, num_classes, weights=cfg.init or None, img_size=cfg.img_size,
                                 in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path)
@@ -188,11 +208,31 @@ def build_model(cfg: FinetuneConfig, num_classes: int, log=print):
     return LinearProbe(model, num_classes, cfg.probe_block) if cfg.linear_probe else model
 
 
+def build_seg_model(cfg: FinetuneConfig, num_classes: int, log=print):
+    """BEiT encoder + pyramid + UperNet/aux heads; --init's weights go into the encoder (rel-pos tables
+    and patch embedding resized to --img_size / --patch_size as for classification)."""
+    from beit.checkpoint_loading import infer_beit_dims, load_beit_weights, read_state_dict
+    from beit.seg_model import BeitSegmenter
+    state = read_state_dict(cfg.init, key=cfg.init_key or None) if cfg.init else None
+    model = BeitSegmenter(num_classes, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+                          init_values=cfg.init_values, drop_path_rate=cfg.drop_path, channels=cfg.seg_channels,
+                          aux_channels=max(1, cfg.seg_channels // 2),
+                          **cfg.beit_dims(infer_beit_dims(state) if state else None))
+    if state is not None:
+        report = load_beit_weights(model.backbone, state)
+        report.source = cfg.init
+        log(report.summary())
+    return model
+
+
 def build_optimizer(cfg: FinetuneConfig, model, total_steps: int, warmup_steps: int):
     from beit.finetune_model import layer_decay_param_groups
     from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
     if cfg.linear_probe:
         groups = param_groups_weight_decay(model, cfg.weight_decay)
+    elif cfg.task == "segmentation":
+        from beit.seg_model import seg_layer_decay_groups
+        groups = seg_layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
     else:
         groups = layer_decay_param_groups(model, cfg.weight_decay, cfg.layer_decay)
     optimizer = create_adamw(groups, lr=cfg.lr)
@@ -206,6 +246,9 @@ def build_criterion(cfg: FinetuneConfig, num_classes: int):
     else label-smoothed cross-entropy."""
     from timm.data import Mixup
     from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    if cfg.task == "segmentation":
+        from beit.seg_model import SegLoss
+        return SegLoss(cfg.seg_aux_weight), None
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                       switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
@@ -255,12 +298,14 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     if cfg.grad_checkpointing:
         (model.encoder if cfg.linear_probe else model).set_grad_checkpointing(True)
     if cfg.model == "beit":  # record the dims actually built (they may come from --init)
-        enc = model.encoder if cfg.linear_probe else model
+        enc = model.encoder if cfg.linear_probe else model.backbone if cfg.task == "segmentation" else model
         cfg = dataclasses.replace(cfg, embed_dim=enc.embed_dim, depth=len(enc.blocks),
                                   num_heads=enc.blocks[0].attn.num_heads,
                                   mlp_ratio=enc.blocks[0].mlp.fc1.out_features / enc.embed_dim)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
+    if cfg.task == "segmentation" and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over all ranks
     set_seed(cfg.seed + accelerator.process_index)  # mixup / drop path differ per rank
     train_loader, val_loader = build_loaders(cfg, accelerator, num_classes)
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
@@ -314,8 +359,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         record = {"epoch": epoch + 1, **train_stats, **data_error_metrics(train_loader, accelerator)}
         last = epoch + 1 == cfg.epochs
         if last or (epoch + 1) % cfg.eval_every == 0:
-            results = _evaluate_all(model, ema, val_loader, accelerator, num_classes)
-            record.update({f"val_{k}": v for k, v in results.items() if not k.endswith("confusion")})
+            results = _evaluate_all(model, ema, val_loader, accelerator, num_classes, cfg)
+            record.update({f"val_{k}": v for k, v in results.items()
+                           if not k.endswith("confusion") and not isinstance(v, list)})
             logger.info(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in record.items()
                                                           if isinstance(v, float)))
         logger.log(record, step=step)
@@ -326,25 +372,36 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                             rank_state={"loader": train_loader.state_dict()}, keep_last=cfg.keep_last)
     bar.close()
     if not results:  # resumed after the last epoch: evaluate the restored weights
-        results = _evaluate_all(model, ema, val_loader, accelerator, num_classes)
+        results = _evaluate_all(model, ema, val_loader, accelerator, num_classes, cfg)
     if accelerator.is_main_process:
         final = {k: v for k, v in results.items() if not k.endswith("confusion")}
         final.update(step=step, epochs=cfg.epochs, num_classes=num_classes, class_names=class_names)
         (out / "confusion.json").write_text(json.dumps(results["confusion"]))
-        save_confusion_png(results["confusion"], out / "confusion_matrix.png", class_names,
-                           title=f"{cfg.model} on {cfg.val_shards} (top-1 {results['top1']:.1f}%)")
-        export_model(accelerator.unwrap_model(model), out / "model.safetensors", cfg, class_names=class_names,
-                     metrics=final)
         (out / "final.json").write_text(json.dumps(final, indent=1))
-        logger.info(f"final: top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  ->  {out}/final.json, "
-                    f"{out}/confusion_matrix.png, {out}/model.safetensors")
+        if cfg.task == "segmentation":
+            from beit.seg_model import export_seg_model
+            export_seg_model(accelerator.unwrap_model(model), out / "model.safetensors", cfg,
+                             metrics={k: v for k, v in final.items() if k != "per_class_iou"})
+            logger.info(f"final: mIoU {results['mIoU']:.2f}%  mAcc {results['mAcc']:.2f}%  aAcc {results['aAcc']:.2f}% "
+                        f" ->  {out}/final.json, {out}/model.safetensors")
+        else:
+            save_confusion_png(results["confusion"], out / "confusion_matrix.png", class_names,
+                               title=f"{cfg.model} on {cfg.val_shards} (top-1 {results['top1']:.1f}%)")
+            export_model(accelerator.unwrap_model(model), out / "model.safetensors", cfg, class_names=class_names,
+                         metrics=final)
+            logger.info(f"final: top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  ->  {out}/final.json, "
+                        f"{out}/confusion_matrix.png, {out}/model.safetensors")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return results
 
 
-def _evaluate_all(model, ema, loader, accelerator, num_classes: int) -> dict:
+def _evaluate_all(model, ema, loader, accelerator, num_classes: int, cfg) -> dict:
     from beit.engine_finetune import evaluate
+    if cfg.task == "segmentation":
+        from beit.engine_seg import evaluate_seg
+        return evaluate_seg(accelerator.unwrap_model(model), loader, accelerator, num_classes, cfg.img_size,
+                            cfg.seg_stride or max(1, cfg.img_size * 2 // 3))
     # The unwrapped module: a DDP forward broadcasts buffers, a collective that ranks with fewer
     # held-out batches would not join (the job would hang).
     res = evaluate(accelerator.unwrap_model(model), loader, accelerator, num_classes)

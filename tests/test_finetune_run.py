@@ -116,7 +116,7 @@ def test_timm_baseline_with_one_flag(digits, tmp_path):
 
 
 @pytest.mark.parametrize("flags, msg", [
-    (["--task", "segmentation"], "not implemented yet"),
+    (["--task", "segmentation"], "segmentation needs --num_classes"),
     (["--task", "classification"], "--train_shards and --val_shards are both required"),
     (["--train_shards", "a", "--val_shards", "b", "--batch_size", "7"], "even --batch_size"),
     (["--train_shards", "a", "--val_shards", "b", "--init", "/nonexistent.pth"], "does not exist"),
