@@ -37,7 +37,12 @@ def labels_of(img: Image.Image) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def seg_shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("seg")
+    return write_seg_shards(tmp_path_factory.mktemp("seg"))
+
+
+def write_seg_shards(root):
+    """80 training and 16 held-out (image, seg.png) pairs cut from the sample photos, as shards
+    under ``root/train`` (16 per shard) and ``root/val`` (8 per shard)."""
     rng = np.random.default_rng(0)
     photos = [Image.fromarray(a) for _, a in sorted(load_photos().items())]
     items = []

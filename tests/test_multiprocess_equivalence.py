@@ -7,6 +7,7 @@ augmentation/mask for any process count) and drop path 0 (its RNG is per rank). 
 agree to rtol 1e-4 (observed ~1e-7: only the summation order of the gradient all-reduce differs).
 """
 import json
+import math
 
 import pytest
 
@@ -72,3 +73,22 @@ def test_finetune_two_processes_match_one(tmp_path):
     rank0, rank1 = rank_logs(tmp_path / "logs2", 0), rank_logs(tmp_path / "logs2", 1)
     assert "effective batch 16 = 8 per process x 1 accumulation x 2 process" in rank0
     assert "effective batch" not in rank1 and "finetune:" not in rank1
+
+
+def test_segmentation_on_two_processes(tmp_path):
+    """DDP with BatchNorm heads: every parameter gets a gradient (no DDP error), the ranks split the
+    held-out images and the mIoU is over all of them."""
+    from test_finetune_seg import write_seg_shards
+    root = write_seg_shards(tmp_path / "seg")
+    out = tmp_path / "run"
+    args = ["--task", "segmentation", "--train_shards", str(root / "train" / "train-*.tar"),
+            "--val_shards", str(root / "val" / "val-*.tar"), "--num_classes", "4", "--seg_channels", "16",
+            "--img_size", "32", "--patch_size", "8", "--embed_dim", "32", "--depth", "4", "--num_heads", "2",
+            "--epochs", "1", "--warmup_epochs", "0.5", "--batches_per_epoch", "4", "--batch_size", "4", "--num_workers", "0",
+            "--tensorboard", "false", "--log_every", "1", "--output_dir", str(out)]
+    run(FINETUNE, args, 2, tmp_path / "logs")
+    steps = step_records(out)
+    assert sorted(steps) == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in steps.values())
+    final = json.loads((out / "final.json").read_text())
+    assert final["samples"] == 16 and final["bad_samples"] == 0 and 0 <= final["mIoU"] <= 100
+    assert "finetune:" not in rank_logs(tmp_path / "logs", 1)
