@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from beit.data.decode import BadSample, open_image
-from beit.data.shard_format import image_ext, iter_tar_samples
+from beit.data.decode import BadSample
+from beit.data.shard_format import iter_tar_samples
+from beit.data.stream import derive_seed, image_member, map_image
 
 
 class HeldOutStream(IterableDataset):
@@ -41,26 +42,9 @@ class HeldOutStream(IterableDataset):
         self.min_image_size, self.lazy_jpeg = min_image_size, lazy_jpeg
 
     def _item(self, raw: dict, shard_idx: int, pos: int) -> dict:
-        from beit.data.stream import _seeded, derive_seed
-
-        ext = image_ext(raw)
-        if ext is None:
-            raise BadSample("no_image", f"members: {sorted(k for k in raw if not k.startswith('__'))}")
-        img, _ = open_image(raw[ext], min_size=self.min_image_size, lazy_jpeg=self.lazy_jpeg)
         seed = derive_seed(self.seed, shard_idx, pos, 11)
-        with _seeded(seed, keep_outer=get_worker_info() is None):
-            try:
-                out = self.map_fn(img, dict(raw, __seed__=seed))
-            except BadSample:
-                raise
-            except Exception:
-                if self.lazy_jpeg:  # a decoder error surfacing inside map_fn -> BadSample; else a bug
-                    from beit.data.decode import load_pixels
-                    load_pixels(open_image(raw[ext], min_size=1)[0])
-                raise
-        if not isinstance(out, dict):
-            raise TypeError(f"map_fn must return a dict of tensors/numbers, got {type(out).__name__}")
-        return out
+        return map_image(raw, image_member(raw), self.map_fn, seed, min_image_size=self.min_image_size,
+                         lazy_jpeg=self.lazy_jpeg)[2]
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -96,6 +80,16 @@ class HeldOutStream(IterableDataset):
     def _bad(template: dict, reason: str) -> dict:
         zeros = {k: torch.zeros_like(v) if torch.is_tensor(v) else type(v)() for k, v in template.items()}
         return dict(zeros, bad=reason)
+
+
+def heldout_loader(shards: list[str], map_fn: Callable[[Any, dict], dict], accelerator, *, batch_size: int,
+                   num_workers: int, seed: int = 0, lazy_jpeg: bool = False) -> DataLoader:
+    """A ``DataLoader`` over this process's share of ``shards`` (a ``HeldOutStream``; partial last
+    batch kept), with at most as many workers as the process has shards."""
+    world = accelerator.num_processes
+    stream = HeldOutStream(shards, map_fn, rank=accelerator.process_index, world_size=world, seed=seed,
+                           lazy_jpeg=lazy_jpeg)
+    return DataLoader(stream, batch_size=batch_size, num_workers=min(num_workers, max(1, len(shards) // world)))
 
 
 def good_rows(batch: dict) -> torch.Tensor:

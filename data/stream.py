@@ -92,6 +92,36 @@ def _seeded(seed: int, keep_outer: bool):
             torch.set_rng_state(saved[2])
 
 
+def image_member(raw: dict) -> str:
+    """The extension of the sample's image member; BadSample("no_image") when it has none."""
+    ext = image_ext(raw)
+    if ext is None:
+        raise BadSample("no_image", f"members: {sorted(k for k in raw if not k.startswith('__'))}")
+    return ext
+
+
+def map_image(raw: dict, ext: str, map_fn: MapFn, seed: int, *, min_image_size: int = 1,
+              lazy_jpeg: bool = True) -> tuple[Any, str | None, dict]:
+    """Open the sample's image robustly and run ``map_fn(image, sample + __seed__)`` with
+    random/numpy/torch seeded from ``seed``. Returns (image, original mode if converted, output).
+    Raises BadSample, also for a decoder error that surfaces inside ``map_fn`` on a lazily
+    decoded JPEG; any other error in ``map_fn`` is a bug and propagates."""
+    img, converted = open_image(raw[ext], min_size=min_image_size, lazy_jpeg=lazy_jpeg)
+    lazy = is_undecoded(img)
+    try:
+        with _seeded(seed, keep_outer=get_worker_info() is None):
+            out = map_fn(img, dict(raw, __seed__=seed))
+    except BadSample:
+        raise
+    except Exception:
+        if lazy:
+            load_pixels(open_image(raw[ext], min_size=1)[0])
+        raise
+    if not isinstance(out, dict):
+        raise TypeError(f"map_fn must return a dict of tensors/numbers, got {type(out).__name__}")
+    return img, converted, out
+
+
 def round_robin(quotas: list[int]) -> list[int]:
     """Worker id of every batch of an epoch: round robin over workers with quota left."""
     left, order = list(quotas), []
@@ -207,32 +237,17 @@ class ShardStream(IterableDataset):
     def _decode(self, raw: dict, sample_seed: int, stats: DataStats) -> dict | None:
         key, shard = raw["__key__"], raw["__shard__"]
         try:
-            ext = image_ext(raw)
-            if ext is None:
-                raise BadSample("no_image", f"members: {sorted(k for k in raw if not k.startswith('__'))}")
+            ext = image_member(raw)
             label = None
             if "cls" in raw:
                 try:
                     label = int(raw["cls"].decode("ascii").strip())
                 except (UnicodeDecodeError, ValueError):
                     raise BadSample("bad_label", f"cls={raw['cls'][:20]!r}") from None
-            img, converted = open_image(raw[ext], min_size=self.min_image_size)
-            lazy = is_undecoded(img)
-            sample = dict(raw, __seed__=sample_seed)
-            try:
-                with _seeded(sample_seed, keep_outer=get_worker_info() is None):
-                    out = self.map_fn(img, sample)
-            except BadSample:
-                raise
-            except Exception:
-                if lazy:  # a decoder error surfacing inside map_fn -> count it; anything else is a bug
-                    load_pixels(open_image(raw[ext], min_size=1)[0])
-                raise
+            img, converted, out = map_image(raw, ext, self.map_fn, sample_seed, min_image_size=self.min_image_size)
         except BadSample as e:
             stats.add_bad(shard, e.reason, key=key, detail=e.detail)
             return None
-        if not isinstance(out, dict):
-            raise TypeError(f"map_fn must return a dict of tensors/numbers, got {type(out).__name__}")
         if converted:
             stats.add_converted(converted)
         if self.small_image_size and min(img.size) < self.small_image_size:
