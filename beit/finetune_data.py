@@ -70,43 +70,25 @@ class LabelledMap:
 
 def build_loaders(cfg, accelerator, num_classes: int):
     """(train loader, held-out loader). The train stream is shuffled and reshuffled per epoch; the
-    held-out loader reads every sample once, in order, with a partial last batch."""
+    held-out loader reads every sample once, in order, with a partial last batch (batch size 1 for
+    segmentation, whose held-out images keep their own aspect ratio)."""
     from beit.data.global_order import build_loader_for_order
-    from beit.data.heldout import HeldOutStream
+    from beit.data.heldout import heldout_loader
     from beit.data.shardspec import expand_shards
     if getattr(cfg, "task", "classification") == "segmentation":
-        return build_seg_loaders(cfg, accelerator, num_classes)
-    common = dict(batch_size=cfg.batch_size, num_workers=cfg.num_workers, rank=accelerator.process_index,
-                  world_size=accelerator.num_processes, seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction)
-    train_map = LabelledMap(build_transforms(cfg, True), num_classes)
+        from beit.seg_data import SegEvalMap, SegTrainMap
+        norm = dict(reduce_zero_label=cfg.reduce_zero_label, mean=tuple(cfg.mean), std=tuple(cfg.std))
+        train_map = SegTrainMap(num_classes, cfg.img_size, scale=(cfg.seg_scale_min, cfg.seg_scale_max),
+                                cat_max_ratio=cfg.seg_cat_max_ratio, hflip=cfg.hflip, **norm)
+        val_map, val_batch = SegEvalMap(num_classes, cfg.img_size, **norm), 1
+    else:
+        train_map = LabelledMap(build_transforms(cfg, True), num_classes)
+        val_map, val_batch = LabelledMap(build_transforms(cfg, False), num_classes), cfg.batch_size
     train = build_loader_for_order(getattr(cfg, "data_order", "shards"), expand_shards(cfg.train_shards),
-                                   map_fn=train_map, batches_per_epoch=cfg.batches_per_epoch or None, **common)
-    val_shards = expand_shards(cfg.val_shards)
-    val_ds = HeldOutStream(val_shards, LabelledMap(build_transforms(cfg, False), num_classes),
-                           accelerator.process_index, accelerator.num_processes, seed=cfg.seed)
-    workers = min(cfg.num_workers, max(1, len(val_shards) // accelerator.num_processes))
-    val = DataLoader(val_ds, batch_size=cfg.batch_size, num_workers=workers)
-    return train, val
-
-
-
-def build_seg_loaders(cfg, accelerator, num_classes: int):
-    """(train loader, held-out loader) for image + ``seg.png`` shards; the held-out loader has batch
-    size 1 (images keep their own aspect ratio) and reads every image once."""
-    from beit.data.global_order import build_loader_for_order
-    from beit.data.heldout import HeldOutStream
-    from beit.data.shardspec import expand_shards
-    from beit.seg_data import SegEvalMap, SegTrainMap
-    norm = dict(reduce_zero_label=cfg.reduce_zero_label, mean=tuple(cfg.mean), std=tuple(cfg.std))
-    train_map = SegTrainMap(num_classes, cfg.img_size, scale=(cfg.seg_scale_min, cfg.seg_scale_max),
-                            cat_max_ratio=cfg.seg_cat_max_ratio, hflip=cfg.hflip, **norm)
-    train = build_loader_for_order(cfg.data_order, expand_shards(cfg.train_shards), map_fn=train_map,
-                                   batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                   map_fn=train_map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                    rank=accelerator.process_index, world_size=accelerator.num_processes,
                                    seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction,
                                    batches_per_epoch=cfg.batches_per_epoch or None)
-    val_shards = expand_shards(cfg.val_shards)
-    val_ds = HeldOutStream(val_shards, SegEvalMap(num_classes, cfg.img_size, **norm), accelerator.process_index,
-                           accelerator.num_processes, seed=cfg.seed)
-    workers = min(cfg.num_workers, max(1, len(val_shards) // accelerator.num_processes))
-    return train, DataLoader(val_ds, batch_size=1, num_workers=workers)
+    val = heldout_loader(expand_shards(cfg.val_shards), val_map, accelerator, batch_size=val_batch,
+                         num_workers=cfg.num_workers, seed=cfg.seed)
+    return train, val

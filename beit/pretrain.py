@@ -253,10 +253,8 @@ def check_token_cache(cfg: PretrainConfig, info: dict, tokenizer) -> None:
 def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: bool, batch_size: int):
     """Training (``train``) or held-out loader; training reads the token cache when cfg.token_cache is set.
     The held-out loader reads every image of this rank's share once (a partial last batch included)."""
-    from torch.utils.data import DataLoader
-
     from beit.data.global_order import build_loader_for_order
-    from beit.data.heldout import HeldOutStream
+    from beit.data.heldout import heldout_loader
     from beit.data.transforms import TwoViewTransform
     from beit.masking import MaskingGenerator
     from beit.tokenizers.cache import CachedViews
@@ -275,10 +273,8 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
                               max_num_patches=cfg.max_mask_patches or None, min_aspect=cfg.min_mask_aspect)
     map_fn = (CachedMimSample if train and cfg.token_cache else MimSample)(transform, masker)
     if not train:
-        workers = min(cfg.num_workers, len(shards) // accelerator.num_processes)
-        held_out = HeldOutStream(shards, map_fn, rank=accelerator.process_index,
-                                 world_size=accelerator.num_processes, seed=cfg.seed, lazy_jpeg=True)
-        return DataLoader(held_out, batch_size=batch_size, num_workers=workers)
+        return heldout_loader(shards, map_fn, accelerator, batch_size=batch_size, num_workers=cfg.num_workers,
+                              seed=cfg.seed, lazy_jpeg=True)
     return build_loader_for_order(
         cfg.data_order, shards, map_fn=map_fn, batch_size=batch_size, num_workers=cfg.num_workers,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
