@@ -46,6 +46,14 @@ def decode_labels(sample: dict, num_classes: int, reduce_zero_label: bool) -> np
     return labels
 
 
+def image_labels(img: Image.Image, sample: dict, num_classes: int, reduce_zero_label: bool) -> np.ndarray:
+    """``decode_labels``, checked to be the image's size (BadSample "corrupt" otherwise)."""
+    labels = decode_labels(sample, num_classes, reduce_zero_label)
+    if labels.shape != (img.size[1], img.size[0]):
+        raise BadSample("corrupt", f"annotation is {labels.shape[1]}x{labels.shape[0]}, image {img.size[0]}x{img.size[1]}")
+    return labels
+
+
 def _normalised(img: Image.Image, mean, std) -> torch.Tensor:
     x = torch.from_numpy(np.array(img, dtype=np.float32)).permute(2, 0, 1).div_(255.0)
     return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
@@ -85,9 +93,7 @@ class SegTrainMap:
         return y, x
 
     def __call__(self, img: Image.Image, sample: dict) -> dict:
-        labels = decode_labels(sample, self.num_classes, self.reduce_zero_label)
-        if labels.shape != (img.size[1], img.size[0]):
-            raise BadSample("corrupt", f"annotation is {labels.shape[1]}x{labels.shape[0]}, image {img.size[0]}x{img.size[1]}")
+        labels = image_labels(img, sample, self.num_classes, self.reduce_zero_label)
         img, labels = _rescale(img, labels, round(self.crop * random.uniform(*self.scale)))
         y, x = self._window(labels)
         c = self.crop
@@ -111,8 +117,6 @@ class SegEvalMap:
         self.mean, self.std = mean, std
 
     def __call__(self, img: Image.Image, sample: dict) -> dict:
-        labels = decode_labels(sample, self.num_classes, self.reduce_zero_label)
-        if labels.shape != (img.size[1], img.size[0]):
-            raise BadSample("corrupt", f"annotation is {labels.shape[1]}x{labels.shape[0]}, image {img.size[0]}x{img.size[1]}")
+        labels = image_labels(img, sample, self.num_classes, self.reduce_zero_label)
         img, _ = _rescale(img, None, self.crop)
         return {"image": _normalised(img, self.mean, self.std), "label": torch.from_numpy(labels.astype(np.int64))}
