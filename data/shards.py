@@ -115,11 +115,23 @@ def run_verify(cfg: VerifyConfig) -> int:
     return 1 if (bad_shards or n_bad or problems) else 0
 
 
+def write(argv: list[str] | None = None) -> int:
+    """``beit shards write``."""
+    return main(["write", *(sys.argv[1:] if argv is None else argv)])
+
+
+def verify(argv: list[str] | None = None) -> int:
+    """``beit shards verify``."""
+    return main(["verify", *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in ("write", "verify"):
-        print(__doc__.strip() + "\n\nusage: python -m beit.data.shards {write,verify} [--help] ...", file=sys.stderr)
-        return 2
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        print(__doc__.strip() + "\n\nusage: python -m beit.data.shards {write,verify} [--help] ...",
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "write":
         cfg = parse_config(WriteConfig, rest, description="Write WebDataset shards + manifest.json")

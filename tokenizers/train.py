@@ -260,9 +260,10 @@ COMMANDS = {"kmeans": (KMeansTrainConfig, train_kmeans), "dvae": (DVAETrainConfi
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
+        asked = bool(argv) and argv[0] in ("-h", "--help")
         print(f"usage: python -m beit.tokenizers.train {{{'|'.join(COMMANDS)}}} [--help] [options]\n\n{__doc__}",
-              file=sys.stderr)
-        return 2
+              file=sys.stdout if asked else sys.stderr)
+        return 0 if asked else 2
     cls, fn = COMMANDS[argv[0]]
     cfg = parse_config(cls, argv[1:], description=__doc__)
     fn(cfg)

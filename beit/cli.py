@@ -1,0 +1,82 @@
+"""The ``beit`` command: one subcommand per stage, each a thin door to the module that does the work.
+
+    beit shards write --source photos/ --out shards/mine
+    beit pretrain --config demo_pretrain --output_dir runs/x
+    accelerate launch -m beit.pretrain ...      # several processes: the modules stay the entry points
+
+Every subcommand takes the same options as its module (``beit pretrain --help`` ==
+``python -m beit.pretrain --help``).
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module with ``main(argv)``, one line of help). Two-word names ("tokenizer train") are groups.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "shards write": ("beit.data.shards:write", "write WebDataset shards + manifest from a folder of images"),
+    "shards verify": ("beit.data.shards:verify", "read every shard back and check it against its manifest"),
+    "tokenizer train": ("beit.tokenizers.train", "fit a k-means or dVAE tokenizer on your shards"),
+    "tokenizer report": ("beit.tokenizers.report", "codebook usage, perplexity and pictures of a tokenizer"),
+    "tokenizer convert-dalle": ("beit.tokenizers.convert_dalle", "convert DALL-E's pickled dVAE once to safetensors"),
+    "tokenizer cache": ("beit.tokenizers.cache", "pre-tokenise shards into a token cache"),
+    "pretrain": ("beit.pretrain", "BEiT masked-image-modelling pretraining"),
+    "finetune": ("beit.finetune", "fine-tune a pretrained encoder (classification or segmentation)"),
+    "export": ("beit.export", "export a fine-tuned run as timm-loadable weights"),
+    "samples": ("beit.data.samples", "write shards of the built-in real sample sets (offline)"),
+}
+
+
+def _usage() -> str:
+    width = max(len(n) for n in COMMANDS)
+    lines = [__doc__.strip(), "", "commands:"]
+    lines += [f"  beit {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
+    lines += ["", "beit COMMAND --help shows the command's options and their defaults."]
+    return "\n".join(lines)
+
+
+def _resolve(argv: list[str]) -> tuple[str, list[str]] | None:
+    if len(argv) >= 2 and f"{argv[0]} {argv[1]}" in COMMANDS:
+        return f"{argv[0]} {argv[1]}", argv[2:]
+    if argv and argv[0] in COMMANDS:
+        return argv[0], argv[1:]
+    return None
+
+
+def _suggest(word: str) -> str:
+    import difflib
+
+    names = sorted({n.split()[0] for n in COMMANDS} | set(COMMANDS))
+    close = difflib.get_close_matches(word, names, n=1)
+    return f" (did you mean 'beit {close[0]}'?)" if close else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    found = _resolve(argv)
+    if found is None:
+        group = [n for n in COMMANDS if n.split()[0] == argv[0] and " " in n]
+        if group:
+            print(f"beit {argv[0]}: choose one of: " + ", ".join(n.split()[1] for n in group), file=sys.stderr)
+        else:
+            print(f"beit: unknown command {argv[0]!r}{_suggest(argv[0])}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    name, rest = found
+    target = COMMANDS[name][0]
+    module_name, _, func = target.partition(":")
+    module = importlib.import_module(module_name)
+    entry = getattr(module, func or "main")
+    sys.argv = [f"beit {name}", *rest]  # --help and errors name the command the user typed
+    try:
+        result = entry(rest)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
