@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from beit.checkpointing import load_weights, save_weights
+from beit.runtime.checkpointing import load_weights, save_weights
 
 
 def _beit_kwargs(cfg, model: nn.Module) -> dict:
@@ -41,7 +41,7 @@ def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str]
     plain timm Beit is NOT equivalent (the probe reads an intermediate block); its JSON says so and
     :func:`load_exported` rebuilds the probe.
     """
-    from beit.finetune_model import BEIT_TIMM_NAME, LinearProbe
+    from beit.modeling.classifier import BEIT_TIMM_NAME, LinearProbe
     probe_block = None
     if isinstance(model, LinearProbe):
         probe_block, model_sd = model.block, model.state_dict()
@@ -72,7 +72,7 @@ def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str]
 def load_exported(path: str | Path) -> nn.Module:
     """Rebuild an exported model from ``path`` and its JSON (through timm; a probe as a LinearProbe)."""
     import timm
-    from beit.finetune_model import LinearProbe
+    from beit.modeling.classifier import LinearProbe
     sd, config = load_weights(path)
     if config is None:
         raise FileNotFoundError(f"{Path(path).with_suffix('.json')} (the export's config) is missing")
@@ -94,9 +94,10 @@ def main(argv: list[str] | None = None) -> Path:
     args = p.parse_args(argv)
     from safetensors.torch import load_file
 
-    from beit.checkpointing import find_latest_complete
+    from beit.runtime.checkpointing import find_latest_complete
     from beit.config import load_yaml
-    from beit.finetune import FinetuneConfig, build_model
+    from beit.modeling.build import build_model
+    from beit.options.finetune import FinetuneConfig
     run = Path(args.run_dir)
     ckpt = find_latest_complete(run)
     if ckpt is None:

@@ -40,7 +40,7 @@ def measure(model_size: str, batch_size: int, image_size: int, grad_ckpt: bool, 
     import torch
     import torch.nn.functional as F
 
-    from beit.model import create_pretrain_model
+    from beit.modeling.mim import create_pretrain_model
     from beit.optim import create_adamw, param_groups_weight_decay
 
     torch.manual_seed(0)

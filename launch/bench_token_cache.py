@@ -48,7 +48,7 @@ def timed_run(cfg_kw: dict, warmup: int) -> list[float]:
     from accelerate.state import AcceleratorState, GradientState
 
     import beit.pretrain as pretrain
-    from beit.run_logging import read_metrics
+    from beit.runtime.run_logging import read_metrics
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()

@@ -58,7 +58,7 @@ echo "== 4/4 fine-tuning the pretrained encoder on the real digits (held-out tes
 "$PY" - "$PRETRAIN_DIR" "$TOKENIZER" "$FINETUNE_DIR" "$T0" <<'PYEOF'
 import json, sys, time
 from pathlib import Path
-from beit.checkpointing import find_latest_complete
+from beit.runtime.checkpointing import find_latest_complete
 run, tok, ft, t0 = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
 m = json.loads((run / "final_metrics.json").read_text())
 f = json.loads((ft / "final.json").read_text())

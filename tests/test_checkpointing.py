@@ -6,7 +6,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 
-from beit.checkpointing import (COMPLETE, check_resume_compatible, checkpoint_path, config_fingerprint,
+from beit.runtime.checkpointing import (COMPLETE, check_resume_compatible, checkpoint_path, config_fingerprint,
                                 find_latest_complete, list_complete, load_checkpoint, load_weights,
                                 save_checkpoint, save_weights)
 

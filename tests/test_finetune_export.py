@@ -7,10 +7,10 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from beit.checkpoint_loading import load_beit_weights
+from beit.runtime.checkpoint_loading import load_beit_weights
 from beit.export import export_model, load_exported
-from beit.finetune_model import LinearProbe, build_beit_classifier
-from beit.model import create_pretrain_model
+from beit.modeling.classifier import LinearProbe, build_beit_classifier
+from beit.modeling.mim import create_pretrain_model
 
 DIMS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
 
@@ -77,7 +77,7 @@ def test_linear_probe_export_round_trip(tmp_path):
 
 
 def test_timm_baseline_export(tmp_path):
-    from beit.finetune_model import build_timm_model
+    from beit.modeling.classifier import build_timm_model
     m = build_timm_model("vit_tiny_patch16_224", 10, img_size=32).eval()
     path = export_model(m, tmp_path / "vit.safetensors", cfg(model="vit_tiny_patch16_224"))
     x = torch.randn(1, 3, 32, 32)

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 from timm.models.beit import Beit
 
-from beit.checkpoint_loading import CheckpointMismatchError, load_beit_weights, read_state_dict
-from beit.finetune_model import build_beit_classifier, layer_decay_param_groups
+from beit.runtime.checkpoint_loading import CheckpointMismatchError, load_beit_weights, read_state_dict
+from beit.modeling.classifier import build_beit_classifier, layer_decay_param_groups
 from beit.optim import WarmupCosineSchedule
 
 DIMS = dict(patch_size=8, embed_dim=48, depth=2, num_heads=2)
@@ -189,7 +189,7 @@ def test_layer_decay_groups_and_lr_scale_applied():
 
 
 def test_timm_baseline_from_local_weights_file(tmp_path):
-    from beit.finetune_model import build_timm_model
+    from beit.modeling.classifier import build_timm_model
     src = build_timm_model("vit_tiny_patch16_224", 1000, img_size=32)
     save_file({k: v.contiguous() for k, v in src.state_dict().items()}, str(tmp_path / "vit.safetensors"))
     m = build_timm_model("vit_tiny_patch16_224", 10, weights=str(tmp_path / "vit.safetensors"), img_size=32)

@@ -36,7 +36,7 @@ def digits(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """Weights in our pretraining format (BeitPretrainModel keys incl. mask_token / lm_head)."""
-    from beit.model import create_pretrain_model
+    from beit.modeling.mim import create_pretrain_model
     m = create_pretrain_model(None, vocab_size=32, **TINY)
     path = tmp_path_factory.mktemp("pre") / "pretrained.safetensors"
     save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(path))

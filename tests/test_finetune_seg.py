@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 from beit.data.decode import BadSample
 from beit.data.samples import load_photos
 from beit.data.shard_writer import Item, WriteOptions, write_shards
-from beit.engine_seg import iou_scores, slide_logits, window_starts
+from beit.engines.seg import iou_scores, slide_logits, window_starts
 from beit.finetune import FinetuneConfig, run_finetune
 from beit.seg_data import IGNORE, SegEvalMap, SegTrainMap, decode_labels
-from beit.seg_model import BeitSegmenter, SegLoss, feature_blocks, load_seg_model, seg_layer_decay_groups
+from beit.modeling.segmenter import BeitSegmenter, SegLoss, feature_blocks, load_seg_model, seg_layer_decay_groups
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 
@@ -140,7 +140,7 @@ def seg_cfg(root, out, **kw):
 
 
 def test_segmentation_end_to_end_export_and_resume(seg_shards, tmp_path):
-    from beit.model import create_pretrain_model
+    from beit.modeling.mim import create_pretrain_model
     pre = create_pretrain_model(None, vocab_size=16, **TINY)
     init = tmp_path / "pretrained.safetensors"
     save_file({k: v.contiguous() for k, v in pre.state_dict().items()}, str(init))

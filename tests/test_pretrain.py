@@ -15,10 +15,10 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 import beit.pretrain as pretrain
-from beit.checkpointing import find_latest_complete, list_complete
+from beit.runtime.checkpointing import find_latest_complete, list_complete
 from beit.data.samples import build_sample_shards
-from beit.engine_pretrain import NonFiniteLossError
-from beit.run_logging import RunLogger, read_metrics
+from beit.engines.pretrain import NonFiniteLossError
+from beit.runtime.run_logging import RunLogger, read_metrics
 from beit.tokenizers.images import shard_image_batches
 from beit.tokenizers.kmeans import KMeansTokenizer
 
@@ -161,14 +161,14 @@ def test_fsdp_with_held_out_evaluation_is_refused_at_start_up(assets, tmp_path, 
     with pytest.raises(pretrain.SetupError, match="under FSDP holds only this rank's shard.*leave --val_shards empty"):
         run(tiny_cfg(assets, tmp_path / "x"))
     assert not (tmp_path / "x").exists()  # nothing written, nothing computed
-    from beit.scaling import refuse_under_fsdp
+    from beit.runtime.scaling import refuse_under_fsdp
     from accelerate.utils import DistributedType
     for ok in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.DEEPSPEED):
         refuse_under_fsdp(ok, "x", "y")
 
 
 def test_nonfinite_loss_skips_the_step_then_aborts(assets, tmp_path, monkeypatch):
-    from beit.model import BeitPretrainModel
+    from beit.modeling.mim import BeitPretrainModel
 
     real_forward = BeitPretrainModel.forward
     calls = {"n": 0, "bad": {3}, "bad_grad": {4}}

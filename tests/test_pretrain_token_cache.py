@@ -10,7 +10,7 @@ import yaml
 from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (assets: the shared module fixture)
 
 from beit.pretrain import SetupError
-from beit.run_logging import read_metrics
+from beit.runtime.run_logging import read_metrics
 from beit.tokenizers.cache import write_token_cache
 from beit.tokenizers.kmeans import KMeansTokenizer
 

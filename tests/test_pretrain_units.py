@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from beit.config import parse_config
-from beit.engine_pretrain import MimMeter, batch_to_device, batch_tokens
+from beit.engines.pretrain import MimMeter, batch_to_device, batch_tokens
 from beit.pretrain import MimSample, PretrainConfig, check_grids, resolve_steps
-from beit.run_logging import RunLogger, read_metrics
+from beit.runtime.run_logging import RunLogger, read_metrics
 
 
 def test_help_lists_every_option(capsys):
@@ -122,7 +122,7 @@ def test_logger_truncates_on_resume(tmp_path):
 
 
 def test_tensorboard_requested_but_missing_warns_loudly(monkeypatch, capsys):
-    import beit.run_logging as rl
+    import beit.runtime.run_logging as rl
 
     monkeypatch.setattr(rl, "tensorboard_available", lambda: False)
     assert rl.resolve_trackers(True) == []

@@ -171,7 +171,7 @@ def train_dvae(cfg: DVAETrainConfig):
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from beit.checkpointing import TRAIN_STATE, find_latest_complete, load_checkpoint, save_checkpoint
+    from beit.runtime.checkpointing import TRAIN_STATE, find_latest_complete, load_checkpoint, save_checkpoint
     from beit.tokenizers.dvae import DiscreteVAE, DVAETokenizer
 
     acc = Accelerator(mixed_precision=cfg.mixed_precision)

@@ -10,7 +10,7 @@ import time
 import torch
 from accelerate import Accelerator
 
-from beit.scaling import accelerator_kwargs_handlers
+from beit.runtime.scaling import accelerator_kwargs_handlers
 
 accelerator = Accelerator(kwargs_handlers=accelerator_kwargs_handlers(int(sys.argv[1])))
 x = torch.ones(1)

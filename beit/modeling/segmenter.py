@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beit.finetune_model import BEIT_TIMM_NAME
+from beit.modeling.classifier import BEIT_TIMM_NAME
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -163,8 +163,8 @@ def seg_model_kwargs(model: BeitSegmenter) -> dict:
 
 def export_seg_model(model: BeitSegmenter, path, cfg, metrics: dict | None = None):
     """The fine-tuned segmenter as safetensors + JSON (``load_seg_model`` rebuilds it)."""
-    from beit.checkpointing import save_weights
-    config = {"architecture": "beit.seg_model.BeitSegmenter", "model_kwargs": seg_model_kwargs(model),
+    from beit.runtime.checkpointing import save_weights
+    config = {"architecture": "beit.modeling.segmenter.BeitSegmenter", "model_kwargs": seg_model_kwargs(model),
               "mean": list(cfg.mean), "std": list(cfg.std), "reduce_zero_label": cfg.reduce_zero_label,
               "eval": f"short side rescaled to {cfg.img_size}, sliding {cfg.img_size} px windows",
               "metrics": metrics or {}}
@@ -173,9 +173,9 @@ def export_seg_model(model: BeitSegmenter, path, cfg, metrics: dict | None = Non
 
 def load_seg_model(path) -> BeitSegmenter:
     """Rebuild an exported segmenter (eval mode) from its safetensors file and JSON."""
-    from beit.checkpointing import load_weights
+    from beit.runtime.checkpointing import load_weights
     sd, config = load_weights(path)
-    if config is None or config.get("architecture") != "beit.seg_model.BeitSegmenter":
+    if config is None or config.get("architecture") != "beit.modeling.segmenter.BeitSegmenter":
         raise ValueError(f"{path} is not an exported BEiT segmenter (its JSON is missing or names another model)")
     model = BeitSegmenter(**config["model_kwargs"], drop_path_rate=0.0)
     model.load_state_dict(sd)

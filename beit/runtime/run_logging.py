@@ -100,3 +100,17 @@ def read_metrics(output_dir: str | Path) -> list[dict]:
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def data_error_metrics(loader, accelerator) -> dict:
+    """Data counts (samples, bad samples by reason, conversions) summed over ranks; every rank calls it."""
+    from accelerate.utils import gather_object
+
+    flat = loader.metrics("data/")
+    if accelerator.num_processes > 1:
+        merged: dict = {}
+        for part in gather_object([flat]):
+            for k, v in part.items():
+                merged[k] = merged.get(k, 0) + v
+        flat = merged
+    return flat

@@ -1,0 +1,1 @@
+"""One epoch of training / one evaluation pass for each stage (pretraining, classification, segmentation)."""

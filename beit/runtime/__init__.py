@@ -1,0 +1,1 @@
+"""What every run shares: checkpoints (saving, resume, loading pretrained weights), logging, scaling."""
