@@ -159,7 +159,8 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
         cfg.data_order, shards, map_fn=map_fn, batch_size=batch_size, num_workers=cfg.num_workers,
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer, batches_per_epoch=cfg.batches_per_epoch or None,
-        allow_remote=cfg.allow_remote_shards, max_bad_fraction=cfg.max_bad_fraction)
+        allow_remote=cfg.allow_remote_shards, max_bad_fraction=cfg.max_bad_fraction,
+        small_image_size=cfg.image_size)  # counted as data/upscaled
 
 
 def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int, accum: int) -> tuple[int, int, int]:
@@ -175,6 +176,25 @@ def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int, accum: int) -> tu
 
 class SetupError(ValueError):
     """A problem with the inputs, found before any compute (printed without a traceback)."""
+
+
+def build_knn_health(cfg: PretrainConfig, accelerator, logger, total_steps: int):
+    """The kNN health metric of the config, or None when no kNN shards are set. ``knn_every`` 0: about
+    ten evaluations a run, on logging steps, so each sits beside a masked-token accuracy record."""
+    if not cfg.knn_train_shards:
+        return None
+    from beit.data.shardspec import expand_shards
+    from beit.engines.knn import KnnHealth, KnnMonitor
+    try:
+        monitor = KnnMonitor(expand_shards(cfg.knn_train_shards), expand_shards(cfg.knn_val_shards), cfg.image_size,
+                             accelerator, k=cfg.knn_k)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    every = cfg.knn_every or max(cfg.log_every, round(total_steps / 10 / cfg.log_every) * cfg.log_every)
+    logger.info(f"kNN health metric: {monitor.n_train} labelled images as memory bank, {monitor.n_val} scored, "
+                f"k={cfg.knn_k}, mean-pooled patch features, every {every} steps (decoded in "
+                f"{monitor.load_seconds:.1f}s)")
+    return KnnHealth(monitor, logger, every, total_steps)
 
 
 def check_inputs(cfg: PretrainConfig, world: int):
@@ -194,6 +214,12 @@ def check_inputs(cfg: PretrainConfig, world: int):
         else:
             shards = expand_shards(cfg.data_shards, allow_remote=cfg.allow_remote_shards)
         val_shards = expand_shards(cfg.val_shards, allow_remote=cfg.allow_remote_shards) if cfg.val_shards else []
+        for name in ("knn_train_shards", "knn_val_shards"):
+            if getattr(cfg, name):
+                try:
+                    expand_shards(getattr(cfg, name))
+                except ValueError as e:
+                    raise ValueError(f"--{name}: {e}") from None
         if val_shards and len(val_shards) < world:
             raise ValueError(f"{len(val_shards)} held-out shard(s) for {world} processes: each process needs one; "
                              "split the held-out set into more shards")
@@ -328,14 +354,23 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
                                keep_last=cfg.keep_last)
         logger.info(f"checkpoint saved: {path}")
 
+    health = build_knn_health(cfg, accelerator, logger, total_steps)
+
+    def after_step(st: TrainState) -> None:
+        if health is not None:
+            health(accelerator.unwrap_model(model), st.step)
+        checkpoint(st)
+
     meter = MimMeter(vocab_size, accelerator.device)
+    if health is not None and state.step == 0:
+        health(accelerator.unwrap_model(model), 0)  # the random encoder: what the metric must rise above
     t_start, time_before = time.time(), state.train_seconds
     with logger.progress(total_steps, initial=state.step) as bar:
         while state.step < total_steps:
             loader.set_epoch(state.epoch)
             train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, state,
                             total_steps=total_steps, clip_grad=cfg.clip_grad, max_nonfinite_in_a_row=cfg.max_nonfinite_steps, log_every=cfg.log_every, logger=logger,
-                            after_step=checkpoint, progress=bar, meter=meter,
+                            after_step=after_step, progress=bar, meter=meter,
                             data_stats=lambda: data_error_metrics(loader, accelerator))
             if state.step < total_steps:
                 state.epoch += 1
@@ -344,6 +379,8 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     summary = {"step": state.step, "epoch": state.epoch, "nonfinite_steps": state.nonfinite_steps,
                "train_seconds": round(state.train_seconds, 1), "output_dir": str(out)}
     summary.update(data_error_metrics(loader, accelerator))
+    if health is not None:
+        summary.update(health.summary(summary["train_seconds"]))
     unwrapped = accelerator.unwrap_model(model)
     full_state = accelerator.get_state_dict(model)  # a collective under FSDP/DeepSpeed
     if accelerator.is_main_process:

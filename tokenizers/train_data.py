@@ -50,4 +50,5 @@ def build_view_loader(shards, spec: CropSpec, batch_size: int, *, seed: int = 0,
     from beit.data.stream import build_stream_loader
 
     return build_stream_loader(shards, map_fn=CropMapFn(spec), batch_size=batch_size, num_workers=num_workers,
-                               rank=rank, world_size=world_size, seed=seed, max_bad_fraction=max_bad_fraction)
+                               rank=rank, world_size=world_size, seed=seed, max_bad_fraction=max_bad_fraction,
+                               small_image_size=spec.size)  # counted as data/upscaled

@@ -86,6 +86,14 @@ class PretrainConfig:
     tensorboard: bool = field(True, help="also log to TensorBoard (output_dir/tensorboard)")
     eval_batches: int = field(0, help="held-out batches per rank for the final evaluation (0: all)")
     eval_batch_size: int = field(0, help="held-out batch size (0: batch_size)")
+    # health metric: online kNN accuracy of the encoder's features on labelled images
+    knn_train_shards: list[str] = field(default_factory=list, help="labelled shards for the kNN health metric's "
+                                        "memory bank (with knn_val_shards: kNN top-1 logged every knn_every steps)")
+    knn_val_shards: list[str] = field(default_factory=list, help="labelled held-out shards the kNN health metric "
+                                      "scores (monitoring only: nothing is chosen on it)")
+    knn_every: int = field(0, help="kNN health metric every N optimizer steps (0: about 10 times a run, and "
+                           "before the first step)")
+    knn_k: int = field(20, help="neighbours of the kNN health metric")
 
     def validate(self) -> None:
         """Checks that need no files; raises ValueError naming the option."""
@@ -111,6 +119,11 @@ class PretrainConfig:
         check_data_order(self.data_order)
         if self.dist_timeout_s < 1:
             raise ValueError(f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
+        if bool(self.knn_train_shards) != bool(self.knn_val_shards):
+            raise ValueError("the kNN health metric needs both knn_train_shards and knn_val_shards (labelled); "
+                             "set both or neither")
+        if self.knn_every < 0 or self.knn_k < 1:
+            raise ValueError(f"knn_every must be >= 0 and knn_k >= 1, got {self.knn_every}, {self.knn_k}")
         if not self.data_shards and not self.token_cache:
             raise ValueError("no training data: set data_shards (e.g. --data_shards '/data/train-{000000..000099}.tar')")
 

@@ -1,0 +1,98 @@
+"""The kNN classifier against scikit-learn's, and the online kNN health metric of pretraining."""
+
+import numpy as np
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+
+import beit.pretrain as pretrain
+from beit.data.samples import build_sample_shards
+from beit.engines.knn import knn_predict, load_views
+from beit.runtime.run_logging import read_metrics
+from beit.tokenizers.kmeans import KMeansTokenizer
+from beit.tokenizers.images import shard_image_batches
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_knn_predict_matches_sklearn_weighted_vote():
+    from sklearn.neighbors import KNeighborsClassifier
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(200, 16))
+    train /= np.linalg.norm(train, axis=1, keepdims=True)
+    labels = rng.integers(0, 5, size=200)
+    query = rng.normal(size=(50, 16))
+    query /= np.linalg.norm(query, axis=1, keepdims=True)
+    t = 0.07
+    ref = KNeighborsClassifier(n_neighbors=10, metric="cosine", algorithm="brute",
+                               weights=lambda d: np.exp((1 - d) / t)).fit(train, labels).predict(query)
+    ours = knn_predict(torch.tensor(train, dtype=torch.float64), torch.tensor(labels), torch.tensor(query),
+                       k=10, temperature=t, chunk=7)
+    assert (ours.numpy() == ref).all()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("knn_assets")
+    build_sample_shards(root / "digits", "digits")
+    train = str(root / "digits" / "train-*.tar")
+    tok = KMeansTokenizer.fit(lambda: shard_image_batches(train, size=32, batch_size=64, max_images=256),
+                              epochs=1, seed=0, init_patches=2000, progress=False,
+                              vocab_size=16, patch_size=8, input_size=32)
+    tok.save(root / "kmeans")
+    return root
+
+
+def run(cfg: dict) -> dict:
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    try:
+        return pretrain.main([], cfg=pretrain.PretrainConfig(**cfg))
+    finally:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+
+
+def cfg_for(root, out, **kw) -> dict:
+    cfg = dict(data_shards=[str(root / "digits" / "train-*.tar")], tokenizer="kmeans",
+               tokenizer_path=str(root / "kmeans"), image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+               batch_size=32, total_steps=8, warmup_steps=2, num_workers=0, checkpoint_every=100, log_every=2,
+               tensorboard=False, output_dir=str(out), shuffle_buffer=64, crop_scale_min=0.6, hflip=0.0,
+               knn_train_shards=[str(root / "digits" / "train-*.tar")],
+               knn_val_shards=[str(root / "digits" / "test-*.tar")], knn_every=4)
+    cfg.update(kw)
+    return cfg
+
+
+def test_knn_health_logged_beside_mim_metrics(assets, tmp_path):
+    out = tmp_path / "run"
+    summary = run(cfg_for(assets, out))
+    recs = read_metrics(out)
+    knn = {r["step"]: r for r in recs if "knn/acc" in r}
+    assert sorted(knn) == [0, 4, 8]                                   # before training, every 4 steps, the last
+    mim_steps = {r["step"] for r in recs if "mim_acc" in r}
+    assert {4, 8} <= mim_steps                                        # a masked-token record at the same steps
+    majority = knn[0]["knn/majority_acc"]
+    assert 0.05 < majority < 0.2                                      # 10 balanced digit classes
+    # even a barely trained encoder's features separate digits far better than the majority class
+    assert all(majority + 0.2 < r["knn/acc"] <= 1 for r in knn.values())
+    assert summary["knn/evaluations"] == 3 and summary["knn/acc"] == knn[8]["knn/acc"]
+    assert summary["knn/seconds_total"] > 0 and 0 < summary["knn/cost_fraction"] < 10
+    images, labels = load_views([str(assets / "digits" / "test-000000.tar")], 32)
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32) and len(images) == len(labels) > 0
+
+
+def test_knn_health_refuses_bad_settings(assets, tmp_path):
+    with pytest.raises(ValueError, match="both knn_train_shards and knn_val_shards"):
+        run(cfg_for(assets, tmp_path / "a", knn_val_shards=[]))
+    build_sample_shards(assets / "photos", "photos")  # unlabelled
+    with pytest.raises(pretrain.SetupError, match="needs labelled images"):
+        run(cfg_for(assets, tmp_path / "b", knn_val_shards=[str(assets / "photos" / "val-*.tar")]))
+    with pytest.raises(pretrain.SetupError, match="--knn_val_shards"):
+        run(cfg_for(assets, tmp_path / "c", knn_val_shards=[str(assets / "nowhere-*.tar")]))
