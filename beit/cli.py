@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer cache": ("beit.tokenizers.cache", "pre-tokenise shards into a token cache"),
     "pretrain": ("beit.pretrain", "BEiT masked-image-modelling pretraining"),
     "finetune": ("beit.finetune", "fine-tune a pretrained encoder (classification or segmentation)"),
+    "compare": ("beit.compare.run", "does pretraining pay off here? BEiT vs scratch vs simple baselines, over seeds"),
     "export": ("beit.export", "export a fine-tuned run as timm-loadable weights"),
     "samples": ("beit.data.samples", "write shards of the built-in real sample sets (offline)"),
 }

@@ -1,0 +1,1 @@
+"""``beit compare``: does BEiT pretraining pay off on this data? (see ``beit.compare.run``)"""

@@ -1,0 +1,80 @@
+"""Options of ``beit compare`` (``beit compare --help``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from beit.compare import recipe
+from beit.config import field
+
+METHODS = ("beit", "scratch", "scratch_fitted", "linear_probe", "knn", "logreg_features", "logreg_pixels")
+
+
+@dataclass
+class CompareConfig:
+    # data
+    train_shards: str = field("", help="LABELLED training shards (a label subset of them is used, see label_fraction)")
+    test_shards: str = field("", help="labelled held-out test shards: used for scoring only, never for any choice")
+    unlabelled_shards: str = field("", help="shards for the tokenizer and pretraining (labels unused; empty: "
+                                   "train_shards). Never the test shards")
+    label_fraction: float = field(1.0, help="stratified fraction of the training labels each seed uses (per class, "
+                                  "at least one image)")
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], help="seeds (comma list); every stage is seeded")
+    output_dir: str = field("runs/compare", help="work folder: one run folder per stage and seed, the results "
+                            "(compare.json, compare.md, compare.png). A rerun reuses stages whose inputs are unchanged")
+    # model and stages
+    image_size: int = field(recipe.MODEL["image_size"], help="model input side in px")
+    patch_size: int = field(recipe.MODEL["patch_size"], help="patch side in px (the tokenizer uses the same grid)")
+    embed_dim: int = field(recipe.MODEL["embed_dim"], help="encoder width")
+    depth: int = field(recipe.MODEL["depth"], help="encoder blocks")
+    num_heads: int = field(recipe.MODEL["num_heads"], help="attention heads")
+    tokenizer: str = field("kmeans", help="tokenizer kind; without tokenizer_path a k-means tokenizer is fitted "
+                           "per seed on the unlabelled shards")
+    tokenizer_path: str = field("", help="a saved tokenizer to use for every seed instead of fitting one")
+    tokenizer_fit: dict = field(default_factory=dict, help="overrides of the k-means fit recipe "
+                                f"(default {recipe.TOKENIZER})")
+    pretrain: dict = field(default_factory=dict, help="overrides of the pretraining recipe (beit pretrain options; "
+                           f"default {recipe.PRETRAIN})")
+    finetune: dict = field(default_factory=dict, help="overrides of the shared fine-tune recipe (beit finetune "
+                           f"options; default {recipe.FINETUNE})")
+    linear_probe: dict = field(default_factory=dict, help=f"overrides of the linear probe recipe ({recipe.LINEAR_PROBE})")
+    # the fitted scratch recipe
+    scratch_fit: str = field("train_loss", help="how the scratch model's own recipe is chosen among the epoch "
+                             "factors: train_loss (the shortest whose final training loss reaches the BEiT fine-tune's) "
+                             "or val (best top-1 on a validation split carved from the label subset, then retrained "
+                             "on all of it). Never on the test split")
+    scratch_epoch_factors: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0],
+                                               help="candidate fine-tune lengths for scratch_fitted, x the shared epochs")
+    val_fraction: float = field(0.2, help="scratch_fit val: fraction of the label subset held out for the choice")
+    # features
+    knn_k: int = field(20, help="neighbours of the kNN classifier (and of the pretraining health metric)")
+    health_knn: bool = field(True, help="log the online kNN health metric during pretraining (label subset as memory "
+                             "bank, test shards scored: monitoring only)")
+    threads: int = field(0, help="torch intra-op threads (0: torch's default; 1 is fastest for tiny models on a busy CPU)")
+    methods: list[str] = field(default_factory=lambda: list(METHODS), help=f"methods to run, of {list(METHODS)}")
+
+    def validate(self) -> None:
+        if not self.train_shards or not self.test_shards:
+            raise ValueError("set --train_shards (labelled) and --test_shards (labelled, held out), e.g. "
+                             "--train_shards 'shards/digits/train-*.tar' --test_shards 'shards/digits/test-*.tar'")
+        if not 0 < self.label_fraction <= 1:
+            raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
+        if not self.seeds:
+            raise ValueError("give at least one seed (--seeds 0,1,2)")
+        unknown = sorted(set(self.methods) - set(METHODS))
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if self.scratch_fit not in ("train_loss", "val"):
+            raise ValueError(f"scratch_fit must be train_loss or val, got {self.scratch_fit!r}")
+        if not self.scratch_epoch_factors or min(self.scratch_epoch_factors) <= 0:
+            raise ValueError(f"scratch_epoch_factors must be positive numbers, got {self.scratch_epoch_factors}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.test_shards in (self.unlabelled_shards, self.train_shards):
+            raise ValueError("the test shards must not be the training or unlabelled shards")
+
+    @property
+    def model(self) -> dict:
+        return dict(image_size=self.image_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
+                    depth=self.depth, num_heads=self.num_heads)

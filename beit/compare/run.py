@@ -1,0 +1,256 @@
+"""Does BEiT pretraining pay off on this data? One command that answers it with numbers.
+
+    beit compare --train_shards 'shards/mine/train-*.tar' --test_shards 'shards/mine/test-*.tar' \
+        --unlabelled_shards 'shards/unlabelled/*.tar' --label_fraction 0.1 --seeds 0,1,2 --output_dir runs/compare
+
+Per seed, on a seeded stratified subset of the training labels (``label_fraction``):
+
+1. fit the k-means visual-word tokenizer on the unlabelled images (or use ``--tokenizer_path``);
+2. pretrain BEiT on the unlabelled images (``beit pretrain``; kNN health metric logged);
+3. fine-tune it on the label subset (``beit finetune``);
+4. the same ViT from scratch with the same recipe and budget, and with a recipe fitted to it (the
+   fine-tune length chosen on its training loss or on a validation split of the label subset);
+5. a linear probe, a kNN classifier and a logistic regression on the pretrained features;
+6. a logistic regression on the pixels.
+
+Everything is scored on the held-out test shards, which no stage trains on or chooses anything
+by. Writes ``compare.json`` (per-seed values, margins, recipes, code version), ``compare.md``
+(table + verdict) and ``compare.png`` in ``--output_dir``; every stage is a run folder there.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from beit.compare import recipe
+from beit.compare.options import CompareConfig
+
+
+def _digest(samples: list[dict]) -> str:
+    h = hashlib.sha256()
+    for s in samples:
+        h.update(f"{s['key']}:{s['label']}:{len(s['data'])}".encode())
+    return h.hexdigest()[:16]
+
+
+def _shards_digest(spec: str) -> str:
+    from beit.data.shardspec import expand_shards
+    h = hashlib.sha256()
+    for p in expand_shards(spec):
+        h.update(f"{p}:{os.path.getsize(p)}".encode())
+    return h.hexdigest()[:16]
+
+
+def fit_scratch(cfg: CompareConfig, sdir: Path, seed: int, train: str, test: str, subset: list[dict],
+                label_map: dict, base: dict, same_recipe: dict | None, target_loss: float | None) -> dict:
+    """The scratch model with its own fine-tune length, chosen among ``scratch_epoch_factors`` on the
+    training loss (shortest reaching ``target_loss``) or on a validation split of the label subset."""
+    from beit.compare.labels import stratified_subset, write_labelled
+    from beit.compare.stages import finetune
+    factors = sorted(cfg.scratch_epoch_factors)
+    epochs_of = {f: max(1, round(base["epochs"] * f)) for f in factors}
+    tried = []
+    if cfg.scratch_fit == "train_loss" and target_loss is not None:
+        chosen = factors[-1]
+        for f in factors:
+            if f == 1.0 and same_recipe is not None:
+                res = same_recipe
+            else:
+                res = finetune(train, test, sdir / "scratch_fit" / f"epochs{epochs_of[f]}", seed, cfg.model,
+                               {**base, "epochs": epochs_of[f]})
+            tried.append({"factor": f, "epochs": epochs_of[f], "train_loss": res["train_loss"], "top1": res["top1"]})
+            if res["train_loss"] is not None and res["train_loss"] <= target_loss:
+                chosen = f
+                break
+        final = res  # the loop stopped at the chosen length (or ran out at the longest)
+        rule = f"shortest of x{factors} epochs whose final training loss reaches BEiT's ({target_loss:.3f})"
+    else:
+        val_part, fit_part = stratified_subset(subset, cfg.val_fraction, seed + 1000)
+        fit_pat = write_labelled(fit_part, sdir / "scratch_fit" / "labels", "fit", label_map, "compare:fit", seed)
+        val_pat = write_labelled(val_part, sdir / "scratch_fit" / "labels", "val", label_map, "compare:val", seed)
+        for f in factors:
+            res = finetune(fit_pat, val_pat, sdir / "scratch_fit" / f"val_epochs{epochs_of[f]}", seed, cfg.model,
+                           {**base, "epochs": epochs_of[f]})
+            tried.append({"factor": f, "epochs": epochs_of[f], "train_loss": res["train_loss"], "val_top1": res["top1"]})
+        chosen = max(tried, key=lambda t: (t["val_top1"], -t["factor"]))["factor"]
+        final = None
+        rule = (f"x{factors} epochs chosen by top-1 on {len(val_part)} validation images carved from the label "
+                "subset, then retrained on all of it")
+    if final is None:
+        final = finetune(train, test, sdir / "scratch_fitted", seed, cfg.model, {**base, "epochs": epochs_of[chosen]})
+    return {**final, "chosen_factor": chosen, "chosen_epochs": epochs_of[chosen], "tried": tried, "rule": rule}
+
+
+def run_seed(cfg: CompareConfig, seed: int, train: list[dict], test_pat: str, test_views, label_map: dict,
+             unlabelled: str) -> dict:
+    from beit.compare import stages
+    from beit.compare.baselines import feature_baselines, logistic_regression, pixels_of
+    from beit.compare.labels import stratified_subset, write_labelled
+    from beit.data.shardspec import expand_shards
+    from beit.engines.knn import load_views
+
+    m = set(cfg.methods)
+    sdir = Path(cfg.output_dir) / f"seed{seed}"
+    clock = [("start", time.time())]
+    subset, _ = stratified_subset(train, cfg.label_fraction, seed)
+    train_pat = write_labelled(subset, sdir / "labels", "train", label_map, f"compare:labels-seed{seed}", seed)
+    rec: dict = {"seed": seed, "labels": len(subset), "labels_digest": _digest(subset)}
+    rows: dict[str, float] = {}
+    ft_shared = {**recipe.FINETUNE, **cfg.finetune}
+    ft_scratch = {**ft_shared, **recipe.SCRATCH}
+    pre = None
+    if m & {"beit", "linear_probe", "knn", "logreg_features"}:
+        if cfg.tokenizer_path:
+            tok_kind, tok_path = cfg.tokenizer, cfg.tokenizer_path
+            rec["tokenizer"] = stages.token_stats(tok_kind, tok_path, unlabelled, cfg.image_size)
+        else:
+            tok = stages.fit_tokenizer(unlabelled, sdir / "tokenizer", seed, cfg.model, cfg.tokenizer_fit)
+            tok_kind, tok_path = "kmeans", tok["path"]
+            rec["tokenizer"] = tok
+        clock.append(("tokenizer", time.time()))
+        knn = (train_pat, test_pat) if cfg.health_knn else None
+        pre = stages.pretrain(unlabelled, tok_kind, tok_path, sdir / "pretrain", seed, cfg.model, cfg.pretrain,
+                              knn, cfg.knn_k, test_pat)
+        rec["pretrain"] = {k: v for k, v in pre.items() if k.startswith(("val/", "knn/")) or k in ("train_seconds", "step", "epoch")}
+        clock.append(("pretrain", time.time()))
+    beit = None
+    if "beit" in m:
+        beit = stages.finetune(train_pat, test_pat, sdir / "finetune_beit", seed, cfg.model, ft_shared,
+                               init=pre["pretrained"])
+        rows["beit"], rec["beit"] = beit["top1"], beit
+        clock.append(("finetune_beit", time.time()))
+    scratch = None
+    if "scratch" in m:
+        scratch = stages.finetune(train_pat, test_pat, sdir / "finetune_scratch", seed, cfg.model, ft_scratch)
+        rows["scratch"], rec["scratch"] = scratch["top1"], scratch
+        clock.append(("finetune_scratch", time.time()))
+    if "scratch_fitted" in m:
+        fitted = fit_scratch(cfg, sdir, seed, train_pat, test_pat, subset, label_map, ft_scratch, scratch,
+                             beit["train_loss"] if beit else None)
+        rows["scratch_fitted"], rec["scratch_fitted"] = fitted["top1"], fitted
+        clock.append(("scratch_fitted", time.time()))
+    if "linear_probe" in m:
+        lp = stages.finetune(train_pat, test_pat, sdir / "linear_probe", seed, cfg.model,
+                             {**ft_shared, **recipe.LINEAR_PROBE, **cfg.linear_probe}, init=pre["pretrained"])
+        rows["linear_probe"], rec["linear_probe"] = lp["top1"], lp
+        clock.append(("linear_probe", time.time()))
+    train_views = load_views(expand_shards(train_pat), cfg.image_size)
+    if m & {"knn", "logreg_features"}:
+        feats = feature_baselines(pre["pretrained"], train_views, test_views, cfg.knn_k)
+        rows.update({k: v for k, v in feats.items() if k in m})
+        clock.append(("features", time.time()))
+    if "logreg_pixels" in m:
+        rows["logreg_pixels"] = logistic_regression(pixels_of(train_views[0]), train_views[1].numpy(),
+                                                    pixels_of(test_views[0]), test_views[1].numpy())
+        clock.append(("logreg_pixels", time.time()))
+    rec["top1"] = rows
+    rec["seconds"] = {b: round(tb - ta, 1) for (_, ta), (b, tb) in zip(clock, clock[1:])}
+    return rec
+
+
+def run_compare(cfg: CompareConfig) -> dict:
+    """Run every seed and write the results; returns the results dict (as in compare.json)."""
+    import torch
+
+    from beit.compare.labels import check_disjoint, label_map_of, read_labelled
+    from beit.compare.report import code_version, markdown, verdict, write_results, NAMES
+    from beit.data.shardspec import expand_shards
+    from beit.engines.knn import load_views
+
+    cfg.validate()
+    if cfg.tokenizer_path == "" and cfg.tokenizer != "kmeans":
+        raise ValueError(f"only a k-means tokenizer is fitted by beit compare; for --tokenizer {cfg.tokenizer} pass "
+                         "--tokenizer_path to the saved tokenizer")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    out = Path(cfg.output_dir)
+    train = read_labelled(cfg.train_shards, "train_shards")
+    test = read_labelled(cfg.test_shards, "test_shards")
+    duplicates = check_disjoint(train, test)
+    unlabelled = cfg.unlabelled_shards or cfg.train_shards
+    try:
+        expand_shards(unlabelled)
+    except ValueError as e:
+        raise ValueError(f"--unlabelled_shards: {e}") from None
+    label_map = label_map_of(cfg.train_shards)
+    test_views = load_views(expand_shards(cfg.test_shards), cfg.image_size)
+    per_seed = []
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(cfg.threads or None):  # scikit-learn's BLAS threads too
+        for seed in cfg.seeds:
+            per_seed.append(run_seed(cfg, seed, train, cfg.test_shards, test_views, label_map, unlabelled))
+            print(json.dumps(per_seed[-1], default=str), flush=True)
+    methods = [m for m in NAMES if m in per_seed[0]["top1"]]
+    rows = {m: [r["top1"][m] for r in per_seed] for m in methods}
+    verdict_md, margins = verdict(rows)
+    n_labels = sorted({r["labels"] for r in per_seed})
+    header = (f"Held-out top-1 (%) on {len(test_views[1])} test images, {'/'.join(map(str, n_labels))} training labels "
+              f"({cfg.label_fraction:.0%} of {len(train)}), seeds {', '.join(map(str, cfg.seeds))} (mean ± std over seeds)")
+    minutes = (time.time() - t0) / 60
+    notes = _notes(cfg, per_seed, unlabelled, minutes)
+    results = {"rows": rows, "names": {m: NAMES[m] for m in methods}, "margins": margins, "per_seed": per_seed,
+               "code": code_version(), "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+               "recipe": {"model": cfg.model, "tokenizer": {**recipe.TOKENIZER, **cfg.tokenizer_fit},
+                          "pretrain": {**recipe.PRETRAIN, **cfg.pretrain},
+                          "finetune": {**recipe.FINETUNE, **cfg.finetune}, "scratch": recipe.SCRATCH,
+                          "linear_probe": {**recipe.LINEAR_PROBE, **cfg.linear_probe}},
+               "data": {"train_labelled": len(train), "test": len(test_views[1]), "unlabelled_shards": unlabelled,
+                        "test_images_identical_to_a_training_image": duplicates},
+               "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                           "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                           "cuda": torch.cuda.is_available()},
+               "minutes": round(minutes, 1)}
+    md = markdown(rows, cfg.seeds, header, notes, verdict_md)
+    write_results(out, results, md, header)
+    print(md)
+    return results
+
+
+def _pretrain_length(cfg: CompareConfig, per_seed: list[dict]) -> str:
+    steps = sorted({r["pretrain"].get("step") for r in per_seed if "pretrain" in r} - {None})
+    args = {**recipe.PRETRAIN, **cfg.pretrain}
+    length = f"{args['total_steps']} steps" if args.get("total_steps") else f"{args['epochs']} epochs"
+    return f"{length} ({'/'.join(map(str, steps))} optimizer steps of {args['batch_size']} images)" if steps else length
+
+
+def _notes(cfg: CompareConfig, per_seed: list[dict], unlabelled: str, minutes: float) -> str:
+    import statistics
+    parts = [f"Model: ViT/BEiT {cfg.image_size} px, patch {cfg.patch_size}, dim {cfg.embed_dim}, depth {cfg.depth}, "
+             f"{cfg.num_heads} heads. Pretraining {_pretrain_length(cfg, per_seed)} on "
+             f"{unlabelled} (labels unused); fine-tuning {({**recipe.FINETUNE, **cfg.finetune})['epochs']} epochs, "
+             "the same recipe for BEiT and the same-recipe scratch model (the scratch model without layer decay)."]
+    fitted = [r["scratch_fitted"] for r in per_seed if "scratch_fitted" in r]
+    if fitted:
+        parts.append(f"Fitted scratch recipe: {fitted[0]['rule']}; chosen epochs per seed "
+                     f"{[f['chosen_epochs'] for f in fitted]}.")
+    pre = [r["pretrain"] for r in per_seed if "pretrain" in r]
+    if pre and "val/mim_acc" in pre[0]:
+        parts.append(f"Held-out masked-token accuracy after pretraining {statistics.mean(p['val/mim_acc'] for p in pre):.3f} "
+                     f"vs {statistics.mean(p['val/majority_acc'] for p in pre):.3f} for the majority token.")
+    if pre and "knn/acc" in pre[0]:
+        parts.append(f"kNN health metric at the end of pretraining {100 * statistics.mean(p['knn/acc'] for p in pre):.1f}% "
+                     f"(majority class {100 * statistics.mean(p['knn/majority_acc'] for p in pre):.1f}%), costing "
+                     f"{100 * statistics.mean(p['knn/cost_fraction'] or 0 for p in pre):.1f}% of the pretraining time.")
+    parts.append(f"Total time {minutes:.1f} min; every stage's run folder is under {cfg.output_dir}/seed<N>/.")
+    return " ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from beit.config import parse_config
+    cfg = parse_config(CompareConfig, argv, description=__doc__)
+    run_compare(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

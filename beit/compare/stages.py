@@ -1,0 +1,134 @@
+"""The trained stages of a comparison, each an ordinary run of an existing entry point in its own folder.
+
+A stage that finished with the same inputs before (``stage.json`` in its folder) is reused, so an
+interrupted comparison reruns only what is missing. Accelerate's process-wide state is reset
+around every in-process run, as a fresh process would have it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+STAGE_FILE = "stage.json"
+
+
+def cached_stage(out: Path, inputs: dict, run: Callable[[], dict]) -> dict:
+    """``run()``'s result, or the saved one when ``out`` finished with the same ``inputs``."""
+    marker = out / STAGE_FILE
+    key = json.loads(json.dumps(inputs, default=str))
+    if marker.is_file():
+        saved = json.loads(marker.read_text())
+        if saved.get("inputs") == key:
+            return saved["result"]
+    if out.exists():  # a stage with other inputs or one cut short: start it afresh
+        import shutil
+        shutil.rmtree(out)
+    result = run()
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"inputs": key, "result": result}, indent=1, default=str))
+    return result
+
+
+def _fresh_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def fit_tokenizer(shards: str, out: Path, seed: int, model: dict, overrides: dict) -> dict:
+    """Fit the k-means visual-word tokenizer on the unlabelled shards (``beit tokenizer train kmeans``);
+    returns its path and token statistics on up to 512 of those images."""
+    from beit.compare import recipe
+    from beit.tokenizers.train import main as train_tokenizer
+
+    def run() -> dict:
+        path = out / "kmeans"
+        grid = model["image_size"] // model["patch_size"]
+        args = {**recipe.TOKENIZER, **overrides}
+        rc = train_tokenizer(["kmeans", "--shards", shards, "--out", str(path), "--patch_size", str(model["patch_size"]),
+                              "--input_size", str(model["image_size"]), "--model_grid", str(grid), "--seed", str(seed)]
+                             + [a for k, v in args.items() for a in (f"--{k}", str(v))])
+        if rc:
+            raise RuntimeError(f"tokenizer training failed with exit code {rc} (see above)")
+        return {"path": str(path), **token_stats("kmeans", str(path), shards, model["image_size"])}
+    return cached_stage(out, {"shards": shards, "seed": seed, "model": model, "overrides": overrides}, run)
+
+
+def token_stats(kind: str, path: str, shards: str, size: int, max_images: int = 512) -> dict:
+    """Codebook usage, perplexity and the share of the most frequent token on up to ``max_images`` images."""
+    import torch
+
+    from beit.tokenizers import load_tokenizer
+    from beit.tokenizers.images import shard_image_batches
+    tok = load_tokenizer(kind, path)
+    counts = torch.zeros(tok.vocab_size, dtype=torch.float64)
+    for batch in shard_image_batches(shards, size, 64, tok.interpolation, max_images=max_images):
+        counts += torch.bincount(tok.tokenize(batch).flatten(), minlength=tok.vocab_size).double()
+    p = counts / counts.sum()
+    nz = p[p > 0]
+    return {"used_codes": int((counts > 0).sum()), "vocab": tok.vocab_size, "top_token_share": float(p.max()),
+            "perplexity": float(torch.exp(-(nz * nz.log()).sum()))}
+
+
+def pretrain(shards: str, tokenizer: str, tokenizer_path: str, out: Path, seed: int, model: dict, overrides: dict,
+             knn: tuple[str, str] | None, knn_k: int, val_shards: str) -> dict:
+    """``beit pretrain`` on the unlabelled shards; returns its final summary (weights path, held-out
+    masked-token accuracy beside the majority token, the kNN health metric when ``knn`` is set)."""
+    from beit.compare import recipe
+    from beit.pretrain import main as pretrain_main
+
+    args = {**recipe.PRETRAIN, **overrides}
+    argv = ["--data_shards", shards, "--tokenizer", tokenizer, "--tokenizer_path", tokenizer_path,
+            "--output_dir", str(out), "--seed", str(seed)]
+    if val_shards:
+        argv += ["--val_shards", val_shards]
+    if knn:
+        argv += ["--knn_train_shards", knn[0], "--knn_val_shards", knn[1], "--knn_k", str(knn_k)]
+    for k, v in {**model, **args}.items():
+        argv += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+
+    def run() -> dict:
+        _fresh_accelerate()
+        try:
+            return pretrain_main(argv)
+        finally:
+            _fresh_accelerate()
+    return cached_stage(out, {"argv": argv, "tokenizer_fingerprint": _file_digest(tokenizer_path)}, run)
+
+
+def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_args: dict, init: str = "") -> dict:
+    """``beit finetune`` (classification) on the labelled ``train`` shards, scored on ``test``; returns
+    top-1/top-5 and the final epoch's training loss."""
+    from beit.finetune import FinetuneConfig, run_finetune
+    from beit.runtime.run_logging import read_metrics
+
+    dims = {"img_size": model["image_size"], **{k: model[k] for k in ("patch_size", "embed_dim", "depth", "num_heads")}}
+    kw = dict(train_shards=train, val_shards=test, output_dir=str(out), seed=seed, init=init, model="beit",
+              resume=False, **dims, **recipe_args)
+
+    def run() -> dict:
+        cfg = FinetuneConfig(**kw)
+        cfg.validate()
+        _fresh_accelerate()
+        try:
+            res = run_finetune(cfg)
+        finally:
+            _fresh_accelerate()
+        losses = [r["train_loss"] for r in read_metrics(out) if "train_loss" in r]
+        return {"top1": res["top1"], "top5": res["top5"], "train_loss": losses[-1] if losses else None,
+                "epochs": cfg.epochs}
+    return cached_stage(out, {**kw, "init_digest": _file_digest(init)}, run)
+
+
+def _file_digest(path: str) -> str | None:
+    """sha256 of a weights file (or of ``<path>.safetensors``), so a reused stage saw the same weights."""
+    import hashlib
+    if not path:
+        return None
+    for p in (Path(path), Path(str(path) + ".safetensors")):
+        if p.is_file():
+            return hashlib.sha256(p.read_bytes()).hexdigest()[:16]
+    return None
