@@ -111,3 +111,31 @@ def test_compare_refuses_bad_input(digits, tmp_path, capsys):
     assert "has no label" in capsys.readouterr().err
     assert exit_code(base + ["--train_shards", str(digits / "train-*.tar"), "--test_shards", str(digits / "nope-*.tar")]) == 2
     assert "--test_shards" in capsys.readouterr().err
+
+
+def test_compare_scratch_recipe_fitted_on_a_carved_validation_split(digits, tmp_path):
+    from beit.data.shard_format import iter_tar_samples
+
+    def keys(pattern_dir, prefix):
+        out = set()
+        for p in pattern_dir.glob(f"{prefix}-*.tar"):
+            with open(p, "rb") as f:
+                out |= {s["__key__"] for s in iter_tar_samples(f)}
+        return out
+    out = tmp_path / "cmp"
+    n = torch.get_num_threads()
+    try:
+        assert cli(["compare", "--train_shards", str(digits / "train-*.tar"), "--test_shards",
+                    str(digits / "test-*.tar"), "--output_dir", str(out), "--methods", "scratch_fitted",
+                    "--scratch_fit", "val", *TINY]) == 0
+    finally:
+        torch.set_num_threads(n)
+    fit = json.loads((out / "compare.json").read_text())["per_seed"][0]["scratch_fitted"]
+    assert [t["epochs"] for t in fit["tried"]] == [2, 4] and all("val_top1" in t for t in fit["tried"])
+    assert fit["chosen_epochs"] == max(fit["tried"], key=lambda t: (t["val_top1"], -t["factor"]))["epochs"]
+    assert fit["epochs"] == fit["chosen_epochs"]  # retrained on the whole label subset with the chosen length
+    labels, carved = out / "seed0" / "labels", out / "seed0" / "scratch_fit" / "labels"
+    val, fit_keys, subset = keys(carved, "val"), keys(carved, "fit"), keys(labels, "train")
+    assert val and not val & fit_keys and val | fit_keys == subset          # carved from the label subset only
+    assert not val & keys(digits, "test")
+    assert not (out / "seed0" / "pretrain").exists()                       # no pretraining was needed
