@@ -3,11 +3,13 @@
 
     python launch/evidence.py --out runs/evidence            # 3 seeds
     python launch/evidence.py --out runs/evidence --seeds 0  # one seed, quicker
+    python launch/evidence.py --out runs/evidence_photos --set photos   # crops of the bundled photographs
 
 Data: scikit-learn's 1,797 real hand-written digits as shards (``beit.data.samples``, 32x32 RGB),
 with the FIXED held-out test split (360 images) that no stage ever reads except for scoring. The
 1,437 training images are the unlabelled pretraining data; each seed fine-tunes on a stratified 10%
-of their labels. Any other argument goes to ``beit compare`` (``--methods beit,logreg_pixels``,
+of their labels. ``--set photos``: crops of the bundled photographs labelled by the photograph they
+come from (training crops from the left 80% of each photograph, test crops from the right 20%). Any other argument goes to ``beit compare`` (``--methods beit,logreg_pixels``,
 ``--pretrain '{epochs: 60}'``, ...). Results: ``<out>/compare.json``, ``compare.md``, ``compare.png``.
 """
 from __future__ import annotations
@@ -24,16 +26,50 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 LABEL_FRACTION = 0.10
 
 
+def photo_classes(out: Path) -> Path:
+    """A labelled set from the bundled photographs: each crop's class is the photograph it was cut
+    from (``<name>_s<side>_x<x>_y<y>`` keys); training crops come from the left 80% of every
+    photograph, test crops from the right 20%, so no test crop overlaps a training crop."""
+    import re
+
+    from beit.compare.labels import write_labelled
+    from beit.data.samples import build_sample_shards
+    from beit.data.shard_format import iter_tar_samples
+    raw = out / "photos_raw"
+    build_sample_shards(raw, "photos")
+    splits = {}
+    for split in ("train", "val"):
+        items = []
+        for shard in sorted(raw.glob(f"{split}-*.tar")):
+            with open(shard, "rb") as f:
+                items += [{"key": s["__key__"], "data": s["jpg"], "ext": "jpg",
+                           "name": re.fullmatch(r"(.+)_s\d+_x\d+_y\d+", s["__key__"]).group(1)}
+                          for s in iter_tar_samples(f)]
+        splits[split] = items
+    names = sorted({s["name"] for s in splits["train"]} & {s["name"] for s in splits["val"]})
+    label_map = {n: i for i, n in enumerate(names)}
+    dest = out / "photos"
+    for split, prefix in (("train", "train"), ("val", "test")):
+        samples = [dict(s, label=label_map[s["name"]]) for s in splits[split] if s["name"] in label_map]
+        write_labelled(samples, dest, prefix, label_map, f"evidence:photo-classes/{split}", 0)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/evidence", help="work folder (a rerun reuses the finished stages)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--set", default="digits", choices=["digits", "photos"],
+                   help="digits: the 8x8 hand-written digits; photos: which bundled photograph a crop comes from")
     args, rest = p.parse_known_args(argv)
     from beit.compare.run import main as compare
     from beit.data.samples import build_sample_shards
-    digits = Path(args.out) / "digits"
-    build_sample_shards(digits, "digits")
-    return compare(["--train_shards", str(digits / "train-*.tar"), "--test_shards", str(digits / "test-*.tar"),
+    if args.set == "digits":
+        data = Path(args.out) / "digits"
+        build_sample_shards(data, "digits")
+    else:
+        data = photo_classes(Path(args.out))
+    return compare(["--train_shards", str(data / "train-*.tar"), "--test_shards", str(data / "test-*.tar"),
                     "--label_fraction", str(LABEL_FRACTION), "--seeds", ",".join(map(str, args.seeds)),
                     "--output_dir", args.out, "--threads", "1", *rest])
 

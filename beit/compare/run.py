@@ -169,6 +169,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
+    code = code_version()  # of the code as it starts (files edited during the run do not count)
     out = Path(cfg.output_dir)
     train = read_labelled(cfg.train_shards, "train_shards")
     test = read_labelled(cfg.test_shards, "test_shards")
@@ -195,7 +196,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     minutes = (time.time() - t0) / 60
     notes = _notes(cfg, per_seed, unlabelled, minutes)
     results = {"rows": rows, "names": {m: NAMES[m] for m in methods}, "margins": margins, "per_seed": per_seed,
-               "code": code_version(), "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
+               "code": code, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                "recipe": {"model": cfg.model, "tokenizer": {**recipe.TOKENIZER, **cfg.tokenizer_fit},
                           "pretrain": {**recipe.PRETRAIN, **cfg.pretrain},
                           "finetune": {**recipe.FINETUNE, **cfg.finetune}, "scratch": recipe.SCRATCH,
