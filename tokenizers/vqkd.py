@@ -1,5 +1,10 @@
 """BEiT v2's VQ-KD tokenizer: ViT encoder -> Linear-Tanh-Linear -> l2-normalised code, nearest codeword.
 
+Input pre-processing follows unilm's ``VQKD.pre_process`` for its ``process_type``: ``default`` (what the
+released tokenizers use, and unilm's default) maps [0, 1] pixels to [-1, 1]; ``imagenet_norm`` applies
+ImageNet mean/std; ``dall-e`` passes the pixels unchanged. A training checkpoint's ``args.process_type``
+is honoured. The nearest codeword is unilm's: argmin of the squared l2 distance to the stored codebook rows.
+
 Loads the official ``vqkd_encoder_*.pth`` state dicts (unilm ``beit2`` key names, optionally under a
 ``model`` or ``state_dict`` key) with a weights-only ``torch.load``, or safetensors. The encoder is
 a timm ``VisionTransformer`` (mean-pooling variant: no final norm, ``fc_norm`` on patch tokens).
@@ -20,6 +25,7 @@ from torch import nn
 
 from beit.tokenizers.base import VisualTokenizer, resolve_stem
 
+PROCESS_TYPES = ("default", "imagenet_norm", "dall-e")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IGNORED_PREFIXES = ("decoder.", "decode_task_layer.", "quantize.embedding.cluster_size", "quantize.embedding.embed_avg",
@@ -33,7 +39,7 @@ class VQKDTokenizer(VisualTokenizer):
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, embed_dim: int = 768, depth: int = 12,
                  num_heads: int = 12, mlp_ratio: float = 4.0, n_code: int = 8192, code_dim: int = 32,
-                 init_values: float | None = None, interpolation: str = "bicubic"):
+                 init_values: float | None = None, interpolation: str = "bicubic", process_type: str = "default"):
         super().__init__()
         from timm.models.vision_transformer import VisionTransformer
 
@@ -41,9 +47,12 @@ class VQKDTokenizer(VisualTokenizer):
             raise ValueError(f"img_size {img_size} must be a multiple of patch_size {patch_size}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if process_type not in PROCESS_TYPES:
+            raise ValueError(f"process_type must be one of {PROCESS_TYPES} (unilm VQKD.pre_process), got {process_type!r}")
         self.cfg = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                         num_heads=num_heads, mlp_ratio=mlp_ratio, n_code=n_code, code_dim=code_dim,
-                        init_values=init_values, interpolation=interpolation)
+                        init_values=init_values, interpolation=interpolation, process_type=process_type)
+        self.process_type = process_type
         self.encoder = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0,
                                          global_pool="avg", init_values=init_values)
@@ -59,16 +68,25 @@ class VQKDTokenizer(VisualTokenizer):
     def get_config(self) -> dict[str, Any]:
         return dict(self.cfg)
 
+    def pre_process(self, images: torch.Tensor) -> torch.Tensor:
+        """[0, 1] pixels -> the encoder's input, as unilm's ``VQKD.pre_process`` does for ``process_type``."""
+        if self.process_type == "default":
+            return images * 255.0 / 127.5 - 1.0
+        if self.process_type == "imagenet_norm":
+            return (images - self.mean) / self.std
+        return images
+
     def code_vectors(self, images: torch.Tensor) -> torch.Tensor:
         """l2-normalised 32-d (code_dim) vectors per patch: [B, h*w, code_dim]."""
-        x = (images - self.mean) / self.std
+        x = self.pre_process(images)
         feats = self.encoder.forward_features(x)[:, self.encoder.num_prefix_tokens:]
         return F.normalize(self.encode_task_layer(self.encoder.fc_norm(feats)), dim=-1)
 
     def _tokenize(self, images: torch.Tensor) -> torch.Tensor:
         z = self.code_vectors(images)
-        # Both sides unit-norm: nearest in l2 == largest cosine.
-        return (z @ self.codebook.T).argmax(-1).view(images.shape[0], *self.grid_size)
+        # squared l2 distance up to the |z|^2 term, which is the same for every code
+        d = self.codebook.pow(2).sum(-1) - 2.0 * z @ self.codebook.T
+        return d.argmin(-1).view(images.shape[0], *self.grid_size)
 
 
 # ---- the official state-dict format ---------------------------------------------------------------
@@ -109,7 +127,7 @@ def convert_official_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.
         if k.startswith(IGNORED_PREFIXES) or k.endswith(("attn.q_bias", "attn.v_bias")):
             continue
         if k == "quantize.embedding.weight":
-            out["codebook"] = F.normalize(v.float(), dim=-1)
+            out["codebook"] = v.float()  # as stored: unilm's nearest-code search uses the rows unchanged
         elif k.startswith("encode_task_layer."):
             out[k] = v
         elif k.startswith("encoder."):
@@ -130,18 +148,17 @@ def convert_official_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.
     return {k: v.float() for k, v in out.items()}
 
 
-def read_state_dict(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        return load_file(str(path))
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - weights-only refusal comes as several exception types
-        if not trust_pickle:
-            raise ValueError(f"{path} holds more than tensors (weights-only load failed: {str(e)[:200]}). "
-                             "If you trust the file, pass trust_pickle=True to unpickle it fully.") from e
-        obj = torch.load(str(path), map_location="cpu", weights_only=False)
-    return _unwrap(obj)
+def read_state_dict(path: Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state dict, options recorded beside it): a training checkpoint's ``args`` give ``process_type``."""
+    from beit.runtime.safe_pickle import load_torch_file
+    obj = load_torch_file(path, trust_pickle=trust_pickle)
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    recorded = {}
+    args = obj.get("args")
+    if getattr(args, "process_type", None) is not None:
+        recorded["process_type"] = args.process_type
+    return _unwrap(obj), recorded
 
 
 def load_vqkd(path: str | Path | None = None, *, num_heads: int | None = None, trust_pickle: bool = False,
@@ -159,8 +176,8 @@ def load_vqkd(path: str | Path | None = None, *, num_heads: int | None = None, t
         return VQKDTokenizer.load(stem)
     if not p.is_file():
         raise FileNotFoundError(f"VQ-KD weights {p} do not exist")
-    sd = read_state_dict(p, trust_pickle)
-    cfg = {**infer_config(sd, num_heads), **overrides}
+    sd, recorded = read_state_dict(p, trust_pickle)
+    cfg = {**infer_config(sd, num_heads), **recorded, **overrides}
     tok = VQKDTokenizer(**cfg)
     converted = convert_official_state_dict(sd)
     missing, unexpected = tok.load_state_dict(converted, strict=False)

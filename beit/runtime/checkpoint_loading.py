@@ -7,7 +7,14 @@ Accepted sources (always local files, never unpickled objects):
   checkpoint directory holding ``model.safetensors``;
 * official BEiT (unilm) files: a dict under ``model`` / ``module`` / ``state_dict`` (optionally
   ``model_ema``) with a shared or per-block relative position table;
-* timm BEiT weights: per-block ``blocks.i.attn.relative_position_bias_table``, ``fc_norm``, ``head``.
+* timm BEiT weights: per-block ``blocks.i.attn.relative_position_bias_table``, ``fc_norm``, ``head``;
+* Hugging Face transformers BEiT (``save_pretrained`` folders or their ``model.safetensors``): key names
+  mapped by :mod:`beit.runtime.checkpoint_formats`.
+
+Pickled ``.pth`` files are read under the one policy of :mod:`beit.runtime.safe_pickle` (weights-only
+plus plain data records; anything else only with ``trust_pickle``). :func:`read_checkpoint` also
+returns the head count recorded beside the weights (config.json, unilm ``args``), and
+:func:`infer_beit_layout` the position-embedding type and layer scale, so a model can be built to fit.
 
 :func:`load_beit_weights` copies a shared relative position table into every block, resizes the
 tables (geometric-progression grid, linear interpolation, via timm) and the patch embedding when the
@@ -18,9 +25,7 @@ to fit raise :class:`CheckpointMismatchError` saying why and how to fix it.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import pickle
 import re
 from pathlib import Path
 
@@ -30,7 +35,8 @@ from torch import nn
 # Keys a classifier may legitimately lack in a checkpoint: they are initialised fresh.
 _NEW_KEYS = re.compile(r"^(head|fc_norm|norm)\.")
 # Keys that exist only for pretraining or are derived buffers; dropped without complaint.
-_PRETRAIN_ONLY = re.compile(r"(^mask_token$|^lm_head\.|relative_position_index$|^rel_pos_bias\.)")
+# (BEiT v2's CLS-pretraining branch: cls_pt_layers / cls_pt_norm / cls_pt_lm_head.)
+_PRETRAIN_ONLY = re.compile(r"(^mask_token$|^lm_head\.|relative_position_index$|^rel_pos_bias\.|^cls_pt_)")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 _DIR_CANDIDATES = ("pretrained.safetensors", "model.safetensors", "pytorch_model.bin", "model.pth",
                    "checkpoint.pth")
@@ -54,8 +60,9 @@ class LoadReport:
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def summary(self) -> str:
-        def fmt(keys: list[str], n: int = 8) -> str:
-            return ", ".join(keys[:n]) + (f" ... (+{len(keys) - n})" if len(keys) > n else "")
+        def fmt(keys: list[str], n: int = 12) -> str:
+            groups = _group_keys(keys)
+            return ", ".join(groups[:n]) + (f" ... (+{len(groups) - n} more)" if len(groups) > n else "")
         lines = [f"loaded {len(self.loaded)} tensors from {self.source} ({self.kind})"]
         for name in ("missing", "unexpected", "dropped", "resized"):
             keys = getattr(self, name)
@@ -65,6 +72,16 @@ class LoadReport:
                 lines.append(f"  {label}: {fmt(keys)}")
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _group_keys(keys: list[str]) -> list[str]:
+    """Each key once; many keys under one module or one per-block name collapse into ``name (N tensors)``."""
+    groups: dict[str, list[str]] = {}
+    for k in keys:
+        g = re.sub(r"\.\d+\.", ".*.", k)
+        g = g.split(".", 1)[0] + ".*" if g.startswith(("cls_pt_", "lm_head", "decoder")) else g
+        groups.setdefault(g, []).append(k)
+    return [v[0] if len(v) == 1 else f"{g} ({len(v)} tensors)" for g, v in groups.items()]
 
 
 # ----------------------------------------------------------------------------------------- reading
@@ -82,33 +99,31 @@ def _resolve_file(path: Path) -> Path:
     return path
 
 
-def _torch_load_weights_only(path: Path) -> object:
-    # argparse.Namespace is how unilm stores its training args; it holds plain values and is safe.
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointMismatchError(
-            f"{path} holds Python objects other than tensors ({str(e).splitlines()[0]}); we never unpickle "
-            "arbitrary objects. On a machine where you trust the file, save only its state dict, e.g. "
-            "torch.save(torch.load(f, weights_only=False)['model'], 'clean.pth'), or convert it to "
-            "safetensors, and load that.") from None
+@dataclasses.dataclass
+class Checkpoint:
+    """A checkpoint's tensors (reference key names) with what is recorded beside them."""
+
+    tensors: dict[str, torch.Tensor]
+    file: Path
+    num_heads: int | None = None
+    heads_source: str = ""
+    hf: bool = False
 
 
-def read_state_dict(path: str | Path, key: str | None = None, use_ema: bool = False) -> dict[str, torch.Tensor]:
-    """Read a flat ``name -> tensor`` dict from a safetensors / weights-only torch file or a checkpoint dir.
+def read_checkpoint(path: str | Path, key: str | None = None, use_ema: bool = False,
+                    trust_pickle: bool = False) -> Checkpoint:
+    """Read a checkpoint file or folder into reference key names (see the module doc).
 
     ``key`` picks the entry of a wrapping dict (default: ``model_ema`` if ``use_ema``, else the first
     of ``model``, ``module``, ``state_dict``); wrapper prefixes (``module.``, ``_orig_mod.``) are stripped.
     """
+    from beit.runtime.checkpoint_formats import hf_to_reference, is_hf_beit, recorded_num_heads
+    from beit.runtime.safe_pickle import load_torch_file
     path = _resolve_file(Path(path))
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        obj: object = load_file(str(path), device="cpu")
-    else:
-        obj = _torch_load_weights_only(path)
-    if not isinstance(obj, dict):
-        raise CheckpointMismatchError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")
+    raw = load_torch_file(path, trust_pickle=trust_pickle)
+    if not isinstance(raw, dict):
+        raise CheckpointMismatchError(f"{path}: expected a dict of tensors, got {type(raw).__name__}")
+    obj = raw
     if key is None:
         order = (["model_ema"] if use_ema else []) + ["model", "module", "state_dict"]
         key = next((k for k in order if isinstance(obj.get(k), dict)), None)
@@ -122,25 +137,43 @@ def read_state_dict(path: str | Path, key: str | None = None, use_ema: bool = Fa
     for prefix in _WRAPPER_PREFIXES:
         if all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
-    return tensors
+    hf = is_hf_beit(tensors)
+    if hf:
+        tensors = hf_to_reference(tensors)
+    width = tensors["cls_token"].shape[-1] if "cls_token" in tensors else 0
+    heads, source = recorded_num_heads(path, raw, int(width))
+    return Checkpoint(tensors, path, heads, source, hf)
+
+
+def read_state_dict(path: str | Path, key: str | None = None, use_ema: bool = False,
+                    trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of :func:`read_checkpoint` (reference key names)."""
+    return read_checkpoint(path, key=key, use_ema=use_ema, trust_pickle=trust_pickle).tensors
 
 
 def describe_format(sd: dict[str, torch.Tensor]) -> str:
     """A short human name for the checkpoint layout."""
     shared = "rel_pos_bias.relative_position_bias_table" in sd
     per_block = any(k.endswith("attn.relative_position_bias_table") for k in sd)
-    if "mask_token" in sd or any(k.startswith("lm_head.") for k in sd):
-        return "BEiT pretraining (mask_token/lm_head" + (", shared rel-pos)" if shared else ")")
-    if "head.weight" in sd or "fc_norm.weight" in sd:
-        return "BEiT classifier (timm/unilm fine-tuned" + (", per-block rel-pos)" if per_block else ")")
-    return "BEiT encoder" + (" (shared rel-pos)" if shared else " (per-block rel-pos)" if per_block else "")
+    if "mask_token" in sd or any(k.startswith(("lm_head.", "cls_pt_")) for k in sd):
+        kind = "BEiT pretraining"
+    elif "head.weight" in sd or "fc_norm.weight" in sd:
+        kind = "BEiT classifier"
+    else:
+        kind = "BEiT encoder"
+    pos = [n for n, on in (("shared rel-pos", shared), ("per-block rel-pos", per_block),
+                           ("absolute pos-emb", "pos_embed" in sd)) if on] or ["no position embedding"]
+    scale = "layer scale" if any(k.endswith(".gamma_1") for k in sd) else "no layer scale"
+    return f"{kind}: {', '.join(pos)}, {scale}"
 
 
 def infer_beit_dims(sd: dict[str, torch.Tensor]) -> dict:
     """embed_dim / depth / num_heads / mlp_ratio / patch_size / in_chans read off a BEiT state dict,
     so a model can be built to match a checkpoint instead of guessing its size."""
     if "cls_token" not in sd or "patch_embed.proj.weight" not in sd:
-        raise CheckpointMismatchError("not a BEiT/ViT state dict: no cls_token / patch_embed.proj.weight")
+        raise CheckpointMismatchError(
+            "not a BEiT/ViT state dict: no cls_token / patch_embed.proj.weight (read: unilm / timm BEiT names, "
+            f"transformers BEiT names, our pretraining output); its keys start {sorted(sd)[:6]}")
     pe = sd["patch_embed.proj.weight"]
     dims = dict(embed_dim=int(pe.shape[0]), in_chans=int(pe.shape[1]), patch_size=int(pe.shape[-1]),
                 depth=1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))))
@@ -150,6 +183,14 @@ def infer_beit_dims(sd: dict[str, torch.Tensor]) -> dict:
     if "blocks.0.mlp.fc1.weight" in sd:
         dims["mlp_ratio"] = sd["blocks.0.mlp.fc1.weight"].shape[0] / dims["embed_dim"]
     return dims
+
+
+def infer_beit_layout(sd: dict[str, torch.Tensor]) -> dict:
+    """Position embedding type and layer scale of a BEiT state dict: ``use_abs_pos_emb`` (a ``pos_embed``),
+    ``use_rel_pos_bias`` (a shared or per-block relative position table), ``layer_scale`` (``gamma_1``)."""
+    return dict(use_abs_pos_emb="pos_embed" in sd,
+                use_rel_pos_bias=any(k.endswith("relative_position_bias_table") for k in sd),
+                layer_scale=any(k.endswith(".gamma_1") for k in sd))
 
 
 # ------------------------------------------------------------------------------------- resizing
@@ -239,18 +280,22 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, report: Load
     return out
 
 
-def load_beit_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor], *, strict: bool = True,
-                      key: str | None = None, use_ema: bool = False, interpolation: str = "bicubic",
-                      source_grid: tuple[int, int] | None = None) -> LoadReport:
+def load_beit_weights(model: nn.Module, source: str | Path | dict[str, torch.Tensor] | Checkpoint, *,
+                      strict: bool = True, key: str | None = None, use_ema: bool = False,
+                      interpolation: str = "bicubic", source_grid: tuple[int, int] | None = None,
+                      name: str | None = None, trust_pickle: bool = False) -> LoadReport:
     """Load a BEiT checkpoint (any supported format) into a timm ``Beit``; see the module doc.
 
     With ``strict`` (default) every encoder tensor of the model must come from the checkpoint; only
     ``head``, ``fc_norm`` and ``norm`` may be new. Raises :class:`CheckpointMismatchError` otherwise.
     """
-    if isinstance(source, dict):
-        sd, name = dict(source), "<state dict>"
+    if isinstance(source, Checkpoint):
+        sd, name = dict(source.tensors), name or str(source.file)
+    elif isinstance(source, dict):
+        sd, name = dict(source), name or "<state dict>"
     else:
-        sd, name = read_state_dict(source, key=key, use_ema=use_ema), str(source)
+        ckpt = read_checkpoint(source, key=key, use_ema=use_ema, trust_pickle=trust_pickle)
+        sd, name = ckpt.tensors, name or str(ckpt.file)
     report = LoadReport(source=name, kind=describe_format(sd))
     sd = adapt_state_dict(sd, model, report, interpolation=interpolation, source_grid=source_grid)
     if not sd:
@@ -262,8 +307,19 @@ def load_beit_weights(model: nn.Module, source: str | Path | dict[str, torch.Ten
     report.missing = sorted(result.missing_keys)
     report.unexpected = sorted(set(report.unexpected) | set(result.unexpected_keys))
     encoder_missing = [k for k in report.missing if not _NEW_KEYS.match(k)]
-    if strict and encoder_missing:
+    if encoder_missing:
+        if strict:
+            raise CheckpointMismatchError(
+                f"{name} ({report.kind}): the model's encoder tensors {', '.join(_group_keys(encoder_missing)[:8])} are not in "
+                "the checkpoint; check the model options against it, or pass --strict false "
+                "(Python: strict=False) to initialise them randomly")
+        report.notes.append(f"--strict false: {len(encoder_missing)} encoder tensors not in the checkpoint were "
+                            "initialised randomly")
+    if strict and report.unexpected:
         raise CheckpointMismatchError(
-            f"{name}: the model's encoder tensors {encoder_missing[:8]} are not in the checkpoint "
-            f"({report.kind}); pass strict=False to initialise them randomly")
+            f"{name} ({report.kind}): its tensors {', '.join(_group_keys(report.unexpected)[:8])} have no place in "
+            "the model (built without what they belong to?); check the model options against the checkpoint, or "
+            "pass --strict false (Python: strict=False) to skip them")
+    if report.unexpected:
+        report.notes.append(f"--strict false: {len(report.unexpected)} checkpoint tensors were skipped (unexpected)")
     return report
