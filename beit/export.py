@@ -1,15 +1,24 @@
-"""Export a fine-tuned model as timm-loadable safetensors + a config JSON.
+"""Export a fine-tuned model for timm (safetensors + a config JSON) or Hugging Face transformers (a folder).
 
-The weights are the timm model's own state dict, so either of these loads them with no missing keys::
+timm (``--format timm``, default): the weights are the timm model's own state dict; the JSON holds the
+timm entrypoint (a template: ``model_kwargs`` set every dimension, so ``architecture`` names the real
+size, e.g. ``beit_e192_d4_h3_p8_32``) and a timm ``pretrained_cfg`` (input size, mean/std,
+interpolation, crop_pct, num_classes, label names). Loaded like this, ``timm.data.resolve_data_config``
+and ``timm.data.create_transform`` give exactly the fine-tune run's evaluation preprocessing::
 
-    timm.create_model(cfg["architecture"], pretrained=False, checkpoint_path="model.safetensors",
-                      **cfg["model_kwargs"])
-    timm.create_model(cfg["architecture"], pretrained=True, **cfg["model_kwargs"],
-                      pretrained_cfg_overlay=dict(file="model.safetensors", num_classes=cfg["num_classes"]))
+    conf = json.load(open("model.json"))
+    model = timm.create_model(conf["timm_entrypoint"], pretrained=True, **conf["model_kwargs"],
+                              pretrained_cfg_overlay=dict(conf["pretrained_cfg"], file="model.safetensors"))
+    transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+
+Hugging Face (``--format hf``): a folder with ``config.json`` + ``model.safetensors`` (transformers key
+names, labels in ``id2label``) + ``preprocessor_config.json``; ``BeitForImageClassification.from_pretrained``
+loads it and gives the same logits.
 
 CLI (re-export from a fine-tune run's newest checkpoint, e.g. with its EMA weights)::
 
     python -m beit.export --run_dir output/finetune --out exported/model.safetensors [--ema]
+    python -m beit.export --run_dir output/finetune --out exported/hf_model --format hf
 """
 from __future__ import annotations
 
@@ -20,17 +29,43 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
 from beit.runtime.checkpointing import load_weights, save_weights
+
+FORMATS = ("timm", "hf")
 
 
 def _beit_kwargs(cfg, model: nn.Module) -> dict:
-    pe = model.patch_embed
+    """timm ``Beit`` constructor arguments that rebuild ``model`` exactly (size and layout read off it)."""
+    pe, block = model.patch_embed, model.blocks[0]
     return dict(img_size=pe.img_size[0], patch_size=pe.patch_size[0], in_chans=pe.proj.in_channels,
-                embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=model.blocks[0].attn.num_heads,
-                mlp_ratio=model.blocks[0].mlp.fc1.out_features / model.embed_dim,
-                use_abs_pos_emb=False, use_rel_pos_bias=True, use_shared_rel_pos_bias=False,
+                embed_dim=model.embed_dim, depth=len(model.blocks), num_heads=block.attn.num_heads,
+                mlp_ratio=block.mlp.fc1.out_features / model.embed_dim,
+                use_abs_pos_emb=model.pos_embed is not None,
+                use_rel_pos_bias=block.attn.relative_position_bias_table is not None, use_shared_rel_pos_bias=False,
                 num_classes=model.num_classes, global_pool=model.global_pool,
-                init_values=cfg.init_values)
+                init_values=(cfg.init_values or 0.1) if block.gamma_1 is not None else 0.0)  # timm drops None
+
+
+def beit_arch_name(kw: dict) -> str:
+    """timm's registered name when the dims are exactly one of its BEiT models, else a name that says the size."""
+    import timm
+    for name in timm.list_models("beit_*"):
+        size = "base" if "_base_" in name else "large" if "_large_" in name else None
+        ref = {"base": (768, 12, 12), "large": (1024, 24, 16)}.get(size)
+        if ref and ref == (kw["embed_dim"], kw["depth"], kw["num_heads"]) and \
+                name.endswith(f"patch{kw['patch_size']}_{kw['img_size']}"):
+            return name
+    return f"beit_e{kw['embed_dim']}_d{kw['depth']}_h{kw['num_heads']}_p{kw['patch_size']}_{kw['img_size']}"
+
+
+def timm_pretrained_cfg(cfg, class_names: list[str] | None, num_classes: int) -> dict:
+    """What timm's data config is resolved from: the fine-tune run's evaluation preprocessing."""
+    return dict(input_size=(cfg.in_chans, cfg.img_size, cfg.img_size), fixed_input_size=True,
+                mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation,
+                crop_pct=cfg.crop_pct, crop_mode="center", num_classes=num_classes,
+                label_names=list(class_names) if class_names else None,
+                first_conv="patch_embed.proj", classifier="head")
 
 
 def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str] | None = None,
@@ -49,13 +84,17 @@ def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str]
     else:
         model_sd = model.state_dict()
     if cfg.model == "beit":
-        arch, kwargs = BEIT_TIMM_NAME, _beit_kwargs(cfg, model)
+        entry, kwargs = BEIT_TIMM_NAME, _beit_kwargs(cfg, model)
+        arch = beit_arch_name(kwargs)
     else:
-        arch = cfg.model
+        entry = arch = cfg.model
         kwargs = dict(getattr(model, "create_kwargs", None) or dict(num_classes=cfg.num_classes, in_chans=cfg.in_chans))
+    pcfg = timm_pretrained_cfg(cfg, class_names, cfg.num_classes)
     config = {
         "architecture": arch,
+        "timm_entrypoint": entry,
         "model_kwargs": kwargs,
+        "pretrained_cfg": pcfg,
         "num_classes": cfg.num_classes,
         "class_names": class_names,
         "input_size": [cfg.in_chans, cfg.img_size, cfg.img_size],
@@ -63,7 +102,8 @@ def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str]
         "interpolation": cfg.interpolation, "crop_pct": cfg.crop_pct,
         "linear_probe_block": probe_block,
         "metrics": metrics or {},
-        "timm_load": (f"timm.create_model({arch!r}, pretrained=False, checkpoint_path=<this file>, **model_kwargs)"
+        "timm_load": (f"timm.create_model({entry!r}, pretrained=True, **model_kwargs, "
+                      "pretrained_cfg_overlay=dict(pretrained_cfg, file=<this file>))"
                       if probe_block is None else "beit.export.load_exported(<this file>)"),
     }
     return save_weights(model_sd, path, config)
@@ -77,13 +117,65 @@ def load_exported(path: str | Path) -> nn.Module:
     if config is None:
         raise FileNotFoundError(f"{Path(path).with_suffix('.json')} (the export's config) is missing")
     kwargs = dict(config["model_kwargs"])
+    entry = config.get("timm_entrypoint", config["architecture"])
     if config.get("linear_probe_block"):
-        enc = timm.create_model(config["architecture"], pretrained=False, **kwargs)
+        enc = timm.create_model(entry, pretrained=False, **kwargs)
         model = LinearProbe(enc, config["num_classes"], config["linear_probe_block"])
         model.load_state_dict(sd)
         return model.eval()
-    model = timm.create_model(config["architecture"], pretrained=False, checkpoint_path=str(path), **kwargs)
+    model = timm.create_model(entry, pretrained=False, checkpoint_path=str(path), **kwargs)
+    if config.get("pretrained_cfg"):
+        model.pretrained_cfg = dict(model.pretrained_cfg, **config["pretrained_cfg"])
     return model.eval()
+
+
+def export_hf(model: nn.Module, out_dir: str | Path, cfg, class_names: list[str] | None = None) -> Path:
+    """Write ``model`` (a fine-tuned BEiT classifier) as a transformers ``BeitForImageClassification`` folder."""
+    from beit.modeling.classifier import LinearProbe
+    from beit.runtime.hf_import import transformers_names
+    from beit.runtime.checkpoint_formats import reference_to_hf
+    if isinstance(model, LinearProbe) or cfg.model != "beit":
+        raise ValueError("--format hf exports a fine-tuned BEiT classifier (not a linear probe or a timm baseline); "
+                         "use --format timm")
+    if model.global_pool != "avg":
+        raise ValueError(f"--format hf: transformers' BEiT pools by mean or CLS+final norm; got {model.global_pool!r}")
+    BeitConfig, BeitForImageClassification, BeitImageProcessor = transformers_names(
+        "BeitConfig", "BeitForImageClassification", "BeitImageProcessor")
+    kw = _beit_kwargs(cfg, model)
+    names = list(class_names) if class_names else [str(i) for i in range(model.num_classes)]
+    config = BeitConfig(
+        image_size=kw["img_size"], patch_size=kw["patch_size"], num_channels=kw["in_chans"],
+        hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"], num_attention_heads=kw["num_heads"],
+        intermediate_size=model.blocks[0].mlp.fc1.out_features, hidden_act="gelu", layer_norm_eps=1e-6,
+        use_absolute_position_embeddings=kw["use_abs_pos_emb"], use_relative_position_bias=kw["use_rel_pos_bias"],
+        use_shared_relative_position_bias=False, use_mean_pooling=True, use_mask_token=False,
+        layer_scale_init_value=kw["init_values"] or 0.0, num_labels=model.num_classes,
+        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    out = Path(out_dir)
+    BeitForImageClassification(config).save_pretrained(out)   # config.json (+ weights, replaced next)
+    from safetensors.torch import save_file
+    for stale in out.glob("model*.safetensors*"):
+        stale.unlink()
+    # transformers' on-disk key names (every version reads them; 5.x renames in memory on load)
+    save_file({k: v.contiguous() for k, v in reference_to_hf(model.state_dict()).items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    _, info = BeitForImageClassification.from_pretrained(out, output_loading_info=True)
+    missing = [k for k in info["missing_keys"] if not k.endswith("relative_position_index")]
+    if missing or info["unexpected_keys"]:
+        raise ValueError(f"--format hf: transformers' BEiT does not take these weights: missing {missing[:8]}, "
+                         f"unexpected {sorted(info['unexpected_keys'])[:8]}")
+    scale = int(cfg.img_size / cfg.crop_pct)
+    BeitImageProcessor(do_resize=True, size={"height": scale, "width": scale}, resample=_pil_resample(cfg.interpolation),
+                       do_center_crop=True, crop_size={"height": cfg.img_size, "width": cfg.img_size},
+                       do_normalize=True, image_mean=list(cfg.mean), image_std=list(cfg.std),
+                       do_reduce_labels=False).save_pretrained(out)
+    return out
+
+
+def _pil_resample(name: str) -> int:
+    from PIL import Image
+    return {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+            "lanczos": Image.LANCZOS}.get(name, Image.BICUBIC)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -91,8 +183,13 @@ def main(argv: list[str] | None = None) -> Path:
     p.add_argument("--run_dir", required=True, help="a beit.finetune output_dir")
     p.add_argument("--out", required=True, help="output .safetensors path (a .json is written beside it)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of the newest checkpoint")
+    p.add_argument("--format", choices=FORMATS, default="timm",
+                   help="timm: OUT.safetensors + OUT.json (timm pretrained_cfg); hf: a transformers folder at OUT")
+    p.add_argument("--trust_pickle", type=_bool, default=False, metavar="{true,false}", help=TRUST_PICKLE_HELP)
     args = p.parse_args(argv)
     from safetensors.torch import load_file
+
+    from beit.runtime.safe_pickle import load_torch_file
 
     from beit.runtime.checkpointing import find_latest_complete
     from beit.config import load_yaml
@@ -109,16 +206,32 @@ def main(argv: list[str] | None = None) -> Path:
         ema_files = sorted(ckpt.glob("custom_checkpoint_*.*"))
         if not ema_files:
             raise SystemExit(f"{ckpt} holds no EMA weights (was the run started with --model_ema true?)")
-        state = torch.load(ema_files[0], map_location="cpu", weights_only=True)
+        try:
+            state = load_torch_file(ema_files[0], trust_pickle=args.trust_pickle)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
         model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
     else:
         model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
     final = run / "final.json"
     metrics = json.loads(final.read_text()) if final.is_file() else None
     names = (metrics or {}).get("class_names")
+    if args.format == "hf":
+        try:
+            out = export_hf(model, args.out, cfg, class_names=names)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        print(f"exported {ckpt} -> {out}/ (transformers BeitForImageClassification.from_pretrained)")
+        return out
     out = export_model(model, args.out, cfg, class_names=names, metrics=metrics)
     print(f"exported {ckpt} -> {out} (+ {out.with_suffix('.json')})")
     return out
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
 
 
 if __name__ == "__main__":

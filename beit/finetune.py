@@ -120,9 +120,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         (model.encoder if cfg.linear_probe else model).set_grad_checkpointing(True)
     if cfg.model == "beit":  # record the dims actually built (they may come from --init)
         enc = model.encoder if cfg.linear_probe else model.backbone if cfg.task == "segmentation" else model
-        cfg = dataclasses.replace(cfg, embed_dim=enc.embed_dim, depth=len(enc.blocks),
-                                  num_heads=enc.blocks[0].attn.num_heads,
-                                  mlp_ratio=enc.blocks[0].mlp.fc1.out_features / enc.embed_dim)
+        attn = enc.blocks[0].attn
+        position = {(False, True): "relative", (True, False): "absolute", (True, True): "both", (False, False): "none"}[
+            (enc.pos_embed is not None, attn.relative_position_bias_table is not None)]
+        cfg = dataclasses.replace(cfg, embed_dim=enc.embed_dim, depth=len(enc.blocks), num_heads=attn.num_heads,
+                                  mlp_ratio=enc.blocks[0].mlp.fc1.out_features / enc.embed_dim, position=position,
+                                  init_values=cfg.init_values if enc.blocks[0].gamma_1 is not None else 0.0)
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
     if cfg.task == "segmentation" and accelerator.num_processes > 1 and accelerator.device.type == "cuda":

@@ -33,7 +33,9 @@ def test_timm_create_model_loads_export_with_no_missing_keys(tmp_path):
     m = trained_like_model()
     path = export_model(m, tmp_path / "model.safetensors", cfg(), class_names=[str(i) for i in range(10)])
     conf = json.loads(path.with_suffix(".json").read_text())
-    assert conf["architecture"] == "beit_base_patch16_224" and conf["num_classes"] == 10
+    # a 48-wide 2-block model is not called beit_base; timm's entrypoint is only the template
+    assert conf["architecture"] == "beit_e48_d2_h2_p8_32" and conf["timm_entrypoint"] == "beit_base_patch16_224"
+    assert conf["num_classes"] == 10 and conf["pretrained_cfg"]["label_names"] == [str(i) for i in range(10)]
     x = torch.randn(2, 3, 32, 32)
     expected = m(x)
     # 1) checkpoint_path= (strict load inside timm: any missing/unexpected key raises)
@@ -90,3 +92,48 @@ def test_missing_export_config_is_a_clear_error(tmp_path):
     path.with_suffix(".json").unlink()
     with pytest.raises(FileNotFoundError, match="config"):
         load_exported(path)
+
+
+def test_timm_data_config_of_the_export_is_the_runs_preprocessing(tmp_path):
+    """Loaded as the export's docstring says, timm's resolve_data_config / create_transform give our eval transform."""
+    from timm.data import create_transform, resolve_data_config
+
+    from beit.finetune_data import build_transforms
+    c = cfg(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=1.0, interpolation="bilinear")
+    m = trained_like_model()
+    path = export_model(m, tmp_path / "model.safetensors", c, class_names=[f"c{i}" for i in range(10)])
+    conf = json.loads(path.with_suffix(".json").read_text())
+    model = timm.create_model(conf["timm_entrypoint"], pretrained=True, **conf["model_kwargs"],
+                              pretrained_cfg_overlay=dict(conf["pretrained_cfg"], file=str(path))).eval()
+    data_cfg = resolve_data_config(model=model)
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.items()} == dict(input_size=(3, 32, 32), interpolation="bilinear", mean=c.mean, std=c.std,
+                            crop_pct=1.0, crop_mode="center")
+    from PIL import Image
+    img = Image.fromarray((torch.rand(45, 60, 3) * 255).to(torch.uint8).numpy())
+    assert torch.equal(create_transform(**data_cfg)(img), build_transforms(c, is_training=False)(img))
+    assert model.pretrained_cfg["label_names"][3] == "c3"
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(x), m(x))
+    assert resolve_data_config(model=load_exported(path))["crop_pct"] == 1.0
+
+
+@pytest.mark.parametrize("layout", [dict(), dict(use_abs_pos_emb=True, use_rel_pos_bias=False, init_values=0.0)])
+def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, layout):
+    pytest.importorskip("transformers")
+    from beit.export import export_hf
+    from beit.runtime.hf_import import transformers_names
+    BeitForImageClassification, BeitImageProcessor = transformers_names("BeitForImageClassification",
+                                                                        "BeitImageProcessor")
+    m = build_beit_classifier(10, drop_path_rate=0.0, **DIMS, **layout).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    out = export_hf(m, tmp_path / "hf", cfg(init_values=0.1 if layout.get("init_values", 0.1) else 0.0),
+                    class_names=[f"c{i}" for i in range(10)])
+    hf = BeitForImageClassification.from_pretrained(out).eval()
+    assert hf.config.id2label[3] == "c3"
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (hf(pixel_values=x).logits - m(x)).abs().max() < 1e-4
+    proc = BeitImageProcessor.from_pretrained(out)
+    assert list(proc.image_mean) == [0.5, 0.5, 0.5] and proc.crop_size == {"height": 32, "width": 32}

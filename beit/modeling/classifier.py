@@ -14,14 +14,17 @@ BEIT_TIMM_NAME = "beit_base_patch16_224"  # architecture name; dims are overridd
 def build_beit_classifier(num_classes: int, *, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
                           embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                           init_values: float | None = 0.1, drop_path_rate: float = 0.1,
-                          head_init_scale: float = 0.001, global_pool: str = "avg") -> nn.Module:
+                          head_init_scale: float = 0.001, global_pool: str = "avg", use_abs_pos_emb: bool = False,
+                          use_rel_pos_bias: bool = True) -> nn.Module:
     """A timm ``Beit`` as BEiT fine-tunes it: per-block relative position tables, no absolute
-    position embedding, mean pooling + ``fc_norm`` (``global_pool='avg'``), head scaled by ``head_init_scale``."""
+    position embedding (by default; a checkpoint's layout may ask otherwise), mean pooling + ``fc_norm``
+    (``global_pool="avg"``), head scaled by ``head_init_scale``; ``init_values=0``: no layer scale."""
     return timm.create_model(
         BEIT_TIMM_NAME, pretrained=False, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
         in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
         init_values=init_values, drop_path_rate=drop_path_rate, head_init_scale=head_init_scale,
-        use_abs_pos_emb=False, use_rel_pos_bias=True, use_shared_rel_pos_bias=False, global_pool=global_pool)
+        use_abs_pos_emb=use_abs_pos_emb, use_rel_pos_bias=use_rel_pos_bias, use_shared_rel_pos_bias=False,
+        global_pool=global_pool)
 
 
 def build_timm_model(name: str, num_classes: int, *, weights: str | None = None, img_size: int | None = None,

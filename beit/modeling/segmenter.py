@@ -80,14 +80,14 @@ class BeitSegmenter(nn.Module):
     def __init__(self, num_classes: int, *, img_size: int = 640, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  init_values: float | None = 0.1, drop_path_rate: float = 0.1, channels: int = 512,
-                 aux_channels: int = 256):
+                 aux_channels: int = 256, use_abs_pos_emb: bool = False, use_rel_pos_bias: bool = True):
         super().__init__()
         import timm
         self.backbone = timm.create_model(
             BEIT_TIMM_NAME, pretrained=False, num_classes=0, img_size=img_size, patch_size=patch_size,
             in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
-            init_values=init_values, drop_path_rate=drop_path_rate, use_abs_pos_emb=False, use_rel_pos_bias=True,
-            use_shared_rel_pos_bias=False)
+            init_values=init_values, drop_path_rate=drop_path_rate, use_abs_pos_emb=use_abs_pos_emb,
+            use_rel_pos_bias=use_rel_pos_bias, use_shared_rel_pos_bias=False)
         # the final norms serve classification; left in, they would be parameters without gradients,
         # which DDP refuses
         self.backbone.norm, self.backbone.fc_norm = nn.Identity(), nn.Identity()

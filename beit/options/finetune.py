@@ -5,6 +5,9 @@ import dataclasses
 from pathlib import Path
 
 from beit.config import field
+from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
+
+POSITIONS = ("relative", "absolute", "both", "none")
 
 
 @dataclasses.dataclass
@@ -26,13 +29,20 @@ class FinetuneConfig:
     model_size: str = field("base", help="BEiT size: tiny | small | base | large (see beit.modeling.mim.BEIT_SIZES)")
     embed_dim: int = field(0, help="override the size's embedding dim (0 = from --init's weights, else model_size)")
     depth: int = field(0, help="override the size's depth (0 = from --init's weights, else model_size)")
-    num_heads: int = field(0, help="override the size's heads (0 = from --init's weights, else model_size)")
+    num_heads: int = field(0, help="override the size's heads (0 = from --init's rel-pos tables or the config / "
+                                   "args saved beside them, else model_size)")
     mlp_ratio: float = field(0.0, help="MLP width / embed_dim (0 = from --init's weights, else 4)")
     patch_size: int = field(16, help="patch size in px (--init's patch embedding is resampled to it)")
-    init_values: float = field(0.1, help="layer-scale init (0.1 base, 1e-5 large; overwritten by loaded weights)")
+    init_values: float = field(0.1, help="layer-scale init (0.1 base, 1e-5 large, 0 = no layer scale; with --init: "
+                                         "layer scale iff the weights have it, values loaded)")
+    position: str = field("", help="position embedding: relative (per-block rel-pos, BEiT) | absolute | both | none; "
+                                   "'' = what --init's weights have, else relative")
     init: str = field("", help="weights to start from: our pretrained.safetensors / checkpoint dir, an official "
                                "BEiT .pth, timm weights; for --model <timm name> a timm weights file. Empty = scratch")
     init_key: str = field("", help="entry of a wrapping dict holding the weights (default: model/module/state_dict)")
+    strict: bool = field(True, help="every encoder tensor of the model must come from --init and every --init tensor "
+                                    "must fit; false: load what fits and report what was skipped or left random")
+    trust_pickle: bool = field(False, help=TRUST_PICKLE_HELP)
     drop_path: float = field(0.1, help="stochastic depth rate")
     head_init_scale: float = field(0.001, help="the new head's weights are scaled by this")
     linear_probe: bool = field(False, help="freeze the encoder; train a linear head on pooled block features")
@@ -124,6 +134,8 @@ class FinetuneConfig:
             raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
         from beit.runtime.scaling import check_data_order
         check_data_order(self.data_order)
+        if self.position and self.position not in POSITIONS:
+            raise ValueError(f"--position must be one of {', '.join(POSITIONS)} (or empty), got {self.position!r}")
         if self.init and not Path(self.init).exists():
             raise ValueError(f"--init {self.init} does not exist")
 

@@ -247,8 +247,10 @@ def adapt_state_dict(sd: dict[str, torch.Tensor], model: nn.Module, report: Load
         if k not in target:
             if _PRETRAIN_ONLY.search(k):
                 report.dropped.append(k)
-            elif k.startswith("norm.") and "fc_norm.weight" in target:
-                report.dropped.append(k)  # mean pooling uses fc_norm (fresh), as the reference does
+            elif _NEW_KEYS.match(k):
+                # final norm / pooling norm / classifier head the model does not have (mean pooling uses a fresh
+                # fc_norm as the reference does; a segmentation backbone has neither)
+                report.dropped.append(k)
             else:
                 report.unexpected.append(k)
             continue

@@ -12,8 +12,6 @@ import argparse
 import pickle
 from pathlib import Path
 
-import torch
-
 ALLOWED_RECORDS = (argparse.Namespace,)
 TRUST_PICKLE_HELP = ("unpickle files that hold more than tensors and plain data (e.g. DALL-E's encoder.pkl); "
                      "unpickling runs code: only for files you trust")
@@ -25,6 +23,7 @@ class UntrustedPickleError(ValueError):
 
 def load_torch_file(path: str | Path, *, trust_pickle: bool = False) -> object:
     """Read ``path`` (``.safetensors`` or a torch pickle) under the policy above."""
+    import torch
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
