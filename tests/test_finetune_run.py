@@ -70,7 +70,7 @@ def test_finetune_end_to_end_and_resume(digits, pretrained, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     # export loads in timm with no missing keys and gives the same predictions
     conf = json.loads((out / "model.json").read_text())
-    m = timm.create_model(conf["architecture"], checkpoint_path=str(out / "model.safetensors"),
+    m = timm.create_model(conf["timm_entrypoint"], checkpoint_path=str(out / "model.safetensors"),
                           **conf["model_kwargs"]).eval()
     assert m.head.out_features == 10 and conf["model_kwargs"]["embed_dim"] == 48
     # re-export the EMA weights of the newest checkpoint with the CLI
