@@ -242,6 +242,6 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError) as e:  # bad input (shards, checkpoint shapes): a message, not a traceback
+    except (ValueError, FileNotFoundError, PermissionError) as e:  # bad input (shards, checkpoint shapes): a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -223,7 +223,8 @@ def check_inputs(cfg: PretrainConfig, world: int):
         if val_shards and len(val_shards) < world:
             raise ValueError(f"{len(val_shards)} held-out shard(s) for {world} processes: each process needs one; "
                              "split the held-out set into more shards")
-        tokenizer = load_tokenizer(cfg.tokenizer, cfg.tokenizer_path) if cache is None or val_shards else None
+        tokenizer = (load_tokenizer(cfg.tokenizer, cfg.tokenizer_path, trust_pickle=cfg.trust_pickle)
+                     if cache is None or val_shards else None)
         if tokenizer is not None:
             check_grids(cfg, tokenizer)
         if cache is not None:
@@ -258,7 +259,7 @@ def check_inputs(cfg: PretrainConfig, world: int):
                     "no token cache, not "
                 raise ValueError(f"cannot resume {out}: it was trained with {was}--token_cache {cfg.token_cache}; "
                                  "use a new --output_dir or the run's original token cache setting")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, PermissionError) as e:
         raise SetupError(str(e)) from e
     return shards, val_shards, tokenizer, accum, cache
 

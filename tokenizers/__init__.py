@@ -6,6 +6,7 @@ loop never needs to know which kind it got.
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,16 @@ TOKENIZER_KINDS: tuple[str, ...] = tuple(_REGISTRY)
 def load_tokenizer(kind: str, path: str | Path | None = None, **kw: Any) -> VisualTokenizer:
     """Build a frozen tokenizer of ``kind`` (one of TOKENIZER_KINDS) from ``path``.
 
-    ``kw`` go to the kind's loader (e.g. ``trust_pickle=True`` for an official DALL-E ``encoder.pkl``,
+    ``kw`` go to the kind's loader (e.g. ``trust_pickle=True`` for an official DALL-E ``encoder.pkl``;
+    see ``beit.runtime.safe_pickle`` -- kinds that never unpickle ignore it;
     ``input_size=`` to change the tokenizer view). Errors say how to obtain the weights.
     """
     if kind not in _REGISTRY:
         raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {list(TOKENIZER_KINDS)}")
     module, fn, _ = _REGISTRY[kind]
     loader = getattr(importlib.import_module(module), fn)
+    if "trust_pickle" in kw and "trust_pickle" not in inspect.signature(loader).parameters:
+        kw.pop("trust_pickle")  # this kind reads only safetensors + JSON: nothing to trust
     tok = loader(path, **kw)
     if not isinstance(tok, VisualTokenizer):
         raise TypeError(f"loader for {kind!r} returned {type(tok).__name__}, not a VisualTokenizer")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from beit.config import field, parse_config
+from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
 from beit.tokenizers.dalle import (OFFICIAL_ENCODER_URL, convert_dalle_pickles, download)
 
 
@@ -21,7 +22,7 @@ class ConvertDalleConfig:
     encoder: str = field("", help=f"encoder.pkl path or URL (official: {OFFICIAL_ENCODER_URL})")
     decoder: Optional[str] = field(None, help="decoder.pkl path or URL (optional; enables reconstructions)")
     out: str = field("weights/dalle", help="output directory (gets dalle.safetensors + dalle.json)")
-    trust_pickle: bool = field(False, help="required: confirm you trust these pickles (unpickling runs code)")
+    trust_pickle: bool = field(False, help="required: " + TRUST_PICKLE_HELP)
     input_size: int = field(112, help="tokenizer view size in px (grid = input_size / 8)")
     sha256: Optional[str] = field(None, help="expected sha256 of the encoder file (checked for URLs)")
     decoder_sha256: Optional[str] = field(None, help="expected sha256 of the decoder file (checked for URLs)")

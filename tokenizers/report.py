@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 
 from beit.config import field, parse_config
+from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
 from beit.tokenizers import TOKENIZER_KINDS, VisualTokenizer, load_tokenizer
 from beit.tokenizers.images import ShardReadStats, shard_image_batches
 from beit.tokenizers.metrics import measure
@@ -31,7 +32,7 @@ from beit.tokenizers.metrics import measure
 class ReportConfig:
     tokenizer: str = field("kmeans", help=f"tokenizer kind: {', '.join(TOKENIZER_KINDS)}")
     tokenizer_path: Optional[str] = field(None, help="saved tokenizer / weights (see load_tokenizer)")
-    trust_pickle: bool = field(False, help="allow unpickling an official DALL-E .pkl (converted to the cache)")
+    trust_pickle: bool = field(False, help=TRUST_PICKLE_HELP)
     shards: str = field("", help="held-out shards to measure on")
     out_dir: str = field("runs/tokenizer_report", help="where tokenizer_report.json/.png go")
     max_images: int = field(512, help="images measured (centre crops at the tokenizer's input size)")
@@ -85,8 +86,7 @@ def save_figure(tok: VisualTokenizer, images: torch.Tensor, path: Path, title: s
 
 def run_report(cfg: ReportConfig, tok: VisualTokenizer | None = None) -> dict:
     """Measure ``tok`` (or the one named by cfg) on cfg.shards; write JSON + PNG; return the numbers."""
-    tok = tok if tok is not None else load_tokenizer(cfg.tokenizer, cfg.tokenizer_path,
-                                                     **({"trust_pickle": True} if cfg.trust_pickle else {}))
+    tok = tok if tok is not None else load_tokenizer(cfg.tokenizer, cfg.tokenizer_path, trust_pickle=cfg.trust_pickle)
     stats = ShardReadStats()
     images = torch.cat(list(shard_image_batches(cfg.shards, tok.input_size, cfg.batch_size, tok.interpolation,
                                                 max_images=cfg.max_images, stats=stats)))
@@ -120,7 +120,12 @@ def format_table(result: dict) -> str:
 
 def main(argv=None) -> int:
     cfg = parse_config(ReportConfig, argv, description=__doc__)
-    result = run_report(cfg)
+    try:
+        result = run_report(cfg)
+    except (ValueError, FileNotFoundError, PermissionError) as e:  # bad input: a message, not a traceback
+        import sys
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(format_table(result))
     print(f"figure: {result['figure']}\nnumbers: {Path(cfg.out_dir) / 'tokenizer_report.json'}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from beit.config import field
+from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
 from beit.runtime.scaling import check_data_order
 
 # Fields that define the model and its targets: a resumed run must not change them. (The tokenizer's
@@ -46,6 +47,7 @@ class PretrainConfig:
     # tokenizer
     tokenizer: str = field("dalle", help="visual tokenizer kind: kmeans | dalle | vqkd | dvae")
     tokenizer_path: str | None = field(None, help="saved tokenizer (<name>.safetensors + <name>.json)")
+    trust_pickle: bool = field(False, help=TRUST_PICKLE_HELP)
     token_cache: str | None = field(None, help="pre-tokenised training data: a folder written by `python -m "
                                     "beit.tokenizers.cache` (its cache-*.tar replace data_shards, its stored crops and "
                                     "flips replace crop_scale_min/hflip; no tokenizer call in training; the tokenizer "
