@@ -8,12 +8,18 @@ Usage in an entry point::
 Precedence: dataclass defaults < YAML file(s) given with ``--config`` < ``--field value`` flags.
 Every field becomes a flag (``--field_name`` and ``--field-name``); the field's ``help`` metadata
 is shown by ``--help``. Values are parsed as YAML scalars/lists and then checked against the
-field's type, so a typo or a wrong type fails at start-up with a message naming the field.
+field's type, so a typo or a wrong type fails at start-up with a message naming the field (and the
+closest valid option). Booleans take ``--flag``, ``--no-flag`` or ``--flag true|false``.
+``--config`` takes a path or a recipe name (``beit_base_in1k`` finds launch/pretrain_beit_base_in1k.yaml
+for pretraining). A config class may declare ``RENAMED = {old: new}`` (the old name is refused with
+the new one) and ``DEPRECATED = {old: new}`` (the old name still works, with a warning).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import sys
 import types
 import typing
 from pathlib import Path
@@ -126,10 +132,13 @@ def from_dict(cls: type[T], values: dict[str, Any], base: T | None = None, sourc
     """Build ``cls`` from ``values`` (on top of ``base`` or the defaults); unknown keys are an error."""
     hints = _type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    values = apply_aliases(cls, values, source)
     unknown = sorted(set(values) - set(names))
     if unknown:
+        hints_ = "; ".join(f"{u}: did you mean {close[0]}?" for u in unknown
+                           if (close := difflib.get_close_matches(u, names, n=1)))
         raise ConfigError(
-            f"{source}: unknown option(s) {unknown} for {cls.__name__}. "
+            f"{source}: unknown option(s) {unknown} for {cls.__name__}. " + (f"{hints_} " if hints_ else "") +
             f"Valid options: {', '.join(names)}"
         )
     current = dataclasses.asdict(base) if base is not None else {}
@@ -141,11 +150,64 @@ def from_dict(cls: type[T], values: dict[str, Any], base: T | None = None, sourc
         raise ConfigError(f"{source}: {e}") from None
 
 
+def apply_aliases(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Refuse ``cls.RENAMED`` names (naming the new one); map ``cls.DEPRECATED`` names, with a warning."""
+    renamed, deprecated = getattr(cls, "RENAMED", {}), getattr(cls, "DEPRECATED", {})
+    out = dict(values)
+    for old, new in renamed.items():
+        if old in out:
+            raise ConfigError(f"{source}: option {old} was renamed {new} ({_help_of(cls, new)}); use {new}")
+    for old, new in deprecated.items():
+        if old in out:
+            if new in out and out[new] != out[old]:
+                raise ConfigError(f"{source}: {old} (deprecated) and {new} disagree: {out[old]!r} vs {out[new]!r}")
+            print(f"warning: {source}: option {old} is deprecated, use {new}", file=sys.stderr)
+            out[new] = out.pop(old)
+    return out
+
+
+def _help_of(cls: type, name: str) -> str:
+    return next((f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name), "")
+
+
+RECIPE_DIRS: list[Path] = [Path(__file__).resolve().parent.parent / "launch"]  # a clone / editable install
+
+
+def recipe_dirs() -> list[Path]:
+    """Where recipes are looked up by name: the clone's launch/, then the installed package's copy."""
+    dirs = [d for d in RECIPE_DIRS if d.is_dir()]
+    try:
+        from importlib.resources import files
+        packaged = Path(str(files("beit.recipes")))
+        if packaged.is_dir() and packaged not in dirs:
+            dirs.append(packaged)
+    except (ImportError, ModuleNotFoundError, TypeError):
+        pass
+    return dirs
+
+
+def resolve_recipe(name: str, prefix: str = "") -> Path:
+    """A ``--config`` value: an existing path, else a recipe name (``beit_base_in1k`` ->
+    ``<prefix>beit_base_in1k.yaml`` or ``beit_base_in1k.yaml`` in the recipe folders)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = name[:-5] if name.endswith(".yaml") else name
+    if "/" not in stem:
+        for d in recipe_dirs():
+            for cand in (d / f"{prefix}{stem}.yaml", d / f"{stem}.yaml"):
+                if cand.is_file():
+                    return cand
+    known = sorted({p.stem[len(prefix):] for d in recipe_dirs() for p in d.glob(f"{prefix}*.yaml")})
+    close = difflib.get_close_matches(stem, known, n=1)
+    raise ConfigError(f"config {name!r} is neither a file nor a recipe name" +
+                      (f" (did you mean {close[0]!r}?)" if close else "") +
+                      (f"; recipes: {', '.join(known)}" if known else ""))
+
+
 def load_yaml(cls: type[T], path: str | Path, base: T | None = None) -> T:
     """Load ``cls`` from a YAML mapping file, on top of ``base`` (or the defaults)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+    path = resolve_recipe(str(path), getattr(cls, "RECIPE_PREFIX", ""))
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a YAML mapping of option: value")
@@ -175,25 +237,71 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
-def build_parser(cls: type, description: str | None = None) -> argparse.ArgumentParser:
-    """An argparse parser with ``--config`` and one flag per field of ``cls``."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+class _Parser(argparse.ArgumentParser):
+    """argparse with 'did you mean' for unknown options and without prefix abbreviations."""
+
+    def parse_args(self, args=None, namespace=None):  # noqa: D102
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            flags: dict[str, str] = {}  # normalised -> the flag as --help shows it first (underscores)
+            for a in self._actions:
+                for o in a.option_strings:
+                    if a.help != argparse.SUPPRESS and o.startswith("--"):
+                        flags.setdefault(o.replace("-", "_"), o)
+            msgs, i = [], 0
+            while i < len(extra):
+                tok = extra[i]
+                word = tok.split("=", 1)[0]
+                if word.startswith("-"):
+                    close = difflib.get_close_matches(word.replace("-", "_"), list(flags), n=1)
+                    msgs.append(f"unknown option {word}" + (f" (did you mean {flags[close[0]]}?)" if close else ""))
+                    if "=" not in tok and i + 1 < len(extra) and not extra[i + 1].startswith("-"):
+                        i += 1  # its value
+                else:
+                    msgs.append(f"unexpected value {tok!r} (options take the form --name value)")
+                i += 1
+            self.error("; ".join(msgs))
+        return ns
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def build_parser(cls: type, description: str | None = None, epilog: str | None = None) -> argparse.ArgumentParser:
+    """An argparse parser with ``--config`` and one flag per field of ``cls`` (``--no-x`` for booleans)."""
+    parser = _Parser(description=description, epilog=epilog, allow_abbrev=False,
+                     formatter_class=_HelpFormatter)
     parser.add_argument("--config", action="append", default=[], metavar="YAML",
-                        help="YAML file(s) of option: value; later files and flags override earlier ones")
+                        help="YAML file(s) of option: value, or a recipe name from launch/ "
+                             f"({getattr(cls, 'RECIPE_PREFIX', '')}<name>.yaml); later files and flags override "
+                             "earlier ones")
     hints = _type_hints(cls)
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        default = _default_of(f)
         tp = hints[f.name]
         flags = [f"--{f.name}"]
         if "_" in f.name:
             flags.append(f"--{f.name.replace('_', '-')}")
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        if tp is bool:
+            parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, nargs="?", const="true",
+                                metavar="BOOL", help=help_text)
+            no = [f"--no-{f.name.replace('_', '-')}"] + ([f"--no_{f.name}"] if "_" in f.name else [])
+            parser.add_argument(*no, dest=f.name, action="store_const", const="false", default=argparse.SUPPRESS,
+                                help=argparse.SUPPRESS)
+            continue
         kind = getattr(tp, "__name__", str(tp)).replace("typing.", "")
-        parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=kind.upper(),
-                            help=f"{f.metadata.get('help', '')} (default: {default!r})")
+        parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=kind.upper(), help=help_text)
+    for old in (*getattr(cls, "RENAMED", {}), *getattr(cls, "DEPRECATED", {})):
+        parser.add_argument(f"--{old}", dest=f"alias:{old}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the description's examples as written; the defaults are in each option's help."""
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
@@ -204,11 +312,15 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         cfg = cls()
         for path in ns.config:
             cfg = load_yaml(cls, path, base=cfg)
-        overrides = {k: _parse_scalar(v) if isinstance(v, str) else v
-                     for k, v in vars(ns).items() if k != "config"}
+        raw_values = {k.split(":", 1)[1] if k.startswith("alias:") else k: v for k, v in vars(ns).items()
+                      if k != "config"}
+        raw_values = apply_aliases(cls, raw_values, "command line")
+        overrides = {k: _parse_scalar(v) if isinstance(v, str) else v for k, v in raw_values.items()}
         hints = _type_hints(cls)
         for k, v in list(overrides.items()):
-            raw = getattr(ns, k)
+            raw = raw_values[k]
+            if k not in hints:
+                continue
             if hints[k] is str:
                 overrides[k] = raw  # keep strings verbatim ("1e-3" stays a string)
             elif typing.get_args(hints[k]) == (str, type(None)):

@@ -89,8 +89,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                                     load_checkpoint, save_checkpoint)
     from beit.engines.finetune import save_confusion_png, train_one_epoch
     from beit.export import export_model
-    from beit.finetune_data import build_loaders, check_shards, infer_num_classes
-    from beit.runtime.run_logging import data_error_metrics
+    from beit.finetune_data import build_loaders, check_shards, resolve_classes
+    from beit.runtime.run_logging import data_error_metrics, data_summary
     from beit.runtime.run_logging import RunLogger, resolve_trackers
     from beit.runtime.scaling import accelerator_kwargs_handlers, describe_scaling, grad_accum_for, refuse_under_fsdp
 
@@ -106,12 +106,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                       "fine-tune with DDP (launch/accelerate/8gpu.yaml, plus --grad_checkpointing true for ViT-L)")
     set_seed(cfg.seed)
     check_shards(cfg)  # missing / empty shard specs fail here, before any model is built
-    class_names = None
-    if cfg.num_classes:
-        num_classes = cfg.num_classes
-    else:
-        num_classes, class_names = infer_num_classes(cfg.train_shards)
-        cfg = dataclasses.replace(cfg, num_classes=num_classes)
+    num_classes, class_names = resolve_classes(cfg.train_shards, cfg.val_shards, cfg.num_classes)
+    cfg = dataclasses.replace(cfg, num_classes=num_classes)
     latest = find_latest_complete(out) if cfg.resume else None
     resume_step = json.loads((latest / TRAIN_STATE).read_text())["step"] if latest else None
     logger = RunLogger(accelerator, out, resume_step=resume_step)
@@ -167,6 +163,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                                  "not rescaled; global batch kept by gradient accumulation" if cfg.global_batch_size
                                  else "not rescaled; set global_batch_size to keep the global batch") +
                 f"; data order {cfg.data_order}")
+    for line in data_summary(train_loader, cfg.batch_size, accelerator.num_processes):
+        logger.info(line)
 
     def on_step(s: int, metrics: dict) -> None:
         if s % cfg.log_every == 0 or s == total_steps:

@@ -17,18 +17,48 @@ def check_shards(cfg) -> None:
             raise ValueError(f"--{name}: {e}") from None
 
 
-def infer_num_classes(spec: str) -> tuple[int, list[str] | None]:
-    """(number of classes, class names) from the ``label_map`` in the manifest beside the shards."""
+def manifest_label_map(spec: str) -> tuple[dict[str, int] | None, Path | None]:
+    """(label_map or None, manifest path or None) of the manifest beside the first shard of ``spec``."""
     from beit.data.shardspec import expand_shards
     shards = expand_shards(spec)
     manifest = Path(shards[0]).parent / "manifest.json" if shards else None
     if manifest is None or not manifest.is_file():
-        raise ValueError(f"--num_classes is 0 and there is no manifest.json beside {shards[:1]}; pass --num_classes")
-    label_map = json.loads(manifest.read_text()).get("label_map")
-    if not label_map:
-        raise ValueError(f"{manifest} has no label_map (unlabelled shards?); pass --num_classes or use labelled shards")
-    names = [name for name, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
-    return max(label_map.values()) + 1, names
+        return None, None
+    return json.loads(manifest.read_text()).get("label_map") or None, manifest
+
+
+def class_names_of(label_map: dict[str, int]) -> list[str]:
+    """Class names in label order (a gap in the labels gets the label's number as its name)."""
+    by_label = {v: k for k, v in label_map.items()}
+    return [by_label.get(i, str(i)) for i in range(max(label_map.values()) + 1)]
+
+
+def resolve_classes(train_spec: str, val_spec: str, num_classes: int) -> tuple[int, list[str] | None]:
+    """(number of classes, class names) from the training shards' manifest label map.
+
+    ``num_classes`` 0 means "from the data"; a non-zero value that disagrees with the label map is
+    refused with both numbers, as are held-out shards written with another label map. Without a
+    label map (e.g. ADE20K, or hand-made tars) ``num_classes`` must be given."""
+    label_map, manifest = manifest_label_map(train_spec)
+    if label_map is None:
+        if num_classes:
+            return num_classes, None
+        where = f"{manifest} has no label_map (unlabelled shards?)" if manifest else \
+            f"there is no manifest.json beside the training shards {train_spec!r}"
+        raise ValueError(f"the number of classes is not known: {where}; write the shards with `beit shards write "
+                         "--layout imagenet` (class folders) or pass --num_classes")
+    names = class_names_of(label_map)
+    if num_classes and num_classes != len(names):
+        raise ValueError(f"--num_classes {num_classes} (flag or recipe) disagrees with the {len(names)} classes in "
+                         f"{manifest} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); set "
+                         f"--num_classes 0 (from the data) or {len(names)}")
+    if val_spec:
+        val_map, val_manifest = manifest_label_map(val_spec)
+        if val_map is not None and val_map != label_map:
+            raise ValueError(f"the held-out shards' label map ({val_manifest}, {len(val_map)} classes) differs from "
+                             f"the training shards' ({manifest}, {len(label_map)} classes): write the held-out split "
+                             f"with --label_map {manifest.parent / 'class_index.json'} (or with --val_fraction)")
+    return len(names), names
 
 
 def build_transforms(cfg, is_training: bool):
@@ -89,7 +119,8 @@ def build_loaders(cfg, accelerator, num_classes: int):
                                    rank=accelerator.process_index, world_size=accelerator.num_processes,
                                    seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction,
                                    batches_per_epoch=cfg.batches_per_epoch or None,
-                                   small_image_size=cfg.img_size)  # counted as data/upscaled
+                                   small_image_size=cfg.img_size,  # counted as data/upscaled
+                                   resampled=cfg.resampled, batch_multiple=cfg.grad_accum_steps)
     val = heldout_loader(expand_shards(cfg.val_shards), val_map, accelerator, batch_size=val_batch,
                          num_workers=cfg.num_workers, seed=cfg.seed)
     return train, val

@@ -23,7 +23,7 @@ from beit.config import load_yaml, parse_config, save_config, to_dict
 from beit.options.pretrain import RESUME_KEYS, PretrainConfig
 from beit.engines.pretrain import MimMeter, TrainState, evaluate_mim, train_one_epoch
 from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
-from beit.runtime.run_logging import RunLogger, data_error_metrics, resolve_trackers
+from beit.runtime.run_logging import RunLogger, data_error_metrics, data_summary, resolve_trackers
 from beit.runtime.scaling import accelerator_kwargs_handlers, refuse_under_fsdp
 
 def resolve_mixed_precision(choice: str) -> str | None:
@@ -130,7 +130,8 @@ def check_token_cache(cfg: PretrainConfig, info: dict, tokenizer) -> None:
                          f"{cfg.image_size} / patch_size {cfg.patch_size})") from e
 
 
-def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: bool, batch_size: int):
+def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: bool, batch_size: int,
+                 accum: int = 1):
     """Training (``train``) or held-out loader; training reads the token cache when cfg.token_cache is set.
     The held-out loader reads every image of this rank's share once (a partial last batch included)."""
     from beit.data.global_order import build_loader_for_order
@@ -160,7 +161,8 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer, batches_per_epoch=cfg.batches_per_epoch or None,
         allow_remote=cfg.allow_remote_shards, max_bad_fraction=cfg.max_bad_fraction,
-        small_image_size=cfg.image_size)  # counted as data/upscaled
+        small_image_size=cfg.image_size,  # counted as data/upscaled
+        resampled=cfg.resampled, batch_multiple=accum)
 
 
 def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int, accum: int) -> tuple[int, int, int]:
@@ -302,7 +304,10 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
         tokenizer = tokenizer.to(accelerator.device)
     optimizer = create_adamw(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              eps=cfg.eps)
-    loader = build_loader(cfg, shards, tokenizer, accelerator, train=True, batch_size=cfg.batch_size)
+    try:
+        loader = build_loader(cfg, shards, tokenizer, accelerator, train=True, batch_size=cfg.batch_size, accum=accum)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
     steps_per_epoch, total_steps, warmup = resolve_steps(cfg, len(loader), accum)
     schedule = WarmupCosineSchedule(optimizer, lr=cfg.lr, min_lr=cfg.min_lr, total_steps=total_steps,
                                     warmup_steps=warmup, weight_decay=cfg.weight_decay,
@@ -339,6 +344,8 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
                 f"{accelerator.mixed_precision}; effective batch {eff_batch} = {cfg.batch_size} x {accum} accum x "
                 f"{accelerator.num_processes} proc; lr {cfg.lr:g} (not rescaled), {total_steps} steps "
                 f"({steps_per_epoch}/epoch), warmup {warmup}")
+    for line in data_summary(loader, cfg.batch_size, accelerator.num_processes):
+        logger.info(line)
     if resumed_from:
         logger.info(f"resumed from {resumed_from} at step {state.step} (epoch {state.epoch})")
     else:

@@ -121,20 +121,24 @@ def build_global_order_loader(shards: str | Sequence[str], *, map_fn: MapFn, bat
                               **kw: Any) -> GlobalOrderLoader:
     """Like ``build_stream_loader`` (same arguments and checks, same loader API) but with the
     world-size-invariant order described in the module docstring. Batches per epoch per rank
-    default to floor(samples / (world_size x batch_size)); ``resampled`` is not available."""
+    default to ceil(samples / (world_size x batch_size)) rounded up to ``batch_multiple``: every image
+    once, the last slots filled from the next pass; ``resampled`` is not available."""
     if kw.pop("resampled", False):
         raise ValueError("data_order 'global' reads every shard in a fixed order; it cannot be resampled")
     # resampled=True here only skips the shard-count check of the split mode (every reader
-    # reads all shards) and sizes the epoch as samples // (world x batch), which is what we want.
+    # reads all shards) and sizes the epoch as ceil(samples / (world x batch)), which is what we want.
     base = build_stream_loader(shards, map_fn=map_fn, batch_size=batch_size, resampled=True, **kw)
     d = base.dataset
     ds = GlobalOrderStream(d.shards, d.counts, d.map_fn, d.batch_size, d.rank, d.world_size,
                            base.num_workers, d.seed, d.shuffle_buffer, False, d.min_image_size,
                            d.small_image_size)
-    return GlobalOrderLoader(ds, num_workers=base.num_workers, num_batches=base.num_batches,
-                             max_bad_fraction=base.max_bad_fraction, bad_check_after=base.bad_check_after,
-                             pin_memory=base.pin_memory, prefetch_factor=base.prefetch_factor,
-                             timeout=base.timeout)
+    loader = GlobalOrderLoader(ds, num_workers=base.num_workers, num_batches=base.num_batches,
+                               max_bad_fraction=base.max_bad_fraction, bad_check_after=base.bad_check_after,
+                               pin_memory=base.pin_memory, prefetch_factor=base.prefetch_factor,
+                               timeout=base.timeout)
+    loader.notes = base.notes
+    loader.coverage = dict(base.coverage, resampled=False, order="global")
+    return loader
 
 
 def build_loader_for_order(order: str, shards, **kw: Any):

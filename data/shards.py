@@ -3,6 +3,11 @@
 write: turn a flat folder (recursive), ImageNet class folders, ADE20K image/annotation pairs or a
 file list into WebDataset shards plus manifest.json (see ``write --help``). Deterministic; each
 shard is renamed into place only when complete; ``--resume true`` continues an interrupted run.
+Shards are named ``train-NNNNNN.tar`` (and ``val-NNNNNN.tar`` with ``--val_fraction``, a seeded
+split stratified by class), so the next command's ``'DIR/train-*.tar'`` matches them.
+
+    beit shards write --source photos/ --out shards/photos --val_fraction 0.1
+    beit shards write --source labelled/ --out shards/labelled --layout imagenet --val_fraction 0.2
 
 verify: read every shard of a folder, check the manifest's hashes and counts, decode every
 sample and list the bad ones by key; exits non-zero on any problem.
@@ -27,10 +32,14 @@ class WriteConfig:
     source: str = field("", help="input folder (folder/imagenet/ade20k layouts) or text file (filelist)")
     out: str = field("", help="output folder for the shards and manifest.json")
     layout: str = field("folder", help="folder | imagenet (class folders -> labels) | ade20k | filelist")
-    prefix: str = field("", help="shard name prefix, e.g. train or val (default: the split, else 'shard')")
+    prefix: str = field("", help="shard name prefix (default: the ADE20K split, else 'train'; with --val_fraction the "
+                              "held-out shards are 'val')")
     split: str = field("", help="ade20k: sub-folder of images/ and annotations/ (training, validation)")
     label_map: str = field("", help="JSON class->int map to reuse (val must use train's class_index.json)")
-    max_samples: int = field(1000, help="samples per shard at most")
+    samples_per_shard: int = field(0, help="samples per shard at most (0: auto = min(1000, ceil(images / 16)), so a "
+                                           "small set still splits over 16 loader readers)")
+    val_fraction: float = field(0.0, help="hold out this fraction of the images as val-*.tar shards (seeded by "
+                                          "--shuffle_seed, stratified by class for labelled layouts; 0: none)")
     max_bytes: int = field(0, help="bytes per shard at most (0: no limit)")
     resize: int = field(0, help="shrink images whose longer side exceeds this many px (0: keep size)")
     reencode: str = field("keep", help="keep | jpg | png: output encoding (keep re-encodes only resized images)")
@@ -42,6 +51,8 @@ class WriteConfig:
     overwrite: bool = field(False, help="replace existing shards with the same prefix")
     progress: bool = field(True, help="show a progress bar")
 
+    RENAMED = {"max_samples": "samples_per_shard"}  # it was read as a total; it always meant per shard
+
     def validate(self) -> None:
         if not self.source or not self.out:
             raise ValueError("--source and --out are required")
@@ -51,10 +62,15 @@ class WriteConfig:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.resume and self.overwrite:
             raise ValueError("--resume and --overwrite exclude each other")
-        self.options().check()
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.samples_per_shard < 0:
+            raise ValueError(f"--samples_per_shard must be >= 0 (0: auto), got {self.samples_per_shard}")
+        self.options(1).check()
 
-    def options(self) -> WriteOptions:
-        return WriteOptions(max_samples=self.max_samples, max_bytes=self.max_bytes or None,
+    def options(self, num_items: int) -> WriteOptions:
+        per_shard = self.samples_per_shard or auto_samples_per_shard(num_items)
+        return WriteOptions(max_samples=per_shard, max_bytes=self.max_bytes or None,
                             resize=self.resize or None, reencode=self.reencode, quality=self.quality,
                             shuffle_seed=None if self.shuffle_seed < 0 else self.shuffle_seed,
                             validate=self.check_images)
@@ -72,6 +88,32 @@ class VerifyConfig:
             raise ValueError("--dir is required")
 
 
+def auto_samples_per_shard(num_items: int, readers: int = 16, most: int = 1000) -> int:
+    """Shard size for ``num_items``: ``most`` for large sets, smaller so at least ``readers`` shards exist."""
+    return max(1, min(most, -(-num_items // readers)))
+
+
+def split_items(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+    """(train, val): a seeded split; per class (label) round(fraction x n) held out, at least one of
+    every class with two or more images, so every class is in both splits."""
+    import random
+    by_label: dict = {}
+    for it in sorted(items, key=lambda it: it.key):
+        by_label.setdefault(it.label, []).append(it)
+    train, val = [], []
+    rng = random.Random(seed)
+    for label in sorted(by_label, key=lambda v: (v is None, v)):
+        group = by_label[label]
+        rng.shuffle(group)
+        k = min(len(group) - 1, max(1, round(fraction * len(group)))) if len(group) >= 2 else 0
+        val += group[:k]
+        train += group[k:]
+    if not val:
+        raise ValueError(f"--val_fraction {fraction}: {len(items)} image(s) leave none to hold out; add images or "
+                         "set --val_fraction 0")
+    return train, val
+
+
 def run_write(cfg: WriteConfig) -> list[str]:
     lm = load_label_map(cfg.label_map) if cfg.label_map else None
     if cfg.layout == "folder":
@@ -83,14 +125,23 @@ def run_write(cfg: WriteConfig) -> list[str]:
     else:
         items, label_map, skipped = list_filelist(cfg.source, lm)
     out = Path(cfg.out)
-    prefix = cfg.prefix or cfg.split or "shard"
+    prefix = cfg.prefix or cfg.split or "train"
     source = f"{cfg.layout}:{Path(cfg.source).resolve()}" + (f"/{cfg.split}" if cfg.split else "")
-    paths = write_shards(items, out, prefix=prefix, opts=cfg.options(), label_map=label_map, source=source,
-                         workers=cfg.workers, resume=cfg.resume, overwrite=cfg.overwrite,
-                         progress=cfg.progress, pre_skipped=skipped)
+    parts = [(prefix, items, skipped)]
+    if cfg.val_fraction > 0:
+        train, val = split_items(items, cfg.val_fraction, max(cfg.shuffle_seed, 0))
+        parts = [(prefix, train, skipped), ("val", val, [])]
+    paths: list[str] = []
+    for name, part, part_skipped in parts:
+        written = write_shards(part, out, prefix=name, opts=cfg.options(len(part)), label_map=label_map,
+                               source=source + (f"#{name}" if len(parts) > 1 else ""), workers=cfg.workers,
+                               resume=cfg.resume, overwrite=cfg.overwrite, progress=cfg.progress,
+                               pre_skipped=part_skipped)
+        print(f"wrote {len(written)} shard(s), {len(part)} image(s) as {out}/{name}-*.tar")
+        paths += written
     if label_map is not None:
         (out / "class_index.json").write_text(json.dumps(label_map, indent=1, sort_keys=True) + "\n")
-    print(f"wrote {len(paths)} shard(s) with prefix '{prefix}' to {out} (manifest: {out / 'manifest.json'})")
+    print(f"manifest: {out / 'manifest.json'}")
     return paths
 
 

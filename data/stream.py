@@ -4,14 +4,19 @@ Layout of one epoch (every rank computes the same plan from the seed, with no co
 
 * non-resampled: the shard list is permuted with (seed, epoch); rank r takes every R-th shard,
   worker w of that rank every W-th of those, so ranks and workers read disjoint shards.
-  Fewer shards than ranks x workers is refused at start-up (or use ``resampled=True``).
+  Fewer shards than ranks x workers: fewer workers (``loader.notes``); fewer than ranks is refused
+  at start-up (or use ``resampled=True``).
 * resampled: every worker draws shards with replacement, seeded by (seed, epoch, rank, worker).
-* ``len(loader)`` = batches per epoch = ``batches_per_epoch`` or floor(samples / (world_size x
-  batch_size)) from the manifest's per-shard counts; it is the same on every rank and every epoch.
-  Each worker gets a batch quota (its share by sample count); a worker that runs short (bad
-  samples, a truncated or missing shard) starts another shuffled pass over its shards, so a rank
-  never yields fewer batches than the others (no DDP hang). With balanced shards every sample is
-  seen exactly once per epoch.
+* ``len(loader)`` = batches per epoch, the same on every rank and every epoch (DDP needs equal
+  step counts): ``batches_per_epoch`` or, from the manifest's per-shard counts, the fewest batches
+  in which every rank can show every sample of its shards once in any epoch's shard layout,
+  rounded up to a multiple of ``batch_multiple`` (gradient accumulation). Batches are always full:
+  a worker that has shown all its samples (or lost some to bad data, a truncated or missing shard)
+  fills its remaining batch quota from another shuffled pass over its shards. So NO sample is left
+  out of an epoch; the few repeats that fill the last batches are counted in ``loader.coverage``
+  and stated by ``loader.describe()``. Fewer shards than ranks x workers: the workers per rank are
+  clamped to what the shards allow (``loader.notes`` says so); fewer shards than ranks is refused
+  unless ``resampled``.
 * Each worker streams its shards through a seeded shuffle buffer (drained at the end of each
   pass), decodes robustly (``beit.data.decode``), seeds ``random``/numpy/torch per sample from
   (seed, epoch, rank, worker, index) and calls ``map_fn(image, sample)``; ``sample["__seed__"]``
@@ -61,18 +66,20 @@ def plan_quotas(n: list[list[int]] | None, num_batches: int, batch_size: int,
     """Batch quota per rank and worker summing to ``num_batches`` on every rank.
 
     ``n[r][w]`` = samples assigned to worker w of rank r (None: unknown -> even split). Each
-    worker first gets floor(n/B); ranks with more are trimmed from their fullest worker, ranks
-    with fewer top up the workers with the most leftover samples.
+    worker first gets ceil(n/B), enough to show each of its samples once; a rank with more than
+    ``num_batches`` (only with an explicit, shorter epoch) is trimmed from its fullest worker; the
+    batches a rank still lacks go to its least over-filled workers (repeats from their next pass).
     """
     if n is None:
         return [[num_batches // num_workers + (w < num_batches % num_workers) for w in range(num_workers)]]
     out = []
     for rank_n in n:
-        k = [c // batch_size for c in rank_n]
+        k = [-(-c // batch_size) for c in rank_n]
         while sum(k) > num_batches:
             k[max(range(len(k)), key=lambda i: (k[i], -i))] -= 1
+        fillable = [i for i in range(len(k)) if rank_n[i] > 0] or list(range(len(k)))
         while sum(k) < num_batches:
-            k[max(range(len(k)), key=lambda i: (rank_n[i] - k[i] * batch_size, -i))] += 1
+            k[min(fillable, key=lambda i: (k[i] * batch_size - rank_n[i], k[i], i))] += 1
         out.append(k)
     return out
 
@@ -133,16 +140,18 @@ def round_robin(quotas: list[int]) -> list[int]:
     return order
 
 
-def safe_batches_per_epoch(counts: list[int], world_size: int, num_workers: int, batch_size: int) -> int:
-    """Batches per rank that every rank can fill in every epoch from distinct samples.
+def covering_batches(counts: list[int], world_size: int, num_workers: int, batch_size: int) -> int:
+    """Batches per rank that let every rank show every sample of its shards once, in every epoch.
 
-    A rank gets at least the floor(S/R) smallest shards; each worker may strand up to B-1
-    samples in a partial batch, unless every shard holds a multiple of B samples.
+    The epoch's shard permutation gives a rank at most ceil(S/R) shards, so at most the M samples
+    of the ceil(S/R) largest ones; split over its W' active workers, sum_w ceil(n_w/B) <=
+    ceil(M/B) + W' - 1 (exactly M/B when every shard holds a multiple of B samples).
     """
-    per_rank = len(counts) // world_size
-    least = sum(sorted(counts)[:per_rank])
-    slack = 0 if all(c % batch_size == 0 for c in counts) else max(1, num_workers) * (batch_size - 1)
-    return max(0, least - slack) // batch_size
+    per_rank = -(-len(counts) // world_size)
+    most = sum(sorted(counts, reverse=True)[:per_rank])
+    if all(c % batch_size == 0 for c in counts):
+        return most // batch_size
+    return -(-most // batch_size) + min(max(1, num_workers), per_rank) - 1
 
 
 class ShardStream(IterableDataset):
@@ -306,6 +315,12 @@ class StreamLoader:
         self._stats = DataStats()
         self.epoch, self.position = 0, 0
         self._progress = [(0, 0)] * dataset.num_workers
+        self.notes: list[str] = []      # start-up remarks for the run's log (e.g. clamped workers)
+        self.coverage: dict[str, Any] = {}
+
+    def describe(self) -> str:
+        """One line for the start-up summary: what an epoch covers."""
+        return describe_epoch(**self.coverage) if self.coverage else f"{self.num_batches} batches per epoch"
 
     def __len__(self) -> int:
         return self.num_batches
@@ -407,6 +422,26 @@ class StreamLoader:
         self._stats.check(self.max_bad_fraction)
 
 
+def describe_epoch(images: int | None, shards: int, batches: int, batch_size: int, world_size: int,
+                   resampled: bool, explicit: bool, order: str = "shards") -> str:
+    """'37 images in 5 shards; an epoch = 5 batches x 8 x 1 process = 40 samples: every image once,
+    3 repeats fill the last batches'."""
+    slots = batches * batch_size * world_size
+    head = (f"{images} images" if images is not None else "? images") + f" in {shards} shard(s); an epoch = " \
+        f"{batches} batch(es) x {batch_size} x {world_size} process(es) = {slots} samples"
+    if images is None:
+        return head + " (image count unknown: remote shards)"
+    if resampled:
+        return head + ": resampled (shards drawn with replacement; some images may come twice, some not at all)"
+    if explicit and slots < images:
+        return head + f": batches_per_epoch is set, so {images - slots} images wait for a later epoch"
+    extra = slots - images
+    tail = "every image once" + (f", {extra} repeat(s) fill the last batches" if extra else "")
+    if order == "shards" and world_size > 1 and extra:
+        tail += " (and keep every process at the same step count)"
+    return f"{head}: {tail}"
+
+
 def to_device(batch: dict[str, Any], device, non_blocking: bool = True) -> dict[str, Any]:
     """Move the tensors of a batch to ``device`` (other entries, e.g. ``__key__``, stay)."""
     return {k: v.to(device, non_blocking=non_blocking) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -419,7 +454,7 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
                         max_bad_fraction: float = 0.01, bad_check_after: int = 200,
                         min_image_size: int = 8, small_image_size: int | None = None,
                         manifest: str | None = None, pin_memory: bool = False,
-                        prefetch_factor: int = 2, timeout: float = 0) -> StreamLoader:
+                        prefetch_factor: int = 2, timeout: float = 0, batch_multiple: int = 1) -> StreamLoader:
     """Build the streaming loader for ``shards`` (path, brace pattern, glob, folder, list or
     comma-separated string; URLs and ``pipe:`` only with ``allow_remote``).
 
@@ -444,28 +479,40 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
     if not callable(map_fn):
         raise ValueError("map_fn must be a function (image, sample) -> dict")
     urls = expand_shards(shards, allow_remote=allow_remote)
-    readers = world_size * max(1, num_workers)
-    if not resampled and len(urls) < readers:
+    notes: list[str] = []
+    if not resampled and len(urls) < world_size:
         raise ValueError(
-            f"{len(urls)} shard(s) cannot be split over {world_size} rank(s) x {max(1, num_workers)} worker(s) "
-            f"= {readers} readers without duplicates or an idle reader (which would hang DDP). Write more, "
-            f"smaller shards (python -m beit.data.shards write --max_samples ...), use fewer workers, or pass "
-            f"resampled=True to sample shards with replacement.")
+            f"{len(urls)} shard(s) for {world_size} processes: every process needs at least one shard of its own "
+            f"(an idle process would hang DDP). Write more, smaller shards (beit shards write --samples_per_shard "
+            f"N with N <= images / {world_size}), run fewer processes, or pass --resampled true (every process "
+            f"draws shards with replacement).")
+    if not resampled and num_workers > 0 and len(urls) < world_size * num_workers:
+        fit = len(urls) // world_size
+        notes.append(f"data loader workers clamped from {num_workers} to {fit} per process: {len(urls)} shard(s) "
+                     f"over {world_size} process(es) give each worker at least one shard of its own only so")
+        num_workers = fit
     counts = shard_sample_counts(urls, manifest)
+    multiple = max(1, int(batch_multiple))
+    explicit = batches_per_epoch is not None
     if batches_per_epoch is None:
         if counts is None:
             raise ValueError("the number of samples in the remote shards is unknown: pass batches_per_epoch, "
                              "or manifest=<path to the shards' manifest.json>")
-        batches_per_epoch = (sum(counts) // (world_size * batch_size) if resampled
-                             else safe_batches_per_epoch(counts, world_size, num_workers, batch_size))
-        if batches_per_epoch < 1:
-            raise ValueError(f"{sum(counts)} samples in {len(counts)} shards do not fill one batch per rank "
-                             f"(batch_size={batch_size}, world_size={world_size}, num_workers={num_workers}); "
-                             f"lower batch_size or num_workers, or pass batches_per_epoch")
+        if sum(counts) == 0:
+            raise ValueError(f"the {len(counts)} shard(s) hold no samples (e.g. {urls[0]}): write them again with "
+                             f"`beit shards write --source <folder of images> --out <folder>`")
+        batches_per_epoch = (-(-sum(counts) // (world_size * batch_size)) if resampled
+                             else covering_batches(counts, world_size, num_workers, batch_size))
+        batches_per_epoch = -(-batches_per_epoch // multiple) * multiple
     elif batches_per_epoch < 1:
         raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
     ds = ShardStream(urls, counts, map_fn, batch_size, rank, world_size, num_workers, seed, shuffle_buffer,
                      resampled, min_image_size, small_image_size)
-    return StreamLoader(ds, num_workers=num_workers, num_batches=batches_per_epoch,
-                        max_bad_fraction=max_bad_fraction, bad_check_after=bad_check_after,
-                        pin_memory=pin_memory, prefetch_factor=prefetch_factor, timeout=timeout)
+    loader = StreamLoader(ds, num_workers=num_workers, num_batches=batches_per_epoch,
+                          max_bad_fraction=max_bad_fraction, bad_check_after=bad_check_after,
+                          pin_memory=pin_memory, prefetch_factor=prefetch_factor, timeout=timeout)
+    loader.notes = notes
+    loader.coverage = {"images": sum(counts) if counts is not None else None, "shards": len(urls),
+                       "batches": batches_per_epoch, "batch_size": batch_size, "world_size": world_size,
+                       "resampled": resampled, "explicit": explicit}
+    return loader

@@ -109,8 +109,10 @@ def test_startup_errors_are_clear(tmp_path):
         build_stream_loader("pipe:cat " + shards[0], **kw)
     with pytest.raises(ValueError, match="allow_remote=True"):
         build_stream_loader("https://example.com/a.tar", **kw)
-    with pytest.raises(ValueError, match="resampled=True"):
-        build_stream_loader(shards, num_workers=2, world_size=2, **kw)
+    with pytest.raises(ValueError, match="--resampled true"):
+        build_stream_loader(shards, num_workers=2, world_size=3, **kw)  # fewer shards than processes
+    clamped = build_stream_loader(shards, num_workers=2, world_size=2, **kw)  # 2 shards, 4 readers wanted
+    assert clamped.num_workers == 1 and "clamped from 2 to 1" in clamped.notes[0]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no .tar shards"):
         build_stream_loader(str(tmp_path / "empty"), **kw)
@@ -149,17 +151,22 @@ def test_equal_batches_per_rank_on_uneven_shards(tmp_path):
     for i, n in enumerate(items_per):
         paths.append(str(write_tar(tmp_path / f"u{i}.tar", [(f"u{i}_{j}", {"jpg": jpeg(100 * i + j)})
                                                                 for j in range(n)])))
+    everything = {f"u{i}_{j}" for i, n in enumerate(items_per) for j in range(n)}
     for epoch in range(3):
-        seen, lens = [], []
+        per_rank, lens = [], []
         for rank in range(2):
             ld = build_stream_loader(paths, map_fn=small_map, batch_size=2, num_workers=1, rank=rank,
                                      world_size=2, seed=epoch)
             ld.set_epoch(epoch)
             k = keys_of(ld)
             lens.append((len(ld), len(k) // 2))
-            seen += k
+            per_rank.append(k)
         assert lens[0] == lens[1] and lens[0][0] == lens[0][1] > 0
-        assert len(seen) == len(set(seen))  # disjoint: never a duplicate across ranks
+        assert set(per_rank[0]) | set(per_rank[1]) == everything  # no image left out of the epoch
+        assert not set(per_rank[0]) & set(per_rank[1])  # disjoint shards: repeats stay within a rank
+        for k in per_rank:  # a rank repeats a sample only after it has shown all of its own once
+            first = len(set(k))
+            assert len(set(k[:first])) == first
 
 
 def test_resume_continues_exactly(tmp_path):
@@ -202,8 +209,10 @@ def test_resampled_mode_is_seeded_per_rank(tmp_path):
 
 def test_plan_helpers():
     assert round_robin([2, 1, 3]) == [0, 1, 2, 0, 2, 2]
-    q = plan_quotas([[9, 3], [7, 16]], 5, 2, 2)
-    assert [sum(r) for r in q] == [5, 5] and q[0] == [4, 1]
+    q = plan_quotas([[9, 3], [7, 16]], 5, 2, 2)  # an explicit epoch shorter than one pass: trimmed
+    assert [sum(r) for r in q] == [5, 5] and q[0] == [3, 2]
+    q = plan_quotas([[9, 3], [7, 0]], 8, 2, 2)  # ceil(n/B) each, the rest to the least over-filled worker
+    assert q == [[5, 3], [8, 0]]  # a worker without samples gets no quota
     assert plan_quotas(None, 5, 2, 2) == [[3, 2]]
 
 

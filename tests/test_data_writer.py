@@ -33,7 +33,7 @@ def test_folder_write_is_deterministic_and_worker_independent(tmp_path):
     src = make_folder(tmp_path / "src")
     outs = []
     for name, workers in (("o1", 1), ("o2", 1), ("o3", 2)):
-        assert shards_main(["write", "--source", str(src), "--out", str(tmp_path / name), "--max_samples", "5",
+        assert shards_main(["write", "--source", str(src), "--out", str(tmp_path / name), "--samples_per_shard", "5",
                             "--workers", str(workers), "--progress", "false"]) == 0
         outs.append(hashes(tmp_path / name))
     assert outs[0] == outs[1] == outs[2]
@@ -41,7 +41,7 @@ def test_folder_write_is_deterministic_and_worker_independent(tmp_path):
     assert [s["samples"] for s in m["shards"]] == [5, 5, 2] and m["num_samples"] == 12
     assert all(s["sha256"] == sha256_file(tmp_path / "o1" / s["name"]) for s in m["shards"])
     assert m["options"]["max_samples"] == 5 and m["source"].startswith("folder:") and m["label_map"] is None
-    with tarfile.open(tmp_path / "o1" / "shard-000000.tar") as t:
+    with tarfile.open(tmp_path / "o1" / "train-000000.tar") as t:  # 'train-*' by default: the next command's pattern
         names = t.getnames()
     assert all(n.count(".") == 1 and n.endswith(".jpg") for n in names)  # dots in names never split keys
     assert not list((tmp_path / "o1").glob("*.tmp"))
@@ -56,6 +56,7 @@ def test_imagenet_layout_labels_resize_and_reencode(tmp_path):
     out = tmp_path / "out"
     assert shards_main(["write", "--source", str(src), "--out", str(out), "--layout", "imagenet",
                         "--prefix", "train", "--resize", "60", "--reencode", "jpg", "--quality", "80",
+                        "--samples_per_shard", "100",
                         "--progress", "false"]) == 0
     assert json.loads((out / "class_index.json").read_text()) == {"n01": 0, "n02": 1, "n03": 2}
     from beit.data.shard_format import iter_tar_samples
@@ -162,3 +163,48 @@ def test_verify_reports_hash_mismatch_and_bad_samples(tmp_path):
     shard.unlink()
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert f"BAD SHARD {shard.name}: missing file" in r.stdout
+
+
+def test_val_fraction_is_a_seeded_stratified_split_with_chaining_names(tmp_path):
+    src = tmp_path / "cls"
+    sizes = {"ant": 10, "bee": 6, "cow": 2}
+    for c, n in sizes.items():
+        (src / c).mkdir(parents=True)
+        for i in range(n):
+            (src / c / f"{c}{i}.jpg").write_bytes(jpeg(hash(c) % 1000 + i))
+    outs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        assert shards_main(["write", "--source", str(src), "--out", str(out), "--layout", "imagenet",
+                            "--val_fraction", "0.25", "--progress", "false"]) == 0
+        outs.append(hashes(out))
+    assert outs[0] == outs[1]  # seeded: the same split and bytes twice
+    out = tmp_path / "a"
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["label_map"] == {"ant": 0, "bee": 1, "cow": 2}
+    by_split: dict = {"train": [], "val": []}
+    for shard in sorted(out.glob("*.tar")):
+        with tarfile.open(shard) as t:
+            for member in t.getmembers():
+                if member.name.endswith(".cls"):
+                    by_split[shard.name.split("-")[0]].append((member.name, int(t.extractfile(member).read())))
+    counts = {c: sum(1 for _, lab in by_split["val"] if lab == i) for i, c in enumerate(sizes)}
+    assert counts == {"ant": 2, "bee": 2, "cow": 1}  # per class round(0.25 n), at least one, never all
+    train_keys, val_keys = {k for k, _ in by_split["train"]}, {k for k, _ in by_split["val"]}
+    assert len(train_keys) + len(val_keys) == 18 and not train_keys & val_keys
+    # 13 training images, auto shard size ceil(13 / 16) = 1: enough shards for 16 loader readers
+    assert len(list(out.glob("train-*.tar"))) == len(train_keys) == 13
+
+
+def test_renamed_and_unknown_writer_flags_get_a_hint(tmp_path, capsys):
+    src = make_folder(tmp_path / "src", n=3)
+    with pytest.raises(SystemExit):
+        shards_main(["write", "--source", str(src), "--out", str(tmp_path / "o"), "--max_samples", "5"])
+    assert "renamed samples_per_shard" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        shards_main(["write", "--source", str(src), "--out", str(tmp_path / "o"), "--samples_per_shrad", "5"])
+    assert "did you mean --samples_per_shard" in capsys.readouterr().err
+    # booleans: --flag, --no-flag and --flag value
+    assert shards_main(["write", "--source", str(src), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert shards_main(["write", "--source", str(src), "--out", str(tmp_path / "o"), "--overwrite",
+                        "--progress", "false"]) == 0

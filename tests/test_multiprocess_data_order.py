@@ -84,7 +84,8 @@ def test_world_size_changes_order_in_default_mode_but_not_in_global(tmp_path):
     def keys(order, world):
         lds = [build_loader_for_order(order, spec, map_fn=draw, batch_size=6 // world, rank=r, world_size=world,
                                       num_workers=0, seed=3, shuffle_buffer=7) for r in range(world)]
-        return [sorted(k for ld_b in zip(*[list(ld) for ld in lds]) for b in ld_b for k in b["__key__"])]
+        # the keys of each global micro-batch (every rank's batch of that step)
+        return [sorted(k for b in ld_b for k in b["__key__"]) for ld_b in zip(*[list(ld) for ld in lds])]
     assert keys("global", 1) == keys("global", 2)
     assert keys("shards", 1) != keys("shards", 3)
     with pytest.raises(ValueError, match="data_order"):

@@ -12,6 +12,8 @@ POSITIONS = ("relative", "absolute", "both", "none")
 
 @dataclasses.dataclass
 class FinetuneConfig:
+    RECIPE_PREFIX = "finetune_"
+
     task: str = field("classification", help="classification | segmentation (image + seg.png shards, UperNet head, "
                                              "mIoU; --img_size is the crop)")
     # data
@@ -20,7 +22,10 @@ class FinetuneConfig:
     num_classes: int = field(0, help="number of classes; 0 = from the label_map in the shards' manifest.json")
     img_size: int = field(224, help="input resolution (rel-pos tables/patch embed are resized to it on load)")
     in_chans: int = field(3, help="input channels (images are decoded as RGB)")
-    num_workers: int = field(2, help="data loader workers per process")
+    num_workers: int = field(2, help="data loader workers per process (fewer when the shards do not allow that "
+                             "many: the log says so)")
+    resampled: bool = field(False, help="draw shards with replacement (per process and worker, seeded) instead of one pass "
+                              "over disjoint shards; for fewer shards than processes, or endless streams")
     mean: tuple[float, float, float] = field((0.485, 0.456, 0.406), help="normalisation mean (as in pretraining)")
     std: tuple[float, float, float] = field((0.229, 0.224, 0.225), help="normalisation std (as in pretraining)")
     # model
@@ -136,6 +141,9 @@ class FinetuneConfig:
         check_data_order(self.data_order)
         if self.position and self.position not in POSITIONS:
             raise ValueError(f"--position must be one of {', '.join(POSITIONS)} (or empty), got {self.position!r}")
+        if self.resampled and self.data_order == "global":
+            raise ValueError("--resampled draws shards at random per process; --data_order global reads one fixed "
+                             "order: choose one")
         if self.init and not Path(self.init).exists():
             raise ValueError(f"--init {self.init} does not exist")
 

@@ -16,6 +16,8 @@ REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 @dataclass
 class PretrainConfig:
+    RECIPE_PREFIX = "pretrain_"
+
     # data
     data_shards: list[str] = field(default_factory=list, help="training shards: brace patterns / paths (a YAML list, "
                                    "or one pattern on the command line), e.g. '/data/train-{000000..000127}.tar'")
@@ -24,7 +26,10 @@ class PretrainConfig:
     allow_remote_shards: bool = field(False, help="allow pipe:/http(s) shard specs (they run commands / fetch URLs)")
     batches_per_epoch: int = field(0, help="batches per rank per epoch (0: from the shards' manifest)")
     shuffle_buffer: int = field(1000, help="samples in the streaming shuffle buffer")
-    num_workers: int = field(4, help="data loader worker processes per rank")
+    num_workers: int = field(4, help="data loader worker processes per rank (fewer when the shards do not allow "
+                             "that many: the log says so)")
+    resampled: bool = field(False, help="draw shards with replacement (per process and worker, seeded) instead of one pass "
+                              "over disjoint shards; for fewer shards than processes, or endless streams")
     max_bad_fraction: float = field(0.01, help="stop with an error when more than this fraction of samples fails to decode")
     data_order: str = field("shards", help="shards: disjoint shards per process (scalable default); global: every "
                             "process reads one seeded stream and keeps its slice, so any process count sees the "
@@ -119,6 +124,9 @@ class PretrainConfig:
         if self.global_batch_size < 0:
             raise ValueError("global_batch_size must be >= 0")
         check_data_order(self.data_order)
+        if self.resampled and self.data_order == "global":
+            raise ValueError("--resampled draws shards at random per process; --data_order global reads one fixed "
+                             "order: choose one")
         if self.dist_timeout_s < 1:
             raise ValueError(f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
         if bool(self.knn_train_shards) != bool(self.knn_val_shards):

@@ -114,3 +114,15 @@ def data_error_metrics(loader, accelerator) -> dict:
                 merged[k] = merged.get(k, 0) + v
         flat = merged
     return flat
+
+
+def data_summary(loader, batch_size: int, processes: int, what: str = "training data") -> list[str]:
+    """Start-up lines about the data: what an epoch covers, remarks such as clamped workers, and a
+    warning when the set is smaller than one batch on every process (images repeat within a step)."""
+    lines = [f"{what}: {loader.describe()}"] + [f"note: {n}" for n in getattr(loader, "notes", [])]
+    images = getattr(loader, "coverage", {}).get("images")
+    if images is not None and images < batch_size * processes:
+        lines.append(f"note: {images} images are fewer than one batch of {batch_size} x {processes} process(es): "
+                     f"every step repeats images; --batch_size {max(1, images // processes)} or less shows each "
+                     "image once per step")
+    return lines
