@@ -1,7 +1,7 @@
 """The ``beit`` command: one subcommand per stage, each a thin door to the module that does the work.
 
     beit shards write --source photos/ --out shards/mine
-    beit pretrain --config demo_pretrain --output_dir runs/x
+    beit pretrain --data photos/ --tokenizer_path runs/tok --output_dir runs/x   # a folder in, no shard step
     accelerate launch -m beit.pretrain ...      # several processes: the modules stay the entry points
 
 Every subcommand takes the same options as its module (``beit pretrain --help`` ==
@@ -25,6 +25,24 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("beit.compare.run", "does pretraining pay off here? BEiT vs scratch vs simple baselines, over seeds"),
     "export": ("beit.export", "export a fine-tuned run as timm-loadable weights"),
     "samples": ("beit.data.samples", "write shards of the built-in real sample sets (offline)"),
+    "demo": ("beit.demo", "the offline CPU demo: sample shards, k-means tokenizer, pretraining, fine-tuning"),
+}
+
+# name -> one example, shown first by ``beit NAME --help`` (every command has one).
+EXAMPLES: dict[str, str] = {
+    "shards write": "beit shards write --source my_photos/ --out shards/mine --val_fraction 0.05",
+    "shards verify": "beit shards verify --dir shards/mine",
+    "tokenizer train": "beit tokenizer train kmeans --data my_photos/ --out runs/mine/tokenizer",
+    "tokenizer report": "beit tokenizer report --tokenizer_path runs/mine/tokenizer --shards 'shards/mine/val-*.tar'",
+    "tokenizer convert-dalle": "beit tokenizer convert-dalle --encoder encoder.pkl --out weights/dalle --trust_pickle",
+    "tokenizer cache": "beit tokenizer cache --shards 'shards/mine/train-*.tar' --out shards/mine_tokens "
+                       "--tokenizer dalle --tokenizer_path weights/dalle",
+    "pretrain": "beit pretrain --data my_photos/ --tokenizer_path runs/mine/tokenizer --output_dir runs/mine/pretrain",
+    "finetune": "beit finetune --data my_labelled/ --init runs/mine/pretrain/pretrained.safetensors "
+                "--output_dir runs/mine/finetune",
+    "export": "beit export --run_dir runs/mine/finetune --out exported/model.safetensors",
+    "samples": "beit samples --out data_samples --kind all",
+    "demo": "beit demo",
 }
 
 
@@ -66,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"beit: unknown command {argv[0]!r}{_suggest(argv[0])}\n\n{_usage()}", file=sys.stderr)
         return 2
     name, rest = found
+    if name in EXAMPLES and any(a in ("-h", "--help") for a in rest):
+        print(f"example: {EXAMPLES[name]}\n")
     target = COMMANDS[name][0]
     module_name, _, func = target.partition(":")
     module = importlib.import_module(module_name)

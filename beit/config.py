@@ -167,23 +167,22 @@ def apply_aliases(cls: type, values: dict[str, Any], source: str) -> dict[str, A
 
 
 def _help_of(cls: type, name: str) -> str:
-    return next((f.metadata.get("help", "") for f in dataclasses.fields(cls) if f.name == name), "")
+    """The field's help; a field re-declared with another default and no help takes its base's."""
+    for klass in cls.__mro__:
+        f = getattr(klass, "__dataclass_fields__", {}).get(name)
+        if f is not None and f.metadata.get("help"):
+            return f.metadata["help"]
+    return ""
 
 
 RECIPE_DIRS: list[Path] = [Path(__file__).resolve().parent.parent / "launch"]  # a clone / editable install
 
 
 def recipe_dirs() -> list[Path]:
-    """Where recipes are looked up by name: the clone's launch/, then the installed package's copy."""
-    dirs = [d for d in RECIPE_DIRS if d.is_dir()]
-    try:
-        from importlib.resources import files
-        packaged = Path(str(files("beit.recipes")))
-        if packaged.is_dir() and packaged not in dirs:
-            dirs.append(packaged)
-    except (ImportError, ModuleNotFoundError, TypeError):
-        pass
-    return dirs
+    """Where recipes are looked up by name: the clone's launch/, then the installed package's copy
+    (``beit/recipes``, the same files as package data of a wheel)."""
+    packaged = Path(__file__).resolve().parent / "recipes"
+    return [d for d in (*RECIPE_DIRS, packaged) if d.is_dir()]
 
 
 def resolve_recipe(name: str, prefix: str = "") -> Path:
@@ -285,7 +284,7 @@ def build_parser(cls: type, description: str | None = None, epilog: str | None =
         flags = [f"--{f.name}"]
         if "_" in f.name:
             flags.append(f"--{f.name.replace('_', '-')}")
-        help_text = f"{f.metadata.get('help', '')} (default: {default!r})"
+        help_text = f"{_help_of(cls, f.name)} (default: {default!r})"
         if tp is bool:
             parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, nargs="?", const="true",
                                 metavar="BOOL", help=help_text)
@@ -302,6 +301,10 @@ def build_parser(cls: type, description: str | None = None, epilog: str | None =
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the description's examples as written; the defaults are in each option's help."""
+
+
+class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """For the plain-argparse commands: the description as written, every option's default shown."""
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
+from beit.config import DefaultsHelpFormatter
 from beit.runtime.checkpointing import load_weights, save_weights
 
 FORMATS = ("timm", "hf")
@@ -61,7 +62,7 @@ def beit_arch_name(kw: dict) -> str:
 
 def timm_pretrained_cfg(cfg, class_names: list[str] | None, num_classes: int) -> dict:
     """What timm's data config is resolved from: the fine-tune run's evaluation preprocessing."""
-    return dict(input_size=(cfg.in_chans, cfg.img_size, cfg.img_size), fixed_input_size=True,
+    return dict(input_size=(cfg.in_chans, cfg.image_size, cfg.image_size), fixed_input_size=True,
                 mean=tuple(cfg.mean), std=tuple(cfg.std), interpolation=cfg.interpolation,
                 crop_pct=cfg.crop_pct, crop_mode="center", num_classes=num_classes,
                 label_names=list(class_names) if class_names else None,
@@ -97,7 +98,7 @@ def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str]
         "pretrained_cfg": pcfg,
         "num_classes": cfg.num_classes,
         "class_names": class_names,
-        "input_size": [cfg.in_chans, cfg.img_size, cfg.img_size],
+        "input_size": [cfg.in_chans, cfg.image_size, cfg.image_size],
         "mean": list(cfg.mean), "std": list(cfg.std),
         "interpolation": cfg.interpolation, "crop_pct": cfg.crop_pct,
         "linear_probe_block": probe_block,
@@ -164,9 +165,9 @@ def export_hf(model: nn.Module, out_dir: str | Path, cfg, class_names: list[str]
     if missing or info["unexpected_keys"]:
         raise ValueError(f"--format hf: transformers' BEiT does not take these weights: missing {missing[:8]}, "
                          f"unexpected {sorted(info['unexpected_keys'])[:8]}")
-    scale = int(cfg.img_size / cfg.crop_pct)
+    scale = int(cfg.image_size / cfg.crop_pct)
     BeitImageProcessor(do_resize=True, size={"height": scale, "width": scale}, resample=_pil_resample(cfg.interpolation),
-                       do_center_crop=True, crop_size={"height": cfg.img_size, "width": cfg.img_size},
+                       do_center_crop=True, crop_size={"height": cfg.image_size, "width": cfg.image_size},
                        do_normalize=True, image_mean=list(cfg.mean), image_std=list(cfg.std),
                        do_reduce_labels=False).save_pretrained(out)
     return out
@@ -179,7 +180,7 @@ def _pil_resample(name: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--run_dir", required=True, help="a beit.finetune output_dir")
     p.add_argument("--out", required=True, help="output .safetensors path (a .json is written beside it)")
     p.add_argument("--ema", action="store_true", help="export the EMA weights of the newest checkpoint")

@@ -1,6 +1,7 @@
 """Fine-tune a BEiT encoder (or any timm model) for image classification on WebDataset shards.
 
-    python -m beit.finetune --config launch/finetune_base.yaml --init out/pretrained.safetensors \
+    beit finetune --data my_labelled/ --init runs/pretrain/pretrained.safetensors   # class folders, 20% held out
+    beit finetune --config beit_base_in1k --init runs/pretrain/pretrained.safetensors \
         --train_shards 'in1k/train-{000000..001023}.tar' --val_shards 'in1k/val-{000000..000049}.tar'
     accelerate launch beit/finetune.py ...            # same flags on 1..N GPUs
     python -m beit.finetune ... --linear_probe true --probe_block 9
@@ -80,6 +81,31 @@ def build_criterion(cfg: FinetuneConfig, num_classes: int):
     return torch.nn.CrossEntropyLoss(), None
 
 
+def logger_free_print(accelerator):
+    """A print for the main process, before the run's logger exists."""
+    return lambda msg: print(msg, flush=True) if accelerator.is_main_process else None
+
+
+def resolve_folders(cfg: FinetuneConfig, log=print) -> FinetuneConfig:
+    """``--data`` (class folders) -> labelled shards written once into the cache, with a held-out
+    part (``--val_fraction``) unless ``--val_data`` / ``--val_shards`` name the held-out data."""
+    if not cfg.data:
+        return cfg
+    from beit.data.folder_cache import folder_shards
+
+    own_val = not (cfg.val_data or cfg.val_shards)
+    found = folder_shards(cfg.data, labelled=cfg.task == "classification", val_fraction=cfg.val_fraction if own_val
+                          else 0.0, seed=cfg.seed, cache=cfg.data_cache, log=log)
+    log(f"--data {cfg.data}: {found.describe()}" + (f"; {cfg.val_fraction:.0%} of each class held out"
+                                                   if own_val and found.val else ""))
+    val = found.val if own_val else cfg.val_shards
+    if cfg.val_data:
+        held = folder_shards(cfg.val_data, labelled=True, cache=cfg.data_cache, log=log)
+        log(f"--val_data {cfg.val_data}: {held.describe()}")
+        val = held.train
+    return dataclasses.replace(cfg, train_shards=found.train, val_shards=val)
+
+
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Train, evaluate, checkpoint/resume, and write the final results; returns the final metrics."""
     from accelerate import Accelerator
@@ -92,19 +118,23 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from beit.finetune_data import build_loaders, check_shards, resolve_classes
     from beit.runtime.run_logging import data_error_metrics, data_summary
     from beit.runtime.run_logging import RunLogger, resolve_trackers
-    from beit.runtime.scaling import accelerator_kwargs_handlers, describe_scaling, grad_accum_for, refuse_under_fsdp
+    from beit.runtime.scaling import (accelerator_kwargs_handlers, describe_scaling, grad_accum_for, refuse_under_fsdp,
+                                      resolve_mixed_precision)
+    from beit.options.common import warmup_for
 
     out = Path(cfg.output_dir)
     if cfg.global_batch_size:  # keep the global batch for any process count (lr is not rescaled)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg = dataclasses.replace(cfg, grad_accum_steps=grad_accum_for(cfg.global_batch_size, cfg.batch_size, world))
     trackers = resolve_trackers(cfg.tensorboard)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+                              gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=trackers or None, project_dir=str(out),
                               kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
     refuse_under_fsdp(accelerator.distributed_type, "fine-tuning's evaluation and export",
                       "fine-tune with DDP (launch/accelerate/8gpu.yaml, plus --grad_checkpointing true for ViT-L)")
     set_seed(cfg.seed)
+    cfg = resolve_folders(cfg, log=logger_free_print(accelerator))
     check_shards(cfg)  # missing / empty shard specs fail here, before any model is built
     num_classes, class_names = resolve_classes(cfg.train_shards, cfg.val_shards, cfg.num_classes)
     cfg = dataclasses.replace(cfg, num_classes=num_classes)
@@ -133,7 +163,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         raise ValueError(f"an epoch has {len(train_loader)} batches, fewer than grad_accum_steps="
                          f"{cfg.grad_accum_steps}: lower --batch_size or --grad_accum_steps")
     total_steps = steps_per_epoch * cfg.epochs
-    optimizer, schedule = build_optimizer(cfg, model, total_steps, round(cfg.warmup_epochs * steps_per_epoch))
+    warmup = warmup_for(steps_per_epoch, total_steps, cfg.warmup_epochs, cfg.warmup_steps, log=logger.info)
+    optimizer, schedule = build_optimizer(cfg, model, total_steps, warmup)
     criterion, mixup_fn = build_criterion(cfg, num_classes)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = None
@@ -145,7 +176,10 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     step, start_epoch = 0, 0
     if latest is not None:
         train_state, rank_state = load_checkpoint(accelerator, latest)
-        check_resume_compatible(train_state["config"], to_dict(cfg), RESUME_KEYS, where=str(out))
+        saved_cfg = dict(train_state["config"])
+        if "img_size" in saved_cfg:  # a checkpoint from before the rename
+            saved_cfg.setdefault("image_size", saved_cfg.pop("img_size"))
+        check_resume_compatible(saved_cfg, to_dict(cfg), RESUME_KEYS, where=str(out))
         check_resume_schedule(train_state, cfg, accelerator.num_processes, total_steps, where=str(out))
         schedule.load_state_dict(train_state["schedule"])
         step, start_epoch = int(train_state["step"]), int(train_state["epoch"])
@@ -156,22 +190,30 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         accelerator.init_trackers("finetune")
     eff_batch = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logger.info(f"fine-tune {cfg.model}{' linear probe' if cfg.linear_probe else ''}: {num_classes} classes, "
-                f"{n_train / 1e6:.2f}M trainable params, effective batch {eff_batch}, lr {cfg.lr:g}, "
-                f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs")
+    for line in data_summary(train_loader, cfg.batch_size, accelerator.num_processes):
+        logger.info(line)
+    names = ", ".join(class_names[:10]) + (", ..." if len(class_names) > 10 else "") if class_names else "no names"
+    logger.info(f"classes: {num_classes} ({names}); held-out: "
+                + (f"{cfg.val_shards}" if val_loader is not None else "none (no top-1; pass --val_shards, or "
+                   "--data with --val_fraction)"))
+    logger.info(f"model: {cfg.model}{' linear probe' if cfg.linear_probe else ''}, {n_train / 1e6:.2f}M trainable "
+                f"params, init {cfg.init or 'scratch'}; device {accelerator.device}, {accelerator.num_processes} "
+                f"process(es), mixed precision {accelerator.mixed_precision}")
     logger.info(describe_scaling(cfg.batch_size, cfg.grad_accum_steps, accelerator.num_processes, cfg.lr,
                                  "not rescaled; global batch kept by gradient accumulation" if cfg.global_batch_size
                                  else "not rescaled; set global_batch_size to keep the global batch") +
-                f"; data order {cfg.data_order}")
-    for line in data_summary(train_loader, cfg.batch_size, accelerator.num_processes):
-        logger.info(line)
+                f"; {total_steps} optimizer steps ({steps_per_epoch}/epoch x {cfg.epochs} epochs), warmup {warmup}; "
+                f"data order {cfg.data_order}")
+    logger.info(f"outputs: {out}/ (config.yaml, metrics.jsonl, checkpoints/, final.json, model.safetensors"
+                + (", confusion_matrix.png)" if val_loader is not None and cfg.task == "classification" else ")"))
 
     def on_step(s: int, metrics: dict) -> None:
         if s % cfg.log_every == 0 or s == total_steps:
             logger.log(metrics, step=s)
 
     results: dict = {}
-    bar = logger.progress(total=total_steps, initial=step, desc="finetune")
+    bar = logger.progress(total=total_steps, initial=step, desc="finetune", images_per_step=eff_batch)
+    train_stats: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         train_loader.set_epoch(epoch)
         step, train_stats = train_one_epoch(
@@ -180,12 +222,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             on_step=on_step, progress=bar)
         record = {"epoch": epoch + 1, **train_stats, **data_error_metrics(train_loader, accelerator)}
         last = epoch + 1 == cfg.epochs
-        if last or (epoch + 1) % cfg.eval_every == 0:
+        if val_loader is not None and (last or (epoch + 1) % cfg.eval_every == 0):
             results = _evaluate_all(model, ema, val_loader, accelerator, num_classes, cfg)
             record.update({f"val_{k}": v for k, v in results.items()
                            if not k.endswith("confusion") and not isinstance(v, list)})
-            logger.info(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in record.items()
-                                                          if isinstance(v, float)))
+        logger.info(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in record.items()
+                                                      if isinstance(v, float)))
         logger.log(record, step=step)
         if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
             save_checkpoint(accelerator, out, step,
@@ -193,37 +235,46 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                              "total_steps": total_steps},
                             rank_state={"loader": train_loader.state_dict()}, keep_last=cfg.keep_last)
     bar.close()
-    if not results:  # resumed after the last epoch: evaluate the restored weights
+    if not results and val_loader is not None:  # resumed after the last epoch: evaluate the restored weights
         results = _evaluate_all(model, ema, val_loader, accelerator, num_classes, cfg)
     if accelerator.is_main_process:
         final = {k: v for k, v in results.items() if not k.endswith("confusion")}
-        final.update(step=step, epochs=cfg.epochs, num_classes=num_classes, class_names=class_names)
-        (out / "confusion.json").write_text(json.dumps(results["confusion"]))
+        final.update(step=step, epochs=cfg.epochs, num_classes=num_classes, class_names=class_names,
+                     train_loss=train_stats.get("train_loss"), held_out=val_loader is not None)
+        if "confusion" in results:
+            (out / "confusion.json").write_text(json.dumps(results["confusion"]))
         (out / "final.json").write_text(json.dumps(final, indent=1))
         if cfg.task == "segmentation":
             from beit.modeling.segmenter import export_seg_model
             export_seg_model(accelerator.unwrap_model(model), out / "model.safetensors", cfg,
                              metrics={k: v for k, v in final.items() if k != "per_class_iou"})
-            logger.info(f"final: mIoU {results['mIoU']:.2f}%  mAcc {results['mAcc']:.2f}%  aAcc {results['aAcc']:.2f}% "
-                        f" ->  {out}/final.json, {out}/model.safetensors")
+            scores = (f"mIoU {results['mIoU']:.2f}%  mAcc {results['mAcc']:.2f}%  aAcc {results['aAcc']:.2f}%"
+                      if results else "no held-out data")
+            logger.info(f"final: {scores}; {step} steps ->  {out}/final.json, {out}/model.safetensors")
         else:
-            save_confusion_png(results["confusion"], out / "confusion_matrix.png", class_names,
-                               title=f"{cfg.model} on {cfg.val_shards} (top-1 {results['top1']:.1f}%)")
+            if results:
+                save_confusion_png(results["confusion"], out / "confusion_matrix.png", class_names,
+                                   title=f"{cfg.model} on {cfg.val_shards} (top-1 {results['top1']:.1f}%)")
             export_model(accelerator.unwrap_model(model), out / "model.safetensors", cfg, class_names=class_names,
                          metrics=final)
-            logger.info(f"final: top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}%  ->  {out}/final.json, "
-                        f"{out}/confusion_matrix.png, {out}/model.safetensors")
+            scores = (f"top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}% on {results['samples']} held-out "
+                      "images" if results else "no held-out data (no top-1)")
+            loss = final["train_loss"]
+            logger.info(f"final: {scores}; {num_classes} classes; {step} steps, last epoch's train loss "
+                        + (f"{loss:.4f}" if loss is not None else "n/a") + f" ->  {out}/final.json, "
+                        + (f"{out}/confusion_matrix.png, " if results else "") + f"{out}/model.safetensors "
+                        "(timm-loadable)")
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return results
+    return results or {"train_loss": train_stats.get("train_loss"), "step": step, "num_classes": num_classes}
 
 
 def _evaluate_all(model, ema, loader, accelerator, num_classes: int, cfg) -> dict:
     from beit.engines.finetune import evaluate
     if cfg.task == "segmentation":
         from beit.engines.seg import evaluate_seg
-        return evaluate_seg(accelerator.unwrap_model(model), loader, accelerator, num_classes, cfg.img_size,
-                            cfg.seg_stride or max(1, cfg.img_size * 2 // 3))
+        return evaluate_seg(accelerator.unwrap_model(model), loader, accelerator, num_classes, cfg.image_size,
+                            cfg.seg_stride or max(1, cfg.image_size * 2 // 3))
     # The unwrapped module: a DDP forward broadcasts buffers, a collective that ranks with fewer
     # held-out batches would not join (the job would hang).
     res = evaluate(accelerator.unwrap_model(model), loader, accelerator, num_classes)

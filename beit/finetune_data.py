@@ -11,6 +11,8 @@ def check_shards(cfg) -> None:
     """Expand both shard specs now so a typo fails at start-up with the data layer's message."""
     from beit.data.shardspec import expand_shards
     for name in ("train_shards", "val_shards"):
+        if name == "val_shards" and not cfg.val_shards:
+            continue  # no held-out data: no evaluation
         try:
             expand_shards(getattr(cfg, name))
         except ValueError as e:
@@ -67,10 +69,10 @@ def build_transforms(cfg, is_training: bool):
     from timm.data import create_transform
     if is_training:
         return create_transform(
-            cfg.img_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
+            cfg.image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
             color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment or None, interpolation=cfg.interpolation,
             re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=tuple(cfg.mean), std=tuple(cfg.std))
-    return create_transform(cfg.img_size, is_training=False, interpolation=cfg.interpolation,
+    return create_transform(cfg.image_size, is_training=False, interpolation=cfg.interpolation,
                             crop_pct=cfg.crop_pct, mean=tuple(cfg.mean), std=tuple(cfg.std))
 
 
@@ -99,7 +101,7 @@ class LabelledMap:
 
 
 def build_loaders(cfg, accelerator, num_classes: int):
-    """(train loader, held-out loader). The train stream is shuffled and reshuffled per epoch; the
+    """(train loader, held-out loader or None without --val_shards). The train stream is shuffled and reshuffled per epoch; the
     held-out loader reads every sample once, in order, with a partial last batch (batch size 1 for
     segmentation, whose held-out images keep their own aspect ratio)."""
     from beit.data.global_order import build_loader_for_order
@@ -108,9 +110,9 @@ def build_loaders(cfg, accelerator, num_classes: int):
     if getattr(cfg, "task", "classification") == "segmentation":
         from beit.seg_data import SegEvalMap, SegTrainMap
         norm = dict(reduce_zero_label=cfg.reduce_zero_label, mean=tuple(cfg.mean), std=tuple(cfg.std))
-        train_map = SegTrainMap(num_classes, cfg.img_size, scale=(cfg.seg_scale_min, cfg.seg_scale_max),
+        train_map = SegTrainMap(num_classes, cfg.image_size, scale=(cfg.seg_scale_min, cfg.seg_scale_max),
                                 cat_max_ratio=cfg.seg_cat_max_ratio, hflip=cfg.hflip, **norm)
-        val_map, val_batch = SegEvalMap(num_classes, cfg.img_size, **norm), 1
+        val_map, val_batch = SegEvalMap(num_classes, cfg.image_size, **norm), 1
     else:
         train_map = LabelledMap(build_transforms(cfg, True), num_classes)
         val_map, val_batch = LabelledMap(build_transforms(cfg, False), num_classes), cfg.batch_size
@@ -119,8 +121,8 @@ def build_loaders(cfg, accelerator, num_classes: int):
                                    rank=accelerator.process_index, world_size=accelerator.num_processes,
                                    seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction,
                                    batches_per_epoch=cfg.batches_per_epoch or None,
-                                   small_image_size=cfg.img_size,  # counted as data/upscaled
+                                   small_image_size=cfg.image_size,  # counted as data/upscaled
                                    resampled=cfg.resampled, batch_multiple=cfg.grad_accum_steps)
     val = heldout_loader(expand_shards(cfg.val_shards), val_map, accelerator, batch_size=val_batch,
-                         num_workers=cfg.num_workers, seed=cfg.seed)
+                         num_workers=cfg.num_workers, seed=cfg.seed) if cfg.val_shards else None
     return train, val

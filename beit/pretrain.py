@@ -24,19 +24,7 @@ from beit.options.pretrain import RESUME_KEYS, PretrainConfig
 from beit.engines.pretrain import MimMeter, TrainState, evaluate_mim, train_one_epoch
 from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
 from beit.runtime.run_logging import RunLogger, data_error_metrics, data_summary, resolve_trackers
-from beit.runtime.scaling import accelerator_kwargs_handlers, refuse_under_fsdp
-
-def resolve_mixed_precision(choice: str) -> str | None:
-    """``auto``: the launcher's fp16/bf16 if ``accelerate launch`` set one (its default is "no", which
-    is not taken as a choice), else bf16 on GPUs that support it, fp16 on other GPUs, no on CPU."""
-    if choice != "auto":
-        return choice
-    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() not in ("", "no"):
-        return None
-    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
-
+from beit.runtime.scaling import accelerator_kwargs_handlers, refuse_under_fsdp, resolve_mixed_precision  # noqa: F401
 
 class MimSample:
     """The loader's ``map_fn``: two-view augmentation + a block mask for one image.
@@ -165,15 +153,40 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
         resampled=cfg.resampled, batch_multiple=accum)
 
 
-def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int, accum: int) -> tuple[int, int, int]:
+def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int, accum: int, log=print) -> tuple[int, int, int]:
     """(steps per epoch, total optimizer steps, warmup steps)."""
+    from beit.options.common import warmup_for
+
     steps_per_epoch = batches_per_epoch // accum
     if steps_per_epoch < 1:
         raise ValueError(f"an epoch has {batches_per_epoch} batches per rank, fewer than grad_accum_steps={accum}: "
                          "lower batch_size/grad_accum_steps or add data")
     total = cfg.total_steps if cfg.total_steps > 0 else cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup_steps if cfg.warmup_steps >= 0 else round(cfg.warmup_epochs * steps_per_epoch)
-    return steps_per_epoch, total, min(warmup, total)
+    return steps_per_epoch, total, warmup_for(steps_per_epoch, total, cfg.warmup_epochs, cfg.warmup_steps, log)
+
+
+def resolve_tokenizer_kind(cfg: PretrainConfig) -> PretrainConfig:
+    """``--tokenizer auto``: the kind saved in ``<tokenizer_path>.json`` (a tokenizer trained with
+    ``beit tokenizer train``), else dalle."""
+    import dataclasses
+
+    if cfg.tokenizer != "auto":
+        return cfg
+    kind = "dalle"
+    if cfg.tokenizer_path:
+        from beit.tokenizers.base import resolve_stem
+        try:
+            meta = json.loads(resolve_stem(cfg.tokenizer_path).with_suffix(".json").read_text())
+            kind = meta.get("kind", kind) if isinstance(meta, dict) else kind
+        except (OSError, ValueError):
+            pass  # not one of our saved tokenizers (e.g. DALL-E's converted weights): the loader says more
+    return dataclasses.replace(cfg, tokenizer=kind)
+
+
+def main_print(msg: str) -> None:
+    """Print on the main process only (before the Accelerator exists)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(msg, flush=True)
 
 
 class SetupError(ValueError):
@@ -211,11 +224,19 @@ def check_inputs(cfg: PretrainConfig, world: int):
     try:
         cfg.validate()
         cache = read_cache_info(cfg.token_cache) if cfg.token_cache else None
+        val_spec = cfg.val_shards
         if cache is not None:
             shards = expand_shards(str(Path(cfg.token_cache) / "cache-*.tar"))
+        elif cfg.data:
+            from beit.data.folder_cache import folder_shards
+            found = folder_shards(cfg.data, labelled=False, val_fraction=cfg.val_fraction, seed=cfg.seed,
+                                  cache=cfg.data_cache, log=main_print)
+            main_print(f"--data {cfg.data}: {found.describe()}")
+            shards = expand_shards(found.train)
+            val_spec = found.val or val_spec
         else:
             shards = expand_shards(cfg.data_shards, allow_remote=cfg.allow_remote_shards)
-        val_shards = expand_shards(cfg.val_shards, allow_remote=cfg.allow_remote_shards) if cfg.val_shards else []
+        val_shards = expand_shards(val_spec, allow_remote=cfg.allow_remote_shards) if val_spec else []
         for name in ("knn_train_shards", "knn_val_shards"):
             if getattr(cfg, name):
                 try:
@@ -271,7 +292,7 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    cfg = cfg or parse_config(PretrainConfig, argv, description=__doc__)
+    cfg = resolve_tokenizer_kind(cfg or parse_config(PretrainConfig, argv, description=__doc__))
     out = Path(cfg.output_dir)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     shards, val_shards, tokenizer, accum, cache = check_inputs(cfg, world)
@@ -308,7 +329,7 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
         loader = build_loader(cfg, shards, tokenizer, accelerator, train=True, batch_size=cfg.batch_size, accum=accum)
     except ValueError as e:
         raise SetupError(str(e)) from None
-    steps_per_epoch, total_steps, warmup = resolve_steps(cfg, len(loader), accum)
+    steps_per_epoch, total_steps, warmup = resolve_steps(cfg, len(loader), accum, log=main_print)
     schedule = WarmupCosineSchedule(optimizer, lr=cfg.lr, min_lr=cfg.min_lr, total_steps=total_steps,
                                     warmup_steps=warmup, weight_decay=cfg.weight_decay,
                                     weight_decay_end=cfg.weight_decay_end)
@@ -346,6 +367,10 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
                 f"({steps_per_epoch}/epoch), warmup {warmup}")
     for line in data_summary(loader, cfg.batch_size, accelerator.num_processes):
         logger.info(line)
+    logger.info(f"held-out: {len(val_shards)} shard(s), scored at the end" if val_shards else
+                "held-out: none (no masked-token score at the end; pass --val_shards, or --data with --val_fraction)")
+    logger.info(f"outputs: {out}/ (config.yaml, metrics.jsonl, checkpoints/ every {cfg.checkpoint_every} steps, "
+                "final_metrics.json, pretrained.safetensors)")
     if resumed_from:
         logger.info(f"resumed from {resumed_from} at step {state.step} (epoch {state.epoch})")
     else:
@@ -373,7 +398,7 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     if health is not None and state.step == 0:
         health(accelerator.unwrap_model(model), 0)  # the random encoder: what the metric must rise above
     t_start, time_before = time.time(), state.train_seconds
-    with logger.progress(total_steps, initial=state.step) as bar:
+    with logger.progress(total_steps, initial=state.step, images_per_step=eff_batch) as bar:
         while state.step < total_steps:
             loader.set_epoch(state.epoch)
             train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, state,
@@ -408,8 +433,16 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
             logger.info(f"held-out masked-token accuracy {ev['mim_acc']:.4f} vs majority-token baseline "
                         f"{ev['majority_acc']:.4f} ({ev['tokens']} masked tokens in {ev['images']} images"
                         + (f"; {ev['bad_images']} undecodable images left out)" if ev["bad_images"] else ")"))
+    last = logger.last_logged
+    summary.update({f"train/{k}": last[k] for k in ("loss", "mim_acc", "majority_acc") if k in last})
     if accelerator.is_main_process:
         (out / "final_metrics.json").write_text(json.dumps(summary, indent=1))
+    train = (f"last logged training loss {last['loss']:.4f}, masked-token accuracy {last['mim_acc']:.3f} vs "
+             f"majority {last['majority_acc']:.3f}" if "mim_acc" in last else "no training metrics logged")
+    logger.info(f"finished: {state.step} steps, {state.epoch + 1} epoch(s), {summary['train_seconds']:.0f} s "
+                f"training; {train}; held-out: "
+                + (f"{summary['val/mim_acc']:.4f}" if "val/mim_acc" in summary else "none")
+                + f"  ->  {out}/final_metrics.json, {out}/pretrained.safetensors")
     accelerator.end_training()
     return summary
 

@@ -8,7 +8,7 @@ the rest, so validation crops never overlap a training crop.
 ``digits``: scikit-learn's 1,797 real hand-written digits (8x8 grey) upscaled to 32x32 RGB PNG,
 label in ``cls``, with a fixed stratified 20 % held-out split in ``test-*.tar``.
 
-Usage: ``python -m beit.data.samples --out DIR --kind photos|digits|all``
+Usage: ``beit samples --out DIR --kind photos|digits|all`` (or ``python -m beit.data.samples``)
 (``all`` writes DIR/photos and DIR/digits).
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from beit.data.shard_writer import Item, WriteOptions, write_shards
+from beit.config import DefaultsHelpFormatter
 
 # skimage.data entries that are real photographs / micrographs / textures and ship with the wheel.
 # (cat is chelsea again, horse/logo/checkerboard/... are synthetic, several others need a download.)
@@ -138,9 +139,10 @@ def build_sample_shards(out_dir: str | Path, kind: str, *, progress: bool = Fals
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--kind", default="all", choices=["photos", "digits", "all"])
+    p.add_argument("--kind", default="all", choices=["photos", "digits", "all"],
+                   help="photos (train/val crops, unlabelled), digits (train/test, labelled) or all (both, in sub-folders)")
     args = p.parse_args(argv)
     kinds = ["photos", "digits"] if args.kind == "all" else [args.kind]
     for kind in kinds:

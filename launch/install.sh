@@ -1,22 +1,52 @@
 #!/usr/bin/env bash
-# Create (or reuse) the virtual environment .venv and install the project into it.
-# torch and torchvision must come as a matched pair (a CPU-only torch beside PyPI's torchvision
-# fails to import), so the pair is installed first, then the project in editable mode.
+# Install this project into a Python environment, reusing a working torch/torchvision pair.
+#
+# Which environment (the first that applies):
+#   VENV=path         that virtual environment (created if missing)
+#   an active one     $VIRTUAL_ENV or $CONDA_PREFIX, if its torch + torchvision import and work
+#   ./.venv           created once and reused; when the system python already has a working
+#                     torch + torchvision it is created with --system-site-packages to reuse them
+# torch and torchvision must come as a matched pair (a CPU-only torch beside PyPI's torchvision fails
+# to import), so only when no working pair is found is one installed, before the project
+# (`pip install -e ".[dev]"`, which keeps the torch it finds). The python it chose is written to
+# .beit_python for launch/demo.sh and launch/test.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-  "$VENV/bin/pip" install -q --upgrade pip
+works() { "$1" -c "import torch, torchvision; torchvision.ops.nms" >/dev/null 2>&1; }
+describe() { "$1" -c "import torch, torchvision; print(f'torch {torch.__version__}, torchvision {torchvision.__version__}')"; }
+
+if [ -n "${VENV:-}" ]; then
+  ENV_PY="$VENV/bin/python"
+  if [ ! -x "$ENV_PY" ]; then echo "creating the virtual environment $VENV"; "$PY" -m venv "$VENV"; fi
+elif [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] && works "${VIRTUAL_ENV:-$CONDA_PREFIX}/bin/python"; then
+  ENV_PY="${VIRTUAL_ENV:-$CONDA_PREFIX}/bin/python"
+  echo "using the active environment ${VIRTUAL_ENV:-$CONDA_PREFIX}"
+else
+  ENV_PY=".venv/bin/python"
+  if [ ! -x "$ENV_PY" ]; then
+    if works "$PY"; then
+      echo "creating .venv on top of $("$PY" -c 'import sys; print(sys.executable)') ($(describe "$PY"): reused)"
+      "$PY" -m venv --system-site-packages .venv
+    else
+      echo "creating .venv"
+      "$PY" -m venv .venv
+    fi
+    .venv/bin/python -m pip install -q --upgrade pip
+  fi
 fi
-if ! "$VENV/bin/python" -c "import torch, torchvision; torchvision.ops.nms" >/dev/null 2>&1; then
+
+if works "$ENV_PY"; then
+  echo "reusing $(describe "$ENV_PY") found in $("$ENV_PY" -c 'import sys; print(sys.prefix)')"
+else
   case "$(uname -m)" in
-    aarch64|arm64) PAIR="torch==2.9.1 torchvision==0.24.1" ;;
-    *)             PAIR="torch==2.14.1 torchvision==0.29.1" ;;
+    aarch64|arm64) PAIR="torch==2.9.1 torchvision==0.24.1"; SIZE="the platform's wheels" ;;
+    *)             PAIR="torch==2.14.1 torchvision==0.29.1"; SIZE="5.2 GB installed with its CUDA libraries, measured on x86_64 Linux; it also runs on CPU" ;;
   esac
-  echo "installing $PAIR into $VENV"
-  "$VENV/bin/pip" install -q $PAIR
+  echo "no working torch + torchvision found: installing $PAIR ($SIZE)"
+  "$ENV_PY" -m pip install -q $PAIR
 fi
-"$VENV/bin/pip" install -q -e ".[dev]"
-echo "environment ready: $VENV"
+echo "installing this project and its remaining dependencies (timm, webdataset, accelerate, scikit-learn, ...; about 1 GB in a fresh environment)"
+"$ENV_PY" -m pip install -q -e ".[dev]"
+"$ENV_PY" -c "import sys; print(sys.executable)" > .beit_python
+echo "environment ready: $("$ENV_PY" -c 'import sys; print(sys.prefix)') ($(describe "$ENV_PY"); the beit command is $(dirname "$ENV_PY")/beit)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install into .venv (reused if present) and run the whole test suite.
+# Install (launch/install.sh: .venv, or VENV=..., or the active environment with a working torch) and
+# run the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh
-exec .venv/bin/python -m pytest -q "$@"
+exec "$(cat .beit_python)" -m pytest -q "$@"

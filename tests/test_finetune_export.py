@@ -16,7 +16,7 @@ DIMS = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
 
 
 def cfg(**kw):
-    base = dict(model="beit", img_size=32, patch_size=8, in_chans=3, init_values=0.1, num_classes=10,
+    base = dict(model="beit", image_size=32, patch_size=8, in_chans=3, init_values=0.1, num_classes=10,
                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bicubic", crop_pct=0.875)
     return SimpleNamespace(**{**base, **kw})
 

@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 from beit.finetune import FinetuneConfig, main, run_finetune
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
+TINY_CFG = {("image_size" if k == "img_size" else k): v for k, v in TINY.items()}  # the config spells it image_size
 FAST = dict(epochs=2, batches_per_epoch=3, batch_size=16, num_workers=0, lr=1e-3, warmup_epochs=0.5,
             auto_augment="rand-m5-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, hflip=0.0,
             tensorboard=False, log_every=1, crop_pct=1.0)
@@ -45,7 +46,7 @@ def pretrained(tmp_path_factory):
 
 def cfg(digits, out, **kw):
     shards = dict(train_shards=str(digits / "train-*.tar"), val_shards=str(digits / "test-*.tar"))
-    return FinetuneConfig(output_dir=str(out), **{**shards, **TINY, **FAST, **kw})
+    return FinetuneConfig(output_dir=str(out), **{**shards, **TINY_CFG, **FAST, **kw})
 
 
 def read_jsonl(path):

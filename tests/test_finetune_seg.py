@@ -19,6 +19,7 @@ from beit.seg_data import IGNORE, SegEvalMap, SegTrainMap, decode_labels
 from beit.modeling.segmenter import BeitSegmenter, SegLoss, feature_blocks, load_seg_model, seg_layer_decay_groups
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
+TINY_CFG = {("image_size" if k == "img_size" else k): v for k, v in TINY.items()}  # the config spells it image_size
 
 
 def png(labels: np.ndarray) -> bytes:
@@ -134,7 +135,7 @@ def seg_cfg(root, out, **kw):
     base = dict(task="segmentation", train_shards=str(root / "train" / "train-*.tar"),
                 val_shards=str(root / "val" / "val-*.tar"), num_classes=4, seg_channels=16, epochs=2,
                 batch_size=8, batches_per_epoch=4, num_workers=0, lr=2e-3, warmup_epochs=0.5, layer_decay=0.9,
-                tensorboard=False, log_every=1, drop_path=0.0, **TINY)
+                tensorboard=False, log_every=1, drop_path=0.0, **TINY_CFG)
     base.update(kw)
     return FinetuneConfig(output_dir=str(out), **base)
 

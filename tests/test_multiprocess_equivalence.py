@@ -83,7 +83,7 @@ def test_segmentation_on_two_processes(tmp_path):
     out = tmp_path / "run"
     args = ["--task", "segmentation", "--train_shards", str(root / "train" / "train-*.tar"),
             "--val_shards", str(root / "val" / "val-*.tar"), "--num_classes", "4", "--seg_channels", "16",
-            "--img_size", "32", "--patch_size", "8", "--embed_dim", "32", "--depth", "4", "--num_heads", "2",
+            "--image_size", "32", "--patch_size", "8", "--embed_dim", "32", "--depth", "4", "--num_heads", "2",
             "--epochs", "1", "--warmup_epochs", "0.5", "--batches_per_epoch", "4", "--batch_size", "4", "--num_workers", "0",
             "--tensorboard", "false", "--log_every", "1", "--output_dir", str(out)]
     run(FINETUNE, args, 2, tmp_path / "logs")

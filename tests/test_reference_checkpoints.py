@@ -17,7 +17,7 @@ TOL = 1e-4
 
 def init_model(init, num_classes=5, **kw):
     logs = []
-    cfg = FinetuneConfig(init=str(init), num_classes=num_classes, img_size=32, patch_size=8, drop_path=0.0,
+    cfg = FinetuneConfig(init=str(init), num_classes=num_classes, image_size=32, patch_size=8, drop_path=0.0,
                          head_init_scale=1.0, **kw)
     model = build_model(cfg, num_classes, log=logs.append).eval()
     return model, "\n".join(logs)

@@ -50,7 +50,7 @@ def test_finetune_init_refuses_code_pickles(tmp_path):
     path, marker = evil(tmp_path)
     shards = good_shards(tmp_path / "shards", 1, 4, label=True)[0]
     r = run("beit.finetune", "--init", path, "--train_shards", shards, "--val_shards", shards, "--num_classes", 3,
-            "--output_dir", tmp_path / "ft", "--img_size", 32, "--patch_size", 8)
+            "--output_dir", tmp_path / "ft", "--image_size", 32, "--patch_size", 8)
     assert r.returncode == 2 and "--trust_pickle true" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not marker.exists()
     from beit.runtime.checkpoint_loading import read_checkpoint

@@ -1,5 +1,6 @@
 """Train a tokenizer on your own shards.
 
+    beit tokenizer train kmeans --data my_photos/ --out runs/tok/kmeans        # a folder of images (cached shards)
     python -m beit.tokenizers.train kmeans --shards 'data/train-*.tar' --out runs/tok/kmeans [--vocab_size 1024 ...]
     python -m beit.tokenizers.train dvae   --shards 'data/train-*.tar' --output_dir runs/dvae [--steps 3000 ...]
     accelerate launch -m beit.tokenizers.train dvae ...        (several GPUs)
@@ -43,6 +44,11 @@ def check_grid(kind: str, input_size: int, factor: int, model_grid: int, factor_
 @dataclass
 class KMeansTrainConfig:
     shards: str = field("", help="training shards: path, brace pattern, glob or folder")
+    data: str = field("", help="a folder of images instead of --shards: written once into cached shards (see "
+                               "beit.data.folder_cache) and reused while it is unchanged")
+    data_cache: str = field("", help="folder for the shards written from --data (default: $BEIT_CACHE or "
+                                     "~/.cache/beit/shards)")
+
     out: str = field("runs/tokenizer/kmeans", help="output stem: writes OUT.safetensors + OUT.json")
     vocab_size: int = field(1024, help="number of visual words (codes)")
     patch_size: int = field(8, help="patch side in px of the tokenizer view (one token per patch)")
@@ -63,8 +69,10 @@ class KMeansTrainConfig:
     max_bad_fraction: float = field(0.01, help="stop if more than this fraction of samples is undecodable")
 
     def validate(self) -> None:
-        if not self.shards:
-            raise ValueError("--shards is required (e.g. 'data/photos/train-*.tar')")
+        if not self.shards and not self.data:
+            raise ValueError("no training data: pass --data <folder of images> or --shards 'data/photos/train-*.tar'")
+        if self.shards and self.data:
+            raise ValueError("--data and --shards both name the training data: give one")
         check_grid("kmeans", self.input_size, self.patch_size, self.model_grid, "patch_size")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError("crop_scale_min must be in (0, 1]")
@@ -73,6 +81,11 @@ class KMeansTrainConfig:
 @dataclass
 class DVAETrainConfig:
     shards: str = field("", help="training shards: path, brace pattern, glob or folder")
+    data: str = field("", help="a folder of images instead of --shards: written once into cached shards (see "
+                               "beit.data.folder_cache) and reused while it is unchanged")
+    data_cache: str = field("", help="folder for the shards written from --data (default: $BEIT_CACHE or "
+                                     "~/.cache/beit/shards)")
+
     output_dir: str = field("runs/dvae", help="checkpoints, metrics.jsonl, config.yaml and the final dvae.safetensors/.json")
     vocab_size: int = field(512, help="codebook size")
     hidden: int = field(64, help="conv channels")
@@ -103,8 +116,10 @@ class DVAETrainConfig:
     progress: bool = field(True, help="tqdm progress bar on rank 0")
 
     def validate(self) -> None:
-        if not self.shards:
-            raise ValueError("--shards is required (e.g. 'data/photos/train-*.tar')")
+        if not self.shards and not self.data:
+            raise ValueError("no training data: pass --data <folder of images> or --shards 'data/photos/train-*.tar'")
+        if self.shards and self.data:
+            raise ValueError("--data and --shards both name the training data: give one")
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise ValueError(f"downsample must be a power of two, got {self.downsample}")
         check_grid("dvae", self.input_size, self.downsample, self.model_grid, "downsample")
@@ -266,6 +281,15 @@ def main(argv=None) -> int:
         return 0 if asked else 2
     cls, fn = COMMANDS[argv[0]]
     cfg = parse_config(cls, argv[1:], description=__doc__)
+    if cfg.data:
+        import dataclasses
+        import os
+
+        from beit.data.folder_cache import folder_shards
+        say = (lambda m: print(m, flush=True)) if os.environ.get("RANK", "0") == "0" else (lambda m: None)
+        found = folder_shards(cfg.data, labelled=False, cache=cfg.data_cache, log=say)
+        say(f"--data {cfg.data}: {found.describe()}")
+        cfg = dataclasses.replace(cfg, shards=found.train)
     fn(cfg)
     return 0
 

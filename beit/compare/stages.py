@@ -105,7 +105,7 @@ def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_ar
     from beit.finetune import FinetuneConfig, run_finetune
     from beit.runtime.run_logging import read_metrics
 
-    dims = {"img_size": model["image_size"], **{k: model[k] for k in ("patch_size", "embed_dim", "depth", "num_heads")}}
+    dims = {"image_size": model["image_size"], **{k: model[k] for k in ("patch_size", "embed_dim", "depth", "num_heads")}}
     kw = dict(train_shards=train, val_shards=test, output_dir=str(out), seed=seed, init=init, model="beit",
               resume=False, **dims, **recipe_args)
 

@@ -48,11 +48,11 @@ def build_model(cfg: FinetuneConfig, num_classes: int, log=print):
     if cfg.task == "segmentation":
         return build_seg_model(cfg, num_classes, log)
     if cfg.model != "beit":
-        return build_timm_model(cfg.model, num_classes, weights=cfg.init or None, img_size=cfg.img_size,
+        return build_timm_model(cfg.model, num_classes, weights=cfg.init or None, img_size=cfg.image_size,
                                 in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path)
     ckpt = _read_init(cfg)
     model = build_beit_classifier(
-        num_classes, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+        num_classes, img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
         drop_path_rate=0.0 if cfg.linear_probe else cfg.drop_path, head_init_scale=cfg.head_init_scale,
         **beit_arch(cfg, ckpt, log))
     if ckpt is not None:
@@ -64,11 +64,11 @@ def build_model(cfg: FinetuneConfig, num_classes: int, log=print):
 
 def build_seg_model(cfg: FinetuneConfig, num_classes: int, log=print):
     """BEiT encoder + pyramid + UperNet/aux heads; --init's weights go into the encoder (rel-pos tables
-    and patch embedding resized to --img_size / --patch_size as for classification)."""
+    and patch embedding resized to --image_size / --patch_size as for classification)."""
     from beit.runtime.checkpoint_loading import load_beit_weights
     from beit.modeling.segmenter import BeitSegmenter
     ckpt = _read_init(cfg)
-    model = BeitSegmenter(num_classes, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
+    model = BeitSegmenter(num_classes, img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                           drop_path_rate=cfg.drop_path, channels=cfg.seg_channels,
                           aux_channels=max(1, cfg.seg_channels // 2), **beit_arch(cfg, ckpt, log))
     if ckpt is not None:

@@ -166,7 +166,7 @@ def export_seg_model(model: BeitSegmenter, path, cfg, metrics: dict | None = Non
     from beit.runtime.checkpointing import save_weights
     config = {"architecture": "beit.modeling.segmenter.BeitSegmenter", "model_kwargs": seg_model_kwargs(model),
               "mean": list(cfg.mean), "std": list(cfg.std), "reduce_zero_label": cfg.reduce_zero_label,
-              "eval": f"short side rescaled to {cfg.img_size}, sliding {cfg.img_size} px windows",
+              "eval": f"short side rescaled to {cfg.image_size}, sliding {cfg.image_size} px windows",
               "metrics": metrics or {}}
     return save_weights(model.state_dict(), path, config)
 

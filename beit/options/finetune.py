@@ -6,26 +6,36 @@ from pathlib import Path
 
 from beit.config import field
 from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
+from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions
 
 POSITIONS = ("relative", "absolute", "both", "none")
 
 
 @dataclasses.dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
+    """Shared sections (beit.options.common) first, then fine-tuning's own options."""
     RECIPE_PREFIX = "finetune_"
+    DEPRECATED = {"img_size": "image_size"}  # the name pretraining and the other stages use
+    # the shared options with fine-tuning's defaults (BEiT-B on ImageNet-1k)
+    val_fraction: float = field(0.2, help="with --data: hold out this fraction of the images per class (seeded) "
+                                          "for top-1 and the confusion matrix, unless --val_data or --val_shards "
+                                          "names held-out data; 0: none")
+    lr: float = field(4e-3)
+    output_dir: str = field("runs/finetune")
+    log_every: int = field(10)
 
     task: str = field("classification", help="classification | segmentation (image + seg.png shards, UperNet head, "
-                                             "mIoU; --img_size is the crop)")
+                                             "mIoU; --image_size is the crop)")
     # data
     train_shards: str = field("", help="training shards: path, brace pattern or comma list of WebDataset tars")
-    val_shards: str = field("", help="held-out shards (never trained on) for top-1/top-5 and the confusion matrix")
+    val_shards: str = field("", help="held-out shards (never trained on) for top-1/top-5 and the confusion matrix "
+                                     "(empty: no held-out evaluation; the final summary has the training loss)")
     num_classes: int = field(0, help="number of classes; 0 = from the label_map in the shards' manifest.json")
-    img_size: int = field(224, help="input resolution (rel-pos tables/patch embed are resized to it on load)")
+    val_data: str = field("", help="held-out class folders (the same class names as --data), instead of "
+                                   "--val_fraction")
+    image_size: int = field(224, help="input resolution (rel-pos tables/patch embed are resized to it on load; "
+                                      "--img_size is its old name)")
     in_chans: int = field(3, help="input channels (images are decoded as RGB)")
-    num_workers: int = field(2, help="data loader workers per process (fewer when the shards do not allow that "
-                             "many: the log says so)")
-    resampled: bool = field(False, help="draw shards with replacement (per process and worker, seeded) instead of one pass "
-                              "over disjoint shards; for fewer shards than processes, or endless streams")
     mean: tuple[float, float, float] = field((0.485, 0.456, 0.406), help="normalisation mean (as in pretraining)")
     std: tuple[float, float, float] = field((0.229, 0.224, 0.225), help="normalisation std (as in pretraining)")
     # model
@@ -53,18 +63,7 @@ class FinetuneConfig:
     linear_probe: bool = field(False, help="freeze the encoder; train a linear head on pooled block features")
     probe_block: int = field(0, help="linear probe: features after this block (1-based; 0 = last)")
     # optimisation
-    epochs: int = field(100, help="training epochs")
-    batches_per_epoch: int = field(0, help="optimizer micro-batches per epoch per process (0 = one pass over the shards)")
-    batch_size: int = field(64, help="per-process batch size")
-    grad_accum_steps: int = field(1, help="micro-batches per optimizer step (ignored when global_batch_size is set)")
-    global_batch_size: int = field(0, help="images per optimizer step over all processes; sets grad_accum_steps = "
-                                   "global / (batch_size x processes) so the recipe holds for any process count")
-    lr: float = field(4e-3, help="peak learning rate (layer scales multiply it)")
-    min_lr: float = field(1e-6, help="final learning rate of the cosine")
-    warmup_epochs: float = field(5.0, help="linear warmup length in epochs")
-    weight_decay: float = field(0.05, help="AdamW weight decay (none on 1-d params, tokens, rel-pos tables)")
     layer_decay: float = field(0.65, help="layer-wise lr decay: scale = layer_decay ** (L + 1 - layer_id)")
-    clip_grad: float = field(0.0, help="gradient norm clip (0 = off)")
     label_smoothing: float = field(0.1, help="label smoothing")
     mixup: float = field(0.8, help="mixup alpha (0 = off)")
     cutmix: float = field(1.0, help="cutmix alpha (0 = off)")
@@ -82,21 +81,10 @@ class FinetuneConfig:
     model_ema: bool = field(False, help="keep an EMA of the weights (evaluated too)")
     model_ema_decay: float = field(0.9999, help="EMA decay per optimizer step")
     # run
-    output_dir: str = field("output/finetune", help="run folder: config, metrics, checkpoints, results")
-    seed: int = field(0, help="seed for init, data order, augmentation")
-    mixed_precision: str = field("no", help="no | bf16 | fp16 (fp32 on CPU)")
     eval_every: int = field(1, help="evaluate every N epochs (and always at the end)")
     save_every: int = field(1, help="checkpoint every N epochs (0 = only at the end)")
-    keep_last: int = field(2, help="checkpoints to keep")
-    log_every: int = field(10, help="log train metrics every N optimizer steps")
-    tensorboard: bool = field(True, help="also log to TensorBoard when installed")
     resume: bool = field(True, help="resume from the newest complete checkpoint in output_dir")
-    max_bad_fraction: float = field(0.01, help="stop when more than this fraction of samples fail to decode")
     # scaling out (see launch/accelerate/ and the README's "Scaling out")
-    data_order: str = field("shards", help="shards: disjoint shards per process (scalable default); global: every "
-                                           "process reads one seeded stream and keeps its slice, so any process "
-                                           "count sees the same global batches (exact 1-vs-N equivalence)")
-    dist_timeout_s: int = field(1800, help="seconds a collective may wait for a hung process before the job fails")
     grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
     # semantic segmentation (--task segmentation; mixup/cutmix/RandAugment/label smoothing are classification only)
     reduce_zero_label: bool = field(True, help="segmentation: label 0 is 'other' (ignored), v -> v-1 (ADE20K)")
@@ -121,9 +109,14 @@ class FinetuneConfig:
                 raise ValueError(f"need 0 < --seg_scale_min <= --seg_scale_max, got {self.seg_scale_min}, {self.seg_scale_max}")
             if self.model_ema:
                 raise ValueError("--model_ema is for classification (its BatchNorm statistics are not averaged)")
-        if not self.train_shards or not self.val_shards:
-            raise ValueError("--train_shards and --val_shards are both required (the held-out split is never "
-                             "trained on); write them with `python -m beit.data.shards` from your class folders")
+        if not self.train_shards and not self.data:
+            raise ValueError("no training data: pass --data <folder with one sub-folder per class> or --train_shards "
+                             "(labelled shards from `beit shards write --layout imagenet`)")
+        self.check_data(bool(self.train_shards), "train_shards")
+        if self.val_data and not self.data:
+            raise ValueError("--val_data goes with --data (class folders); with shards pass --val_shards")
+        if self.val_data and self.val_shards:
+            raise ValueError("--val_data and --val_shards both name the held-out data: give one")
         if self.batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1:
             raise ValueError("batch_size, grad_accum_steps and epochs must be >= 1")
         if self.task == "classification" and (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0 \
@@ -135,15 +128,9 @@ class FinetuneConfig:
             raise ValueError("--linear_probe is for BEiT encoders (--model beit)")
         if self.probe_block < 0:
             raise ValueError(f"--probe_block must be >= 0 (0 = last block), got {self.probe_block}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
-        from beit.runtime.scaling import check_data_order
-        check_data_order(self.data_order)
+        self.check_precision()
         if self.position and self.position not in POSITIONS:
             raise ValueError(f"--position must be one of {', '.join(POSITIONS)} (or empty), got {self.position!r}")
-        if self.resampled and self.data_order == "global":
-            raise ValueError("--resampled draws shards at random per process; --data_order global reads one fixed "
-                             "order: choose one")
         if self.init and not Path(self.init).exists():
             raise ValueError(f"--init {self.init} does not exist")
 
@@ -163,5 +150,13 @@ class FinetuneConfig:
         return dims
 
 
-RESUME_KEYS = ("model", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "num_classes",
+RESUME_KEYS = ("model", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "image_size", "num_classes",
                "linear_probe", "probe_block", "init", "epochs")
+
+
+def _img_size(self) -> int:
+    """The old name of ``image_size`` (read-only)."""
+    return self.image_size
+
+
+FinetuneConfig.img_size = property(_img_size)

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from beit.config import field
 from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
-from beit.runtime.scaling import check_data_order
+from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions
 
 # Fields that define the model and its targets: a resumed run must not change them. (The tokenizer's
 # weights are compared by fingerprint, so a tokenizer file may move but not change.)
@@ -15,8 +15,18 @@ REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
+    """Shared sections (beit.options.common) first, then pretraining's own options."""
     RECIPE_PREFIX = "pretrain_"
+    # the shared options with pretraining's defaults (BEiT-B on ImageNet-1k)
+    num_workers: int = field(4)
+    epochs: int = field(800)
+    lr: float = field(1.5e-3)
+    min_lr: float = field(1e-5)
+    warmup_epochs: float = field(10.0)
+    clip_grad: float = field(3.0)
+    output_dir: str = field("runs/pretrain")
+    keep_last: int = field(3)
 
     # data
     data_shards: list[str] = field(default_factory=list, help="training shards: brace patterns / paths (a YAML list, "
@@ -24,16 +34,7 @@ class PretrainConfig:
     val_shards: list[str] = field(default_factory=list, help="held-out shards for the final masked-token evaluation "
                                   "(empty: no evaluation)")
     allow_remote_shards: bool = field(False, help="allow pipe:/http(s) shard specs (they run commands / fetch URLs)")
-    batches_per_epoch: int = field(0, help="batches per rank per epoch (0: from the shards' manifest)")
     shuffle_buffer: int = field(1000, help="samples in the streaming shuffle buffer")
-    num_workers: int = field(4, help="data loader worker processes per rank (fewer when the shards do not allow "
-                             "that many: the log says so)")
-    resampled: bool = field(False, help="draw shards with replacement (per process and worker, seeded) instead of one pass "
-                              "over disjoint shards; for fewer shards than processes, or endless streams")
-    max_bad_fraction: float = field(0.01, help="stop with an error when more than this fraction of samples fails to decode")
-    data_order: str = field("shards", help="shards: disjoint shards per process (scalable default); global: every "
-                            "process reads one seeded stream and keeps its slice, so any process count sees the "
-                            "same global batches (exact 1-vs-N equivalence; N x the read I/O)")
     # augmentation
     image_size: int = field(224, help="encoder input side in px")
     crop_scale_min: float = field(0.08, help="random-resized-crop minimum area fraction (max is 1)")
@@ -50,7 +51,8 @@ class PretrainConfig:
     drop_path: float = field(0.1, help="stochastic depth rate")
     grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
     # tokenizer
-    tokenizer: str = field("dalle", help="visual tokenizer kind: kmeans | dalle | vqkd | dvae")
+    tokenizer: str = field("auto", help="visual tokenizer kind: auto | kmeans | dalle | vqkd | dvae (auto: the kind "
+                                        "saved beside --tokenizer_path, else dalle)")
     tokenizer_path: str | None = field(None, help="saved tokenizer (<name>.safetensors + <name>.json)")
     trust_pickle: bool = field(False, help=TRUST_PICKLE_HELP)
     token_cache: str | None = field(None, help="pre-tokenised training data: a folder written by `python -m "
@@ -65,32 +67,13 @@ class PretrainConfig:
     max_mask_patches: int = field(0, help="largest masking block in patches (0: no limit)")
     min_mask_aspect: float = field(0.3, help="masking block aspect range [a, 1/a]")
     # optimisation
-    batch_size: int = field(64, help="images per process per micro-step")
-    grad_accum_steps: int = field(1, help="micro-steps per optimizer step (ignored when global_batch_size is set)")
-    global_batch_size: int = field(0, help="images per optimizer step over all processes; sets grad_accum_steps = "
-                                   "global / (batch_size * processes) so the recipe holds for any process count")
-    epochs: int = field(800, help="passes over the data (ignored when total_steps > 0)")
     total_steps: int = field(0, help="optimizer steps in total (0: epochs * steps per epoch)")
-    lr: float = field(1.5e-3, help="peak learning rate (for the effective batch; not rescaled)")
-    min_lr: float = field(1e-5, help="final learning rate of the cosine schedule")
-    warmup_epochs: float = field(10.0, help="linear warmup length in epochs")
-    warmup_steps: int = field(-1, help="linear warmup length in optimizer steps (>= 0 overrides warmup_epochs)")
-    weight_decay: float = field(0.05, help="AdamW weight decay (none on biases, norms, tokens, position tables)")
     weight_decay_end: float | None = field(None, help="weight decay at the end of the cosine wd schedule (None: constant)")
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], help="AdamW betas")
     eps: float = field(1e-8, help="AdamW epsilon")
-    clip_grad: float = field(3.0, help="max global gradient norm (0: no clipping)")
     max_nonfinite_steps: int = field(5, help="abort after this many consecutive optimizer steps with a non-finite loss")
-    mixed_precision: str = field("auto", help="auto | no | fp16 | bf16 (auto: the launcher's fp16/bf16 if set, else "
-                                 "bf16 on GPUs that support it, fp16 on other GPUs, no on CPU)")
-    seed: int = field(0, help="seed for weights, data order, augmentation and masks")
-    dist_timeout_s: int = field(1800, help="seconds a collective may wait for a hung process before the job fails")
     # run
-    output_dir: str = field("runs/pretrain", help="run folder: config, checkpoints, metrics, final weights")
     checkpoint_every: int = field(1000, help="save a checkpoint every N optimizer steps (and at the end)")
-    keep_last: int = field(3, help="complete checkpoints to keep (0: all)")
-    log_every: int = field(20, help="log metrics every N optimizer steps")
-    tensorboard: bool = field(True, help="also log to TensorBoard (output_dir/tensorboard)")
     eval_batches: int = field(0, help="held-out batches per rank for the final evaluation (0: all)")
     eval_batch_size: int = field(0, help="held-out batch size (0: batch_size)")
     # health metric: online kNN accuracy of the encoder's features on labelled images
@@ -117,16 +100,14 @@ class PretrainConfig:
             raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise ValueError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
+        self.check_precision()
         if self.lr <= 0 or self.min_lr < 0:
             raise ValueError("lr must be > 0 and min_lr >= 0")
         if self.global_batch_size < 0:
             raise ValueError("global_batch_size must be >= 0")
-        check_data_order(self.data_order)
-        if self.resampled and self.data_order == "global":
-            raise ValueError("--resampled draws shards at random per process; --data_order global reads one fixed "
-                             "order: choose one")
+        self.check_data(bool(self.data_shards) or bool(self.token_cache), "data_shards")
+        if self.val_fraction and not self.data:
+            raise ValueError("--val_fraction splits a --data folder; with shards pass --val_shards")
         if self.dist_timeout_s < 1:
             raise ValueError(f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
         if bool(self.knn_train_shards) != bool(self.knn_val_shards):
@@ -134,8 +115,9 @@ class PretrainConfig:
                              "set both or neither")
         if self.knn_every < 0 or self.knn_k < 1:
             raise ValueError(f"knn_every must be >= 0 and knn_k >= 1, got {self.knn_every}, {self.knn_k}")
-        if not self.data_shards and not self.token_cache:
-            raise ValueError("no training data: set data_shards (e.g. --data_shards '/data/train-{000000..000099}.tar')")
+        if not self.data_shards and not self.token_cache and not self.data:
+            raise ValueError("no training data: pass --data <folder of images> or --data_shards "
+                             "'/data/train-{000000..000099}.tar'")
 
     @property
     def grid(self) -> tuple[int, int]:

@@ -53,6 +53,7 @@ class RunLogger:
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = Path(output_dir) / METRICS_FILE
+        self.last_logged: dict = {}  # the newest record with training metrics, for the final summary
         if self.main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._truncate_after(resume_step if resume_step is not None else 0)
@@ -77,21 +78,55 @@ class RunLogger:
             return
         rec = {"step": step, "time": round(time.time(), 3)}
         rec.update({k: _plain(v) for k, v in metrics.items()})
+        if "loss" in rec:
+            self.last_logged = rec
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         numeric = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         if self.accelerator.trackers:
             self.accelerator.log(numeric, step=step)
 
-    def progress(self, total: int, initial: int = 0, desc: str = "pretrain"):
-        """A tqdm bar shown on the main process only."""
-        return tqdm(total=total, initial=initial, desc=desc, disable=not self.main, dynamic_ncols=True,
-                    mininterval=2.0)
+    def progress(self, total: int, initial: int = 0, desc: str = "pretrain", images_per_step: int = 0):
+        """A tqdm bar on the main process only, counting optimizer steps; with ``images_per_step`` it
+        counts images (rate in img/s, ETA) and shows the step in its postfix."""
+        if not images_per_step:
+            return tqdm(total=total, initial=initial, desc=desc, disable=not self.main, dynamic_ncols=True,
+                        mininterval=2.0)
+        return ImageBar(total, initial, desc, images_per_step, disable=not self.main)
 
     def info(self, msg: str) -> None:
         if self.main:
             tqdm.write(msg, file=sys.stdout)
             sys.stdout.flush()
+
+
+class ImageBar:
+    """A step-driven progress bar that shows images: ``update(steps)`` advances by steps x images per
+    step, so tqdm's rate is images/s and its ETA follows; the postfix keeps ``step k/N``."""
+
+    def __init__(self, total_steps: int, initial_steps: int, desc: str, images_per_step: int, disable: bool):
+        self.per_step, self.total, self.step = images_per_step, total_steps, initial_steps
+        self.bar = tqdm(total=total_steps * images_per_step, initial=initial_steps * images_per_step, desc=desc,
+                        unit="img", unit_scale=True, disable=disable, dynamic_ncols=True, mininterval=2.0)
+        self._postfix: dict = {}
+
+    def update(self, steps: int = 1) -> None:
+        self.step += steps
+        self.bar.update(steps * self.per_step)
+        self.set_postfix(refresh=False, **self._postfix)
+
+    def set_postfix(self, refresh: bool = True, **kw) -> None:
+        self._postfix = kw
+        self.bar.set_postfix(step=f"{self.step}/{self.total}", refresh=refresh, **kw)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

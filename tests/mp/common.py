@@ -71,7 +71,7 @@ def finetune_args(out: Path, batch_size: int, **over) -> list[str]:
     drop path 0; RandAugment and random erasing stay on (seeded per sample); activation checkpointing
     on (under DDP too)."""
     a = assets()
-    cfg = dict(train_shards=a["digits_train"], val_shards=a["digits_test"], img_size=32, patch_size=8, embed_dim=32,
+    cfg = dict(train_shards=a["digits_train"], val_shards=a["digits_test"], image_size=32, patch_size=8, embed_dim=32,
                depth=2, num_heads=2, epochs=1, batches_per_epoch=8, batch_size=batch_size, global_batch_size=16,
                num_workers=0, mixup=0, cutmix=0, drop_path=0, tensorboard=False, log_every=1, data_order="global",
                grad_checkpointing=True,
