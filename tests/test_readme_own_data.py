@@ -50,6 +50,7 @@ def write_folders(root: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # three processes with their imports; about 4-6 min on a busy 2-core machine
 def test_readme_own_data_commands_run_verbatim(tmp_path):
     import timm
     import torch
@@ -60,7 +61,7 @@ def test_readme_own_data_commands_run_verbatim(tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                BEIT_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
-                       text=True, timeout=900)
+                       text=True, timeout=1700)
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-5000:]
     # the start-up summaries say what was found and what an epoch covers; the final summaries are there
