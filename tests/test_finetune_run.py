@@ -118,7 +118,7 @@ def test_timm_baseline_with_one_flag(digits, tmp_path):
 
 @pytest.mark.parametrize("flags, msg", [
     (["--task", "segmentation"], "segmentation needs --num_classes"),
-    (["--task", "classification"], "--train_shards and --val_shards are both required"),
+    (["--task", "classification"], "no training data: pass --data"),
     (["--train_shards", "a", "--val_shards", "b", "--batch_size", "7"], "even --batch_size"),
     (["--train_shards", "a", "--val_shards", "b", "--init", "/nonexistent.pth"], "does not exist"),
     (["--train_shards", "a", "--val_shards", "b", "--linear_probe", "true", "--model", "mobilevit_s"],
