@@ -151,6 +151,7 @@ def train_kmeans(cfg: KMeansTrainConfig):
         loader.set_epoch(next(epochs))
         return (b["images"] for b in loader)
 
+    print(f"[kmeans] training data: {loader.describe()}" + "".join(f"\n[kmeans] note: {n}" for n in loader.notes))
     t0 = time.time()
     tok = KMeansTokenizer.fit(one_epoch, epochs=cfg.epochs, seed=cfg.seed, init_patches=cfg.init_patches,
                               batches_per_epoch=len(loader), vocab_size=cfg.vocab_size,
@@ -195,6 +196,8 @@ def train_dvae(cfg: DVAETrainConfig):
     loader = build_view_loader(cfg.shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
                                cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
                                num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction)
+    if acc.is_main_process:
+        print(f"[dvae] training data: {loader.describe()}" + "".join(f"\n[dvae] note: {n}" for n in loader.notes))
     model = DiscreteVAE(cfg.vocab_size, cfg.hidden, cfg.downsample)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
