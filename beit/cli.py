@@ -43,6 +43,8 @@ EXAMPLES: dict[str, str] = {
     "export": "beit export --run_dir runs/mine/finetune --out exported/model.safetensors",
     "samples": "beit samples --out data_samples --kind all",
     "demo": "beit demo",
+    "compare": "beit compare --train_shards 'shards/mine/train-*.tar' --test_shards 'shards/mine/test-*.tar' "
+               "--seeds 0,1,2 --output_dir runs/compare",
 }
 
 
