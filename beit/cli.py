@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("beit.finetune", "fine-tune a pretrained encoder (classification or segmentation)"),
     "compare": ("beit.compare.run", "does pretraining pay off here? BEiT vs scratch vs simple baselines, over seeds"),
     "export": ("beit.export", "export a fine-tuned run as timm-loadable weights"),
+    "viz": ("beit.viz.main", "pictures of a run (masks, tokens, reconstructions, attention, curves) + index.html"),
     "samples": ("beit.data.samples", "write shards of the built-in real sample sets (offline)"),
 }
 

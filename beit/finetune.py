@@ -91,7 +91,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from beit.export import export_model
     from beit.finetune_data import build_loaders, check_shards, infer_num_classes
     from beit.runtime.run_logging import data_error_metrics
-    from beit.runtime.run_logging import RunLogger, resolve_trackers
+    from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger, resolve_trackers
     from beit.runtime.scaling import accelerator_kwargs_handlers, describe_scaling, grad_accum_for, refuse_under_fsdp
 
     out = Path(cfg.output_dir)
@@ -157,7 +157,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             train_loader.load_state_dict(rank_state["loader"])
         logger.info(f"resumed from {latest} (epoch {start_epoch}, step {step})")
     if trackers:
-        accelerator.init_trackers("finetune")
+        accelerator.init_trackers(TENSORBOARD_RUN, config={k: v for k, v in to_dict(cfg).items()
+                                                           if isinstance(v, (int, float, str, bool))})
     eff_batch = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(f"fine-tune {cfg.model}{' linear probe' if cfg.linear_probe else ''}: {num_classes} classes, "

@@ -23,7 +23,7 @@ from beit.config import load_yaml, parse_config, save_config, to_dict
 from beit.options.pretrain import RESUME_KEYS, PretrainConfig
 from beit.engines.pretrain import MimMeter, TrainState, evaluate_mim, train_one_epoch
 from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
-from beit.runtime.run_logging import RunLogger, data_error_metrics, resolve_trackers
+from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger, data_error_metrics, resolve_trackers
 from beit.runtime.scaling import accelerator_kwargs_handlers, refuse_under_fsdp
 
 def resolve_mixed_precision(choice: str) -> str | None:
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
         resumed_from = latest
     logger = RunLogger(accelerator, out, resume_step=state.step if resumed_from else None)
     if trackers:
-        accelerator.init_trackers("tensorboard", config={k: v for k, v in to_dict(cfg).items()
+        accelerator.init_trackers(TENSORBOARD_RUN, config={k: v for k, v in to_dict(cfg).items()
                                                          if isinstance(v, (int, float, str, bool))})
 
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
@@ -365,13 +365,17 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     meter = MimMeter(vocab_size, accelerator.device)
     if health is not None and state.step == 0:
         health(accelerator.unwrap_model(model), 0)  # the random encoder: what the metric must rise above
+    pictures = None
+    if trackers and cfg.log_images_every:
+        from beit.runtime.train_pictures import TrainingPictures
+        pictures = TrainingPictures(logger, tokenizer, cfg.log_images_every, vocab_size=vocab_size)
     t_start, time_before = time.time(), state.train_seconds
     with logger.progress(total_steps, initial=state.step) as bar:
         while state.step < total_steps:
             loader.set_epoch(state.epoch)
             train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, state,
                             total_steps=total_steps, clip_grad=cfg.clip_grad, max_nonfinite_in_a_row=cfg.max_nonfinite_steps, log_every=cfg.log_every, logger=logger,
-                            after_step=after_step, progress=bar, meter=meter,
+                            after_step=after_step, progress=bar, meter=meter, pictures=pictures,
                             data_stats=lambda: data_error_metrics(loader, accelerator))
             if state.step < total_steps:
                 state.epoch += 1

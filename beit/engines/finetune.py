@@ -49,8 +49,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
             window.append(loss.detach().float())
             if accelerator.sync_gradients:
                 lr, wd = schedule.step()
-                if finite and clip_grad > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+                grad_norm = float("nan")
+                if finite:  # the norm is logged as in pretraining (train/grad_norm); clipped only if asked
+                    norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad if clip_grad > 0 else float("inf"))
+                    grad_norm = float(norm) if norm is not None else float("nan")
                 if finite:
                     optimizer.step()
                 else:
@@ -69,7 +71,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
                     progress.update(1)
                     progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
                 if on_step is not None:
-                    on_step(step, {"epoch": epoch, "step": step, "loss": value, "lr": lr, "wd": wd})
+                    on_step(step, {"epoch": epoch, "step": step, "loss": value, "lr": lr, "wd": wd,
+                                   "grad_norm": grad_norm})
     return step, {"train_loss": sums["loss"] / max(1, sums["n"]), "skipped_steps": sums["skipped"]}
 
 

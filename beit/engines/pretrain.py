@@ -111,13 +111,16 @@ def all_ranks_finite(loss: torch.Tensor, accelerator) -> bool:
 
 def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, state: TrainState, *,
                     total_steps: int, clip_grad: float, max_nonfinite_in_a_row: int, log_every: int,
-                    logger, after_step=None, progress=None, data_stats=None, meter: MimMeter | None = None) -> None:
+                    logger, after_step=None, progress=None, data_stats=None, meter: MimMeter | None = None,
+                    pictures=None) -> None:
     """Run the rest of epoch ``state.epoch`` (or until ``total_steps`` optimizer steps are done).
 
     ``tokenizer`` may be None when the batches carry their tokens (a token cache).
     ``after_step(state)`` is called on every rank after each optimizer step (checkpointing);
     ``data_stats()`` returns this rank's data-error counts to be summed into the logged metrics;
-    pass the same ``meter`` to every epoch so a logging window may span an epoch boundary.
+    pass the same ``meter`` to every epoch so a logging window may span an epoch boundary;
+    ``pictures(step, images, mask, tokens, logits)`` draws the step's last micro-batch when
+    ``pictures.due(step)`` (TensorBoard images, beit.runtime.train_pictures).
     """
     model.train()
     if meter is None:
@@ -129,7 +132,8 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
         if state.step >= total_steps:
             break
         images, mask = batch_to_device(batch, accelerator.device)
-        labels = masked_labels(batch_tokens(batch, tokenizer, accelerator.device), mask)
+        tokens = batch_tokens(batch, tokenizer, accelerator.device)
+        labels = masked_labels(tokens, mask)
         state.samples_seen += images.shape[0]
         with accelerator.accumulate(model):
             if not window_bad:
@@ -170,7 +174,7 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
                 if accelerator.optimizer_step_was_skipped:  # fp16 grad scaler found inf/nan gradients
                     state.scaler_skipped_steps += 1
             optimizer.zero_grad(set_to_none=True)
-            window_bad = False
+            step_ok, window_bad = not window_bad, False
             state.step += 1
             if progress is not None:
                 progress.update(1)
@@ -188,6 +192,8 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
                 if progress is not None and "loss" in metrics:
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['mim_acc']:.3f}",
                                          base=f"{metrics['majority_acc']:.3f}", refresh=False)
+            if pictures is not None and step_ok and pictures.due(state.step):
+                pictures(state.step, images, mask, tokens, logits)
             if after_step is not None:
                 after_step(state)
 

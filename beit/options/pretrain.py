@@ -86,6 +86,8 @@ class PretrainConfig:
     keep_last: int = field(3, help="complete checkpoints to keep (0: all)")
     log_every: int = field(20, help="log metrics every N optimizer steps")
     tensorboard: bool = field(True, help="also log to TensorBoard (output_dir/tensorboard)")
+    log_images_every: int = field(100, help="TensorBoard pictures (masks, predicted tokens, reconstructions) of the "
+                                  "step's batch every N optimizer steps (0: off; needs tensorboard)")
     eval_batches: int = field(0, help="held-out batches per rank for the final evaluation (0: all)")
     eval_batch_size: int = field(0, help="held-out batch size (0: batch_size)")
     # health metric: online kNN accuracy of the encoder's features on labelled images
@@ -101,6 +103,8 @@ class PretrainConfig:
         """Checks that need no files; raises ValueError naming the option."""
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.log_images_every < 0:
+            raise ValueError(f"log_images_every must be >= 0 (0: off), got {self.log_images_every}")
         for name in ("batch_size", "grad_accum_steps", "checkpoint_every", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
