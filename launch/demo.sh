@@ -6,7 +6,8 @@
 #  3. fits the offline k-means visual-word tokenizer on the training shards
 #  4. pretrains a small BEiT for a few minutes (masked-token prediction, checkpoints every 50 steps)
 #  5. fine-tunes the pretrained encoder on the built-in real digits (labelled) and scores the held-out test split
-#  6. prints where everything is, the held-out masked-token accuracy beside the majority baseline, and top-1
+#  6. draws both runs' reports (beit viz: masks, tokens, reconstructions, attention, curves -> RUN_DIR/index.html)
+#  7. prints where everything is, the held-out masked-token accuracy beside the majority baseline, and top-1
 #
 # Re-running skips finished stages; a killed run resumes from its last complete checkpoint.
 # DEMO_DIR (default runs/demo) moves all outputs. Extra arguments go to beit/pretrain.py,
@@ -24,7 +25,7 @@ TOKENIZER="$DEMO_DIR/tokenizer/kmeans"
 PRETRAIN_DIR="$DEMO_DIR/pretrain"
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
-echo "== 1/4 sample shards -> $DATA, $DIGITS"
+echo "== 1/5 sample shards -> $DATA, $DIGITS"
 if [ ! -f "$DATA/manifest.json" ]; then
   "$PY" -m beit.data.samples --out "$DATA" --kind photos
 else
@@ -34,7 +35,7 @@ if [ ! -f "$DIGITS/manifest.json" ]; then
   "$PY" -m beit.data.samples --out "$DIGITS" --kind digits
 fi
 
-echo "== 2/4 k-means tokenizer (256 visual words, 8 px patches of the 64 px view) -> $TOKENIZER"
+echo "== 2/5 k-means tokenizer (256 visual words, 8 px patches of the 64 px view) -> $TOKENIZER"
 if [ ! -f "$TOKENIZER.json" ]; then
   "$PY" -m beit.tokenizers.train kmeans --shards "$DATA/train-*.tar" --val_shards "$DATA/val-*.tar" \
     --out "$TOKENIZER" --vocab_size 256 --patch_size 8 --input_size 64 --model_grid 8 \
@@ -43,7 +44,7 @@ else
   echo "   (reusing existing tokenizer)"
 fi
 
-echo "== 3/4 BEiT pretraining (CPU) -> $PRETRAIN_DIR"
+echo "== 3/5 BEiT pretraining (CPU) -> $PRETRAIN_DIR"
 .venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no \
   beit/pretrain.py --config launch/demo_pretrain.yaml \
   --data_shards "$DATA/train-*.tar" --val_shards "$DATA/val-*.tar" \
@@ -51,9 +52,13 @@ echo "== 3/4 BEiT pretraining (CPU) -> $PRETRAIN_DIR"
 
 PRETRAINED="$PRETRAIN_DIR/pretrained.safetensors"
 
-echo "== 4/4 fine-tuning the pretrained encoder on the real digits (held-out test split) -> $FINETUNE_DIR"
+echo "== 4/5 fine-tuning the pretrained encoder on the real digits (held-out test split) -> $FINETUNE_DIR"
 "$PY" -m beit.finetune --config launch/demo_finetune.yaml --init "$PRETRAINED" \
   --train_shards "$DIGITS/train-*.tar" --val_shards "$DIGITS/test-*.tar" --output_dir "$FINETUNE_DIR"
+
+echo "== 5/5 run reports (beit viz) -> $PRETRAIN_DIR/index.html, $FINETUNE_DIR/index.html"
+.venv/bin/beit viz "$PRETRAIN_DIR" --device cpu --num_images 4 >/dev/null
+.venv/bin/beit viz "$FINETUNE_DIR" --device cpu --num_images 4 >/dev/null
 
 "$PY" - "$PRETRAIN_DIR" "$TOKENIZER" "$FINETUNE_DIR" "$T0" <<'PYEOF'
 import json, sys, time
@@ -68,7 +73,9 @@ print("== BEiT demo finished in %.1f min" % ((time.time() - t0) / 60))
 print(f"   pretrained weights : {m['pretrained']}  (+ pretrained.json: model config)")
 print(f"   last checkpoint    : {find_latest_complete(run)}")
 print(f"   metrics (JSON lines): {run / 'metrics.jsonl'}, {ft / 'metrics.jsonl'}")
-print(f"   TensorBoard        : tensorboard --logdir {run.parent}")
+print(f"   run reports        : {run / 'index.html'}, {ft / 'index.html'}  (open in a browser; "
+      f"`beit viz RUN_DIR` redraws them)")
+print(f"   TensorBoard        : tensorboard --logdir {run.parent}  (scalars of both stages + pretraining pictures)")
 print(f"   run configs        : {run / 'config.yaml'}, {ft / 'config.yaml'}")
 print(f"   tokenizer          : {tok}.safetensors / .json")
 print(f"   fine-tuned model   : {ft / 'model.safetensors'} (timm-loadable), {ft / 'confusion_matrix.png'}")

@@ -35,6 +35,9 @@ def _attention_section(model, forward, images_hwc, grid_hw, cfg, out: Path, dept
     blocks = parse_blocks(cfg.blocks, depth)
     patch = parse_patch(cfg.patch, grid_hw)
     maps = record_attention(model, forward, blocks)
+    if not maps:  # e.g. a linear probe stops before the chosen blocks
+        return Section("Attention", None, f"blocks {cfg.blocks or 'first, middle, last'} did not run in this "
+                       "model's forward pass: choose others with --blocks", note=True)
     path = draw_attention(images_hwc, maps, grid_hw, patch, out / "attention.png")
     return Section("Attention", path, f"Recomputed from each block's qkv weights and relative position bias "
                                       f"(the fused kernel does not expose them), {what}.")
