@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("beit.export", "export a fine-tuned run as timm-loadable weights"),
     "viz": ("beit.viz.main", "pictures of a run (masks, tokens, reconstructions, attention, curves) + index.html"),
     "samples": ("beit.data.samples", "write shards of the built-in real sample sets (offline)"),
+    "bench": ("beit.bench.command", "speed figures beside their peers (train step, tokenizers, end to end, data) as JSON"),
 }
 
 

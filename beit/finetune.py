@@ -92,6 +92,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     from beit.finetune_data import build_loaders, check_shards, infer_num_classes
     from beit.runtime.run_logging import data_error_metrics
     from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger, resolve_trackers
+    from beit.runtime.precision import resolve_mixed_precision
     from beit.runtime.scaling import accelerator_kwargs_handlers, describe_scaling, grad_accum_for, refuse_under_fsdp
 
     out = Path(cfg.output_dir)
@@ -99,7 +100,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg = dataclasses.replace(cfg, grad_accum_steps=grad_accum_for(cfg.global_batch_size, cfg.batch_size, world))
     trackers = resolve_trackers(cfg.tensorboard)
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum_steps,
+    accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+                              gradient_accumulation_steps=cfg.grad_accum_steps,
                               log_with=trackers or None, project_dir=str(out),
                               kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
     refuse_under_fsdp(accelerator.distributed_type, "fine-tuning's evaluation and export",

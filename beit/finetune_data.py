@@ -89,7 +89,8 @@ def build_loaders(cfg, accelerator, num_classes: int):
                                    rank=accelerator.process_index, world_size=accelerator.num_processes,
                                    seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction,
                                    batches_per_epoch=cfg.batches_per_epoch or None,
-                                   small_image_size=cfg.img_size)  # counted as data/upscaled
+                                   small_image_size=cfg.img_size,  # counted as data/upscaled
+                                   pin_memory=accelerator.device.type == "cuda")
     val = heldout_loader(expand_shards(cfg.val_shards), val_map, accelerator, batch_size=val_batch,
                          num_workers=cfg.num_workers, seed=cfg.seed)
     return train, val

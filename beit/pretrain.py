@@ -24,18 +24,8 @@ from beit.options.pretrain import RESUME_KEYS, PretrainConfig
 from beit.engines.pretrain import MimMeter, TrainState, evaluate_mim, train_one_epoch
 from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
 from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger, data_error_metrics, resolve_trackers
+from beit.runtime.precision import resolve_mixed_precision
 from beit.runtime.scaling import accelerator_kwargs_handlers, refuse_under_fsdp
-
-def resolve_mixed_precision(choice: str) -> str | None:
-    """``auto``: the launcher's fp16/bf16 if ``accelerate launch`` set one (its default is "no", which
-    is not taken as a choice), else bf16 on GPUs that support it, fp16 on other GPUs, no on CPU."""
-    if choice != "auto":
-        return choice
-    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() not in ("", "no"):
-        return None
-    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"
 
 
 class MimSample:
@@ -86,6 +76,8 @@ def build_model(cfg: PretrainConfig, vocab_size: int):
     model = create_pretrain_model(None, **model_dims(cfg), **overrides)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.compile:
+        model.compile_blocks()
     return model
 
 
@@ -160,7 +152,8 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer, batches_per_epoch=cfg.batches_per_epoch or None,
         allow_remote=cfg.allow_remote_shards, max_bad_fraction=cfg.max_bad_fraction,
-        small_image_size=cfg.image_size)  # counted as data/upscaled
+        small_image_size=cfg.image_size,  # counted as data/upscaled
+        pin_memory=accelerator.device.type == "cuda")  # page-locked batches: the non_blocking copies overlap
 
 
 def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int, accum: int) -> tuple[int, int, int]:

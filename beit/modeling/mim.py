@@ -146,6 +146,12 @@ class BeitPretrainModel(nn.Module):
         nwd.update(n for n, _ in self.named_parameters() if "relative_position_bias_table" in n)
         return nwd
 
+    def compile_blocks(self, **kw) -> None:
+        """``torch.compile`` every transformer block in place (state-dict keys unchanged). The masked
+        gather and the head stay eager: their shapes depend on the mask."""
+        for blk in self.blocks:
+            blk.compile(**kw)
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block's activations in backward (saves memory, costs ~1/3 more compute)."""

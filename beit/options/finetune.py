@@ -79,7 +79,9 @@ class FinetuneConfig:
     # run
     output_dir: str = field("output/finetune", help="run folder: config, metrics, checkpoints, results")
     seed: int = field(0, help="seed for init, data order, augmentation")
-    mixed_precision: str = field("no", help="no | bf16 | fp16 (fp32 on CPU)")
+    mixed_precision: str = field("auto", help="auto | no | bf16 | fp16 (auto: the launcher's fp16/bf16 if set, "
+                                 "else bf16 on GPUs that support it, fp16 on other GPUs, bf16 on CPUs with AMX or "
+                                 "AVX-512-BF16, else no)")
     eval_every: int = field(1, help="evaluate every N epochs (and always at the end)")
     save_every: int = field(1, help="checkpoint every N epochs (0 = only at the end)")
     keep_last: int = field(2, help="checkpoints to keep")
@@ -130,8 +132,8 @@ class FinetuneConfig:
             raise ValueError("--linear_probe is for BEiT encoders (--model beit)")
         if self.probe_block < 0:
             raise ValueError(f"--probe_block must be >= 0 (0 = last block), got {self.probe_block}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"--mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"--mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
         from beit.runtime.scaling import check_data_order
         check_data_order(self.data_order)
         if self.position and self.position not in POSITIONS:

@@ -44,6 +44,8 @@ class PretrainConfig:
     init_values: float = field(0.0, help="layer-scale init (0: from model_size: 0.1, large 1e-5)")
     drop_path: float = field(0.1, help="stochastic depth rate")
     grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
+    compile: bool = field(False, help="torch.compile the transformer blocks (in place: same weights and checkpoints; "
+                          "costs compile time at start-up, see `beit bench`)")
     # tokenizer
     tokenizer: str = field("dalle", help="visual tokenizer kind: kmeans | dalle | vqkd | dvae")
     tokenizer_path: str | None = field(None, help="saved tokenizer (<name>.safetensors + <name>.json)")
@@ -77,7 +79,8 @@ class PretrainConfig:
     clip_grad: float = field(3.0, help="max global gradient norm (0: no clipping)")
     max_nonfinite_steps: int = field(5, help="abort after this many consecutive optimizer steps with a non-finite loss")
     mixed_precision: str = field("auto", help="auto | no | fp16 | bf16 (auto: the launcher's fp16/bf16 if set, else "
-                                 "bf16 on GPUs that support it, fp16 on other GPUs, no on CPU)")
+                                 "bf16 on GPUs that support it, fp16 on other GPUs, bf16 on CPUs with AMX or AVX-512-BF16, "
+                                 "else no)")
     seed: int = field(0, help="seed for weights, data order, augmentation and masks")
     dist_timeout_s: int = field(1800, help="seconds a collective may wait for a hung process before the job fails")
     # run
