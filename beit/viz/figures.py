@@ -32,7 +32,7 @@ def grid(rows: int, cols: int, title: str):
     w, h = cols * CELL_IN, rows * CELL_IN + TITLE_IN
     fig, axes = p.subplots(rows, cols, figsize=(w, h), squeeze=False, dpi=DPI)
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - TITLE_IN / h, wspace=0.06, hspace=0.22)
-    fig.suptitle(textwrap.fill(title, max(30, int(cols * 26))), fontsize=9 if cols > 2 else 8, y=1 - 0.04 / h, va="top")
+    fig.suptitle(textwrap.fill(title, max(30, int(cols * 21))), fontsize=9 if cols > 2 else 8, y=1 - 0.04 / h, va="top")
     for ax in axes.flat:
         ax.set_xticks([]), ax.set_yticks([])
     return fig, axes
