@@ -54,6 +54,11 @@ def _suggest(word: str) -> str:
     return f" (did you mean 'beit {close[0]}'?)" if close else ""
 
 
+def _is_run_fault(e: BaseException) -> bool:
+    from beit.runtime.run_faults import RunFault
+    return isinstance(e, RunFault) or type(e).__name__ in ("NonFiniteLossError", "DataQualityError")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -78,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a fault during the run (RunFault, a diverged loss): a message, not a traceback
+        if not _is_run_fault(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
 
 

@@ -81,12 +81,28 @@ def build_criterion(cfg: FinetuneConfig, num_classes: int):
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
-    """Train, evaluate, checkpoint/resume, and write the final results; returns the final metrics."""
+    """Train, evaluate, checkpoint/resume, and write the final results; returns the final metrics.
+    One run per output_dir (a lock); the resume checkpoint is verified (damaged ones moved aside)."""
+    from beit.runtime.checkpoint_integrity import remove_stale_temp, select_resume
+    from beit.runtime.run_lock import end_with_launcher, hold_output_dir
+
+    end_with_launcher()
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with hold_output_dir(cfg.output_dir, is_main=rank0):
+        latest = None
+        if cfg.resume:
+            if rank0:
+                remove_stale_temp(cfg.output_dir)
+            log = (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)) if rank0 else (lambda m: None)
+            latest = select_resume(cfg.output_dir, move_aside=rank0, log=log)
+        return _run(cfg, latest)
+
+
+def _run(cfg: FinetuneConfig, latest: Path | None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from beit.runtime.checkpointing import (TRAIN_STATE, check_resume_compatible, find_latest_complete,
-                                    load_checkpoint, save_checkpoint)
+    from beit.runtime.checkpointing import TRAIN_STATE, check_resume_compatible, load_checkpoint, save_checkpoint
     from beit.engines.finetune import save_confusion_png, train_one_epoch
     from beit.export import export_model
     from beit.finetune_data import build_loaders, check_shards, infer_num_classes
@@ -114,10 +130,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     else:
         num_classes, class_names = infer_num_classes(cfg.train_shards)
         cfg = dataclasses.replace(cfg, num_classes=num_classes)
-    latest = find_latest_complete(out) if cfg.resume else None
-    resume_step = json.loads((latest / TRAIN_STATE).read_text())["step"] if latest else None
-    logger = RunLogger(accelerator, out, resume_step=resume_step)
-    model = build_model(cfg, num_classes, log=logger.info)
+    saved = json.loads((latest / TRAIN_STATE).read_text()) if latest else None
+    early_log: list[str] = []  # build messages, logged once the logger exists (after the resume checks)
+    model = build_model(cfg, num_classes, log=early_log.append)
     if cfg.grad_checkpointing:
         (model.encoder if cfg.linear_probe else model).set_grad_checkpointing(True)
     if cfg.model == "beit":  # record the dims actually built (they may come from --init)
@@ -128,8 +143,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         cfg = dataclasses.replace(cfg, embed_dim=enc.embed_dim, depth=len(enc.blocks), num_heads=attn.num_heads,
                                   mlp_ratio=enc.blocks[0].mlp.fc1.out_features / enc.embed_dim, position=position,
                                   init_values=cfg.init_values if enc.blocks[0].gamma_1 is not None else 0.0)
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
+    if saved is not None:  # before anything of this run is written
+        check_resume_compatible(saved["config"], to_dict(cfg), RESUME_KEYS, where=str(out))
     if cfg.task == "segmentation" and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over all ranks
     set_seed(cfg.seed + accelerator.process_index)  # mixup / drop path differ per rank
@@ -139,6 +154,13 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         raise ValueError(f"an epoch has {len(train_loader)} batches, fewer than grad_accum_steps="
                          f"{cfg.grad_accum_steps}: lower --batch_size or --grad_accum_steps")
     total_steps = steps_per_epoch * cfg.epochs
+    if saved is not None:
+        check_resume_schedule(saved, cfg, accelerator.num_processes, total_steps, where=str(out))
+    logger = RunLogger(accelerator, out, resume_step=saved["step"] if saved else None)
+    for line in early_log:
+        logger.info(line)
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
     optimizer, schedule = build_optimizer(cfg, model, total_steps, round(cfg.warmup_epochs * steps_per_epoch))
     criterion, mixup_fn = build_criterion(cfg, num_classes)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -151,13 +173,12 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     step, start_epoch = 0, 0
     if latest is not None:
         train_state, rank_state = load_checkpoint(accelerator, latest)
-        check_resume_compatible(train_state["config"], to_dict(cfg), RESUME_KEYS, where=str(out))
-        check_resume_schedule(train_state, cfg, accelerator.num_processes, total_steps, where=str(out))
         schedule.load_state_dict(train_state["schedule"])
         step, start_epoch = int(train_state["step"]), int(train_state["epoch"])
         if rank_state is not None:
             train_loader.load_state_dict(rank_state["loader"])
-        logger.info(f"resumed from {latest} (epoch {start_epoch}, step {step})")
+        where = "mid-epoch, " if train_state.get("mid_epoch") else ""
+        logger.info(f"resumed from {latest} (epoch {start_epoch}, {where}step {step})")
     if trackers:
         accelerator.init_trackers(TENSORBOARD_RUN, config={k: v for k, v in to_dict(cfg).items()
                                                            if isinstance(v, (int, float, str, bool))})
@@ -171,9 +192,20 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
                                  else "not rescaled; set global_batch_size to keep the global batch") +
                 f"; data order {cfg.data_order}")
 
+    def save(s: int, epoch: int, mid_epoch: bool) -> None:
+        path = save_checkpoint(accelerator, out, s,
+                               {"epoch": epoch, "mid_epoch": mid_epoch, "schedule": schedule.state_dict(),
+                                "config": to_dict(cfg), "total_steps": total_steps},
+                               rank_state={"loader": train_loader.state_dict()}, keep_last=cfg.keep_last)
+        logger.info(f"checkpoint saved: {path}")
+
+    epoch = start_epoch
+
     def on_step(s: int, metrics: dict) -> None:
         if s % cfg.log_every == 0 or s == total_steps:
             logger.log(metrics, step=s)
+        if s % cfg.checkpoint_every == 0 and s % steps_per_epoch:  # epoch ends save after their evaluation
+            save(s, epoch, mid_epoch=True)
 
     results: dict = {}
     bar = logger.progress(total=total_steps, initial=step, desc="finetune")
@@ -192,11 +224,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
             logger.info(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in record.items()
                                                           if isinstance(v, float)))
         logger.log(record, step=step)
-        if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
-            save_checkpoint(accelerator, out, step,
-                            {"epoch": epoch + 1, "schedule": schedule.state_dict(), "config": to_dict(cfg),
-                             "total_steps": total_steps},
-                            rank_state={"loader": train_loader.state_dict()}, keep_last=cfg.keep_last)
+        if last or step % cfg.checkpoint_every == 0:
+            save(step, epoch + 1, mid_epoch=False)
     bar.close()
     if not results:  # resumed after the last epoch: evaluate the restored weights
         results = _evaluate_all(model, ema, val_loader, accelerator, num_classes, cfg)
@@ -243,8 +272,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from beit.runtime.run_faults import RunFault
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, PermissionError) as e:  # bad input (shards, checkpoint shapes): a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFault as e:  # a fault during the run (non-finite state, damaged checkpoints, disk, lock)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

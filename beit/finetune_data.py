@@ -45,15 +45,18 @@ def build_transforms(cfg, is_training: bool):
 
 
 def parse_label(sample: dict, num_classes: int) -> int:
-    """The integer label stored as ASCII text under ``cls``."""
+    """The integer label stored as ASCII text under ``cls``; a missing, unreadable or out-of-range label
+    is a bad sample (counted by reason and shard, like an undecodable image)."""
+    from beit.data.decode import BadSample
     raw = sample.get("cls")
     if raw is None:
-        raise ValueError(f"sample {sample.get('__key__')!r} has no 'cls' label; fine-tuning needs labelled shards")
-    if isinstance(raw, (bytes, bytearray)):
-        raw = raw.decode("ascii")
-    label = int(str(raw).strip())
+        raise BadSample("no_label", f"no 'cls' member in {sample.get('__shard__', '?')}; fine-tuning needs labels")
+    try:
+        label = int((raw.decode("ascii") if isinstance(raw, (bytes, bytearray)) else str(raw)).strip())
+    except (UnicodeDecodeError, ValueError):
+        raise BadSample("bad_label", f"cls={bytes(raw)[:20] if isinstance(raw, (bytes, bytearray)) else raw!r}") from None
     if not 0 <= label < num_classes:
-        raise ValueError(f"sample {sample.get('__key__')!r}: label {label} outside 0..{num_classes - 1}")
+        raise BadSample("bad_label", f"label {label} outside 0..{num_classes - 1}")
     return label
 
 

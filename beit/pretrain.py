@@ -17,8 +17,11 @@ from pathlib import Path
 
 import torch
 
-from beit.runtime.checkpointing import (TRAIN_STATE, check_resume_compatible, config_fingerprint, find_latest_complete,
-                                load_checkpoint, save_checkpoint, save_weights)
+from beit.runtime.checkpoint_integrity import remove_stale_temp, select_resume
+from beit.runtime.checkpointing import (TRAIN_STATE, check_resume_compatible, config_fingerprint, load_checkpoint,
+                                        save_checkpoint, save_weights)
+from beit.runtime.run_faults import RunFault
+from beit.runtime.run_lock import OutputDirError, end_with_launcher, hold_output_dir
 from beit.config import load_yaml, parse_config, save_config, to_dict
 from beit.options.pretrain import RESUME_KEYS, PretrainConfig
 from beit.engines.pretrain import MimMeter, TrainState, evaluate_mim, train_one_epoch
@@ -152,7 +155,7 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer, batches_per_epoch=cfg.batches_per_epoch or None,
         allow_remote=cfg.allow_remote_shards, max_bad_fraction=cfg.max_bad_fraction,
-        small_image_size=cfg.image_size,  # counted as data/upscaled
+        small_image_size=cfg.image_size, labels=False,  # upscaled images counted as data/upscaled
         pin_memory=accelerator.device.type == "cuda")  # page-locked batches: the non_blocking copies overlap
 
 
@@ -191,8 +194,8 @@ def build_knn_health(cfg: PretrainConfig, accelerator, logger, total_steps: int)
 
 
 def check_inputs(cfg: PretrainConfig, world: int):
-    """Every check that needs files but no compute: shards, tokenizer grid, token cache, masking, batch
-    split, resume compatibility. Returns (shards, val_shards, tokenizer or None, grad_accum_steps,
+    """Every check that needs files but no compute and writes nothing: shards, tokenizer grid, token cache,
+    masking, batch split (resume compatibility: ``check_resume``, under the run lock). Returns (shards, val_shards, tokenizer or None, grad_accum_steps,
     token cache info or None); the tokenizer is None when a token cache replaces it and nothing else needs it."""
     from beit.data.shardspec import expand_shards
     from beit.masking import MaskingGenerator
@@ -234,38 +237,61 @@ def check_inputs(cfg: PretrainConfig, world: int):
                                  f"{cfg.batch_size} x {world} process(es)")
             accum = cfg.global_batch_size // (cfg.batch_size * world)
         model_dims(cfg)
-        out = Path(cfg.output_dir)
-        latest = find_latest_complete(out)
-        if latest is not None and (out / "config.yaml").is_file():
-            saved = to_dict(load_yaml(PretrainConfig, out / "config.yaml"))
-            check_resume_compatible(saved, to_dict(cfg), RESUME_KEYS, where=str(out))
-        if latest is not None:
-            saved = json.loads((latest / TRAIN_STATE).read_text())
-            saved_fp = saved.get("tokenizer_fingerprint")
-            if tokenizer is not None and saved_fp not in (None, tokenizer_fingerprint(tokenizer)):
-                raise ValueError(f"cannot resume {out}: the tokenizer at {cfg.tokenizer_path} has other weights than "
-                                 "the one this run was trained with; use a new --output_dir or the original tokenizer")
-            cache_fp = token_cache_fingerprint(cfg.token_cache) if cache is not None else None
-            saved_cache = saved.get("token_cache_fingerprint", cache_fp)  # absent: a checkpoint from before caches
-            if saved_cache != cache_fp:
-                was = ("another token cache than " if cache_fp else "a token cache, not ") if saved_cache else \
-                    "no token cache, not "
-                raise ValueError(f"cannot resume {out}: it was trained with {was}--token_cache {cfg.token_cache}; "
-                                 "use a new --output_dir or the run's original token cache setting")
     except (ValueError, FileNotFoundError, PermissionError) as e:
         raise SetupError(str(e)) from e
     return shards, val_shards, tokenizer, accum, cache
 
 
+def check_resume(cfg: PretrainConfig, latest: Path | None, tokenizer, cache) -> None:
+    """Refuse to resume ``latest`` (the newest intact checkpoint) with another model, tokenizer or token
+    cache; runs before anything of this run is written."""
+    if latest is None:
+        return
+    out = Path(cfg.output_dir)
+    try:
+        if (out / "config.yaml").is_file():
+            saved = to_dict(load_yaml(PretrainConfig, out / "config.yaml"))
+            check_resume_compatible(saved, to_dict(cfg), RESUME_KEYS, where=str(out))
+        saved = json.loads((latest / TRAIN_STATE).read_text())
+        saved_fp = saved.get("tokenizer_fingerprint")
+        if tokenizer is not None and saved_fp not in (None, tokenizer_fingerprint(tokenizer)):
+            raise ValueError(f"cannot resume {out}: the tokenizer at {cfg.tokenizer_path} has other weights than "
+                             "the one this run was trained with; use a new --output_dir or the original tokenizer")
+        cache_fp = token_cache_fingerprint(cfg.token_cache) if cache is not None else None
+        saved_cache = saved.get("token_cache_fingerprint", cache_fp)  # absent: a checkpoint from before caches
+        if saved_cache != cache_fp:
+            was = ("another token cache than " if cache_fp else "a token cache, not ") if saved_cache else \
+                "no token cache, not "
+            raise ValueError(f"cannot resume {out}: it was trained with {was}--token_cache {cfg.token_cache}; "
+                             "use a new --output_dir or the run's original token cache setting")
+    except (ValueError, FileNotFoundError) as e:
+        raise SetupError(str(e)) from e
+
+
 def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> dict:
-    """Run (or resume) pretraining; returns the final summary (also written to final_metrics.json)."""
+    """Run (or resume) pretraining; returns the final summary (also written to final_metrics.json).
+    Bad input raises SetupError/OutputDirError; faults during the run (a non-finite state, no intact
+    checkpoint, a full disk, a second run on the folder) raise RunFault, all with a message."""
+    cfg = cfg or parse_config(PretrainConfig, argv, description=__doc__)
+    end_with_launcher()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    inputs = check_inputs(cfg, world)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with hold_output_dir(cfg.output_dir, is_main=rank0):
+        if rank0:
+            remove_stale_temp(cfg.output_dir)
+        log = (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)) if rank0 else (lambda m: None)
+        latest = select_resume(cfg.output_dir, move_aside=rank0, log=log)
+        check_resume(cfg, latest, inputs[2], inputs[4])
+        return _train(cfg, world, inputs, latest)
+
+
+def _train(cfg: PretrainConfig, world: int, inputs: tuple, latest: Path | None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    cfg = cfg or parse_config(PretrainConfig, argv, description=__doc__)
     out = Path(cfg.output_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    shards, val_shards, tokenizer, accum, cache = check_inputs(cfg, world)
+    shards, val_shards, tokenizer, accum, cache = inputs
     vocab_size = tokenizer.vocab_size if tokenizer is not None else int(cache["vocab_size"])
 
     trackers = resolve_trackers(cfg.tensorboard)
@@ -280,7 +306,6 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
                               "leave --val_shards empty and evaluate pretrained.safetensors afterwards")
         except ValueError as e:
             raise SetupError(str(e)) from None
-    latest = find_latest_complete(out)
     tok_fp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     cache_fp = token_cache_fingerprint(cfg.token_cache) if cache is not None else None
     if accelerator.is_main_process:
@@ -295,8 +320,11 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
         tokenizer = tokenizer.to(accelerator.device)
     optimizer = create_adamw(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              eps=cfg.eps)
-    loader = build_loader(cfg, shards, tokenizer, accelerator, train=True, batch_size=cfg.batch_size)
-    steps_per_epoch, total_steps, warmup = resolve_steps(cfg, len(loader), accum)
+    try:  # the loader's start-up checks (worker split, empty shards) are bad input too
+        loader = build_loader(cfg, shards, tokenizer, accelerator, train=True, batch_size=cfg.batch_size)
+        steps_per_epoch, total_steps, warmup = resolve_steps(cfg, len(loader), accum)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
     schedule = WarmupCosineSchedule(optimizer, lr=cfg.lr, min_lr=cfg.min_lr, total_steps=total_steps,
                                     warmup_steps=warmup, weight_decay=cfg.weight_decay,
                                     weight_decay_end=cfg.weight_decay_end)
@@ -405,8 +433,12 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
 
 
 if __name__ == "__main__":
+    from beit.engines.pretrain import NonFiniteLossError
     try:
         main()
-    except SetupError as e:  # bad input: a message, not a traceback
+    except (SetupError, OutputDirError) as e:  # bad input: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (RunFault, NonFiniteLossError) as e:  # a fault during the run: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

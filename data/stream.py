@@ -168,6 +168,8 @@ class ShardStream(IterableDataset):
         return [[list(order[r::self.world_size][w::W]) for w in range(W)] for r in range(self.world_size)]
 
     # ---- worker side ----
+    labels = True  # read ``cls`` into ``label``; False: ignore labels (pretraining, mixed labelled/unlabelled shards)
+
     def _expected(self, idx: int) -> int | None:
         return self.counts[idx] if self.counts is not None else None
 
@@ -197,7 +199,9 @@ class ShardStream(IterableDataset):
             self._damaged.add(idx)
             exp = self._expected(idx)
             lost = max((exp - n) if exp is not None else 1, 1)
-            stats.add_bad(url, "tar_error", n=lost, detail=f"after {n} samples: {type(e).__name__}: {e}")
+            stats.add_bad(url, "tar_error", n=lost,
+                          detail=f"{lost} sample(s) lost: read {n} of {exp if exp is not None else '?'} expected "
+                                 f"(manifest, else the tar index: then a lower bound), {type(e).__name__}: {e}")
 
     def _shuffled(self, it: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         buf: list[dict] = []
@@ -239,7 +243,7 @@ class ShardStream(IterableDataset):
         try:
             ext = image_member(raw)
             label = None
-            if "cls" in raw:
+            if self.labels and "cls" in raw:
                 try:
                     label = int(raw["cls"].decode("ascii").strip())
                 except (UnicodeDecodeError, ValueError):
@@ -290,6 +294,13 @@ class ShardStream(IterableDataset):
                 yield batch
         yield {"__meta__": {"worker": worker, "raw": raw_pos, "emitted": emitted,
                             "stats": stats.pop_delta(), "stats_only": True}}
+
+
+def _warn_damaged_shards(delta: dict) -> None:
+    """Name a truncated / unreadable / missing shard on the main process (once per shard and detail)."""
+    for ex in delta.get("examples", []):
+        if ex["reason"] in ("tar_error", "missing_shard"):
+            warnings.warn(f"shard {ex['shard']}: {ex['reason']}: {ex['detail']}", stacklevel=2)
 
 
 class StreamLoader:
@@ -392,10 +403,12 @@ class StreamLoader:
                                        f"quota in epoch {self.epoch}; please report this")
                 meta = item.pop("__meta__")
                 if meta.get("stats_only"):
+                    _warn_damaged_shards(meta["stats"])
                     self._stats.merge(meta["stats"])
                 else:
                     pending[meta["worker"]].append((item, meta))
             item, meta = pending[worker].popleft()
+            _warn_damaged_shards(meta["stats"])
             self._stats.merge(meta["stats"])
             self._progress[worker] = (meta["raw"], meta["emitted"])
             self.position += 1
@@ -403,7 +416,9 @@ class StreamLoader:
                 self._stats.check(self.max_bad_fraction)
             yield item
         for item in items:  # the workers' final counts
-            self._stats.merge(item.pop("__meta__")["stats"])
+            meta = item.pop("__meta__")
+            _warn_damaged_shards(meta["stats"])
+            self._stats.merge(meta["stats"])
         self._stats.check(self.max_bad_fraction)
 
 
@@ -419,14 +434,15 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
                         max_bad_fraction: float = 0.01, bad_check_after: int = 200,
                         min_image_size: int = 8, small_image_size: int | None = None,
                         manifest: str | None = None, pin_memory: bool = False,
-                        prefetch_factor: int = 2, timeout: float = 0) -> StreamLoader:
+                        prefetch_factor: int = 2, timeout: float = 0, labels: bool = True) -> StreamLoader:
     """Build the streaming loader for ``shards`` (path, brace pattern, glob, folder, list or
     comma-separated string; URLs and ``pipe:`` only with ``allow_remote``).
 
     ``map_fn(image, sample) -> dict`` turns one RGB PIL image (a plain RGB JPEG may arrive still
     undecoded, which ``TwoViewTransform`` uses for draft decoding; any PIL operation decodes it)
     and its sample dict (raw member bytes, ``__key__``, ``__shard__``, ``__seed__``) into a dict
-    of tensors/numbers; ``label`` is added from ``cls`` when present. Images with a side below
+    of tensors/numbers; ``label`` is added from ``cls`` when present (``labels=False``: never, so
+    labelled and unlabelled shards mix, as pretraining needs). Images with a side below
     ``min_image_size`` are skipped as "too_small"; below ``small_image_size`` they are used and
     counted as "upscaled". The bad fraction is checked once ``bad_check_after`` samples were seen
     and at the end of each epoch. Every start-up problem raises ValueError before any work.
@@ -458,6 +474,10 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
                              "or manifest=<path to the shards' manifest.json>")
         batches_per_epoch = (sum(counts) // (world_size * batch_size) if resampled
                              else safe_batches_per_epoch(counts, world_size, num_workers, batch_size))
+        empty = [u for u, c in zip(urls, counts) if c == 0]
+        if sum(counts) == 0:
+            raise ValueError(f"the shards hold no samples (empty or unreadable tars, e.g. {empty[:3]}): write them "
+                             f"again with `beit shards write`, or check them with `beit shards verify --dir <folder>`")
         if batches_per_epoch < 1:
             raise ValueError(f"{sum(counts)} samples in {len(counts)} shards do not fill one batch per rank "
                              f"(batch_size={batch_size}, world_size={world_size}, num_workers={num_workers}); "
@@ -466,6 +486,7 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
         raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
     ds = ShardStream(urls, counts, map_fn, batch_size, rank, world_size, num_workers, seed, shuffle_buffer,
                      resampled, min_image_size, small_image_size)
+    ds.labels = labels
     return StreamLoader(ds, num_workers=num_workers, num_batches=batches_per_epoch,
                         max_bad_fraction=max_bad_fraction, bad_check_after=bad_check_after,
                         pin_memory=pin_memory, prefetch_factor=prefetch_factor, timeout=timeout)

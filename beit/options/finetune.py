@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
-from beit.config import field
+from beit.config import check_finite_numbers, check_lr, field
 from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
 
 POSITIONS = ("relative", "absolute", "both", "none")
@@ -12,6 +13,7 @@ POSITIONS = ("relative", "absolute", "both", "none")
 
 @dataclasses.dataclass
 class FinetuneConfig:
+    RENAMED: ClassVar[dict] = {"save_every": "checkpoint_every, counted in optimizer steps (as in pretraining)"}
     task: str = field("classification", help="classification | segmentation (image + seg.png shards, UperNet head, "
                                              "mIoU; --img_size is the crop)")
     # data
@@ -83,7 +85,8 @@ class FinetuneConfig:
                                  "else bf16 on GPUs that support it, fp16 on other GPUs, bf16 on CPUs with AMX or "
                                  "AVX-512-BF16, else no)")
     eval_every: int = field(1, help="evaluate every N epochs (and always at the end)")
-    save_every: int = field(1, help="checkpoint every N epochs (0 = only at the end)")
+    checkpoint_every: int = field(1000, help="save a checkpoint every N optimizer steps (and at the end); a "
+                                             "killed run resumes exactly, mid-epoch included")
     keep_last: int = field(2, help="checkpoints to keep")
     log_every: int = field(10, help="log train metrics every N optimizer steps")
     tensorboard: bool = field(True, help="also log to TensorBoard when installed")
@@ -105,6 +108,8 @@ class FinetuneConfig:
     seg_stride: int = field(0, help="segmentation: sliding-window stride for evaluation (0 = 2/3 of img_size)")
 
     def validate(self) -> None:
+        check_finite_numbers(self)
+        check_lr(self.lr)
         if self.task not in ("classification", "segmentation"):
             raise ValueError(f"--task must be classification or segmentation, got {self.task!r}")
         if self.task == "segmentation":
@@ -121,8 +126,8 @@ class FinetuneConfig:
         if not self.train_shards or not self.val_shards:
             raise ValueError("--train_shards and --val_shards are both required (the held-out split is never "
                              "trained on); write them with `python -m beit.data.shards` from your class folders")
-        if self.batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1:
-            raise ValueError("batch_size, grad_accum_steps and epochs must be >= 1")
+        if self.batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1 or self.checkpoint_every < 1:
+            raise ValueError("batch_size, grad_accum_steps, epochs and checkpoint_every must be >= 1")
         if self.task == "classification" and (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0 \
                 and self.batch_size % 2:
             raise ValueError(f"mixup/cutmix need an even --batch_size, got {self.batch_size}")

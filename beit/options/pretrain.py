@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from beit.config import field
+from beit.config import check_finite_numbers, check_lr, field
 from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
 from beit.runtime.scaling import check_data_order
 
@@ -104,6 +104,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         """Checks that need no files; raises ValueError naming the option."""
+        check_finite_numbers(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.log_images_every < 0:
@@ -121,8 +122,9 @@ class PretrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
-        if self.lr <= 0 or self.min_lr < 0:
-            raise ValueError("lr must be > 0 and min_lr >= 0")
+        check_lr(self.lr)
+        if self.min_lr < 0:
+            raise ValueError("min_lr must be >= 0")
         if self.global_batch_size < 0:
             raise ValueError("global_batch_size must be >= 0")
         check_data_order(self.data_order)
