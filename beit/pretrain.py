@@ -21,7 +21,7 @@ from beit.runtime.checkpoint_integrity import remove_stale_temp, select_resume
 from beit.runtime.checkpointing import (TRAIN_STATE, check_resume_compatible, config_fingerprint, load_checkpoint,
                                         save_checkpoint, save_weights)
 from beit.runtime.run_faults import RunFault
-from beit.runtime.run_lock import OutputDirError, end_with_launcher, hold_output_dir
+from beit.runtime.run_lock import OutputDirError, check_output_dir, end_with_launcher, hold_output_dir
 from beit.config import load_yaml, parse_config, save_config, to_dict
 from beit.options.pretrain import RESUME_KEYS, PretrainConfig
 from beit.engines.pretrain import MimMeter, TrainState, evaluate_mim, train_one_epoch
@@ -204,6 +204,7 @@ def check_inputs(cfg: PretrainConfig, world: int):
 
     try:
         cfg.validate()
+        check_output_dir(cfg.output_dir)
         cache = read_cache_info(cfg.token_cache) if cfg.token_cache else None
         if cache is not None:
             shards = expand_shards(str(Path(cfg.token_cache) / "cache-*.tar"))
@@ -308,10 +309,6 @@ def _train(cfg: PretrainConfig, world: int, inputs: tuple, latest: Path | None) 
             raise SetupError(str(e)) from None
     tok_fp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     cache_fp = token_cache_fingerprint(cfg.token_cache) if cache is not None else None
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    accelerator.wait_for_everyone()
 
     # --- build ---------------------------------------------------------------------------------
     set_seed(cfg.seed)
@@ -325,6 +322,9 @@ def _train(cfg: PretrainConfig, world: int, inputs: tuple, latest: Path | None) 
         steps_per_epoch, total_steps, warmup = resolve_steps(cfg, len(loader), accum)
     except ValueError as e:
         raise SetupError(str(e)) from None
+    if accelerator.is_main_process:  # every start-up check has passed
+        save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
     schedule = WarmupCosineSchedule(optimizer, lr=cfg.lr, min_lr=cfg.min_lr, total_steps=total_steps,
                                     warmup_steps=warmup, weight_decay=cfg.weight_decay,
                                     weight_decay_end=cfg.weight_decay_end)

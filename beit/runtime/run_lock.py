@@ -39,10 +39,16 @@ def _holder(fd: int) -> str:
         return "holder unknown"
 
 
-def _writable_dir(out: Path) -> None:
+def check_output_dir(output_dir: str | Path) -> None:
+    """Refuse an output_dir that is a file (a read-only check, for the start-up checks)."""
+    out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise OutputDirError(f"output_dir {out} is a file, not a folder: pass a folder path (new or existing) "
                              "as --output_dir")
+
+
+def _writable_dir(out: Path) -> None:
+    check_output_dir(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
