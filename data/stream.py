@@ -278,12 +278,19 @@ class ShardStream(IterableDataset):
         for _ in range(raw_pos):  # resume: skip consumed samples without decoding them
             next(stream)
         outs: list[dict] = []
+        mine = sum(self.counts[i] for i in self.assign[worker]) if self.counts and not self.resampled else 0
+        bad_run, bad_limit = 0, max(2 * mine, 256)  # two whole passes without one good sample: give up
         while emitted < quota:
             raw = next(stream)
             raw_pos += 1
             out = self._decode(raw, derive_seed(self.seed, self.epoch, self.rank, worker, raw_pos, 7), stats)
             if out is None:
+                bad_run += 1
+                if bad_run >= bad_limit:  # would never fill a batch: stop with the counts, not hang
+                    seen = DataStats(stats.data)
+                    seen.check(0.0)
                 continue
+            bad_run = 0
             outs.append(out)
             if len(outs) == self.batch_size:
                 emitted += 1
