@@ -71,8 +71,18 @@ def model_dims(cfg: PretrainConfig) -> dict:
 
 
 def build_model(cfg: PretrainConfig, vocab_size: int):
-    """The pretraining model of the config."""
+    """The pretraining model of the config (the BEiT ViT, or a timm Swin with ``--arch swin_*``)."""
     from beit.modeling.mim import create_pretrain_model
+
+    if cfg.arch != "beit":
+        from beit.modeling.swin_mim import SwinMimModel
+        model = SwinMimModel(cfg.arch, token_grid=cfg.grid, vocab_size=vocab_size, head=cfg.swin_head,
+                             drop_path_rate=cfg.drop_path, img_size=cfg.image_size, patch_size=cfg.swin_patch_size,
+                             embed_dim=cfg.embed_dim, depths=cfg.swin_depths, num_heads=cfg.swin_heads,
+                             window_size=cfg.swin_window_size, mlp_ratio=cfg.mlp_ratio)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        return model
 
     overrides = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=vocab_size,
                      drop_path_rate=cfg.drop_path, mlp_ratio=cfg.mlp_ratio)
@@ -237,7 +247,14 @@ def check_inputs(cfg: PretrainConfig, world: int):
                 raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by batch_size "
                                  f"{cfg.batch_size} x {world} process(es)")
             accum = cfg.global_batch_size // (cfg.batch_size * world)
-        model_dims(cfg)
+        if cfg.arch == "beit":
+            model_dims(cfg)
+        else:  # the Swin's sizes, windows and token-grid geometry, checked without allocating weights
+            try:
+                with torch.device("meta"):
+                    build_model(cfg, tokenizer.vocab_size if tokenizer is not None else int(cache["vocab_size"]))
+            except (TypeError, AssertionError, IndexError, RuntimeError) as e:  # timm's own checks
+                raise ValueError(f"--arch {cfg.arch} cannot be built with these Swin options: {e}") from None
     except (ValueError, FileNotFoundError, PermissionError) as e:
         raise SetupError(str(e)) from e
     return shards, val_shards, tokenizer, accum, cache
@@ -351,7 +368,7 @@ def _train(cfg: PretrainConfig, world: int, inputs: tuple, latest: Path | None) 
 
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     eff_batch = cfg.batch_size * accum * accelerator.num_processes
-    logger.info(f"BEiT pretraining: {n_params / 1e6:.2f}M params, grid {cfg.grid[0]}x{cfg.grid[1]}, "
+    logger.info(f"BEiT pretraining{'' if cfg.arch == 'beit' else ' of ' + cfg.arch}: {n_params / 1e6:.2f}M params, grid {cfg.grid[0]}x{cfg.grid[1]}, "
                 f"{cfg.masked_count()} masked, {cfg.tokenizer} tokenizer (vocab {vocab_size})")
     if cache is not None:
         logger.info(f"token cache {cfg.token_cache}: {cache['views_per_image']} stored views per image (crop scale "

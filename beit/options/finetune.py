@@ -28,6 +28,9 @@ class FinetuneConfig:
     # model
     model: str = field("beit", help="'beit' or any timm model name (swin_tiny_patch4_window7_224, mobilevit_s, "
                                      "deit_small_patch16_224, ...) for a baseline")
+    model_kwargs: dict = field(default_factory=dict, help="--model <timm name>: more timm.create_model arguments, e.g. "
+                               "a small Swin {embed_dim: 32, depths: [2, 2, 2, 2], num_heads: [1, 2, 4, 8], window_size: 4, "
+                               "patch_size: 2}; with --init of our Swin pretraining they come from its pretrained.json")
     model_size: str = field("base", help="BEiT size: tiny | small | base | large (see beit.modeling.mim.BEIT_SIZES)")
     embed_dim: int = field(0, help="override the size's embedding dim (0 = from --init's weights, else model_size)")
     depth: int = field(0, help="override the size's depth (0 = from --init's weights, else model_size)")
@@ -133,6 +136,8 @@ class FinetuneConfig:
             raise ValueError(f"mixup/cutmix need an even --batch_size, got {self.batch_size}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.model_kwargs and self.model == "beit":
+            raise ValueError("--model_kwargs are for --model <timm name>; a BEiT encoder takes --embed_dim/--depth/...")
         if self.linear_probe and self.model != "beit":
             raise ValueError("--linear_probe is for BEiT encoders (--model beit)")
         if self.probe_block < 0:
@@ -162,5 +167,5 @@ class FinetuneConfig:
         return dims
 
 
-RESUME_KEYS = ("model", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "num_classes",
+RESUME_KEYS = ("model", "model_kwargs", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "num_classes",
                "linear_probe", "probe_block", "init", "epochs")

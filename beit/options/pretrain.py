@@ -10,7 +10,8 @@ from beit.runtime.scaling import check_data_order
 # Fields that define the model and its targets: a resumed run must not change them. (The tokenizer's
 # weights are compared by fingerprint, so a tokenizer file may move but not change.)
 RESUME_KEYS = ("image_size", "patch_size", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
-               "init_values", "tokenizer")
+               "init_values", "tokenizer", "arch", "swin_patch_size", "swin_window_size", "swin_depths", "swin_heads",
+               "swin_head")
 REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 
@@ -35,6 +36,8 @@ class PretrainConfig:
     color_jitter: float = field(0.4, help="brightness/contrast/saturation jitter (0: off)")
     hflip: float = field(0.5, help="horizontal flip probability")
     # model
+    arch: str = field("beit", help="encoder: beit (the BEiT ViT) or a timm Swin name, e.g. swin_tiny_patch4_window7_224 "
+                      "(then patch_size is the token cell in px, Swin's own patch is swin_patch_size)")
     model_size: str = field("base", help="tiny | small | base | large; embed_dim/depth/num_heads override it")
     patch_size: int = field(16, help="patch side in px; the patch grid must equal the tokenizer's token grid")
     embed_dim: int = field(0, help="custom width (0: from model_size)")
@@ -46,6 +49,13 @@ class PretrainConfig:
     grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
     compile: bool = field(False, help="torch.compile the transformer blocks (in place: same weights and checkpoints; "
                           "costs compile time at start-up, see `beit bench`)")
+    swin_patch_size: int = field(0, help="--arch swin_*: Swin's patch side in px (0: the arch's, 4)")
+    swin_window_size: int = field(0, help="--arch swin_*: attention window side (0: the arch's)")
+    swin_depths: list[int] = field(default_factory=list, help="--arch swin_*: blocks per stage (empty: the arch's)")
+    swin_heads: list[int] = field(default_factory=list, help="--arch swin_*: heads per stage (empty: the arch's)")
+    swin_head: str = field("last", help="--arch swin_*: what the masked-token head reads: last (last stage, upsampled "
+                           "to the token grid; every stage trained) | stage (the stage at the token stride; later "
+                           "stages stay untrained)")
     # tokenizer
     tokenizer: str = field("dalle", help="visual tokenizer kind: kmeans | dalle | vqkd | dvae")
     tokenizer_path: str | None = field(None, help="saved tokenizer (<name>.safetensors + <name>.json)")
@@ -135,6 +145,8 @@ class PretrainConfig:
                              "set both or neither")
         if self.knn_every < 0 or self.knn_k < 1:
             raise ValueError(f"knn_every must be >= 0 and knn_k >= 1, got {self.knn_every}, {self.knn_k}")
+        if self.arch != "beit" and self.swin_head not in ("last", "stage"):
+            raise ValueError(f"swin_head must be last or stage, got {self.swin_head!r}")
         if not self.data_shards and not self.token_cache:
             raise ValueError("no training data: set data_shards (e.g. --data_shards '/data/train-{000000..000099}.tar')")
 
