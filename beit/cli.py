@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compare": ("beit.compare.run", "does pretraining pay off here? BEiT vs scratch vs simple baselines, over seeds"),
     "export": ("beit.export", "export a fine-tuned run as timm-loadable weights"),
     "viz": ("beit.viz.main", "pictures of a run (masks, tokens, reconstructions, attention, curves) + index.html"),
+    "export-onnx": ("beit.export_onnx", "a fine-tuned classifier as ONNX + preprocessing JSON, checked with onnxruntime"),
     "samples": ("beit.data.samples", "write shards of the built-in real sample sets (offline)"),
     "bench": ("beit.bench.command", "speed figures beside their peers (train step, tokenizers, end to end, data) as JSON"),
 }

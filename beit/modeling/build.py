@@ -1,8 +1,8 @@
 """Build the fine-tune model (BEiT classifier or segmenter, timm baseline, linear probe) from its options."""
 from __future__ import annotations
 
-<<<<<<< HEAD
 from beit.options.finetune import POSITIONS, FinetuneConfig
+from beit.runtime.swin_loading import swin_pretrain_config
 
 
 def _read_init(cfg: FinetuneConfig):
@@ -40,10 +40,6 @@ def beit_arch(cfg: FinetuneConfig, ckpt, log=print) -> dict:
         position, layer_scale = found, lay["layer_scale"]
     return dict(dims, use_abs_pos_emb=position in ("absolute", "both"), use_rel_pos_bias=position in ("relative", "both"),
                 init_values=(cfg.init_values or 0.1) if layer_scale else 0.0)  # 0, not None: timm drops None kwargs
-=======
-from beit.options.finetune import FinetuneConfig
-from beit.runtime.swin_loading import swin_pretrain_config
->>>>>>> e6992af (Swin BEiT pretraining (--arch swin_*): timm SwinTransformer encoder, mask token after patch embedding on the token grid mapped to Swin patches, masked-token head (last stage upsampled, or the stage at the token stride); encoder loads into timm's Swin for fine-tuning with no missing keys (--model_kwargs for small Swins))
 
 
 def build_model(cfg: FinetuneConfig, num_classes: int, log=print):
@@ -57,13 +53,8 @@ def build_model(cfg: FinetuneConfig, num_classes: int, log=print):
         if swin_pre is not None:
             return build_swin_from_pretraining(cfg, num_classes, swin_pre, log)
         return build_timm_model(cfg.model, num_classes, weights=cfg.init or None, img_size=cfg.img_size,
-<<<<<<< HEAD
-                                in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path)
-    ckpt = _read_init(cfg)
-=======
                                 in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path, model_kwargs=cfg.model_kwargs)
-    state = read_state_dict(cfg.init, key=cfg.init_key or None) if cfg.init else None
->>>>>>> e6992af (Swin BEiT pretraining (--arch swin_*): timm SwinTransformer encoder, mask token after patch embedding on the token grid mapped to Swin patches, masked-token head (last stage upsampled, or the stage at the token stride); encoder loads into timm's Swin for fine-tuning with no missing keys (--model_kwargs for small Swins))
+    ckpt = _read_init(cfg)
     model = build_beit_classifier(
         num_classes, img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
         drop_path_rate=0.0 if cfg.linear_probe else cfg.drop_path, head_init_scale=cfg.head_init_scale,
@@ -89,9 +80,6 @@ def build_seg_model(cfg: FinetuneConfig, num_classes: int, log=print):
     return model
 
 
-<<<<<<< HEAD
-__all__ = ["build_model", "build_seg_model", "beit_arch", "POSITIONS"]
-=======
 def build_swin_from_pretraining(cfg: FinetuneConfig, num_classes: int, pre: dict, log=print):
     """A timm Swin classifier with the architecture of a Swin BEiT pretraining run (its pretrained.json;
     ``--model_kwargs`` override it) and that run's encoder weights, every encoder key filled."""
@@ -107,4 +95,6 @@ def build_swin_from_pretraining(cfg: FinetuneConfig, num_classes: int, pre: dict
     report = load_swin_encoder(model, cfg.init)
     log(report.summary())
     return model
->>>>>>> e6992af (Swin BEiT pretraining (--arch swin_*): timm SwinTransformer encoder, mask token after patch embedding on the token grid mapped to Swin patches, masked-token head (last stage upsampled, or the stage at the token stride); encoder loads into timm's Swin for fine-tuning with no missing keys (--model_kwargs for small Swins))
+
+
+__all__ = ["build_model", "build_seg_model", "beit_arch", "POSITIONS", "build_swin_from_pretraining"]
