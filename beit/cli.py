@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("beit.pretrain", "BEiT masked-image-modelling pretraining"),
     "finetune": ("beit.finetune", "fine-tune a pretrained encoder (classification or segmentation)"),
     "compare": ("beit.compare.run", "does pretraining pay off here? BEiT vs scratch vs simple baselines, over seeds"),
+    "distill": ("beit.distill", "distil a fine-tuned classifier into a small timm student (MobileViT)"),
     "export": ("beit.export", "export a fine-tuned run as timm-loadable weights"),
     "viz": ("beit.viz.main", "pictures of a run (masks, tokens, reconstructions, attention, curves) + index.html"),
     "export-onnx": ("beit.export_onnx", "a fine-tuned classifier as ONNX + preprocessing JSON, checked with onnxruntime"),

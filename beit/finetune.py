@@ -51,6 +51,8 @@ def build_optimizer(cfg: FinetuneConfig, model, total_steps: int, warmup_steps: 
     from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
     if cfg.linear_probe:
         groups = param_groups_weight_decay(model, cfg.weight_decay)
+    elif cfg.task == "distill":  # the student is trained from scratch: no layer-wise lr decay
+        groups = layer_decay_param_groups(model, cfg.weight_decay, 1.0)
     elif cfg.task == "segmentation":
         from beit.modeling.segmenter import seg_layer_decay_groups
         groups = seg_layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
@@ -70,6 +72,9 @@ def build_criterion(cfg: FinetuneConfig, num_classes: int):
     if cfg.task == "segmentation":
         from beit.modeling.segmenter import SegLoss
         return SegLoss(cfg.seg_aux_weight), None
+    if cfg.task == "distill":
+        from beit.modeling.distill import DistillLoss
+        return DistillLoss(cfg.distill_temperature, cfg.distill_alpha, cfg.label_smoothing), None
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                       switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
@@ -149,6 +154,16 @@ def _run(cfg: FinetuneConfig, latest: Path | None) -> dict:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over all ranks
     set_seed(cfg.seed + accelerator.process_index)  # mixup / drop path differ per rank
     train_loader, val_loader = build_loaders(cfg, accelerator, num_classes)
+    teacher = None
+    if cfg.task == "distill":
+        from beit.distill_data import PairedLoader, build_unlabelled_loader
+        from beit.finetune_data import build_transforms
+        from beit.modeling.distill import load_teacher
+        teacher = load_teacher(cfg.teacher, num_classes=num_classes, mean=cfg.mean, std=cfg.std).to(accelerator.device)
+        train_loader = PairedLoader(train_loader, build_unlabelled_loader(cfg, accelerator, build_transforms(cfg, True)))
+        logger.info(f"distilling {cfg.teacher} into {cfg.model}: temperature {cfg.distill_temperature:g}, hard-label "
+                    f"weight {cfg.distill_alpha:g}; each batch {cfg.batch_size} labelled + "
+                    f"{cfg.unlabelled_batch_size or cfg.batch_size} unlabelled images ({cfg.unlabelled_shards})")
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
     if steps_per_epoch < 1:
         raise ValueError(f"an epoch has {len(train_loader)} batches, fewer than grad_accum_steps="
@@ -214,7 +229,7 @@ def _run(cfg: FinetuneConfig, latest: Path | None) -> dict:
         step, train_stats = train_one_epoch(
             model, train_loader, optimizer, schedule, accelerator, criterion, epoch=epoch, step=step,
             max_steps=(epoch + 1) * steps_per_epoch, mixup_fn=mixup_fn, ema=ema, clip_grad=cfg.clip_grad,
-            on_step=on_step, progress=bar)
+            on_step=on_step, progress=bar, teacher=teacher)
         record = {"epoch": epoch + 1, **train_stats, **data_error_metrics(train_loader, accelerator)}
         last = epoch + 1 == cfg.epochs
         if last or (epoch + 1) % cfg.eval_every == 0:

@@ -10,7 +10,10 @@ from torch.utils.data import DataLoader
 def check_shards(cfg) -> None:
     """Expand both shard specs now so a typo fails at start-up with the data layer's message."""
     from beit.data.shardspec import expand_shards
-    for name in ("train_shards", "val_shards"):
+    names = ("train_shards", "val_shards") + (("unlabelled_shards",) if getattr(cfg, "task", "") == "distill" else ())
+    if "unlabelled_shards" in names and not cfg.unlabelled_shards:
+        raise ValueError("--task distill needs --unlabelled_shards (e.g. the pretraining shards)")
+    for name in names:
         try:
             expand_shards(getattr(cfg, name))
         except ValueError as e:

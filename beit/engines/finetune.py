@@ -23,12 +23,14 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int] =
 
 def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, criterion: Callable, *,
                     epoch: int, step: int, max_steps: int, mixup_fn=None, ema=None, clip_grad: float = 0.0,
-                    on_step: Callable[[int, dict], None] | None = None, progress=None) -> tuple[int, dict]:
+                    on_step: Callable[[int, dict], None] | None = None, progress=None,
+                    teacher: nn.Module | None = None) -> tuple[int, dict]:
     """Train over one epoch of ``loader``; returns (optimizer steps done so far, epoch means).
 
     ``step`` counts optimizer steps (one per ``grad_accum_steps`` micro-batches); the lr/wd schedule
     advances once per optimizer step. ``on_step(step, metrics)`` runs after each optimizer step
     (logging, checkpoints). A non-finite loss skips the update instead of corrupting the weights.
+    With a ``teacher`` (distillation) the loss is ``criterion(logits, targets, teacher_logits)``.
     """
     model.train()
     dev = accelerator.device
@@ -45,7 +47,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
             images, targets = mixup_fn(images, targets)
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                loss = criterion(model(images), targets)
+                if teacher is None:
+                    loss = criterion(model(images), targets)
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
+                    loss = criterion(model(images), targets, teacher_logits)
             # finiteness stays on the device: no host sync and no collective per micro-step; a
             # non-finite loss makes the window's gradients non-finite, and the step is dropped
             accelerator.backward(loss)

@@ -15,7 +15,8 @@ POSITIONS = ("relative", "absolute", "both", "none")
 class FinetuneConfig:
     RENAMED: ClassVar[dict] = {"save_every": "checkpoint_every, counted in optimizer steps (as in pretraining)"}
     task: str = field("classification", help="classification | segmentation (image + seg.png shards, UperNet head, "
-                                             "mIoU; --img_size is the crop)")
+                                             "mIoU; --img_size is the crop) | distill (--model = a timm student, "
+                                             "e.g. mobilevit_xxs, taught by --teacher)")
     # data
     train_shards: str = field("", help="training shards: path, brace pattern or comma list of WebDataset tars")
     val_shards: str = field("", help="held-out shards (never trained on) for top-1/top-5 and the confusion matrix")
@@ -101,6 +102,14 @@ class FinetuneConfig:
                                            "count sees the same global batches (exact 1-vs-N equivalence)")
     dist_timeout_s: int = field(1800, help="seconds a collective may wait for a hung process before the job fails")
     grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
+    # distillation (--task distill, or `beit distill`)
+    teacher: str = field("", help="distill: the teacher, a fine-tuned classifier export (<run>/model.safetensors)")
+    unlabelled_shards: str = field("", help="distill: unlabelled shards (e.g. the pretraining shards; labels ignored) "
+                                            "that the teacher labels softly, a batch of them beside each labelled batch")
+    unlabelled_batch_size: int = field(0, help="distill: unlabelled images per batch (0 = batch_size)")
+    distill_temperature: float = field(4.0, help="distill: softmax temperature of the soft (teacher) loss")
+    distill_alpha: float = field(0.5, help="distill: weight of the hard-label loss (labelled rows); 1 - alpha for "
+                                           "the soft loss on every row")
     # semantic segmentation (--task segmentation; mixup/cutmix/RandAugment/label smoothing are classification only)
     reduce_zero_label: bool = field(True, help="segmentation: label 0 is 'other' (ignored), v -> v-1 (ADE20K)")
     seg_channels: int = field(512, help="segmentation: UperNet head channels")
@@ -113,8 +122,19 @@ class FinetuneConfig:
     def validate(self) -> None:
         check_finite_numbers(self)
         check_lr(self.lr)
-        if self.task not in ("classification", "segmentation"):
-            raise ValueError(f"--task must be classification or segmentation, got {self.task!r}")
+        if self.task not in ("classification", "segmentation", "distill"):
+            raise ValueError(f"--task must be classification, segmentation or distill, got {self.task!r}")
+        if self.task == "distill":
+            if self.model == "beit" or self.linear_probe:
+                raise ValueError("--task distill trains a timm student: pass --model mobilevit_xxs (or _xs, _s, any timm name)")
+            if not self.teacher:
+                raise ValueError("--task distill needs --teacher <fine-tuned run>/model.safetensors")
+            if not Path(self.teacher).exists():
+                raise ValueError(f"--teacher {self.teacher} does not exist")
+            if (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0:
+                raise ValueError("--task distill uses the teacher's soft labels, not mixup/cutmix: pass --mixup 0 --cutmix 0")
+            if self.distill_temperature <= 0 or not 0 <= self.distill_alpha <= 1:
+                raise ValueError("need --distill_temperature > 0 and 0 <= --distill_alpha <= 1")
         if self.task == "segmentation":
             if self.model != "beit" or self.linear_probe:
                 raise ValueError("--task segmentation fine-tunes a BEiT encoder (--model beit, no --linear_probe)")
@@ -168,4 +188,5 @@ class FinetuneConfig:
 
 
 RESUME_KEYS = ("model", "model_kwargs", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "num_classes",
-               "linear_probe", "probe_block", "init", "epochs")
+               "linear_probe", "probe_block", "init", "epochs", "teacher", "unlabelled_shards", "unlabelled_batch_size",
+               "distill_temperature", "distill_alpha")
