@@ -145,6 +145,9 @@ class PretrainConfig:
                              "set both or neither")
         if self.knn_every < 0 or self.knn_k < 1:
             raise ValueError(f"knn_every must be >= 0 and knn_k >= 1, got {self.knn_every}, {self.knn_k}")
+        if self.arch != "beit" and self.knn_train_shards:
+            raise ValueError("the kNN health metric reads the ViT's patch tokens: leave knn_train_shards/knn_val_shards "
+                             "empty with --arch swin_*")
         if self.arch != "beit" and self.swin_head not in ("last", "stage"):
             raise ValueError(f"swin_head must be last or stage, got {self.swin_head!r}")
         if not self.data_shards and not self.token_cache:
