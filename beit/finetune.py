@@ -161,7 +161,7 @@ def _run(cfg: FinetuneConfig, latest: Path | None) -> dict:
         from beit.modeling.distill import load_teacher
         teacher = load_teacher(cfg.teacher, num_classes=num_classes, mean=cfg.mean, std=cfg.std).to(accelerator.device)
         train_loader = PairedLoader(train_loader, build_unlabelled_loader(cfg, accelerator, build_transforms(cfg, True)))
-        logger.info(f"distilling {cfg.teacher} into {cfg.model}: temperature {cfg.distill_temperature:g}, hard-label "
+        distill_note = (f"distilling {cfg.teacher} into {cfg.model}: temperature {cfg.distill_temperature:g}, hard-label "
                     f"weight {cfg.distill_alpha:g}; each batch {cfg.batch_size} labelled + "
                     f"{cfg.unlabelled_batch_size or cfg.batch_size} unlabelled images ({cfg.unlabelled_shards})")
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
@@ -172,6 +172,8 @@ def _run(cfg: FinetuneConfig, latest: Path | None) -> dict:
     if saved is not None:
         check_resume_schedule(saved, cfg, accelerator.num_processes, total_steps, where=str(out))
     logger = RunLogger(accelerator, out, resume_step=saved["step"] if saved else None)
+    if teacher is not None:
+        logger.info(distill_note)
     for line in early_log:
         logger.info(line)
     if accelerator.is_main_process:
