@@ -20,9 +20,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn as nn
+
+from beit.modeling.mim import flat_mask
 
 MIM_HEADS = ("last", "stage")
 # Constructor overrides that shape the timm model (what fine-tuning must pass to timm too).
@@ -123,17 +124,7 @@ class SwinMimModel(nn.Module):
         nn.init.trunc_normal_(self.mask_token, std=std)
 
     def _flat_mask(self, bool_masked_pos, batch: int, device) -> torch.Tensor:
-        """[B, th, tw] or [B, th*tw] mask on the token grid -> bool [B, th*tw]."""
-        m = torch.as_tensor(bool_masked_pos if torch.is_tensor(bool_masked_pos) else np.asarray(bool_masked_pos))
-        if m.dtype != torch.bool:
-            if m.is_floating_point() or m.is_complex():
-                raise ValueError(f"bool_masked_pos must be bool (or 0/1 ints), got dtype {m.dtype}")
-            m = m != 0
-        h, w = self.grid_size
-        if tuple(m.shape) not in ((batch, h, w), (batch, h * w)):
-            raise ValueError(f"bool_masked_pos must be [{batch}, {h}, {w}] or [{batch}, {h * w}] for the {h}x{w} "
-                             f"token grid, got {tuple(m.shape)}")
-        return m.reshape(batch, h * w).to(device, non_blocking=True)
+        return flat_mask(bool_masked_pos, batch, self.grid_size, device, "the {h}x{w} token grid")
 
     def patch_mask(self, token_mask: torch.Tensor) -> torch.Tensor:
         """Token-grid mask [B, th*tw] -> Swin patch-grid mask [B, th*r, tw*r] (each cell an r x r block)."""
