@@ -23,8 +23,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("beit.pretrain", "BEiT masked-image-modelling pretraining"),
     "finetune": ("beit.finetune", "fine-tune a pretrained encoder (classification or segmentation)"),
     "compare": ("beit.compare.run", "does pretraining pay off here? BEiT vs scratch vs simple baselines, over seeds"),
+    "distill": ("beit.distill", "distil a fine-tuned classifier into a small timm student (MobileViT)"),
     "export": ("beit.export", "export a fine-tuned run as timm-loadable weights"),
+    "viz": ("beit.viz.main", "pictures of a run (masks, tokens, reconstructions, attention, curves) + index.html"),
+    "export-onnx": ("beit.export_onnx", "a fine-tuned classifier as ONNX + preprocessing JSON, checked with onnxruntime"),
     "samples": ("beit.data.samples", "write shards of the built-in real sample sets (offline)"),
+    "bench": ("beit.bench.command", "speed figures beside their peers (train step, tokenizers, end to end, data) as JSON"),
     "demo": ("beit.demo", "the offline CPU demo: sample shards, k-means tokenizer, pretraining, fine-tuning"),
 }
 
@@ -42,6 +46,11 @@ EXAMPLES: dict[str, str] = {
                 "--output_dir runs/mine/finetune",
     "export": "beit export --run_dir runs/mine/finetune --out exported/model.safetensors",
     "samples": "beit samples --out data_samples --kind all",
+    "viz": "beit viz runs/mine/pretrain",
+    "bench": "beit bench --sections train_step --models tiny --batch_size 8 --rounds 5",
+    "distill": ("beit distill --teacher runs/mine/finetune/model.safetensors --data my_labelled/ "
+                "--unlabelled_shards 'shards/mine/train-*.tar' --output_dir runs/mine/distill"),
+    "export-onnx": "beit export-onnx --model runs/mine/finetune/model.safetensors --out exported/model.onnx",
     "demo": "beit demo",
     "compare": "beit compare --train_shards 'shards/mine/train-*.tar' --test_shards 'shards/mine/test-*.tar' "
                "--seeds 0,1,2 --output_dir runs/compare",
@@ -72,6 +81,11 @@ def _suggest(word: str) -> str:
     return f" (did you mean 'beit {close[0]}'?)" if close else ""
 
 
+def _is_run_fault(e: BaseException) -> bool:
+    from beit.runtime.run_faults import RunFault
+    return isinstance(e, RunFault) or type(e).__name__ in ("NonFiniteLossError", "DataQualityError")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -98,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # a fault during the run (RunFault, a diverged loss): a message, not a traceback
+        if not _is_run_fault(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return result if isinstance(result, int) else 0
 
 

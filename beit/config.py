@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import math
 import sys
 import types
 import typing
@@ -48,6 +49,19 @@ def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _split_commas(text: str) -> list[str]:
+    """Split at commas outside ``{...}`` (a brace list like ``train-{000000,000001}.tar`` stays whole)."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "{") - (ch == "}")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
 def _coerce(name: str, value: Any, tp: Any) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert where it is lossless."""
     origin = typing.get_origin(tp)
@@ -72,7 +86,7 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         return value
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()] if value else []
+            value = [v.strip() for v in _split_commas(value) if v.strip()] if value else []
         if not isinstance(value, (list, tuple)):
             value = [value]
         if args and not (origin is tuple and len(args) == 2 and args[1] is Ellipsis):
@@ -119,6 +133,31 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{name}: expected a string, got {value!r}")
         return "" if value is None else str(value)
     return value
+
+
+FLOAT32_MAX = 3.4028234663852886e38
+
+
+def check_finite_numbers(cfg: Any) -> None:
+    """Raise ValueError naming every numeric option that is NaN, infinite or beyond float32's range
+    (the model computes in float32 or lower, so such a value poisons the weights at the first step)."""
+    bad = []
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            if isinstance(x, float) and not (math.isfinite(x) and abs(x) <= FLOAT32_MAX):
+                bad.append(f"--{f.name} {x!r}")
+    if bad:
+        raise ValueError(f"{', '.join(bad)}: numeric options must be finite numbers within float32's range "
+                         f"(|x| <= {FLOAT32_MAX:.3g}); NaN or Inf would poison the weights at the first step")
+
+
+def check_lr(lr: float, name: str = "lr", ceiling: float = 1.0) -> None:
+    """A peak learning rate must be in (0, ceiling]: an AdamW lr above 1 moves every weight by more
+    than its scale at each step and overflows within a few steps."""
+    if not 0 < lr <= ceiling:
+        raise ValueError(f"--{name} {lr:g} is outside (0, {ceiling:g}]: AdamW with such an lr diverges "
+                         f"(BEiT's recipes use 1.5e-3 for pretraining and 4e-3 for fine-tuning)")
 
 
 def _parse_scalar(text: str) -> Any:

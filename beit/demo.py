@@ -7,7 +7,8 @@
 2. fits the k-means visual-word tokenizer on the training photos;
 3. pretrains a small BEiT (the demo_pretrain recipe), checkpointing as it goes;
 4. fine-tunes it on the digits (the demo_finetune recipe) and scores the held-out test digits;
-5. prints where everything is, the held-out masked-token accuracy beside the majority baseline, and top-1.
+5. draws both runs' reports (``beit viz``: masks, tokens, reconstructions, attention, curves -> RUN_DIR/index.html);
+6. prints where everything is, the held-out masked-token accuracy beside the majority baseline, and top-1.
 
 Each stage is a separate process; finished stages are reused and a killed run resumes from its last
 complete checkpoint when the same command is run again.
@@ -40,25 +41,31 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     photos, digits = root / "data" / "photos", root / "data" / "digits"
     tokenizer, pre, ft = root / "tokenizer" / "kmeans", root / "pretrain", root / "finetune"
-    print(f"== 1/4 sample shards -> {photos}, {digits}", flush=True)
+    print(f"== 1/5 sample shards -> {photos}, {digits}", flush=True)
     for path, kind in ((photos, "photos"), (digits, "digits")):
         if (path / "manifest.json").is_file():
             print(f"   (reusing {path})")
         else:
             _run(["beit.data.samples", "--out", str(path), "--kind", kind])
-    print(f"== 2/4 k-means tokenizer (256 visual words, 8 px patches of the 64 px view) -> {tokenizer}", flush=True)
+    print(f"== 2/5 k-means tokenizer (256 visual words, 8 px patches of the 64 px view) -> {tokenizer}", flush=True)
     if tokenizer.with_suffix(".json").is_file():
         print("   (reusing the tokenizer)")
     else:
         _run(["beit.tokenizers.train", "kmeans", "--shards", f"{photos}/train-*.tar", "--val_shards",
               f"{photos}/val-*.tar", "--out", str(tokenizer), "--vocab_size", "256", "--patch_size", "8",
               "--input_size", "64", "--model_grid", "8", "--crop_scale_min", "0.25", "--epochs", "2", "--seed", "0"])
-    print(f"== 3/4 BEiT pretraining (CPU) -> {pre}", flush=True)
+    print(f"== 3/5 BEiT pretraining (CPU) -> {pre}", flush=True)
     _run(["beit.pretrain", "--config", "demo_pretrain", "--data_shards", f"{photos}/train-*.tar",
           "--val_shards", f"{photos}/val-*.tar", "--tokenizer_path", str(tokenizer), "--output_dir", str(pre), *argv])
-    print(f"== 4/4 fine-tuning the pretrained encoder on the real digits (held-out test split) -> {ft}", flush=True)
+    print(f"== 4/5 fine-tuning the pretrained encoder on the real digits (held-out test split) -> {ft}", flush=True)
     _run(["beit.finetune", "--config", "demo_finetune", "--init", str(pre / "pretrained.safetensors"),
           "--train_shards", f"{digits}/train-*.tar", "--val_shards", f"{digits}/test-*.tar", "--output_dir", str(ft)])
+    print(f"== 5/5 run reports (beit viz) -> {pre / 'index.html'}, {ft / 'index.html'}", flush=True)
+    for run in (pre, ft):
+        code = subprocess.call([sys.executable, "-m", "beit.viz.main", str(run), "--device", "cpu", "--num_images", "4"],
+                               stdout=subprocess.DEVNULL)
+        if code:
+            raise SystemExit(code)
     report(pre, tokenizer, ft, t0)
     return 0
 
@@ -74,7 +81,9 @@ def report(pre: Path, tokenizer: Path, ft: Path, t0: float) -> None:
     print(f"   pretrained weights : {m['pretrained']}  (+ pretrained.json: model config)")
     print(f"   last checkpoint    : {find_latest_complete(pre)}")
     print(f"   metrics (JSON lines): {pre / 'metrics.jsonl'}, {ft / 'metrics.jsonl'}")
-    print(f"   TensorBoard        : tensorboard --logdir {pre.parent}")
+    print(f"   run reports        : {pre / 'index.html'}, {ft / 'index.html'}  (open in a browser; "
+          f"`beit viz RUN_DIR` redraws them)")
+    print(f"   TensorBoard        : tensorboard --logdir {pre.parent}  (scalars of both stages + pretraining pictures)")
     print(f"   run configs        : {pre / 'config.yaml'}, {ft / 'config.yaml'}")
     print(f"   tokenizer          : {tokenizer}.safetensors / .json")
     print(f"   fine-tuned model   : {ft / 'model.safetensors'} (timm-loadable), {ft / 'confusion_matrix.png'}")

@@ -52,6 +52,8 @@ def build_optimizer(cfg: FinetuneConfig, model, total_steps: int, warmup_steps: 
     from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
     if cfg.linear_probe:
         groups = param_groups_weight_decay(model, cfg.weight_decay)
+    elif cfg.task == "distill":  # the student is trained from scratch: no layer-wise lr decay
+        groups = layer_decay_param_groups(model, cfg.weight_decay, 1.0)
     elif cfg.task == "segmentation":
         from beit.modeling.segmenter import seg_layer_decay_groups
         groups = seg_layer_decay_groups(model, cfg.weight_decay, cfg.layer_decay)
@@ -71,6 +73,9 @@ def build_criterion(cfg: FinetuneConfig, num_classes: int):
     if cfg.task == "segmentation":
         from beit.modeling.segmenter import SegLoss
         return SegLoss(cfg.seg_aux_weight), None
+    if cfg.task == "distill":
+        from beit.modeling.distill import DistillLoss
+        return DistillLoss(cfg.distill_temperature, cfg.distill_alpha, cfg.label_smoothing), None
     if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0:
         mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
                       switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing,
@@ -107,20 +112,35 @@ def resolve_folders(cfg: FinetuneConfig, log=print) -> FinetuneConfig:
 
 
 def run_finetune(cfg: FinetuneConfig) -> dict:
-    """Train, evaluate, checkpoint/resume, and write the final results; returns the final metrics."""
+    """Train, evaluate, checkpoint/resume, and write the final results; returns the final metrics.
+    One run per output_dir (a lock); the resume checkpoint is verified (damaged ones moved aside)."""
+    from beit.runtime.checkpoint_integrity import remove_stale_temp, select_resume
+    from beit.runtime.run_lock import end_with_launcher, hold_output_dir
+
+    end_with_launcher()
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with hold_output_dir(cfg.output_dir, is_main=rank0):
+        latest = None
+        if cfg.resume:
+            if rank0:
+                remove_stale_temp(cfg.output_dir)
+            log = (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)) if rank0 else (lambda m: None)
+            latest = select_resume(cfg.output_dir, move_aside=rank0, log=log)
+        return _run(cfg, latest)
+
+
+def _run(cfg: FinetuneConfig, latest: Path | None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from beit.runtime.checkpointing import (TRAIN_STATE, check_resume_compatible, find_latest_complete,
-                                    load_checkpoint, save_checkpoint)
+    from beit.runtime.checkpointing import TRAIN_STATE, check_resume_compatible, load_checkpoint, save_checkpoint
     from beit.engines.finetune import save_confusion_png, train_one_epoch
     from beit.export import export_model
     from beit.finetune_data import build_loaders, check_shards, resolve_classes
-    from beit.runtime.run_logging import data_error_metrics, data_summary
-    from beit.runtime.run_logging import RunLogger, resolve_trackers
-    from beit.runtime.scaling import (accelerator_kwargs_handlers, describe_scaling, grad_accum_for, refuse_under_fsdp,
-                                      resolve_mixed_precision)
     from beit.options.common import warmup_for
+    from beit.runtime.precision import resolve_mixed_precision
+    from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger, data_error_metrics, data_summary, resolve_trackers
+    from beit.runtime.scaling import accelerator_kwargs_handlers, describe_scaling, grad_accum_for, refuse_under_fsdp
 
     out = Path(cfg.output_dir)
     if cfg.global_batch_size:  # keep the global batch for any process count (lr is not rescaled)
@@ -138,10 +158,9 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     check_shards(cfg)  # missing / empty shard specs fail here, before any model is built
     num_classes, class_names = resolve_classes(cfg.train_shards, cfg.val_shards, cfg.num_classes)
     cfg = dataclasses.replace(cfg, num_classes=num_classes)
-    latest = find_latest_complete(out) if cfg.resume else None
-    resume_step = json.loads((latest / TRAIN_STATE).read_text())["step"] if latest else None
-    logger = RunLogger(accelerator, out, resume_step=resume_step)
-    model = build_model(cfg, num_classes, log=logger.info)
+    saved = json.loads((latest / TRAIN_STATE).read_text()) if latest else None
+    early_log: list[str] = []  # build messages, logged once the logger exists (after the resume checks)
+    model = build_model(cfg, num_classes, log=early_log.append)
     if cfg.grad_checkpointing:
         (model.encoder if cfg.linear_probe else model).set_grad_checkpointing(True)
     if cfg.model == "beit":  # record the dims actually built (they may come from --init)
@@ -152,17 +171,39 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         cfg = dataclasses.replace(cfg, embed_dim=enc.embed_dim, depth=len(enc.blocks), num_heads=attn.num_heads,
                                   mlp_ratio=enc.blocks[0].mlp.fc1.out_features / enc.embed_dim, position=position,
                                   init_values=cfg.init_values if enc.blocks[0].gamma_1 is not None else 0.0)
-    if accelerator.is_main_process:
-        save_config(cfg, out / "config.yaml")
+    if saved is not None:  # before anything of this run is written
+        saved_cfg = dict(saved["config"])
+        if "img_size" in saved_cfg:  # a checkpoint from before the rename
+            saved_cfg.setdefault("image_size", saved_cfg.pop("img_size"))
+        check_resume_compatible(saved_cfg, to_dict(cfg), RESUME_KEYS, where=str(out))
     if cfg.task == "segmentation" and accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over all ranks
     set_seed(cfg.seed + accelerator.process_index)  # mixup / drop path differ per rank
     train_loader, val_loader = build_loaders(cfg, accelerator, num_classes)
+    teacher = None
+    if cfg.task == "distill":
+        from beit.distill_data import PairedLoader, build_unlabelled_loader
+        from beit.finetune_data import build_transforms
+        from beit.modeling.distill import load_teacher
+        teacher = load_teacher(cfg.teacher, num_classes=num_classes, mean=cfg.mean, std=cfg.std).to(accelerator.device)
+        train_loader = PairedLoader(train_loader, build_unlabelled_loader(cfg, accelerator, build_transforms(cfg, True)))
+        distill_note = (f"distilling {cfg.teacher} into {cfg.model}: temperature {cfg.distill_temperature:g}, hard-label "
+                    f"weight {cfg.distill_alpha:g}; each batch {cfg.batch_size} labelled + "
+                    f"{cfg.unlabelled_batch_size or cfg.batch_size} unlabelled images ({cfg.unlabelled_shards})")
     steps_per_epoch = len(train_loader) // cfg.grad_accum_steps
     if steps_per_epoch < 1:
         raise ValueError(f"an epoch has {len(train_loader)} batches, fewer than grad_accum_steps="
                          f"{cfg.grad_accum_steps}: lower --batch_size or --grad_accum_steps")
     total_steps = steps_per_epoch * cfg.epochs
+    if saved is not None:
+        check_resume_schedule(saved, cfg, accelerator.num_processes, total_steps, where=str(out))
+    logger = RunLogger(accelerator, out, resume_step=saved["step"] if saved else None)
+    if teacher is not None:
+        logger.info(distill_note)
+    for line in early_log:
+        logger.info(line)
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
     warmup = warmup_for(steps_per_epoch, total_steps, cfg.warmup_epochs, cfg.warmup_steps, log=logger.info)
     optimizer, schedule = build_optimizer(cfg, model, total_steps, warmup)
     criterion, mixup_fn = build_criterion(cfg, num_classes)
@@ -176,18 +217,15 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     step, start_epoch = 0, 0
     if latest is not None:
         train_state, rank_state = load_checkpoint(accelerator, latest)
-        saved_cfg = dict(train_state["config"])
-        if "img_size" in saved_cfg:  # a checkpoint from before the rename
-            saved_cfg.setdefault("image_size", saved_cfg.pop("img_size"))
-        check_resume_compatible(saved_cfg, to_dict(cfg), RESUME_KEYS, where=str(out))
-        check_resume_schedule(train_state, cfg, accelerator.num_processes, total_steps, where=str(out))
         schedule.load_state_dict(train_state["schedule"])
         step, start_epoch = int(train_state["step"]), int(train_state["epoch"])
         if rank_state is not None:
             train_loader.load_state_dict(rank_state["loader"])
-        logger.info(f"resumed from {latest} (epoch {start_epoch}, step {step})")
+        where = "mid-epoch, " if train_state.get("mid_epoch") else ""
+        logger.info(f"resumed from {latest} (epoch {start_epoch}, {where}step {step})")
     if trackers:
-        accelerator.init_trackers("finetune")
+        accelerator.init_trackers(TENSORBOARD_RUN, config={k: v for k, v in to_dict(cfg).items()
+                                                           if isinstance(v, (int, float, str, bool))})
     eff_batch = cfg.batch_size * cfg.grad_accum_steps * accelerator.num_processes
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     for line in data_summary(train_loader, cfg.batch_size, accelerator.num_processes):
@@ -207,9 +245,20 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
     logger.info(f"outputs: {out}/ (config.yaml, metrics.jsonl, checkpoints/, final.json, model.safetensors"
                 + (", confusion_matrix.png)" if val_loader is not None and cfg.task == "classification" else ")"))
 
+    def save(s: int, epoch: int, mid_epoch: bool) -> None:
+        path = save_checkpoint(accelerator, out, s,
+                               {"epoch": epoch, "mid_epoch": mid_epoch, "schedule": schedule.state_dict(),
+                                "config": to_dict(cfg), "total_steps": total_steps},
+                               rank_state={"loader": train_loader.state_dict()}, keep_last=cfg.keep_last)
+        logger.info(f"checkpoint saved: {path}")
+
+    epoch = start_epoch
+
     def on_step(s: int, metrics: dict) -> None:
         if s % cfg.log_every == 0 or s == total_steps:
             logger.log(metrics, step=s)
+        if s % cfg.checkpoint_every == 0 and s % steps_per_epoch:  # epoch ends save after their evaluation
+            save(s, epoch, mid_epoch=True)
 
     results: dict = {}
     bar = logger.progress(total=total_steps, initial=step, desc="finetune", images_per_step=eff_batch)
@@ -219,7 +268,7 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         step, train_stats = train_one_epoch(
             model, train_loader, optimizer, schedule, accelerator, criterion, epoch=epoch, step=step,
             max_steps=(epoch + 1) * steps_per_epoch, mixup_fn=mixup_fn, ema=ema, clip_grad=cfg.clip_grad,
-            on_step=on_step, progress=bar)
+            on_step=on_step, progress=bar, teacher=teacher)
         record = {"epoch": epoch + 1, **train_stats, **data_error_metrics(train_loader, accelerator)}
         last = epoch + 1 == cfg.epochs
         if val_loader is not None and (last or (epoch + 1) % cfg.eval_every == 0):
@@ -229,11 +278,8 @@ def run_finetune(cfg: FinetuneConfig) -> dict:
         logger.info(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in record.items()
                                                       if isinstance(v, float)))
         logger.log(record, step=step)
-        if last or (cfg.save_every and (epoch + 1) % cfg.save_every == 0):
-            save_checkpoint(accelerator, out, step,
-                            {"epoch": epoch + 1, "schedule": schedule.state_dict(), "config": to_dict(cfg),
-                             "total_steps": total_steps},
-                            rank_state={"loader": train_loader.state_dict()}, keep_last=cfg.keep_last)
+        if last or step % cfg.checkpoint_every == 0:
+            save(step, epoch + 1, mid_epoch=False)
     bar.close()
     if not results and val_loader is not None:  # resumed after the last epoch: evaluate the restored weights
         results = _evaluate_all(model, ema, val_loader, accelerator, num_classes, cfg)
@@ -289,8 +335,12 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from beit.runtime.run_faults import RunFault
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, PermissionError) as e:  # bad input (shards, checkpoint shapes): a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except RunFault as e:  # a fault during the run (non-finite state, damaged checkpoints, disk, lock)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

@@ -10,7 +10,10 @@ from torch.utils.data import DataLoader
 def check_shards(cfg) -> None:
     """Expand both shard specs now so a typo fails at start-up with the data layer's message."""
     from beit.data.shardspec import expand_shards
-    for name in ("train_shards", "val_shards"):
+    names = ("train_shards", "val_shards") + (("unlabelled_shards",) if getattr(cfg, "task", "") == "distill" else ())
+    if "unlabelled_shards" in names and not cfg.unlabelled_shards:
+        raise ValueError("--task distill needs --unlabelled_shards (e.g. the pretraining shards)")
+    for name in names:
         if name == "val_shards" and not cfg.val_shards:
             continue  # no held-out data: no evaluation
         try:
@@ -77,15 +80,18 @@ def build_transforms(cfg, is_training: bool):
 
 
 def parse_label(sample: dict, num_classes: int) -> int:
-    """The integer label stored as ASCII text under ``cls``."""
+    """The integer label stored as ASCII text under ``cls``; a missing, unreadable or out-of-range label
+    is a bad sample (counted by reason and shard, like an undecodable image)."""
+    from beit.data.decode import BadSample
     raw = sample.get("cls")
     if raw is None:
-        raise ValueError(f"sample {sample.get('__key__')!r} has no 'cls' label; fine-tuning needs labelled shards")
-    if isinstance(raw, (bytes, bytearray)):
-        raw = raw.decode("ascii")
-    label = int(str(raw).strip())
+        raise BadSample("no_label", f"no 'cls' member in {sample.get('__shard__', '?')}; fine-tuning needs labels")
+    try:
+        label = int((raw.decode("ascii") if isinstance(raw, (bytes, bytearray)) else str(raw)).strip())
+    except (UnicodeDecodeError, ValueError):
+        raise BadSample("bad_label", f"cls={bytes(raw)[:20] if isinstance(raw, (bytes, bytearray)) else raw!r}") from None
     if not 0 <= label < num_classes:
-        raise ValueError(f"sample {sample.get('__key__')!r}: label {label} outside 0..{num_classes - 1}")
+        raise BadSample("bad_label", f"label {label} outside 0..{num_classes - 1}")
     return label
 
 
@@ -122,7 +128,8 @@ def build_loaders(cfg, accelerator, num_classes: int):
                                    seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction,
                                    batches_per_epoch=cfg.batches_per_epoch or None,
                                    small_image_size=cfg.image_size,  # counted as data/upscaled
-                                   resampled=cfg.resampled, batch_multiple=cfg.grad_accum_steps)
+                                   resampled=cfg.resampled, batch_multiple=cfg.grad_accum_steps,
+                                   pin_memory=accelerator.device.type == "cuda")
     val = heldout_loader(expand_shards(cfg.val_shards), val_map, accelerator, batch_size=val_batch,
                          num_workers=cfg.num_workers, seed=cfg.seed) if cfg.val_shards else None
     return train, val

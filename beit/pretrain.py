@@ -17,14 +17,19 @@ from pathlib import Path
 
 import torch
 
-from beit.runtime.checkpointing import (TRAIN_STATE, check_resume_compatible, config_fingerprint, find_latest_complete,
-                                load_checkpoint, save_checkpoint, save_weights)
+from beit.runtime.checkpoint_integrity import remove_stale_temp, select_resume
+from beit.runtime.checkpointing import (TRAIN_STATE, check_resume_compatible, config_fingerprint, load_checkpoint,
+                                        save_checkpoint, save_weights)
+from beit.runtime.run_faults import RunFault
+from beit.runtime.run_lock import OutputDirError, check_output_dir, end_with_launcher, hold_output_dir
 from beit.config import load_yaml, parse_config, save_config, to_dict
 from beit.options.pretrain import RESUME_KEYS, PretrainConfig
 from beit.engines.pretrain import MimMeter, TrainState, evaluate_mim, train_one_epoch
 from beit.optim import WarmupCosineSchedule, create_adamw, param_groups_weight_decay
-from beit.runtime.run_logging import RunLogger, data_error_metrics, data_summary, resolve_trackers
-from beit.runtime.scaling import accelerator_kwargs_handlers, refuse_under_fsdp, resolve_mixed_precision  # noqa: F401
+from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger, data_error_metrics, data_summary, resolve_trackers
+from beit.runtime.precision import resolve_mixed_precision
+from beit.runtime.scaling import accelerator_kwargs_handlers, refuse_under_fsdp
+
 
 class MimSample:
     """The loader's ``map_fn``: two-view augmentation + a block mask for one image.
@@ -66,14 +71,26 @@ def model_dims(cfg: PretrainConfig) -> dict:
 
 
 def build_model(cfg: PretrainConfig, vocab_size: int):
-    """The pretraining model of the config."""
+    """The pretraining model of the config (the BEiT ViT, or a timm Swin with ``--arch swin_*``)."""
     from beit.modeling.mim import create_pretrain_model
+
+    if cfg.arch != "beit":
+        from beit.modeling.swin_mim import SwinMimModel
+        model = SwinMimModel(cfg.arch, token_grid=cfg.grid, vocab_size=vocab_size, head=cfg.swin_head,
+                             drop_path_rate=cfg.drop_path, img_size=cfg.image_size, patch_size=cfg.swin_patch_size,
+                             embed_dim=cfg.embed_dim, depths=cfg.swin_depths, num_heads=cfg.swin_heads,
+                             window_size=cfg.swin_window_size, mlp_ratio=cfg.mlp_ratio)
+        if cfg.grad_checkpointing:
+            model.set_grad_checkpointing(True)
+        return model
 
     overrides = dict(img_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=vocab_size,
                      drop_path_rate=cfg.drop_path, mlp_ratio=cfg.mlp_ratio)
     model = create_pretrain_model(None, **model_dims(cfg), **overrides)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
+    if cfg.compile:
+        model.compile_blocks()
     return model
 
 
@@ -149,8 +166,9 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
         rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
         shuffle_buffer=cfg.shuffle_buffer, batches_per_epoch=cfg.batches_per_epoch or None,
         allow_remote=cfg.allow_remote_shards, max_bad_fraction=cfg.max_bad_fraction,
-        small_image_size=cfg.image_size,  # counted as data/upscaled
-        resampled=cfg.resampled, batch_multiple=accum)
+        small_image_size=cfg.image_size, labels=False,  # upscaled images counted as data/upscaled
+        resampled=cfg.resampled, batch_multiple=accum,
+        pin_memory=accelerator.device.type == "cuda")  # page-locked batches: the non_blocking copies overlap
 
 
 def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int, accum: int, log=print) -> tuple[int, int, int]:
@@ -213,8 +231,8 @@ def build_knn_health(cfg: PretrainConfig, accelerator, logger, total_steps: int)
 
 
 def check_inputs(cfg: PretrainConfig, world: int):
-    """Every check that needs files but no compute: shards, tokenizer grid, token cache, masking, batch
-    split, resume compatibility. Returns (shards, val_shards, tokenizer or None, grad_accum_steps,
+    """Every check that needs files but no compute and writes nothing: shards, tokenizer grid, token cache,
+    masking, batch split (resume compatibility: ``check_resume``, under the run lock). Returns (shards, val_shards, tokenizer or None, grad_accum_steps,
     token cache info or None); the tokenizer is None when a token cache replaces it and nothing else needs it."""
     from beit.data.shardspec import expand_shards
     from beit.masking import MaskingGenerator
@@ -223,6 +241,7 @@ def check_inputs(cfg: PretrainConfig, world: int):
 
     try:
         cfg.validate()
+        check_output_dir(cfg.output_dir)
         cache = read_cache_info(cfg.token_cache) if cfg.token_cache else None
         val_spec = cfg.val_shards
         if cache is not None:
@@ -263,39 +282,69 @@ def check_inputs(cfg: PretrainConfig, world: int):
                 raise ValueError(f"global_batch_size {cfg.global_batch_size} is not divisible by batch_size "
                                  f"{cfg.batch_size} x {world} process(es)")
             accum = cfg.global_batch_size // (cfg.batch_size * world)
-        model_dims(cfg)
-        out = Path(cfg.output_dir)
-        latest = find_latest_complete(out)
-        if latest is not None and (out / "config.yaml").is_file():
-            saved = to_dict(load_yaml(PretrainConfig, out / "config.yaml"))
-            check_resume_compatible(saved, to_dict(cfg), RESUME_KEYS, where=str(out))
-        if latest is not None:
-            saved = json.loads((latest / TRAIN_STATE).read_text())
-            saved_fp = saved.get("tokenizer_fingerprint")
-            if tokenizer is not None and saved_fp not in (None, tokenizer_fingerprint(tokenizer)):
-                raise ValueError(f"cannot resume {out}: the tokenizer at {cfg.tokenizer_path} has other weights than "
-                                 "the one this run was trained with; use a new --output_dir or the original tokenizer")
-            cache_fp = token_cache_fingerprint(cfg.token_cache) if cache is not None else None
-            saved_cache = saved.get("token_cache_fingerprint", cache_fp)  # absent: a checkpoint from before caches
-            if saved_cache != cache_fp:
-                was = ("another token cache than " if cache_fp else "a token cache, not ") if saved_cache else \
-                    "no token cache, not "
-                raise ValueError(f"cannot resume {out}: it was trained with {was}--token_cache {cfg.token_cache}; "
-                                 "use a new --output_dir or the run's original token cache setting")
+        if cfg.arch == "beit":
+            model_dims(cfg)
+        else:  # the Swin's sizes, windows and token-grid geometry, checked without allocating weights
+            try:
+                with torch.device("meta"):
+                    build_model(cfg, tokenizer.vocab_size if tokenizer is not None else int(cache["vocab_size"]))
+            except (TypeError, AssertionError, IndexError, RuntimeError) as e:  # timm's own checks
+                raise ValueError(f"--arch {cfg.arch} cannot be built with these Swin options: {e}") from None
     except (ValueError, FileNotFoundError, PermissionError) as e:
         raise SetupError(str(e)) from e
     return shards, val_shards, tokenizer, accum, cache
 
 
+def check_resume(cfg: PretrainConfig, latest: Path | None, tokenizer, cache) -> None:
+    """Refuse to resume ``latest`` (the newest intact checkpoint) with another model, tokenizer or token
+    cache; runs before anything of this run is written."""
+    if latest is None:
+        return
+    out = Path(cfg.output_dir)
+    try:
+        if (out / "config.yaml").is_file():
+            saved = to_dict(load_yaml(PretrainConfig, out / "config.yaml"))
+            check_resume_compatible(saved, to_dict(cfg), RESUME_KEYS, where=str(out))
+        saved = json.loads((latest / TRAIN_STATE).read_text())
+        saved_fp = saved.get("tokenizer_fingerprint")
+        if tokenizer is not None and saved_fp not in (None, tokenizer_fingerprint(tokenizer)):
+            raise ValueError(f"cannot resume {out}: the tokenizer at {cfg.tokenizer_path} has other weights than "
+                             "the one this run was trained with; use a new --output_dir or the original tokenizer")
+        cache_fp = token_cache_fingerprint(cfg.token_cache) if cache is not None else None
+        saved_cache = saved.get("token_cache_fingerprint", cache_fp)  # absent: a checkpoint from before caches
+        if saved_cache != cache_fp:
+            was = ("another token cache than " if cache_fp else "a token cache, not ") if saved_cache else \
+                "no token cache, not "
+            raise ValueError(f"cannot resume {out}: it was trained with {was}--token_cache {cfg.token_cache}; "
+                             "use a new --output_dir or the run's original token cache setting")
+    except (ValueError, FileNotFoundError) as e:
+        raise SetupError(str(e)) from e
+
+
 def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> dict:
-    """Run (or resume) pretraining; returns the final summary (also written to final_metrics.json)."""
+    """Run (or resume) pretraining; returns the final summary (also written to final_metrics.json).
+    Bad input raises SetupError/OutputDirError; faults during the run (a non-finite state, no intact
+    checkpoint, a full disk, a second run on the folder) raise RunFault, all with a message."""
+    cfg = resolve_tokenizer_kind(cfg or parse_config(PretrainConfig, argv, description=__doc__))
+    end_with_launcher()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    inputs = check_inputs(cfg, world)
+    rank0 = os.environ.get("RANK", "0") == "0"
+    with hold_output_dir(cfg.output_dir, is_main=rank0):
+        if rank0:
+            remove_stale_temp(cfg.output_dir)
+        log = (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)) if rank0 else (lambda m: None)
+        latest = select_resume(cfg.output_dir, move_aside=rank0, log=log)
+        check_resume(cfg, latest, inputs[2], inputs[4])
+        return _train(cfg, world, inputs, latest)
+
+
+def _train(cfg: PretrainConfig, world: int, inputs: tuple, latest: Path | None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    cfg = resolve_tokenizer_kind(cfg or parse_config(PretrainConfig, argv, description=__doc__))
     out = Path(cfg.output_dir)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    shards, val_shards, tokenizer, accum, cache = check_inputs(cfg, world)
+    shards, val_shards, tokenizer, accum, cache = inputs
     vocab_size = tokenizer.vocab_size if tokenizer is not None else int(cache["vocab_size"])
 
     trackers = resolve_trackers(cfg.tensorboard)
@@ -310,13 +359,8 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
                               "leave --val_shards empty and evaluate pretrained.safetensors afterwards")
         except ValueError as e:
             raise SetupError(str(e)) from None
-    latest = find_latest_complete(out)
     tok_fp = tokenizer_fingerprint(tokenizer) if tokenizer is not None else None
     cache_fp = token_cache_fingerprint(cfg.token_cache) if cache is not None else None
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-    accelerator.wait_for_everyone()
 
     # --- build ---------------------------------------------------------------------------------
     set_seed(cfg.seed)
@@ -325,11 +369,14 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
         tokenizer = tokenizer.to(accelerator.device)
     optimizer = create_adamw(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              eps=cfg.eps)
-    try:
+    try:  # the loader's start-up checks (worker split, empty shards) are bad input too
         loader = build_loader(cfg, shards, tokenizer, accelerator, train=True, batch_size=cfg.batch_size, accum=accum)
+        steps_per_epoch, total_steps, warmup = resolve_steps(cfg, len(loader), accum, log=main_print)
     except ValueError as e:
         raise SetupError(str(e)) from None
-    steps_per_epoch, total_steps, warmup = resolve_steps(cfg, len(loader), accum, log=main_print)
+    if accelerator.is_main_process:  # every start-up check has passed
+        save_config(cfg, out / "config.yaml")
+    accelerator.wait_for_everyone()
     schedule = WarmupCosineSchedule(optimizer, lr=cfg.lr, min_lr=cfg.min_lr, total_steps=total_steps,
                                     warmup_steps=warmup, weight_decay=cfg.weight_decay,
                                     weight_decay_end=cfg.weight_decay_end)
@@ -351,12 +398,12 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
         resumed_from = latest
     logger = RunLogger(accelerator, out, resume_step=state.step if resumed_from else None)
     if trackers:
-        accelerator.init_trackers("tensorboard", config={k: v for k, v in to_dict(cfg).items()
+        accelerator.init_trackers(TENSORBOARD_RUN, config={k: v for k, v in to_dict(cfg).items()
                                                          if isinstance(v, (int, float, str, bool))})
 
     n_params = sum(p.numel() for p in accelerator.unwrap_model(model).parameters())
     eff_batch = cfg.batch_size * accum * accelerator.num_processes
-    logger.info(f"BEiT pretraining: {n_params / 1e6:.2f}M params, grid {cfg.grid[0]}x{cfg.grid[1]}, "
+    logger.info(f"BEiT pretraining{'' if cfg.arch == 'beit' else ' of ' + cfg.arch}: {n_params / 1e6:.2f}M params, grid {cfg.grid[0]}x{cfg.grid[1]}, "
                 f"{cfg.masked_count()} masked, {cfg.tokenizer} tokenizer (vocab {vocab_size})")
     if cache is not None:
         logger.info(f"token cache {cfg.token_cache}: {cache['views_per_image']} stored views per image (crop scale "
@@ -397,13 +444,17 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
     meter = MimMeter(vocab_size, accelerator.device)
     if health is not None and state.step == 0:
         health(accelerator.unwrap_model(model), 0)  # the random encoder: what the metric must rise above
+    pictures = None
+    if trackers and cfg.log_images_every:
+        from beit.runtime.train_pictures import TrainingPictures
+        pictures = TrainingPictures(logger, tokenizer, cfg.log_images_every, vocab_size=vocab_size)
     t_start, time_before = time.time(), state.train_seconds
     with logger.progress(total_steps, initial=state.step, images_per_step=eff_batch) as bar:
         while state.step < total_steps:
             loader.set_epoch(state.epoch)
             train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, state,
                             total_steps=total_steps, clip_grad=cfg.clip_grad, max_nonfinite_in_a_row=cfg.max_nonfinite_steps, log_every=cfg.log_every, logger=logger,
-                            after_step=after_step, progress=bar, meter=meter,
+                            after_step=after_step, progress=bar, meter=meter, pictures=pictures,
                             data_stats=lambda: data_error_metrics(loader, accelerator))
             if state.step < total_steps:
                 state.epoch += 1
@@ -448,8 +499,12 @@ def main(argv: list[str] | None = None, cfg: PretrainConfig | None = None) -> di
 
 
 if __name__ == "__main__":
+    from beit.engines.pretrain import NonFiniteLossError
     try:
         main()
-    except SetupError as e:  # bad input: a message, not a traceback
+    except (SetupError, OutputDirError) as e:  # bad input: a message, not a traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (RunFault, NonFiniteLossError) as e:  # a fault during the run: a message, not a traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)

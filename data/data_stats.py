@@ -103,7 +103,7 @@ class DataStats:
             f"{self.data['bad']} of {self.total} samples ({self.bad_fraction:.1%}) were bad, above "
             f"max_bad_fraction={max_bad_fraction:g}. By reason: {self.data['bad_by_reason']}. "
             f"Worst shards: {worst}.{example} Check the shards with "
-            f"`python -m beit.data.shards verify <shard folder>`, rewrite or drop the bad ones, or raise "
+            f"`beit shards verify --dir <shard folder>`, rewrite or drop the bad ones, or raise "
             f"max_bad_fraction if this much loss is acceptable.")
 
     def metrics(self, prefix: str = "data/") -> dict[str, float]:

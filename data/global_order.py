@@ -101,7 +101,7 @@ class GlobalOrderStream(ShardStream):
                     stats.add_good(raw["__shard__"])
                 return out
         raise RuntimeError(f"{MAX_SUBSTITUTES} consecutive undecodable samples after slot {i} of epoch "
-                           f"{self.epoch}: check the shards with `python -m beit.data.shards verify`")
+                           f"{self.epoch}: check the shards with `beit shards verify --dir <shard folder>`")
 
 
 class GlobalOrderLoader(StreamLoader):
@@ -132,6 +132,7 @@ def build_global_order_loader(shards: str | Sequence[str], *, map_fn: MapFn, bat
     ds = GlobalOrderStream(d.shards, d.counts, d.map_fn, d.batch_size, d.rank, d.world_size,
                            base.num_workers, d.seed, d.shuffle_buffer, False, d.min_image_size,
                            d.small_image_size)
+    ds.labels = d.labels
     loader = GlobalOrderLoader(ds, num_workers=base.num_workers, num_batches=base.num_batches,
                                max_bad_fraction=base.max_bad_fraction, bad_check_after=base.bad_check_after,
                                pin_memory=base.pin_memory, prefetch_factor=base.prefetch_factor,

@@ -177,6 +177,8 @@ class ShardStream(IterableDataset):
         return [[list(order[r::self.world_size][w::W]) for w in range(W)] for r in range(self.world_size)]
 
     # ---- worker side ----
+    labels = True  # read ``cls`` into ``label``; False: ignore labels (pretraining, mixed labelled/unlabelled shards)
+
     def _expected(self, idx: int) -> int | None:
         return self.counts[idx] if self.counts is not None else None
 
@@ -206,7 +208,9 @@ class ShardStream(IterableDataset):
             self._damaged.add(idx)
             exp = self._expected(idx)
             lost = max((exp - n) if exp is not None else 1, 1)
-            stats.add_bad(url, "tar_error", n=lost, detail=f"after {n} samples: {type(e).__name__}: {e}")
+            stats.add_bad(url, "tar_error", n=lost,
+                          detail=f"{lost} sample(s) lost: read {n} of {exp if exp is not None else '?'} expected "
+                                 f"(manifest, else the tar index: then a lower bound), {type(e).__name__}: {e}")
 
     def _shuffled(self, it: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         buf: list[dict] = []
@@ -248,7 +252,7 @@ class ShardStream(IterableDataset):
         try:
             ext = image_member(raw)
             label = None
-            if "cls" in raw:
+            if self.labels and "cls" in raw:
                 try:
                     label = int(raw["cls"].decode("ascii").strip())
                 except (UnicodeDecodeError, ValueError):
@@ -283,12 +287,19 @@ class ShardStream(IterableDataset):
         for _ in range(raw_pos):  # resume: skip consumed samples without decoding them
             next(stream)
         outs: list[dict] = []
+        mine = sum(self.counts[i] for i in self.assign[worker]) if self.counts and not self.resampled else 0
+        bad_run, bad_limit = 0, max(2 * mine, 256)  # two whole passes without one good sample: give up
         while emitted < quota:
             raw = next(stream)
             raw_pos += 1
             out = self._decode(raw, derive_seed(self.seed, self.epoch, self.rank, worker, raw_pos, 7), stats)
             if out is None:
+                bad_run += 1
+                if bad_run >= bad_limit:  # would never fill a batch: stop with the counts, not hang
+                    seen = DataStats(stats.data)
+                    seen.check(0.0)
                 continue
+            bad_run = 0
             outs.append(out)
             if len(outs) == self.batch_size:
                 emitted += 1
@@ -299,6 +310,13 @@ class ShardStream(IterableDataset):
                 yield batch
         yield {"__meta__": {"worker": worker, "raw": raw_pos, "emitted": emitted,
                             "stats": stats.pop_delta(), "stats_only": True}}
+
+
+def _warn_damaged_shards(delta: dict) -> None:
+    """Name a truncated / unreadable / missing shard on the main process (once per shard and detail)."""
+    for ex in delta.get("examples", []):
+        if ex["reason"] in ("tar_error", "missing_shard"):
+            warnings.warn(f"shard {ex['shard']}: {ex['reason']}: {ex['detail']}", stacklevel=2)
 
 
 class StreamLoader:
@@ -407,10 +425,12 @@ class StreamLoader:
                                        f"quota in epoch {self.epoch}; please report this")
                 meta = item.pop("__meta__")
                 if meta.get("stats_only"):
+                    _warn_damaged_shards(meta["stats"])
                     self._stats.merge(meta["stats"])
                 else:
                     pending[meta["worker"]].append((item, meta))
             item, meta = pending[worker].popleft()
+            _warn_damaged_shards(meta["stats"])
             self._stats.merge(meta["stats"])
             self._progress[worker] = (meta["raw"], meta["emitted"])
             self.position += 1
@@ -418,7 +438,9 @@ class StreamLoader:
                 self._stats.check(self.max_bad_fraction)
             yield item
         for item in items:  # the workers' final counts
-            self._stats.merge(item.pop("__meta__")["stats"])
+            meta = item.pop("__meta__")
+            _warn_damaged_shards(meta["stats"])
+            self._stats.merge(meta["stats"])
         self._stats.check(self.max_bad_fraction)
 
 
@@ -454,14 +476,16 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
                         max_bad_fraction: float = 0.01, bad_check_after: int = 200,
                         min_image_size: int = 8, small_image_size: int | None = None,
                         manifest: str | None = None, pin_memory: bool = False,
-                        prefetch_factor: int = 2, timeout: float = 0, batch_multiple: int = 1) -> StreamLoader:
+                        prefetch_factor: int = 2, timeout: float = 0, batch_multiple: int = 1,
+                        labels: bool = True) -> StreamLoader:
     """Build the streaming loader for ``shards`` (path, brace pattern, glob, folder, list or
     comma-separated string; URLs and ``pipe:`` only with ``allow_remote``).
 
     ``map_fn(image, sample) -> dict`` turns one RGB PIL image (a plain RGB JPEG may arrive still
     undecoded, which ``TwoViewTransform`` uses for draft decoding; any PIL operation decodes it)
     and its sample dict (raw member bytes, ``__key__``, ``__shard__``, ``__seed__``) into a dict
-    of tensors/numbers; ``label`` is added from ``cls`` when present. Images with a side below
+    of tensors/numbers; ``label`` is added from ``cls`` when present (``labels=False``: never, so
+    labelled and unlabelled shards mix, as pretraining needs). Images with a side below
     ``min_image_size`` are skipped as "too_small"; below ``small_image_size`` they are used and
     counted as "upscaled". The bad fraction is checked once ``bad_check_after`` samples were seen
     and at the end of each epoch. Every start-up problem raises ValueError before any work.
@@ -499,8 +523,10 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
             raise ValueError("the number of samples in the remote shards is unknown: pass batches_per_epoch, "
                              "or manifest=<path to the shards' manifest.json>")
         if sum(counts) == 0:
-            raise ValueError(f"the {len(counts)} shard(s) hold no samples (e.g. {urls[0]}): write them again with "
-                             f"`beit shards write --source <folder of images> --out <folder>`")
+            empty = [u for u, c in zip(urls, counts) if c == 0]
+            raise ValueError(f"the {len(counts)} shard(s) hold no samples (empty or unreadable tars, e.g. {empty[:3]}): "
+                             f"write them again with `beit shards write --source <folder of images> --out <folder>`, "
+                             f"or check them with `beit shards verify --dir <folder>`")
         batches_per_epoch = (-(-sum(counts) // (world_size * batch_size)) if resampled
                              else covering_batches(counts, world_size, num_workers, batch_size))
         batches_per_epoch = -(-batches_per_epoch // multiple) * multiple
@@ -508,6 +534,7 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
         raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
     ds = ShardStream(urls, counts, map_fn, batch_size, rank, world_size, num_workers, seed, shuffle_buffer,
                      resampled, min_image_size, small_image_size)
+    ds.labels = labels
     loader = StreamLoader(ds, num_workers=num_workers, num_batches=batches_per_epoch,
                           max_bad_fraction=max_bad_fraction, bad_check_after=bad_check_after,
                           pin_memory=pin_memory, prefetch_factor=prefetch_factor, timeout=timeout)

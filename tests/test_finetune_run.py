@@ -55,7 +55,7 @@ def read_jsonl(path):
 
 def test_finetune_end_to_end_and_resume(digits, pretrained, tmp_path):
     out = tmp_path / "run"
-    c = cfg(digits, out, init=str(pretrained), model_ema=True, model_ema_decay=0.9)
+    c = cfg(digits, out, init=str(pretrained), model_ema=True, model_ema_decay=0.9, checkpoint_every=3)
     res = run_finetune(c)
     final = json.loads((out / "final.json").read_text())
     assert final["samples"] == 360 and final["bad_samples"] == 0  # every held-out digit, once
@@ -141,7 +141,8 @@ def test_resume_with_another_micro_batch_keeps_the_global_batch(digits, tmp_path
     same run (as moving from 8 to 16 GPUs would); a different global batch is refused."""
     out = tmp_path / "run"
     # no per-micro-batch randomness (mixup, drop path); 12 steps per epoch
-    same = dict(mixup=0.0, cutmix=0.0, drop_path=0.0, global_batch_size=16, lr=3e-3, batches_per_epoch=12)
+    same = dict(mixup=0.0, cutmix=0.0, drop_path=0.0, global_batch_size=16, lr=3e-3, batches_per_epoch=12,
+                checkpoint_every=12)
     res = run_finetune(cfg(digits, out, **same))
     ckpts = sorted((out / "checkpoints").glob("step_*"))
     shutil.rmtree(ckpts[-1])

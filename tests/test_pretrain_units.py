@@ -135,11 +135,15 @@ def test_tensorboard_requested_but_missing_warns_loudly(monkeypatch, capsys):
 
 
 def test_auto_mixed_precision(monkeypatch):
+    import beit.runtime.precision as precision
     from beit.pretrain import resolve_mixed_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    assert resolve_mixed_precision("auto") == "no"                 # fp32 on CPU
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    assert resolve_mixed_precision("auto") == "no"                 # fp32 on a CPU without fast bf16
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
+    assert resolve_mixed_precision("auto") == "bf16"               # AMX / AVX-512-BF16 CPU
     assert resolve_mixed_precision("bf16") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)

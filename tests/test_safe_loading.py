@@ -95,7 +95,7 @@ def test_export_ema_file_refuses_code_pickles(tmp_path):
     from beit.config import save_config
     from beit.modeling.build import build_model
     from beit.options.finetune import FinetuneConfig
-    cfg = FinetuneConfig(num_classes=3, img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
+    cfg = FinetuneConfig(num_classes=3, image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
     run_dir = tmp_path / "run"
     save_config(cfg, run_dir / "config.yaml")
     step = run_dir / "checkpoints" / "step_00000001"

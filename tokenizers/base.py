@@ -59,6 +59,7 @@ class VisualTokenizer(nn.Module):
     """
 
     kind: str = "base"
+    compute_dtype: torch.dtype = torch.float32  # set_compute_dtype("bf16"): opt-in, faster, not bit-exact
     vocab_size: int
     input_size: int
     grid_size: tuple[int, int]
@@ -126,10 +127,22 @@ class VisualTokenizer(nn.Module):
                     "tokenizer view, not ImageNet-normalised or 0-255 pixels: each tokenizer normalises itself")
         return images.clamp(0.0, 1.0)
 
+    def set_compute_dtype(self, dtype: str | torch.dtype) -> "VisualTokenizer":
+        """``"fp32"`` (the default, exact) or ``"bf16"``: run the tokenizer under bf16 autocast (fast on
+        GPUs and AMX/AVX-512-BF16 CPUs; a few tokens differ from fp32, see ``beit bench``). The weights
+        and the input stay float32."""
+        table = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+        dt = table.get(dtype) if isinstance(dtype, str) else dtype
+        if dt not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"tokenizer compute dtype must be fp32 or bf16, got {dtype!r}")
+        self.compute_dtype = dt
+        return self
+
     def tokenize(self, images: torch.Tensor) -> torch.Tensor:
         """images float [B,3,S,S] in [0,1] (S = input_size) -> token ids LongTensor [B, h, w]."""
         x = self.check_images(images).to(self.device)
-        with torch.no_grad(), torch.autocast(device_type=x.device.type, enabled=False):
+        low = self.compute_dtype == torch.bfloat16
+        with torch.no_grad(), torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=low):
             tokens = self._tokenize(x)
         expected = (x.shape[0], *self.grid_size)
         if tuple(tokens.shape) != expected:

@@ -18,7 +18,7 @@ PRETRAIN = dict(epochs=150, batch_size=64, lr=1.5e-3, min_lr=1e-5, warmup_epochs
 FINETUNE = dict(epochs=100, batch_size=16, lr=4e-3, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05,
                 layer_decay=0.75, drop_path=0.1, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
                 auto_augment="", reprob=0.0, hflip=0.0, crop_scale_min=0.6,
-                crop_pct=1.0, color_jitter=0.0, num_workers=0, tensorboard=False, save_every=0,
+                crop_pct=1.0, color_jitter=0.0, num_workers=0, tensorboard=False, checkpoint_every=100000,
                 eval_every=1000, log_every=50)
 SCRATCH = dict(layer_decay=1.0)
 # Linear probe: frozen encoder, mean-pooled last-block patch features, parameter-free LayerNorm, linear head.

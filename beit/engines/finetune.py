@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from beit.data.heldout import good_rows
+from beit.runtime.data_wait import DataWait
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int] = (1, 5)) -> list[int]:
@@ -22,55 +23,76 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int] =
 
 def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, criterion: Callable, *,
                     epoch: int, step: int, max_steps: int, mixup_fn=None, ema=None, clip_grad: float = 0.0,
-                    on_step: Callable[[int, dict], None] | None = None, progress=None) -> tuple[int, dict]:
+                    on_step: Callable[[int, dict], None] | None = None, progress=None,
+                    teacher: nn.Module | None = None) -> tuple[int, dict]:
     """Train over one epoch of ``loader``; returns (optimizer steps done so far, epoch means).
 
     ``step`` counts optimizer steps (one per ``grad_accum_steps`` micro-batches); the lr/wd schedule
     advances once per optimizer step. ``on_step(step, metrics)`` runs after each optimizer step
     (logging, checkpoints). A non-finite loss skips the update instead of corrupting the weights.
+    With a ``teacher`` (distillation) the loss is ``criterion(logits, targets, teacher_logits)``.
     """
     model.train()
+    dev = accelerator.device
     sums = {"loss": 0.0, "n": 0, "skipped": 0}
-    window: list[torch.Tensor] = []  # micro-batch losses of the current accumulation window
-    for batch in loader:
+    window = torch.zeros(2, device=dev)  # over the current accumulation window: sum of losses, non-finite count
+    n_micro = 0
+    waiting = DataWait(loader)
+    for batch in waiting:
         if step >= max_steps:
             break
-        images = batch["image"].to(accelerator.device, non_blocking=True)
-        targets = batch["label"].to(accelerator.device, non_blocking=True)
+        images = batch["image"].to(dev, non_blocking=True)
+        targets = batch["label"].to(dev, non_blocking=True)
         if mixup_fn is not None:
             images, targets = mixup_fn(images, targets)
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                loss = criterion(model(images), targets)
+                if teacher is None:
+                    loss = criterion(model(images), targets)
+                else:
+                    with torch.no_grad():
+                        teacher_logits = teacher(images)
+                    loss = criterion(model(images), targets, teacher_logits)
+            # finiteness stays on the device: no host sync and no collective per micro-step; a
+            # non-finite loss makes the window's gradients non-finite, and the step is dropped
+            accelerator.backward(loss)
             finite = torch.isfinite(loss.detach())
-            finite = bool(accelerator.reduce(finite.float(), reduction="min") > 0)
-            if finite:
-                accelerator.backward(loss)
-            window.append(loss.detach().float())
+            window += torch.stack([torch.where(finite, loss.detach().float(), 0.0), (~finite).float()])
+            n_micro += 1
             if accelerator.sync_gradients:
                 lr, wd = schedule.step()
-                if finite and clip_grad > 0:
-                    accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+                # the norm is logged as in pretraining (train/grad_norm); clipped only if asked
+                norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad if clip_grad > 0 else float("inf"))
+                norm = norm.detach().float() if torch.is_tensor(norm) else torch.tensor(float("nan"), device=dev)
+                if accelerator.scaler is None:
+                    window[1] += (~torch.isfinite(norm)).float()
+                # one collective and one host sync per optimizer step: [mean loss, ranks with a bad window, norm]
+                mean_loss, bad, grad_norm = accelerator.reduce(
+                    torch.stack([window[0] / n_micro, (window[1] > 0).float(), norm]), reduction="sum").tolist()
+                grad_norm /= accelerator.num_processes  # the same all-reduced gradients on every rank
+                finite = bad == 0
                 if finite:
                     optimizer.step()
                 else:
                     sums["skipped"] += 1
                 optimizer.zero_grad(set_to_none=True)
+                window, n_micro = torch.zeros(2, device=dev), 0
                 step += 1
                 if ema is not None:
                     ema.update(accelerator.unwrap_model(model), step=step)
                 # the optimizer step's loss: mean over its micro-batches and over the ranks
-                value = float(accelerator.reduce(torch.stack(window).mean(), reduction="mean"))
-                window = []
-                if math.isfinite(value):
+                value = mean_loss / accelerator.num_processes if finite else float("nan")
+                if finite:
                     sums["loss"] += value
                     sums["n"] += 1
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
                 if on_step is not None:
-                    on_step(step, {"epoch": epoch, "step": step, "loss": value, "lr": lr, "wd": wd})
-    return step, {"train_loss": sums["loss"] / max(1, sums["n"]), "skipped_steps": sums["skipped"]}
+                    on_step(step, {"epoch": epoch, "step": step, "loss": value, "lr": lr, "wd": wd,
+                                   "grad_norm": grad_norm, "data_wait_fraction": waiting.fraction()})  # of the epoch so far
+    return step, {"train_loss": sums["loss"] / max(1, sums["n"]), "skipped_steps": sums["skipped"],
+                  "data_wait_fraction": waiting.fraction()}
 
 
 @torch.no_grad()

@@ -4,12 +4,16 @@ Per micro-batch: the frozen tokenizer turns the tokenizer view into token ids (f
 outside autocast), unless the batch already carries them (``--token_cache``); the labels are the ids
 at the masked positions; the model predicts them from the corrupted encoder view under autocast;
 cross-entropy. Gradient accumulation is Accelerate's; lr and weight decay are set per optimizer step.
-A non-finite loss (decided jointly by all ranks) skips the whole optimizer step without touching the
-weights; K in a row abort the run.
+A non-finite loss or gradient (decided jointly by all ranks) skips the whole optimizer step without
+touching the weights; K in a row abort the run.
+
+No host-device synchronisation per micro-step: finiteness is kept on the device and decided once per
+optimizer step (one small collective, one ``.item()``); the metrics stay on the device until a
+logging step. ``data_wait_fraction`` is the share of the window's wall time spent waiting for the
+loader.
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -18,6 +22,7 @@ import torch.nn.functional as F
 
 from beit.data.heldout import good_rows
 from beit.data.transforms import encoder_input, tokenizer_input
+from beit.runtime.data_wait import DataWait
 
 
 class NonFiniteLossError(RuntimeError):
@@ -76,12 +81,19 @@ class MimMeter:
         self.hist = torch.zeros(self.vocab_size, dtype=torch.float64, device=self.device)
 
     @torch.no_grad()
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+               keep: torch.Tensor | None = None) -> None:
+        """Add a micro-batch; ``keep`` (a 0-d bool tensor, on the device) drops it without a host sync."""
         n = labels.numel()
         hits = (logits.argmax(-1) == labels).sum()
-        self.sums += torch.stack([loss.detach().double() * n, hits.double(),
-                                  torch.tensor(float(n), dtype=torch.float64, device=self.device)])
-        self.hist += torch.bincount(labels, minlength=self.vocab_size).double()
+        sums = torch.stack([loss.detach().double() * n, hits.double(),
+                            torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+        hist = torch.bincount(labels, minlength=self.vocab_size).double()
+        if keep is not None:
+            w = keep.to(torch.float64)
+            sums, hist = torch.where(keep, sums, 0.0), hist * w  # where: nan * 0 would stay nan
+        self.sums += sums
+        self.hist += hist
 
     def reduce(self, accelerator) -> dict:
         """Sum over ranks (every rank must call it) and return loss, mim_acc, majority_acc, tokens."""
@@ -101,9 +113,9 @@ def _perplexity(hist: torch.Tensor) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def all_ranks_finite(loss: torch.Tensor, accelerator) -> bool:
-    """True only if the loss is finite on every rank (one small collective)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=loss.device)
+def all_ranks_true(flag: torch.Tensor, accelerator) -> bool:
+    """True only if the 0-d bool ``flag`` is true on every rank (one small collective, one host sync)."""
+    bad = (~flag).float().reshape(1)
     if accelerator.num_processes > 1:
         bad = accelerator.reduce(bad, reduction="sum")
     return bad.item() == 0
@@ -111,47 +123,53 @@ def all_ranks_finite(loss: torch.Tensor, accelerator) -> bool:
 
 def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, state: TrainState, *,
                     total_steps: int, clip_grad: float, max_nonfinite_in_a_row: int, log_every: int,
-                    logger, after_step=None, progress=None, data_stats=None, meter: MimMeter | None = None) -> None:
+                    logger, after_step=None, progress=None, data_stats=None, meter: MimMeter | None = None,
+                    pictures=None) -> None:
     """Run the rest of epoch ``state.epoch`` (or until ``total_steps`` optimizer steps are done).
 
     ``tokenizer`` may be None when the batches carry their tokens (a token cache).
     ``after_step(state)`` is called on every rank after each optimizer step (checkpointing);
     ``data_stats()`` returns this rank's data-error counts to be summed into the logged metrics;
-    pass the same ``meter`` to every epoch so a logging window may span an epoch boundary.
+    pass the same ``meter`` to every epoch so a logging window may span an epoch boundary;
+    ``pictures(step, images, mask, tokens, logits)`` draws the step's last micro-batch when
+    ``pictures.due(step)`` (TensorBoard images, beit.runtime.train_pictures).
     """
     model.train()
     if meter is None:
         meter = MimMeter(accelerator.unwrap_model(model).lm_head.out_features, accelerator.device)
-    window_bad = False
-    last_grad_norm = float("nan")
+    window_ok = torch.ones((), dtype=torch.bool, device=accelerator.device)
+    last_grad_norm = None
     t0, samples0 = time.time(), state.samples_seen
-    for batch in loader:
+    waiting = DataWait(loader)
+    for batch in waiting:
         if state.step >= total_steps:
             break
         images, mask = batch_to_device(batch, accelerator.device)
-        labels = masked_labels(batch_tokens(batch, tokenizer, accelerator.device), mask)
+        tokens = batch_tokens(batch, tokenizer, accelerator.device)
+        labels = masked_labels(tokens, mask)
         state.samples_seen += images.shape[0]
         with accelerator.accumulate(model):
-            if not window_bad:
-                with accelerator.autocast():
-                    logits = model(images, mask)
-                loss = F.cross_entropy(logits.float(), labels)
-                if all_ranks_finite(loss, accelerator):
-                    accelerator.backward(loss)
-                    meter.update(loss, logits, labels)
-                else:
-                    window_bad = True  # drop this whole accumulation window on every rank
+            with accelerator.autocast():
+                logits = model(images, mask)
+            loss = F.cross_entropy(logits.float(), labels)
+            finite = torch.isfinite(loss.detach())
+            # always backward (every rank takes part in the gradient all-reduce); a non-finite loss
+            # makes the window's gradients non-finite and the step is then dropped as a whole
+            accelerator.backward(loss)
+            meter.update(loss, logits, labels, keep=finite)
+            window_ok = window_ok & finite
             if not accelerator.sync_gradients:
                 continue
             lr, wd = schedule.step()
-            if not window_bad:
-                max_norm = clip_grad if clip_grad > 0 else float("inf")
-                norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-                # DeepSpeed clips inside its engine (config gradient_clipping) and may return None here
-                last_grad_norm = float(norm) if norm is not None else float("nan")
-                # a finite loss can still give inf/nan gradients; without a grad scaler (which skips
-                # such steps itself) they would poison the weights, so the step is dropped instead
-                window_bad = accelerator.scaler is None and not math.isfinite(last_grad_norm)
+            max_norm = clip_grad if clip_grad > 0 else float("inf")
+            norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            # DeepSpeed clips inside its engine (config gradient_clipping) and may return None here
+            last_grad_norm = norm.detach() if torch.is_tensor(norm) else norm
+            # a finite loss can still give inf/nan gradients; without a grad scaler (which skips
+            # such steps itself) they would poison the weights, so the step is dropped instead
+            if accelerator.scaler is None and torch.is_tensor(norm):
+                window_ok = window_ok & torch.isfinite(norm.detach())
+            window_bad = not all_ranks_true(window_ok, accelerator)  # the one host sync of the step
             if window_bad:
                 state.nonfinite_steps += 1
                 state.nonfinite_in_a_row += 1
@@ -170,7 +188,8 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
                 if accelerator.optimizer_step_was_skipped:  # fp16 grad scaler found inf/nan gradients
                     state.scaler_skipped_steps += 1
             optimizer.zero_grad(set_to_none=True)
-            window_bad = False
+            step_ok = not window_bad
+            window_ok = torch.ones((), dtype=torch.bool, device=accelerator.device)
             state.step += 1
             if progress is not None:
                 progress.update(1)
@@ -178,9 +197,12 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
                 metrics = meter.reduce(accelerator)
                 meter.reset()
                 dt = max(time.time() - t0, 1e-9)
-                metrics.update(epoch=state.epoch, lr=lr, weight_decay=wd, grad_norm=last_grad_norm,
+                metrics.update(epoch=state.epoch, lr=lr, weight_decay=wd,
+                               grad_norm=float("nan") if last_grad_norm is None else float(last_grad_norm),
                                nonfinite_steps=state.nonfinite_steps, scaler_skipped_steps=state.scaler_skipped_steps,
-                               samples_per_s=(state.samples_seen - samples0) * accelerator.num_processes / dt)
+                               samples_per_s=(state.samples_seen - samples0) * accelerator.num_processes / dt,
+                               data_wait_fraction=waiting.fraction())
+                waiting.reset()
                 if data_stats is not None:
                     metrics.update(data_stats())
                 t0, samples0 = time.time(), state.samples_seen
@@ -188,6 +210,8 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
                 if progress is not None and "loss" in metrics:
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['mim_acc']:.3f}",
                                          base=f"{metrics['majority_acc']:.3f}", refresh=False)
+            if pictures is not None and step_ok and pictures.due(state.step):
+                pictures(state.step, images, mask, tokens, logits)
             if after_step is not None:
                 after_step(state)
 
@@ -217,8 +241,7 @@ def evaluate_mim(model, tokenizer, loader, accelerator, max_batches: int = 0) ->
         with accelerator.autocast():
             logits = model(images, mask)
         loss = F.cross_entropy(logits.float(), labels)
-        if math.isfinite(loss.item()):
-            meter.update(loss, logits, labels)
+        meter.update(loss, logits, labels, keep=torch.isfinite(loss))
     model.train()
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts, reduction="sum")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from beit.options.finetune import POSITIONS, FinetuneConfig
+from beit.runtime.swin_loading import swin_pretrain_config
 
 
 def _read_init(cfg: FinetuneConfig):
@@ -48,8 +49,11 @@ def build_model(cfg: FinetuneConfig, num_classes: int, log=print):
     if cfg.task == "segmentation":
         return build_seg_model(cfg, num_classes, log)
     if cfg.model != "beit":
+        swin_pre = swin_pretrain_config(cfg.init) if cfg.init else None
+        if swin_pre is not None:
+            return build_swin_from_pretraining(cfg, num_classes, swin_pre, log)
         return build_timm_model(cfg.model, num_classes, weights=cfg.init or None, img_size=cfg.image_size,
-                                in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path)
+                                in_chans=cfg.in_chans, drop_path_rate=cfg.drop_path, model_kwargs=cfg.model_kwargs)
     ckpt = _read_init(cfg)
     model = build_beit_classifier(
         num_classes, img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
@@ -76,4 +80,21 @@ def build_seg_model(cfg: FinetuneConfig, num_classes: int, log=print):
     return model
 
 
-__all__ = ["build_model", "build_seg_model", "beit_arch", "POSITIONS"]
+def build_swin_from_pretraining(cfg: FinetuneConfig, num_classes: int, pre: dict, log=print):
+    """A timm Swin classifier with the architecture of a Swin BEiT pretraining run (its pretrained.json;
+    ``--model_kwargs`` override it) and that run's encoder weights, every encoder key filled."""
+    from beit.modeling.classifier import build_timm_model
+    from beit.runtime.swin_loading import load_swin_encoder, swin_timm_kwargs
+    if cfg.model != pre["arch"]:
+        raise ValueError(f"--init {cfg.init} is a BEiT pretraining of {pre['arch']}, but --model is {cfg.model}; "
+                         f"pass --model {pre['arch']}")
+    kwargs = {**{k: v for k, v in swin_timm_kwargs(pre).items() if k not in ("img_size", "in_chans")},
+              **cfg.model_kwargs}
+    model = build_timm_model(cfg.model, num_classes, img_size=cfg.image_size, in_chans=cfg.in_chans,
+                             drop_path_rate=cfg.drop_path, model_kwargs=kwargs)
+    report = load_swin_encoder(model, cfg.init)
+    log(report.summary())
+    return model
+
+
+__all__ = ["build_model", "build_seg_model", "beit_arch", "POSITIONS", "build_swin_from_pretraining"]

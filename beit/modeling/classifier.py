@@ -28,16 +28,18 @@ def build_beit_classifier(num_classes: int, *, img_size: int = 224, patch_size: 
 
 
 def build_timm_model(name: str, num_classes: int, *, weights: str | None = None, img_size: int | None = None,
-                     in_chans: int = 3, drop_path_rate: float = 0.0) -> nn.Module:
+                     in_chans: int = 3, drop_path_rate: float = 0.0, model_kwargs: dict | None = None) -> nn.Module:
     """Any timm model (Swin, MobileViT, ViT, DeiT, ...) from scratch or from a local weights file.
 
     ``weights`` goes through timm's own pretrained path (``pretrained_cfg_overlay=dict(file=...)``),
-    so the model's checkpoint filter and classifier adaptation apply.
+    so the model's checkpoint filter and classifier adaptation apply. ``model_kwargs`` are further
+    constructor arguments (e.g. a small Swin's ``embed_dim``/``depths``/``num_heads``/``window_size``).
     """
     if name not in timm.list_models():
         close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
         raise ValueError(f"unknown timm model {name!r}; similar names: {close}")
-    kw: dict = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate)
+    extra = {k: tuple(v) if isinstance(v, list) else v for k, v in (model_kwargs or {}).items()}
+    kw: dict = dict(num_classes=num_classes, in_chans=in_chans, drop_path_rate=drop_path_rate, **extra)
     if weights:
         if not Path(weights).is_file():
             raise FileNotFoundError(f"--init weights file {weights} does not exist")
@@ -47,6 +49,8 @@ def build_timm_model(name: str, num_classes: int, *, weights: str | None = None,
     try:
         model = timm.create_model(name, **kw)
     except TypeError as e:
+        if any(k in str(e) for k in extra):
+            raise ValueError(f"--model_kwargs {model_kwargs} do not fit timm's {name}: {e}") from None
         # Models without an img_size / drop_path_rate argument (e.g. MobileViT's img_size).
         optional = next((o for o in ("img_size", "drop_path_rate") if o in str(e) and o in kw), None)
         if optional is None:
@@ -54,7 +58,8 @@ def build_timm_model(name: str, num_classes: int, *, weights: str | None = None,
         kw.pop(optional)
         model = timm.create_model(name, **kw)
     # what export needs to rebuild it with timm.create_model(name, **create_kwargs)
-    model.create_kwargs = {k: v for k, v in kw.items() if k in ("num_classes", "in_chans", "img_size")}
+    model.create_kwargs = {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()
+                           if k in ("num_classes", "in_chans", "img_size", *extra)}
     return model
 
 

@@ -36,6 +36,21 @@ def _trunc_normal(t: torch.Tensor, std: float) -> None:
     nn.init.trunc_normal_(t, mean=0.0, std=std, a=-std, b=std)
 
 
+
+def flat_mask(bool_masked_pos, batch: int, grid_size, device, grid_name: str) -> torch.Tensor:
+    """[B, h, w] or [B, h*w] mask (bool or 0/1 ints) -> bool [B, h*w] on ``device``; ``grid_name`` names the
+    grid in the error (``{h}``/``{w}`` filled in)."""
+    m = torch.as_tensor(bool_masked_pos if torch.is_tensor(bool_masked_pos) else np.asarray(bool_masked_pos))
+    if m.dtype != torch.bool:
+        if m.is_floating_point() or m.is_complex():
+            raise ValueError(f"bool_masked_pos must be bool (or 0/1 ints), got dtype {m.dtype}")
+        m = m != 0
+    h, w = grid_size
+    if tuple(m.shape) not in ((batch, h, w), (batch, h * w)):
+        raise ValueError(f"bool_masked_pos must be [{batch}, {h}, {w}] or [{batch}, {h * w}] for "
+                         f"{grid_name.format(h=h, w=w)}, got {tuple(m.shape)}")
+    return m.reshape(batch, h * w).to(device, non_blocking=True)
+
 class BeitPretrainModel(nn.Module):
     """ViT encoder + mask token + ``lm_head`` over the masked positions (BEiT pretraining).
 
@@ -103,17 +118,7 @@ class BeitPretrainModel(nn.Module):
                              "resize to the model's img_size or build the model for your size")
 
     def _flat_mask(self, bool_masked_pos, batch: int, device) -> torch.Tensor:
-        """[B, h, w] or [B, h*w] mask -> bool [B, h*w] on ``device``."""
-        m = torch.as_tensor(np.asarray(bool_masked_pos) if not torch.is_tensor(bool_masked_pos) else bool_masked_pos)
-        if m.dtype != torch.bool:
-            if m.is_floating_point() or m.is_complex():
-                raise ValueError(f"bool_masked_pos must be bool (or 0/1 ints), got dtype {m.dtype}")
-            m = m != 0
-        h, w = self.grid_size
-        if tuple(m.shape) not in ((batch, h, w), (batch, h * w)):
-            raise ValueError(f"bool_masked_pos must be [{batch}, {h}, {w}] or [{batch}, {h * w}] for this model's "
-                             f"{h}x{w} patch grid, got {tuple(m.shape)}")
-        return m.reshape(batch, h * w).to(device, non_blocking=True)
+        return flat_mask(bool_masked_pos, batch, self.grid_size, device, "this model's {h}x{w} patch grid")
 
     def forward_features(self, images: torch.Tensor, bool_masked_pos=None) -> torch.Tensor:
         """Encoder output after the final norm, [B, 1 + num_patches, D]; masked patches see only the mask token."""
@@ -145,6 +150,12 @@ class BeitPretrainModel(nn.Module):
         nwd = {"cls_token", "mask_token"}
         nwd.update(n for n, _ in self.named_parameters() if "relative_position_bias_table" in n)
         return nwd
+
+    def compile_blocks(self, **kw) -> None:
+        """``torch.compile`` every transformer block in place (state-dict keys unchanged). The masked
+        gather and the head stay eager: their shapes depend on the mask."""
+        for blk in self.blocks:
+            blk.compile(**kw)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

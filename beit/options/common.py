@@ -66,7 +66,8 @@ class OptimOptions:
 @dataclass
 class PrecisionOptions:
     mixed_precision: str = field("auto", help="auto | no | fp16 | bf16 (auto: the launcher's fp16/bf16 if set, else "
-                                              "bf16 on GPUs that support it, fp16 on other GPUs, no on CPU)")
+                                              "bf16 on GPUs that support it, fp16 on other GPUs, bf16 on CPUs with AMX or "
+                                              "AVX-512-BF16, else no)")
 
     def check_precision(self) -> None:
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
@@ -78,6 +79,8 @@ class RunOptions:
     output_dir: str = field("runs/run", help="run folder: config, checkpoints, metrics, final weights; a rerun "
                                             "resumes from its newest complete checkpoint")
     seed: int = field(0, help="seed for weights, data order, augmentation")
+    checkpoint_every: int = field(1000, help="save a checkpoint every N optimizer steps (and at the end); a killed "
+                                             "run resumes exactly from the newest complete one, mid-epoch included")
     keep_last: int = field(2, help="complete checkpoints to keep (0: all)")
     log_every: int = field(20, help="log metrics every N optimizer steps")
     tensorboard: bool = field(True, help="also log to TensorBoard (output_dir/tensorboard)")

@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import ClassVar
 
-from beit.config import field
+from beit.config import check_finite_numbers, check_lr, field
 from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
 from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions
 
@@ -16,6 +17,7 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     """Shared sections (beit.options.common) first, then fine-tuning's own options."""
     RECIPE_PREFIX = "finetune_"
     DEPRECATED = {"img_size": "image_size"}  # the name pretraining and the other stages use
+    RENAMED: ClassVar[dict] = {"save_every": "checkpoint_every, counted in optimizer steps (as in pretraining)"}
     # the shared options with fine-tuning's defaults (BEiT-B on ImageNet-1k)
     val_fraction: float = field(0.2, help="with --data: hold out this fraction of the images per class (seeded) "
                                           "for top-1 and the confusion matrix, unless --val_data or --val_shards "
@@ -25,7 +27,8 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     log_every: int = field(10)
 
     task: str = field("classification", help="classification | segmentation (image + seg.png shards, UperNet head, "
-                                             "mIoU; --image_size is the crop)")
+                                             "mIoU; --image_size is the crop) | distill (--model = a timm student, "
+                                             "e.g. mobilevit_xxs, taught by --teacher)")
     # data
     train_shards: str = field("", help="training shards: path, brace pattern or comma list of WebDataset tars")
     val_shards: str = field("", help="held-out shards (never trained on) for top-1/top-5 and the confusion matrix "
@@ -41,6 +44,9 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     # model
     model: str = field("beit", help="'beit' or any timm model name (swin_tiny_patch4_window7_224, mobilevit_s, "
                                      "deit_small_patch16_224, ...) for a baseline")
+    model_kwargs: dict = field(default_factory=dict, help="--model <timm name>: more timm.create_model arguments, e.g. "
+                               "a small Swin {embed_dim: 32, depths: [2, 2, 2, 2], num_heads: [1, 2, 4, 8], window_size: 4, "
+                               "patch_size: 2}; with --init of our Swin pretraining they come from its pretrained.json")
     model_size: str = field("base", help="BEiT size: tiny | small | base | large (see beit.modeling.mim.BEIT_SIZES)")
     embed_dim: int = field(0, help="override the size's embedding dim (0 = from --init's weights, else model_size)")
     depth: int = field(0, help="override the size's depth (0 = from --init's weights, else model_size)")
@@ -82,10 +88,17 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     model_ema_decay: float = field(0.9999, help="EMA decay per optimizer step")
     # run
     eval_every: int = field(1, help="evaluate every N epochs (and always at the end)")
-    save_every: int = field(1, help="checkpoint every N epochs (0 = only at the end)")
     resume: bool = field(True, help="resume from the newest complete checkpoint in output_dir")
     # scaling out (see launch/accelerate/ and the README's "Scaling out")
     grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
+    # distillation (--task distill, or `beit distill`)
+    teacher: str = field("", help="distill: the teacher, a fine-tuned classifier export (<run>/model.safetensors)")
+    unlabelled_shards: str = field("", help="distill: unlabelled shards (e.g. the pretraining shards; labels ignored) "
+                                            "that the teacher labels softly, a batch of them beside each labelled batch")
+    unlabelled_batch_size: int = field(0, help="distill: unlabelled images per batch (0 = batch_size)")
+    distill_temperature: float = field(4.0, help="distill: softmax temperature of the soft (teacher) loss")
+    distill_alpha: float = field(0.5, help="distill: weight of the hard-label loss (labelled rows); 1 - alpha for "
+                                           "the soft loss on every row")
     # semantic segmentation (--task segmentation; mixup/cutmix/RandAugment/label smoothing are classification only)
     reduce_zero_label: bool = field(True, help="segmentation: label 0 is 'other' (ignored), v -> v-1 (ADE20K)")
     seg_channels: int = field(512, help="segmentation: UperNet head channels")
@@ -96,8 +109,21 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     seg_stride: int = field(0, help="segmentation: sliding-window stride for evaluation (0 = 2/3 of img_size)")
 
     def validate(self) -> None:
-        if self.task not in ("classification", "segmentation"):
-            raise ValueError(f"--task must be classification or segmentation, got {self.task!r}")
+        check_finite_numbers(self)
+        check_lr(self.lr)
+        if self.task not in ("classification", "segmentation", "distill"):
+            raise ValueError(f"--task must be classification, segmentation or distill, got {self.task!r}")
+        if self.task == "distill":
+            if self.model == "beit" or self.linear_probe:
+                raise ValueError("--task distill trains a timm student: pass --model mobilevit_xxs (or _xs, _s, any timm name)")
+            if not self.teacher:
+                raise ValueError("--task distill needs --teacher <fine-tuned run>/model.safetensors")
+            if not Path(self.teacher).exists():
+                raise ValueError(f"--teacher {self.teacher} does not exist")
+            if (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0:
+                raise ValueError("--task distill uses the teacher's soft labels, not mixup/cutmix: pass --mixup 0 --cutmix 0")
+            if self.distill_temperature <= 0 or not 0 <= self.distill_alpha <= 1:
+                raise ValueError("need --distill_temperature > 0 and 0 <= --distill_alpha <= 1")
         if self.task == "segmentation":
             if self.model != "beit" or self.linear_probe:
                 raise ValueError("--task segmentation fine-tunes a BEiT encoder (--model beit, no --linear_probe)")
@@ -117,13 +143,15 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
             raise ValueError("--val_data goes with --data (class folders); with shards pass --val_shards")
         if self.val_data and self.val_shards:
             raise ValueError("--val_data and --val_shards both name the held-out data: give one")
-        if self.batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1:
-            raise ValueError("batch_size, grad_accum_steps and epochs must be >= 1")
+        if self.batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1 or self.checkpoint_every < 1:
+            raise ValueError("batch_size, grad_accum_steps, epochs and checkpoint_every must be >= 1")
         if self.task == "classification" and (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0 \
                 and self.batch_size % 2:
             raise ValueError(f"mixup/cutmix need an even --batch_size, got {self.batch_size}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
+        if self.model_kwargs and self.model == "beit":
+            raise ValueError("--model_kwargs are for --model <timm name>; a BEiT encoder takes --embed_dim/--depth/...")
         if self.linear_probe and self.model != "beit":
             raise ValueError("--linear_probe is for BEiT encoders (--model beit)")
         if self.probe_block < 0:
@@ -150,8 +178,9 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
         return dims
 
 
-RESUME_KEYS = ("model", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "image_size", "num_classes",
-               "linear_probe", "probe_block", "init", "epochs")
+RESUME_KEYS = ("model", "model_kwargs", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size",
+               "image_size", "num_classes", "linear_probe", "probe_block", "init", "epochs", "teacher", "unlabelled_shards",
+               "unlabelled_batch_size", "distill_temperature", "distill_alpha")
 
 
 def _img_size(self) -> int:

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from beit.config import field
+from beit.config import check_finite_numbers, check_lr, field
 from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
 from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions
 
 # Fields that define the model and its targets: a resumed run must not change them. (The tokenizer's
 # weights are compared by fingerprint, so a tokenizer file may move but not change.)
 RESUME_KEYS = ("image_size", "patch_size", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
-               "init_values", "tokenizer")
+               "init_values", "tokenizer", "arch", "swin_patch_size", "swin_window_size", "swin_depths", "swin_heads",
+               "swin_head")
 REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 
@@ -41,6 +42,8 @@ class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     color_jitter: float = field(0.4, help="brightness/contrast/saturation jitter (0: off)")
     hflip: float = field(0.5, help="horizontal flip probability")
     # model
+    arch: str = field("beit", help="encoder: beit (the BEiT ViT) or a timm Swin name, e.g. swin_tiny_patch4_window7_224 "
+                      "(then patch_size is the token cell in px, Swin's own patch is swin_patch_size)")
     model_size: str = field("base", help="tiny | small | base | large; embed_dim/depth/num_heads override it")
     patch_size: int = field(16, help="patch side in px; the patch grid must equal the tokenizer's token grid")
     embed_dim: int = field(0, help="custom width (0: from model_size)")
@@ -50,6 +53,15 @@ class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     init_values: float = field(0.0, help="layer-scale init (0: from model_size: 0.1, large 1e-5)")
     drop_path: float = field(0.1, help="stochastic depth rate")
     grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
+    compile: bool = field(False, help="torch.compile the transformer blocks (in place: same weights and checkpoints; "
+                          "costs compile time at start-up, see `beit bench`)")
+    swin_patch_size: int = field(0, help="--arch swin_*: Swin's patch side in px (0: the arch's, 4)")
+    swin_window_size: int = field(0, help="--arch swin_*: attention window side (0: the arch's)")
+    swin_depths: list[int] = field(default_factory=list, help="--arch swin_*: blocks per stage (empty: the arch's)")
+    swin_heads: list[int] = field(default_factory=list, help="--arch swin_*: heads per stage (empty: the arch's)")
+    swin_head: str = field("last", help="--arch swin_*: what the masked-token head reads: last (last stage, upsampled "
+                           "to the token grid; every stage trained) | stage (the stage at the token stride; later "
+                           "stages stay untrained)")
     # tokenizer
     tokenizer: str = field("auto", help="visual tokenizer kind: auto | kmeans | dalle | vqkd | dvae (auto: the kind "
                                         "saved beside --tokenizer_path, else dalle)")
@@ -73,7 +85,8 @@ class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     eps: float = field(1e-8, help="AdamW epsilon")
     max_nonfinite_steps: int = field(5, help="abort after this many consecutive optimizer steps with a non-finite loss")
     # run
-    checkpoint_every: int = field(1000, help="save a checkpoint every N optimizer steps (and at the end)")
+    log_images_every: int = field(100, help="TensorBoard pictures (masks, predicted tokens, reconstructions) of the "
+                                  "step's batch every N optimizer steps (0: off; needs tensorboard)")
     eval_batches: int = field(0, help="held-out batches per rank for the final evaluation (0: all)")
     eval_batch_size: int = field(0, help="held-out batch size (0: batch_size)")
     # health metric: online kNN accuracy of the encoder's features on labelled images
@@ -87,8 +100,11 @@ class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
 
     def validate(self) -> None:
         """Checks that need no files; raises ValueError naming the option."""
+        check_finite_numbers(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.log_images_every < 0:
+            raise ValueError(f"log_images_every must be >= 0 (0: off), got {self.log_images_every}")
         for name in ("batch_size", "grad_accum_steps", "checkpoint_every", "log_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -101,8 +117,9 @@ class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         self.check_precision()
-        if self.lr <= 0 or self.min_lr < 0:
-            raise ValueError("lr must be > 0 and min_lr >= 0")
+        check_lr(self.lr)
+        if self.min_lr < 0:
+            raise ValueError("min_lr must be >= 0")
         if self.global_batch_size < 0:
             raise ValueError("global_batch_size must be >= 0")
         self.check_data(bool(self.data_shards) or bool(self.token_cache), "data_shards")
@@ -115,6 +132,11 @@ class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
                              "set both or neither")
         if self.knn_every < 0 or self.knn_k < 1:
             raise ValueError(f"knn_every must be >= 0 and knn_k >= 1, got {self.knn_every}, {self.knn_k}")
+        if self.arch != "beit" and self.knn_train_shards:
+            raise ValueError("the kNN health metric reads the ViT's patch tokens: leave knn_train_shards/knn_val_shards "
+                             "empty with --arch swin_*")
+        if self.arch != "beit" and self.swin_head not in ("last", "stage"):
+            raise ValueError(f"swin_head must be last or stage, got {self.swin_head!r}")
         if not self.data_shards and not self.token_cache and not self.data:
             raise ValueError("no training data: pass --data <folder of images> or --data_shards "
                              "'/data/train-{000000..000099}.tar'")

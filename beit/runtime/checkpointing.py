@@ -10,9 +10,15 @@ A checkpoint is written into ``.tmp_step_XXXXXXX`` by every rank; each rank then
 every rank's part is there, write ``COMPLETE`` and rename the folder to ``step_XXXXXXX``. A folder
 without ``COMPLETE`` (a crash mid-save, a dead rank) is never resumed from. The filesystem under
 ``output_dir`` must be shared by all ranks (as on any multi-node cluster setup).
+
+Nothing poisoned or partial is marked complete: before writing, every weight and optimizer-state
+tensor is checked finite (one fused reduction) and the free space against the last checkpoint's
+size; ``COMPLETE`` records every file's size and hash (``checkpoint_integrity``), which a resume
+verifies; a failed write removes its temp folder. These faults raise ``RunFault`` with a message.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -26,9 +32,12 @@ from typing import Any, Iterable
 import torch
 from safetensors.torch import load_file, save_file
 
+from beit.runtime.checkpoint_integrity import COMPLETE, TRAIN_STATE, checkpoint_bytes, file_manifest
+from beit.runtime.finite_check import nonfinite_names, state_nonfinite
+from beit.runtime.run_faults import RunFault
+
 CHECKPOINTS = "checkpoints"
-COMPLETE = "COMPLETE"
-TRAIN_STATE = "train_state.json"
+SPACE_MARGIN = 1.1  # free space wanted before a save: the last checkpoint's size x this
 _STEP_DIR = re.compile(r"^step_(\d{7,})$")
 
 
@@ -97,40 +106,101 @@ def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
     return removed
 
 
+def _any_rank(accelerator, flag: bool) -> bool:
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=accelerator.device)
+    return float(accelerator.reduce(t, reduction="sum").item()) > 0
+
+
+def _gb(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} bytes"
+
+
+def _state_bytes(accelerator) -> int:
+    """Bytes of the tensors a save writes (a lower bound for the first checkpoint's size)."""
+    total = 0
+    for m in accelerator._models:
+        total += sum(t.numel() * t.element_size() for t in m.state_dict().values() if torch.is_tensor(t))
+    for o in accelerator._optimizers:
+        total += sum(v.numel() * v.element_size() for st in o.state_dict()["state"].values()
+                     for v in st.values() if torch.is_tensor(v))
+    return total
+
+
+def space_needed(accelerator, output_dir: str | Path) -> int:
+    """Bytes a new checkpoint needs: the last complete one's size (or the state's tensor bytes) x margin."""
+    last = find_latest_complete(output_dir)
+    size = checkpoint_bytes(last) if last is not None else 0
+    return int(max(size, _state_bytes(accelerator)) * SPACE_MARGIN)
+
+
+def _last_good(output_dir) -> str:
+    last = find_latest_complete(output_dir)
+    return f"the last good checkpoint is {last}" if last else "there is no earlier checkpoint"
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, train_state: dict,
                     rank_state: dict | None = None, keep_last: int = 0) -> Path:
     """Save a complete checkpoint for optimizer step ``step``; call on EVERY rank.
 
     ``train_state`` (JSON, rank 0's copy is kept) holds step/epoch/scheduler/config hash;
     ``rank_state`` (JSON, one per rank) holds what differs per rank, e.g. ``loader.state_dict()``.
+    Raises RunFault (nothing marked complete, no temp folder left) for a non-finite state, too
+    little free space or a failed write.
     """
     final = checkpoint_path(output_dir, step)
     tmp = final.with_name(".tmp_" + final.name)
     rank, world = accelerator.process_index, accelerator.num_processes
-    if accelerator.is_main_process:
+    bad = state_nonfinite(accelerator)
+    if bad:
+        raise RunFault(f"step {step}: the weights or optimizer state hold NaN/Inf (e.g. {', '.join(bad)}); this state "
+                       f"was not saved, {_last_good(output_dir)}. Training diverged: lower --lr, lengthen the warmup "
+                       f"or lower --clip_grad, then rerun the same command to resume from the last good checkpoint.")
+    need = space_needed(accelerator, output_dir)
+    root = Path(output_dir) / CHECKPOINTS
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    if _any_rank(accelerator, accelerator.is_main_process and free < need):
+        raise RunFault(f"step {step}: not enough free space for a checkpoint in {root}: about {_gb(need)} needed, "
+                       f"{_gb(free)} free. Free some space (or lower --keep_last), then rerun the same command "
+                       f"to resume; {_last_good(output_dir)}.")
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        _write_json(tmp / f"rank_{rank}.json", {"rank": rank, "world_size": world, "state": rank_state})
+        if accelerator.is_main_process:
+            _write_json(tmp / TRAIN_STATE, dict(train_state, step=step, world_size=world))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            missing = [r for r in range(world) if not (tmp / f"rank_{r}.json").is_file()]
+            if missing:
+                raise RuntimeError(f"checkpoint {tmp}: ranks {missing} did not write their part; not marking it complete")
+            _write_json(tmp / COMPLETE, {"step": step, "world_size": world, "time": time.time(),
+                                         **file_manifest(tmp)})
+            if final.exists():  # a re-save of the same step (e.g. the final step after a resume)
+                trash = final.with_name(".old_" + final.name)
+                shutil.rmtree(trash, ignore_errors=True)
+                os.rename(final, trash)
+                os.rename(tmp, final)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                os.rename(tmp, final)
+            _fsync_dir(final.parent)
+            prune_checkpoints(output_dir, keep_last)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    _write_json(tmp / f"rank_{rank}.json", {"rank": rank, "world_size": world, "state": rank_state})
-    if accelerator.is_main_process:
-        _write_json(tmp / TRAIN_STATE, dict(train_state, step=step, world_size=world))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        missing = [r for r in range(world) if not (tmp / f"rank_{r}.json").is_file()]
-        if missing:
-            raise RuntimeError(f"checkpoint {tmp}: ranks {missing} did not write their part; not marking it complete")
-        _write_json(tmp / COMPLETE, {"step": step, "world_size": world, "time": time.time()})
-        if final.exists():  # a re-save of the same step (e.g. the final step after a resume)
-            trash = final.with_name(".old_" + final.name)
-            shutil.rmtree(trash, ignore_errors=True)
-            os.rename(final, trash)
-            os.rename(tmp, final)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(final.parent)
-        prune_checkpoints(output_dir, keep_last)
+        free = shutil.disk_usage(root).free if root.is_dir() else 0
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or free < max(need, 1 << 20)
+        raise RunFault(f"step {step}: writing the checkpoint failed ({'the disk is full: ' if full else ''}{e}); the "
+                       f"partial {tmp.name} was removed. A checkpoint needs about {_gb(need)}, {_gb(free)} are free in "
+                       f"{root}. Fix that, then rerun the same command to resume; {_last_good(output_dir)}.") from e
     accelerator.wait_for_everyone()
     return final
 
@@ -145,8 +215,12 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict | None]:
     path = Path(path)
     if not (path / COMPLETE).is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE} marker)")
-    train_state = json.loads((path / TRAIN_STATE).read_text())
-    accelerator.load_state(str(path))
+    try:
+        train_state = json.loads((path / TRAIN_STATE).read_text())
+        accelerator.load_state(str(path))
+    except Exception as e:  # verified files that still do not load: a version mismatch, not silent garbage
+        raise RunFault(f"cannot load checkpoint {path}: {type(e).__name__}: {e}. Move it aside (to "
+                       f"{path.parent / 'damaged'}) to resume from an older one, or use a new --output_dir") from e
     saved_world = int(train_state.get("world_size", 1))
     rank_file = path / f"rank_{accelerator.process_index}.json"
     if saved_world != accelerator.num_processes or not rank_file.is_file():
@@ -178,6 +252,9 @@ def check_resume_compatible(saved: dict, current: dict, keys: Iterable[str], whe
 def save_weights(state_dict: dict[str, torch.Tensor], path: str | Path, config: dict | None = None) -> Path:
     """Write ``state_dict`` as safetensors (atomically) and ``config`` beside it as ``<stem>.json``."""
     path = Path(path)
+    bad = nonfinite_names(state_dict.items())
+    if bad:
+        raise RunFault(f"not writing {path}: the weights hold NaN/Inf (e.g. {', '.join(bad)}); the run diverged")
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     tmp = path.with_name(path.name + ".tmp")

@@ -2,6 +2,9 @@
 
 Only the main process writes. ``metrics.jsonl`` gets one JSON object per logged step; on resume it
 is cut back to the resumed step so a restarted run continues the same file without duplicates.
+TensorBoard gets the same numbers in one layout for both stages: ``output_dir/tensorboard/``,
+tags ``train/*`` (per optimizer step or epoch), ``val/*`` (held-out) and ``data/*`` (data counts),
+see ``tensorboard_tag``; images (``log_images``) under ``pictures/*``.
 """
 from __future__ import annotations
 
@@ -14,6 +17,19 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_RUN = "tensorboard"  # the tracker's folder inside output_dir, for every stage
+# metrics.jsonl keys whose TensorBoard name differs beyond the train/ prefix (one name in both stages)
+_TAG_ALIASES = {"wd": "weight_decay", "train_loss": "epoch_loss"}
+
+
+def tensorboard_tag(key: str) -> str:
+    """TensorBoard tag of a metrics.jsonl key: 'val/x' and 'data/x' as they are, 'val_x' -> 'val/x',
+    everything else 'train/<name>' ('wd' -> 'train/weight_decay', 'train_loss' -> 'train/epoch_loss')."""
+    if "/" in key:
+        return key
+    if key.startswith("val_"):
+        return "val/" + key[4:]
+    return "train/" + _TAG_ALIASES.get(key, key)
 
 
 def tensorboard_available() -> bool:
@@ -84,7 +100,15 @@ class RunLogger:
             f.write(json.dumps(rec) + "\n")
         numeric = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         if self.accelerator.trackers:
-            self.accelerator.log(numeric, step=step)
+            self.accelerator.log({tensorboard_tag(k): v for k, v in numeric.items()}, step=step)
+
+    def log_images(self, images: dict, step: int) -> None:
+        """HWC uint8 arrays to TensorBoard under their tags (main process, when TensorBoard is on)."""
+        if not self.main or not self.accelerator.trackers:
+            return
+        writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
+        for tag, image in images.items():
+            writer.add_image(tag, image, global_step=step, dataformats="HWC")
 
     def progress(self, total: int, initial: int = 0, desc: str = "pretrain", images_per_step: int = 0):
         """A tqdm bar on the main process only, counting optimizer steps; with ``images_per_step`` it

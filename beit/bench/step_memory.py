@@ -1,11 +1,8 @@
 """Peak memory of one BEiT pretraining step with and without activation (gradient) checkpointing.
 
-    python launch/bench_memory.py                               # BEiT-B, batch 8, 224 px, on CPU
-    python launch/bench_memory.py --batch_size 64 --device cuda --mixed_precision bf16
-
 Each setting runs in its own fresh subprocess: build the model (vocab 8192, drop path 0.1) and
 AdamW, run one warm-up step (creates gradients and optimizer state), then measure one more full
-step (forward on 75 of 196 masked patches, cross-entropy, backward, clip, AdamW step):
+step (forward on the masked batch, cross-entropy, backward, clip, AdamW step):
 
 * CUDA: ``torch.cuda.max_memory_allocated`` over the measured step (peak tensor memory), and the
   memory held before it (weights + grads + optimizer state).
@@ -14,7 +11,6 @@ step (forward on 75 of 196 masked patches, cross-entropy, backward, clip, AdamW 
   activations return to the OS and RSS follows the live tensors.
 
 The frozen tokenizer is not included (it runs under no_grad, its activations are freed per batch).
-In the configs: ``grad_checkpointing: true`` (pretrain and fine-tune).
 """
 from __future__ import annotations
 
@@ -91,50 +87,46 @@ def measure(model_size: str, batch_size: int, image_size: int, grad_ckpt: bool, 
             "step_extra_mib": round(peak - before), "step_seconds": round(took, 2)}
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model_size", default="base", help="tiny | small | base | large")
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--image_size", type=int, default=224)
-    ap.add_argument("--device", default="cpu", help="cpu | cuda")
-    ap.add_argument("--mixed_precision", default="no", help="no | bf16 | fp16 (autocast)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch default)")
-    ap.add_argument("--_child", choices=["on", "off"], help=argparse.SUPPRESS)
-    a = ap.parse_args(argv)
-    if a.device == "cuda":
-        import torch
-        if not torch.cuda.is_available():
-            ap.error("--device cuda but no CUDA device is available")
-    if a._child:
-        if a.threads:
-            import torch
-            torch.set_num_threads(a.threads)
-        res = measure(a.model_size, a.batch_size, a.image_size, a._child == "on", a.device, a.mixed_precision)
-        print("RESULT " + json.dumps(res), flush=True)
-        return
+def run(*, model_size: str = "base", batch_size: int = 8, image_size: int = 224, device: str = "cpu",
+        mixed_precision: str = "no", threads: int = 0) -> dict:
+    """Both settings, each in a fresh subprocess; MiB figures, step times and the ratios."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     results = {}
     for setting in ("off", "on"):
-        cmd = [sys.executable, __file__, "--_child", setting, "--model_size", a.model_size,
-               "--batch_size", str(a.batch_size), "--image_size", str(a.image_size), "--device", a.device,
-               "--mixed_precision", a.mixed_precision, "--threads", str(a.threads)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "beit.bench.step_memory", "--_child", setting, "--model_size", model_size,
+               "--batch_size", str(batch_size), "--image_size", str(image_size), "--device", device,
+               "--mixed_precision", mixed_precision, "--threads", str(threads)]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
         line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
-            sys.exit(f"measurement with grad_checkpointing={setting} failed:\n{proc.stderr[-3000:]}")
-        results[setting] = json.loads(line[len("RESULT "):])
-    off, on = results["off"], results["on"]
-    unit = "peak tensor memory" if a.device == "cuda" else "peak RSS"
-    print(f"BEiT-{a.model_size} ({off['params_m']}M params) pretraining step, batch {a.batch_size}, "
-          f"{a.image_size} px, {a.device}, mixed precision {a.mixed_precision}; {unit}:")
-    for name, r in (("without activation checkpointing", off), ("with activation checkpointing", on)):
-        print(f"  {name:34s} peak {r['peak_mib']:6d} MiB = {r['held_before_step_mib']:6d} held (weights, grads, "
-              f"AdamW) + {r['step_extra_mib']:6d} for the step; {r['step_seconds']:.2f} s/step")
-    print(f"  ratio with/without: peak {on['peak_mib'] / off['peak_mib']:.2f}, "
-          f"step memory {on['step_extra_mib'] / max(off['step_extra_mib'], 1):.2f}, "
-          f"time {on['step_seconds'] / off['step_seconds']:.2f}")
-    print(json.dumps(results))
+            raise RuntimeError(f"memory measurement with grad_checkpointing={setting} failed:\n{proc.stderr[-3000:]}")
+        results["checkpointing_" + setting] = json.loads(line[len("RESULT "):])
+    off, on = results["checkpointing_off"], results["checkpointing_on"]
+    results.update(model=f"beit_{model_size} {image_size}px", batch=batch_size, device=device,
+                   mixed_precision=mixed_precision,
+                   unit="peak tensor memory" if device == "cuda" else "peak RSS (VmHWM) of a fresh process",
+                   ratio_peak=round(on["peak_mib"] / off["peak_mib"], 2),
+                   ratio_step_memory=round(on["step_extra_mib"] / max(off["step_extra_mib"], 1), 2),
+                   ratio_time=round(on["step_seconds"] / off["step_seconds"], 2))
+    return results
+
+
+def _child(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--_child", choices=["on", "off"], required=True)
+    ap.add_argument("--model_size", default="base")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--image_size", type=int, default=224)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--mixed_precision", default="no")
+    ap.add_argument("--threads", type=int, default=0)
+    a = ap.parse_args(argv)
+    if a.threads:
+        import torch
+        torch.set_num_threads(a.threads)
+    res = measure(a.model_size, a.batch_size, a.image_size, a._child == "on", a.device, a.mixed_precision)
+    print("RESULT " + json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    _child()

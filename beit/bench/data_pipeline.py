@@ -1,19 +1,11 @@
-"""Data pipeline benchmark: our stream (draft/reduced decoding + TwoViewTransform) against a plain
+"""Input pipeline: our stream (reduced-size JPEG decoding + TwoViewTransform) against a plain
 torchvision ImageFolder with the reference transform (decode full size, jitter the whole image,
-flip, crop + resize twice), on the same JPEGs: ImageNet-sized (500x375 by default) windows of the
-sample photos, or your own with --jpegs.
-
-    python launch/bench_data.py [--images 1024] [--workers 1 2] [--batch_size 32] [--size 500x375]
-    python launch/bench_data.py --jpegs /data/imagenet/val --images 2000
-
-Prints images/s and images/s per worker for each pipeline and worker count, and the ratio. Our
-loader ships uint8 views that the training loop normalises on the accelerator; the plain one ships
-float tensors (its normalisation is part of its transform). The in-process line also gives our rate
-with the float conversion done on the CPU.
-"""
+flip, crop + resize twice), on the same JPEGs: ImageNet-sized windows of the sample photos, or
+your own (``jpegs``). Also ours with the reduced-size decode turned off (full-size decode, the same
+transform), which is what PIL's ``Image.draft`` buys. Our loader ships uint8 views that the training
+loop normalises on the accelerator; the plain one ships float tensors."""
 from __future__ import annotations
 
-import argparse
 import io
 import random
 import tempfile
@@ -28,6 +20,8 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
+from beit.bench.timing import rnd
+from beit.data.decode import open_image
 from beit.data.samples import load_photos
 from beit.data.shard_writer import Item, WriteOptions, write_shards
 from beit.data.stream import build_stream_loader
@@ -108,25 +102,37 @@ def plain(folder: Path, workers: int, batch: int) -> float:
     return timed(DataLoader(ds, batch_size=batch, shuffle=True, num_workers=workers))
 
 
-def in_process(items: list[Item], folder: Path) -> tuple[float, float, float]:
+def in_process(items: list[Item], folder: Path) -> dict[str, float]:
     """Images/s of decode + two-view transform alone (no loader): ours (uint8 views), ours with the
-    float conversion done on the CPU too, and the reference."""
-    from beit.data.decode import open_image
+    float conversion done on the CPU too, ours decoding every JPEG at full size (no ``draft``), and
+    the reference."""
     tf, ref = TwoViewTransform(), ReferenceTwoView()
     paths = sorted((folder / "all").glob("*.jpg"))
-    t0 = time.perf_counter()
-    for it in items:
-        tf(open_image(it.image)[0])
-    t1 = time.perf_counter()
-    for it in items:
-        enc, tok = tf(open_image(it.image)[0])
-        encoder_input(enc), tokenizer_input(tok)
-    t2 = time.perf_counter()
-    for p in paths:
-        with open(p, "rb") as f:
-            ref(Image.open(f).convert("RGB"))
-    t3 = time.perf_counter()
-    return len(items) / (t1 - t0), len(items) / (t2 - t1), len(paths) / (t3 - t2)
+
+    def ours_():
+        for it in items:
+            tf(open_image(it.image)[0])
+
+    def ours_float():
+        for it in items:
+            enc, tok = tf(open_image(it.image)[0])
+            encoder_input(enc), tokenizer_input(tok)
+
+    def ours_full_decode():
+        for it in items:
+            tf(open_image(it.image, lazy_jpeg=False)[0])
+
+    def plain_():
+        for p in paths:
+            with open(p, "rb") as f:
+                ref(Image.open(f).convert("RGB"))
+    out = {}
+    for name, fn in (("ours", ours_), ("ours_float_on_cpu", ours_float), ("ours_full_size_decode", ours_full_decode),
+                     ("plain", plain_)):
+        t0 = time.perf_counter()
+        fn()
+        out[name] = len(items) / (time.perf_counter() - t0)
+    return out
 
 
 def own_jpegs(src: Path, n: int, folder: Path) -> list[Item]:
@@ -143,42 +149,37 @@ def own_jpegs(src: Path, n: int, folder: Path) -> list[Item]:
     return items
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=1024)
-    p.add_argument("--jpegs", type=Path, default=None,
-                   help="use the first --images JPEGs under this folder (e.g. ImageNet val) instead of generated ones")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--size", default="500x375", help="JPEG size WxH (ImageNet-like by default)")
-    p.add_argument("--quality", type=int, default=90, help="JPEG quality of the generated JPEGs (higher: more bytes)")
-    p.add_argument("--repeats", type=int, default=2, help="alternate the two pipelines this many times")
-    args = p.parse_args()
+
+
+def run(*, images: int = 1024, workers=(1, 2), batch_size: int = 32, size=(500, 375), quality: int = 90,
+        rounds: int = 2, jpegs: Path | None = None) -> dict:
+    """Best images/s of ``rounds`` alternating rounds for each pipeline and worker count."""
     torch.manual_seed(0)
     np.random.seed(0)
     random.seed(0)
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        size = tuple(int(v) for v in args.size.lower().split("x"))
-        items = own_jpegs(args.jpegs, args.images, tmp / "folder") if args.jpegs else make_jpegs(args.images, tmp / "folder", size, args.quality)
-        write_shards(items, tmp / "shards", opts=WriteOptions(max_samples=max(1, len(items) // 8),
-                                                              validate="none"), progress=False)
+        items = own_jpegs(jpegs, images, tmp / "folder") if jpegs else make_jpegs(images, tmp / "folder", tuple(size), quality)
+        write_shards(items, tmp / "shards", opts=WriteOptions(max_samples=max(1, len(items) // 8), validate="none"),
+                     progress=False)
         shards = str(tmp / "shards")
-        kb = sum(len(it.image) for it in items) / len(items) / 1024
-        what = f"from {args.jpegs}" if args.jpegs else f"of {size[0]}x{size[1]}, quality {args.quality}"
-        print(f"{len(items)} JPEGs {what} ({kb:.0f} KiB on average), batch {args.batch_size}, "
-              f"views 224 bicubic + 112 lanczos; ours ships uint8 views, plain ships float")
         torch.set_num_threads(1)
-        runs = [in_process(items, tmp / "folder") for _ in range(args.repeats)]
-        o, of, r = (max(x[k] for x in runs) for k in range(3))
-        print(f"decode + transform in one process: ours {o:.1f} img/s, plain {r:.1f} img/s, ratio {o / r:.2f} "
-              f"(ours converting to float on the CPU as well: {of:.1f} img/s, {of / r:.2f}x)")
-        print(f"{'workers':>7} {'ours img/s':>11} {'per worker':>11} {'plain img/s':>12} {'per worker':>11} {'ratio':>6}")
-        for w in args.workers:
-            o = max(ours(shards, w, args.batch_size) for _ in range(args.repeats))
-            r = max(plain(tmp / "folder", w, args.batch_size) for _ in range(args.repeats))
-            print(f"{w:>7} {o:>11.1f} {o / w:>11.1f} {r:>12.1f} {r / w:>11.1f} {o / r:>6.2f}")
-
-
-if __name__ == "__main__":
-    main()
+        try:
+            runs = [in_process(items, tmp / "folder") for _ in range(rounds)]
+            one = {k: max(r[k] for r in runs) for k in runs[0]}
+            res = {"jpegs": f"{len(items)} from {jpegs}" if jpegs else f"{len(items)} of {size[0]}x{size[1]}, quality {quality}",
+                   "kib_per_jpeg": rnd(sum(len(it.image) for it in items) / len(items) / 1024),
+                   "batch": batch_size, "views": "224 bicubic + 112 lanczos",
+                   "in_process_img_per_s": {k: rnd(v) for k, v in one.items()},
+                   "in_process_ratio_vs_plain": rnd(one["ours"] / one["plain"]),
+                   "reduced_size_decode_gain": rnd(one["ours"] / one["ours_full_size_decode"]),
+                   "loader": []}
+            for w in workers:
+                o = max(ours(shards, w, batch_size) for _ in range(rounds))
+                r = max(plain(tmp / "folder", w, batch_size) for _ in range(rounds))
+                res["loader"].append({"workers": w, "ours_img_per_s": rnd(o), "plain_img_per_s": rnd(r),
+                                      "ours_per_worker": rnd(o / w), "plain_per_worker": rnd(r / w), "ratio": rnd(o / r)})
+        finally:
+            torch.set_num_threads(threads)
+    return res

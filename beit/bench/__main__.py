@@ -1,0 +1,5 @@
+import sys
+
+from beit.bench.command import main
+
+sys.exit(main())

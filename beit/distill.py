@@ -1,0 +1,30 @@
+"""Distil a fine-tuned classifier (e.g. our BEiT export) into a small timm student such as MobileViT.
+
+    beit distill --teacher runs/ft/model.safetensors --model mobilevit_xxs \
+        --train_shards 'labelled/train-*.tar' --val_shards 'labelled/val-*.tar' \
+        --unlabelled_shards 'pretrain/train-*.tar' --output_dir runs/distill
+
+The same entry point, options and machinery as ``beit finetune`` (this is ``beit finetune --task distill``):
+AdamW + warmup/cosine without layer-wise decay, EMA, checkpoints and resume, held-out evaluation,
+the timm export. Loss: ``distill_alpha`` x cross-entropy on the labelled images + (1 - alpha) x T^2 x
+KL to the teacher's softened predictions on the labelled AND unlabelled images.
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from beit.finetune import main as finetune_main
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--task" or a.startswith("--task=") for a in argv):
+        raise ValueError("beit distill sets --task distill itself; leave --task out")
+    return finetune_main(["--task", "distill", *argv])
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

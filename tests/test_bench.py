@@ -1,0 +1,88 @@
+"""`beit bench --smoke`: every section runs and prints one JSON object of the documented structure
+(speeds are not checked: they are figures, measured by the command itself)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _positive(x):
+    return isinstance(x, (int, float)) and x > 0
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    # through the console entry point's module, from the repository root (where our tokenizers/ folder
+    # must not shadow Hugging Face's tokenizers package that transformers imports)
+    cmd = [sys.executable, "-m", "beit.bench", "--smoke", "--threads", "1",
+           "--sections", "train_step", "tokenizer", "masking", "data", "memory"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout)  # stdout is exactly one JSON object
+
+
+def test_machine_block(smoke):
+    m = smoke["machine"]
+    assert m["torch_threads"] == 1 and m["device"] == "cpu"
+    assert m["cpu_capability"]["torch"] == torch.backends.cpu.get_cpu_capability()
+    assert set(m["cpu_capability"]) >= {"avx2", "avx512", "avx512_bf16", "amx", "fast_bf16"}
+    assert m["versions"]["torch"] and m["versions"]["transformers"]
+    assert len(m["load_average"]) == 3 and smoke["smoke"] is True
+
+
+def test_train_step_beside_transformers(smoke):
+    ts = smoke["train_step"]
+    assert _positive(ts["fp32"]["matmul_peak_tflops"])
+    row = ts["fp32"]["tiny"]
+    assert row["attn_implementation_peer"]
+    for side in ("ours", "transformers"):
+        assert _positive(row[side]["img_per_s"]) and _positive(row[side]["gflop_per_img"])
+        assert _positive(row[side]["mfu"]) and len(row[side]["step_s_rounds"]) == 1
+    # the peer's head scores every patch, ours only the masked ones: fewer FLOPs per image
+    assert row["ours"]["gflop_per_img"] < row["transformers"]["gflop_per_img"]
+    assert _positive(row["ratio"])
+    assert ("bf16" in ts) == smoke["fast_bf16"]
+
+
+def test_tokenizer_rows(smoke):
+    tok = smoke["tokenizer"]
+    d = tok["dalle"]
+    assert d["tokens_equal_to_dall_e"] == {"ours": True, "ours_nchw": True}  # same tokens as plain dall_e
+    assert _positive(d["ours"]["img_per_s"]) and _positive(d["dall_e"]["img_per_s"])
+    assert 0 <= d["bf16_vs_fp32"]["token_agreement"] <= 1
+    for kind in ("kmeans", "dvae", "vqkd"):
+        assert _positive(tok[kind]["img_per_s"]) and 0 <= tok[kind]["bf16_token_agreement"] <= 1
+
+
+def test_masking_data_memory(smoke):
+    mk = smoke["masking"]
+    assert mk["ours"]["exact_count_fraction"] == 1.0 and mk["ours"]["min_count"] == 75
+    assert _positive(mk["ratio_ours_vs_v1"])
+    data = smoke["data"]
+    assert set(data["in_process_img_per_s"]) == {"ours", "ours_float_on_cpu", "ours_full_size_decode", "plain"}
+    assert [r["workers"] for r in data["loader"]] == [1] and _positive(data["loader"][0]["ratio"])
+    mem = smoke["memory"]
+    assert mem["checkpointing_on"]["grad_checkpointing"] and not mem["checkpointing_off"]["grad_checkpointing"]
+    assert _positive(mem["checkpointing_off"]["peak_mib"])
+
+
+def test_end_to_end_logs_data_wait(tmp_path):
+    """Real short pretraining runs (k-means live, and from a token cache): images/s and the
+    data-wait fraction come from the runs' own metrics."""
+    from beit.bench.end_to_end import run
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = run(kinds=("kmeans", "token_cache"), image_size=32, batch_size=2, steps=2, num_workers=0, smoke=True)
+    finally:
+        torch.set_num_threads(n)
+    for kind in ("kmeans", "token_cache"):
+        assert _positive(res[kind]["img_per_s"]) and res[kind]["steps"] == 2
+        assert 0 <= res[kind]["data_wait_fraction"] < 1
+    assert _positive(res["token_cache"]["cache_build_s_per_img"])
