@@ -30,6 +30,17 @@ class PairedLoader:
     def set_epoch(self, epoch: int) -> None:
         self.labelled.set_epoch(epoch)
 
+    def describe(self) -> str:
+        return f"{self.labelled.describe()}; each batch beside unlabelled images ({self.unlabelled.describe()})"
+
+    @property
+    def notes(self) -> list[str]:
+        return [*getattr(self.labelled, "notes", []), *(f"unlabelled: {n}" for n in getattr(self.unlabelled, "notes", []))]
+
+    @property
+    def coverage(self) -> dict:
+        return getattr(self.labelled, "coverage", {})
+
     def _next_unlabelled(self) -> dict:
         for _ in range(2):
             if self._u_iter is None:

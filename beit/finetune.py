@@ -134,7 +134,7 @@ def _run(cfg: FinetuneConfig, latest: Path | None) -> dict:
     from accelerate.utils import set_seed
 
     from beit.runtime.checkpointing import TRAIN_STATE, check_resume_compatible, load_checkpoint, save_checkpoint
-    from beit.engines.finetune import save_confusion_png, train_one_epoch
+    from beit.engines.finetune import new_epoch_sums, save_confusion_png, train_one_epoch
     from beit.export import export_model
     from beit.finetune_data import build_loaders, check_shards, resolve_classes
     from beit.options.common import warmup_for
@@ -215,12 +215,15 @@ def _run(cfg: FinetuneConfig, latest: Path | None) -> dict:
         accelerator.register_for_checkpointing(ema)
 
     step, start_epoch = 0, 0
+    epoch_sums = new_epoch_sums()
     if latest is not None:
         train_state, rank_state = load_checkpoint(accelerator, latest)
         schedule.load_state_dict(train_state["schedule"])
         step, start_epoch = int(train_state["step"]), int(train_state["epoch"])
         if rank_state is not None:
             train_loader.load_state_dict(rank_state["loader"])
+        if train_state.get("mid_epoch"):
+            epoch_sums.update(train_state.get("epoch_sums", {}))
         where = "mid-epoch, " if train_state.get("mid_epoch") else ""
         logger.info(f"resumed from {latest} (epoch {start_epoch}, {where}step {step})")
     if trackers:
@@ -248,7 +251,8 @@ def _run(cfg: FinetuneConfig, latest: Path | None) -> dict:
     def save(s: int, epoch: int, mid_epoch: bool) -> None:
         path = save_checkpoint(accelerator, out, s,
                                {"epoch": epoch, "mid_epoch": mid_epoch, "schedule": schedule.state_dict(),
-                                "config": to_dict(cfg), "total_steps": total_steps},
+                                "config": to_dict(cfg), "total_steps": total_steps,
+                                "epoch_sums": dict(epoch_sums) if mid_epoch else new_epoch_sums()},
                                rank_state={"loader": train_loader.state_dict()}, keep_last=cfg.keep_last)
         logger.info(f"checkpoint saved: {path}")
 
@@ -268,7 +272,8 @@ def _run(cfg: FinetuneConfig, latest: Path | None) -> dict:
         step, train_stats = train_one_epoch(
             model, train_loader, optimizer, schedule, accelerator, criterion, epoch=epoch, step=step,
             max_steps=(epoch + 1) * steps_per_epoch, mixup_fn=mixup_fn, ema=ema, clip_grad=cfg.clip_grad,
-            on_step=on_step, progress=bar, teacher=teacher)
+            on_step=on_step, progress=bar, teacher=teacher, sums=epoch_sums)
+        epoch_sums = new_epoch_sums()
         record = {"epoch": epoch + 1, **train_stats, **data_error_metrics(train_loader, accelerator)}
         last = epoch + 1 == cfg.epochs
         if val_loader is not None and (last or (epoch + 1) % cfg.eval_every == 0):

@@ -21,20 +21,27 @@ def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int] =
     return [int(hit[:, : min(k, kmax)].any(dim=1).sum()) for k in ks]
 
 
+def new_epoch_sums() -> dict:
+    """The running sums ``train_one_epoch`` reports its epoch means from."""
+    return {"loss": 0.0, "n": 0, "skipped": 0}
+
+
 def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, criterion: Callable, *,
                     epoch: int, step: int, max_steps: int, mixup_fn=None, ema=None, clip_grad: float = 0.0,
                     on_step: Callable[[int, dict], None] | None = None, progress=None,
-                    teacher: nn.Module | None = None) -> tuple[int, dict]:
+                    teacher: nn.Module | None = None, sums: dict | None = None) -> tuple[int, dict]:
     """Train over one epoch of ``loader``; returns (optimizer steps done so far, epoch means).
 
     ``step`` counts optimizer steps (one per ``grad_accum_steps`` micro-batches); the lr/wd schedule
     advances once per optimizer step. ``on_step(step, metrics)`` runs after each optimizer step
     (logging, checkpoints). A non-finite loss skips the update instead of corrupting the weights.
     With a ``teacher`` (distillation) the loss is ``criterion(logits, targets, teacher_logits)``.
+    ``sums`` (updated in place) holds the epoch's running loss sum and step counts, so a checkpoint taken
+    mid-epoch can record them and a resumed epoch reports the same means as an uninterrupted one.
     """
     model.train()
     dev = accelerator.device
-    sums = {"loss": 0.0, "n": 0, "skipped": 0}
+    sums = new_epoch_sums() if sums is None else sums
     window = torch.zeros(2, device=dev)  # over the current accumulation window: sum of losses, non-finite count
     n_micro = 0
     waiting = DataWait(loader)
