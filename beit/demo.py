@@ -1,6 +1,6 @@
 """``beit demo``: the offline CPU demo (what ``bash launch/demo.sh`` runs after installing).
 
-    beit demo                          # outputs in runs/demo (or $DEMO_DIR)
+    beit demo                          # outputs in runs/demo (default; or $DEMO_DIR)
     beit demo --dir /tmp/demo --total_steps 400     # other options go to the pretraining stage
 
 1. writes shards of the built-in real sample sets (photos for pretraining, digits for fine-tuning);

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from beit.config import DefaultsHelpFormatter
+
 PREPROCESS_SUFFIX = ".preprocess.json"
 _PIL_FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1, "box": 4, "hamming": 5}
 
@@ -137,7 +139,7 @@ def latency_ms(fn, x, repeats: int = 20) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="a fine-tuned model.safetensors (with its .json) from beit finetune / export")
     p.add_argument("--out", required=True, help="output .onnx path (the .preprocess.json goes beside it)")
     p.add_argument("--val_shards", default="", help="held-out shards to check top-1 agreement on (default: random inputs)")

@@ -56,7 +56,9 @@ def photo_classes(out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from beit.config import DefaultsHelpFormatter
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--out", default="runs/evidence", help="work folder (a rerun reuses the finished stages)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", default="digits", choices=["digits", "photos"],

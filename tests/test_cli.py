@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from beit.cli import COMMANDS, main
+from beit.cli import COMMANDS, EXAMPLES, main
 
 
 def test_usage_lists_every_command(capsys):
@@ -21,7 +21,10 @@ def test_every_command_has_help(name, capsys):
     except SystemExit as e:
         code = e.code
     assert code == 0
-    assert "--" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--" in out
+    assert f"example: {EXAMPLES[name]}" in out  # one example each, shown first
+    assert "default" in out, "the options' defaults are not shown: use beit.config's parser or DefaultsHelpFormatter"
 
 
 def test_unknown_command_suggests(capsys):

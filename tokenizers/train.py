@@ -279,7 +279,8 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
         asked = bool(argv) and argv[0] in ("-h", "--help")
-        print(f"usage: python -m beit.tokenizers.train {{{'|'.join(COMMANDS)}}} [--help] [options]\n\n{__doc__}",
+        print(f"usage: python -m beit.tokenizers.train {{{'|'.join(COMMANDS)}}} [--help] [options]\n\n{__doc__}\n"
+              f"`beit tokenizer train KIND --help` lists that kind's options with their defaults.",
               file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
     cls, fn = COMMANDS[argv[0]]

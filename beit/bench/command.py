@@ -20,11 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+from beit.config import DefaultsHelpFormatter
+
 SECTIONS = ("train_step", "tokenizer", "end_to_end", "masking", "data", "memory")
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="beit bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="beit bench", description=__doc__, formatter_class=DefaultsHelpFormatter)
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="what to run (default: all)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one round: a structure check that takes seconds")
     p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
