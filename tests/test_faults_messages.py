@@ -69,11 +69,12 @@ def test_read_only_output_dir_is_a_message(tmp_path, read_only_mount):
             pass
 
 
-def test_more_workers_than_shards_is_a_clear_message(tmp_path):
+def test_more_workers_than_shards_are_clamped_and_the_log_says_so(tmp_path):
     shards = good_shards(tmp_path, 2, 4)
-    with pytest.raises(ValueError, match=r"2 shard\(s\) cannot be split over 1 rank\(s\) x 5 worker\(s\).*use fewer "
-                                         r"workers"):
-        build_stream_loader(shards, map_fn=small_map, batch_size=2, num_workers=5)
+    loader = build_stream_loader(shards, map_fn=small_map, batch_size=2, num_workers=5)
+    assert loader.num_workers == 2
+    assert any("workers clamped from 5 to 2" in n for n in loader.notes), loader.notes
+    assert sorted(k for b in loader for k in b["__key__"]) == [f"s{i:05d}" for i in range(8)]  # every image once
 
 
 def test_data_hints_name_real_flags(tmp_path):
@@ -87,7 +88,7 @@ def test_data_hints_name_real_flags(tmp_path):
     assert parse_config(PretrainConfig, ["--data_shards", spec]).data_shards == [spec]  # a brace list stays whole
     (tmp_path / "e").mkdir()
     write_tar(tmp_path / "e" / "empty-000000.tar", [])
-    with pytest.raises(ValueError, match=r"the shards hold no samples \(empty or unreadable tars, e\.g\. .*empty-000000"
+    with pytest.raises(ValueError, match=r"the 1 shard\(s\) hold no samples \(empty or unreadable tars, e\.g\. .*empty-000000"
                                          r"\.tar.*beit shards verify --dir"):
         build_stream_loader(str(tmp_path / "e"), map_fn=small_map, batch_size=2, num_workers=0)
     (tmp_path / "r").mkdir()

@@ -73,7 +73,7 @@ def test_readme_own_data_commands_run_verbatim(tmp_path):
     assert final["samples"] == 6  # 20% of each class held out: 2 + 2 + 2
     assert np.asarray(json.loads((ft / "confusion.json").read_text())).shape == (3, 3)
     conf = json.loads((ft / "model.json").read_text())
-    model = timm.create_model(conf["architecture"], pretrained=False, checkpoint_path=str(ft / "model.safetensors"),
+    model = timm.create_model(conf["timm_entrypoint"], pretrained=False, checkpoint_path=str(ft / "model.safetensors"),
                               **conf["model_kwargs"]).eval()
     with torch.no_grad():
         assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
