@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import sysconfig
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,10 @@ def test_install_sh_reuses_the_torch_it_finds(tmp_path):
     # the new environment sees this one's packages (torch included), as a user's conda/venv with torch would
     site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
-    Path(site, "_outer_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    import torchvision
+    seen = [str(Path(m.__file__).resolve().parents[1]) for m in (torch, torchvision)]
+    seen += [p for p in sys.path if p.endswith("site-packages") and p not in seen]  # the project's other dependencies
+    Path(site, "_outer_packages.pth").write_text("\n".join(seen) + "\n")
     r = subprocess.run(["bash", str(repo / "launch" / "install.sh")], env={"PATH": "/usr/bin:/bin", "VENV": str(venv),
                        "HOME": str(tmp_path)}, capture_output=True, text=True, timeout=840)
     log = r.stdout + r.stderr
