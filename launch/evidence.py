@@ -11,6 +11,10 @@ with the FIXED held-out test split (360 images) that no stage ever reads except 
 of their labels. ``--set photos``: crops of the bundled photographs labelled by the photograph they
 come from (training crops from the left 80% of each photograph, test crops from the right 20%). Any other argument goes to ``beit compare`` (``--methods beit,logreg_pixels``,
 ``--pretrain '{epochs: 60}'``, ...). Results: ``<out>/compare.json``, ``compare.md``, ``compare.png``.
+
+``--dev``: for choosing a recipe without the test split. A stratified 20% of the TRAINING images
+becomes the scored set and the other 80% the training (and unlabelled) set; the test split is not
+read at all. Every recipe change in docs/compare.md was screened this way.
 """
 from __future__ import annotations
 
@@ -24,6 +28,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 LABEL_FRACTION = 0.10
+DEV_FRACTION = 0.20
+DEV_SEED = 12345
 
 
 def photo_classes(out: Path) -> Path:
@@ -55,6 +61,19 @@ def photo_classes(out: Path) -> Path:
     return dest
 
 
+def dev_split(data: Path) -> Path:
+    """``data/dev``: a fixed stratified ``DEV_FRACTION`` of the training images as ``dev-*.tar`` (scored)
+    and the rest as ``train-*.tar``; the test shards are not read."""
+    from beit.compare.labels import label_map_of, read_labelled, stratified_subset, write_labelled
+    train = read_labelled(str(data / "train-*.tar"), "train_shards")
+    label_map = label_map_of(str(data / "train-*.tar"))
+    dev, rest = stratified_subset(train, DEV_FRACTION, DEV_SEED)
+    out = data / "dev"
+    write_labelled(rest, out, "train", label_map, "evidence:dev/train", 0)
+    write_labelled(dev, out, "dev", label_map, "evidence:dev/dev", 0)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from beit.config import DefaultsHelpFormatter
 
@@ -63,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--set", default="digits", choices=["digits", "photos"],
                    help="digits: the 8x8 hand-written digits; photos: which bundled photograph a crop comes from")
+    p.add_argument("--dev", action="store_true",
+                   help="score on a validation split carved from the training images (recipe screening); "
+                        "the test split is not read")
     args, rest = p.parse_known_args(argv)
     from beit.compare.run import main as compare
     from beit.data.samples import build_sample_shards
@@ -71,8 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         build_sample_shards(data, "digits")
     else:
         data = photo_classes(Path(args.out))
-    return compare(["--train_shards", str(data / "train-*.tar"), "--test_shards", str(data / "test-*.tar"),
-                    "--label_fraction", str(LABEL_FRACTION), "--seeds", ",".join(map(str, args.seeds)),
+    test, fraction = "test", LABEL_FRACTION
+    if args.dev:  # as many labels as the real run: 10% of all the training images
+        data, test, fraction = dev_split(data), "dev", LABEL_FRACTION / (1 - DEV_FRACTION)
+    return compare(["--train_shards", str(data / "train-*.tar"), "--test_shards", str(data / f"{test}-*.tar"),
+                    "--label_fraction", str(fraction), "--seeds", ",".join(map(str, args.seeds)),
                     "--output_dir", args.out, "--threads", "1", *rest])
 
 

@@ -139,3 +139,26 @@ def test_compare_scratch_recipe_fitted_on_a_carved_validation_split(digits, tmp_
     assert val and not val & fit_keys and val | fit_keys == subset          # carved from the label subset only
     assert not val & keys(digits, "test")
     assert not (out / "seed0" / "pretrain").exists()                       # no pretraining was needed
+
+
+def test_evidence_dev_split_never_reads_the_test_split(digits, tmp_path):
+    """launch/evidence.py --dev: a stratified 20% of the TRAINING images is the scored set, the rest the
+    training set; the two are disjoint, cover the training images, and the test shards are not needed."""
+    import importlib.util
+    import shutil
+    from collections import Counter
+    from pathlib import Path
+
+    from beit.compare.labels import read_labelled
+    spec = importlib.util.spec_from_file_location("evidence", Path(__file__).parents[1] / "launch" / "evidence.py")
+    evidence = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evidence)
+    for p in list(digits.glob("train-*.tar")) + [digits / "manifest.json"]:
+        shutil.copy(p, tmp_path)  # no test shards in this folder
+    dev_dir = evidence.dev_split(tmp_path)
+    train = read_labelled(str(tmp_path / "train-*.tar"), "t")
+    fit, dev = read_labelled(str(dev_dir / "train-*.tar"), "t"), read_labelled(str(dev_dir / "dev-*.tar"), "t")
+    assert not {s["key"] for s in fit} & {s["key"] for s in dev}
+    assert sorted(s["key"] for s in fit + dev) == sorted(s["key"] for s in train)
+    per_class, dev_class = Counter(s["label"] for s in train), Counter(s["label"] for s in dev)
+    assert all(abs(dev_class[c] - 0.2 * n) <= 1 for c, n in per_class.items())

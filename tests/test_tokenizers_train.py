@@ -67,3 +67,41 @@ def test_dvae_trains_checkpoints_and_resumes_exactly(shards, tmp_path):
         bad = _cfg(train, tmp_path / "b", 8)
         bad.vocab_size = 64
         train_dvae(bad)
+
+
+def test_kmeans_fit_uses_every_image_every_pass(tmp_path, monkeypatch, capsys):
+    """150 images at batch 64 (not a multiple): each mini-batch pass of the k-means fit sees all 150.
+    Every image is one distinct solid colour, so any crop of it names it."""
+    import io
+
+    from PIL import Image
+
+    from beit.data.shard_writer import Item, WriteOptions, write_shards
+    from beit.tokenizers.kmeans import KMeansTokenizer
+
+    def png(i):
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (i, 255 - i, (7 * i) % 256)).save(buf, "PNG")
+        return buf.getvalue()
+    write_shards([Item(key=f"img{i:03d}", image=png(i), ext="png") for i in range(150)], tmp_path / "s",
+                 prefix="train", opts=WriteOptions(max_samples=70), progress=False)
+    passes = []
+    fit = KMeansTokenizer.fit.__func__
+
+    def spy(cls, batches, **kw):
+        def recorded():
+            seen = []
+            passes.append(seen)
+            for images in batches():
+                seen += [round(float(v) * 255) for v in images[:, 0, 0, 0]]
+                yield images
+        return fit(cls, recorded, **kw)
+    monkeypatch.setattr(KMeansTokenizer, "fit", classmethod(spy))
+    rc = main(["kmeans", "--shards", str(tmp_path / "s" / "train-*.tar"), "--out", str(tmp_path / "km"),
+               "--vocab_size", "16", "--input_size", "32", "--patch_size", "8", "--epochs", "2",
+               "--init_patches", "400", "--batch_size", "64", "--num_workers", "0"])
+    assert rc == 0
+    mini_batch_passes = passes[-2:]  # the first pass(es) only collect k-means++ seeding patches
+    for seen in mini_batch_passes:
+        assert set(seen) == set(range(150)), f"{150 - len(set(seen))} images left out of a pass"
+    assert "images_per_epoch" in capsys.readouterr().out

@@ -201,11 +201,11 @@ class KMeansTokenizer(VisualTokenizer):
         n_reseeded = 0
 
         # 2. Mini-batch passes.
-        step = 0
+        step, images_per_epoch = 0, []
         for epoch in range(epochs):
             bar = tqdm(source(), desc=f"k-means epoch {epoch + 1}/{epochs}", disable=not progress,
                        unit="batch", leave=False, total=max_batches_per_epoch or batches_per_epoch)
-            inertia_sum, n_seen = 0.0, 0
+            inertia_sum, n_seen, n_images = 0.0, 0, 0
             for b_i, images in enumerate(bar):
                 if max_batches_per_epoch is not None and b_i >= max_batches_per_epoch:
                     break
@@ -221,14 +221,17 @@ class KMeansTokenizer(VisualTokenizer):
                 centroids[upd] += lr * (sums[upd] / hits[upd, None].float() - centroids[upd])
                 inertia_sum += float(dist.sum())
                 n_seen += x.shape[0]
+                n_images += images.shape[0]
                 step += 1
                 if step % reseed_every == 0:
                     n_reseeded += _reseed_dead(centroids, counts, recent, x, dist, g)
                 if progress:
                     bar.set_postfix(inertia=f"{inertia_sum / max(1, n_seen):.4f}", reseeded=n_reseeded)
             n_reseeded += _reseed_dead(centroids, counts, recent, x, dist, g) if n_seen else 0
+            images_per_epoch.append(n_images)
         tok.centroids.copy_(centroids)
-        tok.fit_stats = {"init_patches": int(init.shape[0]), "steps": step, "reseeded": n_reseeded,
+        tok.fit_stats = {"init_patches": int(init.shape[0]), "steps": step, "images_per_epoch": images_per_epoch,
+                         "reseeded": n_reseeded,
                          "mean_inertia_last_epoch": inertia_sum / max(1, n_seen)}
         return tok
 
