@@ -162,3 +162,22 @@ def test_evidence_dev_split_never_reads_the_test_split(digits, tmp_path):
     assert sorted(s["key"] for s in fit + dev) == sorted(s["key"] for s in train)
     per_class, dev_class = Counter(s["label"] for s in train), Counter(s["label"] for s in dev)
     assert all(abs(dev_class[c] - 0.2 * n) <= 1 for c, n in per_class.items())
+
+
+def test_code_version_names_the_commit_and_the_changed_files(tmp_path):
+    import subprocess
+
+    from beit.compare.report import code_version
+
+    def git(*a):
+        subprocess.run(["git", "-C", str(tmp_path), *a], check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "tracked.py").write_text("a = 1\n")
+    git("add", "tracked.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert code_version(tmp_path) == {"commit": head, "dirty": False, "changed_files": []}
+    (tmp_path / "tracked.py").write_text("a = 2\n")  # " M tracked.py": a blank first status column
+    (tmp_path / "new.py").write_text("")
+    v = code_version(tmp_path)
+    assert v["commit"] == head and v["dirty"] and sorted(v["changed_files"]) == ["new.py", "tracked.py"]

@@ -17,15 +17,17 @@ NAMES = {
 }
 
 
-def code_version() -> dict:
-    """The git commit of the code that ran and whether its tracked or untracked files differed from it."""
-    root = Path(__file__).resolve().parents[2]
+def code_version(root: Path | None = None) -> dict:
+    """The git commit of the code that ran (``root``: this checkout) and whether its tracked or
+    untracked files differed from it."""
+    root = root or Path(__file__).resolve().parents[2]
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30).stdout.strip()
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30).stdout
     try:
-        commit = git("rev-parse", "HEAD")
-        changed = [line[3:] for line in git("status", "--porcelain").splitlines()]
+        commit = git("rev-parse", "HEAD").strip()
+        # porcelain lines are "XY path": the status columns may be blank, so no strip() before slicing
+        changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None, "note": "not a git checkout"}
     return {"commit": commit or None, "dirty": bool(changed), "changed_files": changed[:50]}
