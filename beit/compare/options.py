@@ -3,10 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from beit.compare import recipe
+from beit.compare import recipe, recipe_devices
 from beit.config import field
 
-METHODS = ("beit", "scratch", "scratch_fitted", "linear_probe", "knn", "logreg_features", "logreg_pixels")
+DEFAULT_METHODS = ("beit", "scratch", "scratch_fitted", "linear_probe", "knn", "logreg_features", "logreg_pixels")
+# opt-in: the MobileViT student taught by the fine-tuned BEiT model, and the same student on the labels alone
+METHODS = DEFAULT_METHODS + ("distill", "student")
+VIT_ONLY = ("linear_probe", "knn", "logreg_features")
 
 
 @dataclass
@@ -27,6 +30,14 @@ class CompareConfig:
     embed_dim: int = field(recipe.MODEL["embed_dim"], help="encoder width")
     depth: int = field(recipe.MODEL["depth"], help="encoder blocks")
     num_heads: int = field(recipe.MODEL["num_heads"], help="attention heads")
+    arch: str = field("beit", help="encoder: beit (the ViT above) or a timm Swin name (swin_tiny_patch4_window7_224; "
+                      "its sizes from --swin, the token cell is patch_size)")
+    swin: dict = field(default_factory=dict, help="--arch swin_*: overrides of the Swin sizes (beit pretrain's swin "
+                       f"options; default {recipe_devices.SWIN})")
+    student: dict = field(default_factory=dict, help="distill / student: overrides of the student recipe (beit "
+                          f"finetune options over the shared fine-tune recipe; default {recipe_devices.STUDENT})")
+    distill: dict = field(default_factory=dict, help="distill: overrides of the distillation options (default "
+                          f"{recipe_devices.DISTILL}); the teacher is the seed's fine-tuned BEiT model")
     tokenizer: str = field("kmeans", help="tokenizer kind; without tokenizer_path a k-means tokenizer is fitted "
                            "per seed on the unlabelled shards")
     tokenizer_path: str = field("", help="a saved tokenizer to use for every seed instead of fitting one")
@@ -50,7 +61,8 @@ class CompareConfig:
     health_knn: bool = field(True, help="log the online kNN health metric during pretraining (label subset as memory "
                              "bank, test shards scored: monitoring only)")
     threads: int = field(0, help="torch intra-op threads (0: torch's default; 1 is fastest for tiny models on a busy CPU)")
-    methods: list[str] = field(default_factory=lambda: list(METHODS), help=f"methods to run, of {list(METHODS)}")
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), help=f"methods to run, of "
+                               f"{list(METHODS)} (default {list(DEFAULT_METHODS)})")
 
     def validate(self) -> None:
         if not self.train_shards or not self.test_shards:
@@ -63,6 +75,17 @@ class CompareConfig:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
+        if self.arch != "beit":
+            from beit.modeling.swin_mim import is_swin
+            if not is_swin(self.arch):
+                raise ValueError(f"--arch must be beit or a timm Swin name (swin_tiny_patch4_window7_224), got {self.arch!r}")
+            vit_only = sorted(set(self.methods) & set(VIT_ONLY))
+            if vit_only:
+                raise ValueError(f"method(s) {vit_only} read ViT features and do not run with --arch {self.arch}; pass "
+                                 "--methods beit,scratch,distill,student,logreg_pixels (or a subset)")
+            recipe_devices.swin_timm_kwargs(self.swin)
+        if "distill" in self.methods and "beit" not in self.methods:
+            raise ValueError("method distill is taught by the seed's fine-tuned BEiT model: add beit to --methods")
         if self.scratch_fit not in ("train_loss", "val"):
             raise ValueError(f"scratch_fit must be train_loss or val, got {self.scratch_fit!r}")
         if not self.scratch_epoch_factors or min(self.scratch_epoch_factors) <= 0:
@@ -76,5 +99,9 @@ class CompareConfig:
 
     @property
     def model(self) -> dict:
+        """The encoder's options as beit pretrain takes them (the ViT's dims, or --arch and the Swin's sizes)."""
+        if self.arch != "beit":
+            return dict(image_size=self.image_size, patch_size=self.patch_size, arch=self.arch,
+                        **{**recipe_devices.SWIN, **self.swin})
         return dict(image_size=self.image_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
                     depth=self.depth, num_heads=self.num_heads)

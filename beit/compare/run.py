@@ -113,7 +113,7 @@ def run_seed(cfg: CompareConfig, seed: int, train: list[dict], test_pat: str, te
             tok_kind, tok_path = "kmeans", tok["path"]
             rec["tokenizer"] = tok
         clock.append(("tokenizer", time.time()))
-        knn = (train_pat, test_pat) if cfg.health_knn else None
+        knn = (train_pat, test_pat) if cfg.health_knn and cfg.arch == "beit" else None  # the kNN metric is ViT-only
         pre = stages.pretrain(unlabelled, tok_kind, tok_path, sdir / "pretrain", seed, cfg.model, cfg.pretrain,
                               knn, cfg.knn_k, test_pat)
         rec["pretrain"] = {k: v for k, v in pre.items() if k.startswith(("val/", "knn/")) or k in ("train_seconds", "step", "epoch")}
@@ -139,6 +139,20 @@ def run_seed(cfg: CompareConfig, seed: int, train: list[dict], test_pat: str, te
                              {**ft_shared, **recipe.LINEAR_PROBE, **cfg.linear_probe}, init=pre["pretrained"])
         rows["linear_probe"], rec["linear_probe"] = lp["top1"], lp
         clock.append(("linear_probe", time.time()))
+    if m & {"distill", "student"}:
+        from beit.compare.recipe_devices import DISTILL, STUDENT
+        student = {**STUDENT, **cfg.student}
+        smodel = {"arch": student.pop("model"), "image_size": cfg.image_size}
+        if "distill" in m:
+            teach = {"task": "distill", "teacher": str(sdir / "finetune_beit" / "model.safetensors"),
+                     "unlabelled_shards": unlabelled, **DISTILL, **cfg.distill}
+            dist = stages.finetune(train_pat, test_pat, sdir / "distill", seed, smodel, {**ft_shared, **student, **teach})
+            rows["distill"], rec["distill"] = dist["top1"], dist
+            clock.append(("distill", time.time()))
+        if "student" in m:
+            alone = stages.finetune(train_pat, test_pat, sdir / "student", seed, smodel, {**ft_shared, **student})
+            rows["student"], rec["student"] = alone["top1"], alone
+            clock.append(("student", time.time()))
     train_views = load_views(expand_shards(train_pat), cfg.image_size)
     if m & {"knn", "logreg_features"}:
         feats = feature_baselines(pre["pretrained"], train_views, test_views, cfg.knn_k)
@@ -158,7 +172,8 @@ def run_compare(cfg: CompareConfig) -> dict:
     import torch
 
     from beit.compare.labels import check_disjoint, label_map_of, read_labelled
-    from beit.compare.report import code_version, markdown, verdict, write_results, NAMES
+    from beit.compare.recipe_devices import STUDENT
+    from beit.compare.report import code_version, markdown, method_names, verdict, write_results, NAMES
     from beit.data.shardspec import expand_shards
     from beit.engines.knn import load_views
 
@@ -189,15 +204,16 @@ def run_compare(cfg: CompareConfig) -> dict:
             print(json.dumps(per_seed[-1], default=str), flush=True)
     methods = [m for m in NAMES if m in per_seed[0]["top1"]]
     rows = {m: [r["top1"][m] for r in per_seed] for m in methods}
-    verdict_md, margins = verdict(rows)
+    names = method_names(cfg.arch, {**STUDENT, **cfg.student}["model"])
+    verdict_md, margins = verdict(rows, names)
     n_labels = sorted({r["labels"] for r in per_seed})
     header = (f"Held-out top-1 (%) on {len(test_views[1])} test images, {'/'.join(map(str, n_labels))} training labels "
               f"({cfg.label_fraction:.0%} of {len(train)}), seeds {', '.join(map(str, cfg.seeds))} (mean ± std over seeds)")
     minutes = (time.time() - t0) / 60
     notes = _notes(cfg, per_seed, unlabelled, minutes)
-    results = {"rows": rows, "names": {m: NAMES[m] for m in methods}, "margins": margins, "per_seed": per_seed,
+    results = {"rows": rows, "names": {m: names[m] for m in methods}, "margins": margins, "per_seed": per_seed,
                "code": code, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-               "recipe": {"model": cfg.model, "tokenizer": {**recipe.TOKENIZER, **cfg.tokenizer_fit},
+               "recipe": {"model": cfg.model, **_device_recipes(cfg), "tokenizer": {**recipe.TOKENIZER, **cfg.tokenizer_fit},
                           "pretrain": {**recipe.PRETRAIN, **cfg.pretrain},
                           "finetune": {**recipe.FINETUNE, **cfg.finetune}, "scratch": recipe.SCRATCH,
                           "linear_probe": {**recipe.LINEAR_PROBE, **cfg.linear_probe}},
@@ -207,10 +223,21 @@ def run_compare(cfg: CompareConfig) -> dict:
                            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                            "cuda": torch.cuda.is_available()},
                "minutes": round(minutes, 1)}
-    md = markdown(rows, cfg.seeds, header, notes, verdict_md)
+    md = markdown(rows, cfg.seeds, header, notes, verdict_md, names)
     write_results(out, results, md, header)
     print(md)
     return results
+
+
+def _device_recipes(cfg: CompareConfig) -> dict:
+    """The student and distillation recipes, when those methods ran."""
+    from beit.compare.recipe_devices import DISTILL, STUDENT
+    out = {}
+    if {"distill", "student"} & set(cfg.methods):
+        out["student"] = {**STUDENT, **cfg.student}
+    if "distill" in cfg.methods:
+        out["distill"] = {**DISTILL, **cfg.distill}
+    return out
 
 
 def _pretrain_length(cfg: CompareConfig, per_seed: list[dict]) -> str:
@@ -222,10 +249,22 @@ def _pretrain_length(cfg: CompareConfig, per_seed: list[dict]) -> str:
 
 def _notes(cfg: CompareConfig, per_seed: list[dict], unlabelled: str, minutes: float) -> str:
     import statistics
-    parts = [f"Model: ViT/BEiT {cfg.image_size} px, patch {cfg.patch_size}, dim {cfg.embed_dim}, depth {cfg.depth}, "
-             f"{cfg.num_heads} heads. Pretraining {_pretrain_length(cfg, per_seed)} on "
+    if cfg.arch == "beit":
+        model = (f"ViT/BEiT {cfg.image_size} px, patch {cfg.patch_size}, dim {cfg.embed_dim}, depth {cfg.depth}, "
+                 f"{cfg.num_heads} heads")
+    else:
+        sizes = {k: v for k, v in cfg.model.items() if k not in ("arch", "image_size")}
+        model = f"{cfg.arch} {cfg.image_size} px, token cell {cfg.patch_size} px, sizes {sizes}"
+    parts = [f"Model: {model}. Pretraining {_pretrain_length(cfg, per_seed)} on "
              f"{unlabelled} (labels unused); fine-tuning {({**recipe.FINETUNE, **cfg.finetune})['epochs']} epochs, "
              "the same recipe for BEiT and the same-recipe scratch model (the scratch model without layer decay)."]
+    if {"distill", "student"} & set(cfg.methods):
+        from beit.compare.recipe_devices import DISTILL, STUDENT
+        parts.append(f"Student: {({**STUDENT, **cfg.student})['model']} from scratch, the shared fine-tune recipe without "
+                     "layer decay, the same epochs on the same label subset"
+                     + (f"; distilled with {({**DISTILL, **cfg.distill})} from the seed's fine-tuned BEiT model, each "
+                        "batch of labelled images beside a batch of the unlabelled shards." if "distill" in cfg.methods
+                        else "."))
     fitted = [r["scratch_fitted"] for r in per_seed if "scratch_fitted" in r]
     if fitted:
         parts.append(f"Fitted scratch recipe: {fitted[0]['rule']}; chosen epochs per seed "

@@ -105,9 +105,8 @@ def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_ar
     from beit.finetune import FinetuneConfig, run_finetune
     from beit.runtime.run_logging import read_metrics
 
-    dims = {"image_size": model["image_size"], **{k: model[k] for k in ("patch_size", "embed_dim", "depth", "num_heads")}}
-    kw = dict(train_shards=train, val_shards=test, output_dir=str(out), seed=seed, init=init, model="beit",
-              resume=False, **dims, **recipe_args)
+    kw = dict(train_shards=train, val_shards=test, output_dir=str(out), seed=seed, init=init, resume=False,
+              **finetune_model_args(model), **recipe_args)
 
     def run() -> dict:
         cfg = FinetuneConfig(**kw)
@@ -120,7 +119,22 @@ def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_ar
         losses = [r["train_loss"] for r in read_metrics(out) if "train_loss" in r]
         return {"top1": res["top1"], "top5": res["top5"], "train_loss": losses[-1] if losses else None,
                 "epochs": cfg.epochs}
-    return cached_stage(out, {**kw, "init_digest": _file_digest(init)}, run)
+    key = {**kw, "init_digest": _file_digest(init)}
+    if kw.get("teacher"):
+        key["teacher_digest"] = _file_digest(kw["teacher"])
+    return cached_stage(out, key, run)
+
+
+def finetune_model_args(model: dict) -> dict:
+    """``beit finetune`` options that build the encoder of ``model`` (a ``CompareConfig.model`` dict): the
+    BEiT ViT's dims, the timm Swin with the same sizes as its pretraining (``model_kwargs``), or a timm
+    model by name alone (``{"arch": "mobilevit_xxs", "image_size": 32}``, the distillation student)."""
+    if model.get("arch", "beit") == "beit":
+        return {"model": "beit", "img_size": model["image_size"],
+                **{k: model[k] for k in ("patch_size", "embed_dim", "depth", "num_heads")}}
+    from beit.compare.recipe_devices import swin_timm_kwargs
+    sizes = {k: v for k, v in model.items() if k not in ("image_size", "patch_size", "arch")}
+    return {"model": model["arch"], "img_size": model["image_size"], "model_kwargs": swin_timm_kwargs(sizes)}
 
 
 def _file_digest(path: str) -> str | None:
