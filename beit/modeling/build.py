@@ -71,12 +71,33 @@ def build_seg_model(cfg: FinetuneConfig, num_classes: int, log=print):
     and patch embedding resized to --image_size / --patch_size as for classification)."""
     from beit.runtime.checkpoint_loading import load_beit_weights
     from beit.modeling.segmenter import BeitSegmenter
+    if cfg.model != "beit":
+        return build_swin_seg_model(cfg, num_classes, log)
     ckpt = _read_init(cfg)
     model = BeitSegmenter(num_classes, img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                           drop_path_rate=cfg.drop_path, channels=cfg.seg_channels,
                           aux_channels=max(1, cfg.seg_channels // 2), **beit_arch(cfg, ckpt, log))
     if ckpt is not None:
         log(load_beit_weights(model.backbone, ckpt, strict=cfg.strict).summary())
+    return model
+
+
+def build_swin_seg_model(cfg: FinetuneConfig, num_classes: int, log=print):
+    """timm's Swin (``--model``) as the backbone of the UperNet segmenter. With ``--init`` of our Swin BEiT
+    pretraining its sizes come from that run's pretrained.json (``--model_kwargs`` override them) and every
+    encoder tensor is loaded; a plain timm Swin state dict loads the same way."""
+    from beit.modeling.swin_segmenter import SwinSegmenter
+    from beit.runtime.swin_loading import load_swin_encoder, swin_timm_kwargs
+    pre = swin_pretrain_config(cfg.init) if cfg.init else None
+    if pre is not None and cfg.model != pre["arch"]:
+        raise ValueError(f"--init {cfg.init} is a BEiT pretraining of {pre['arch']}, but --model is {cfg.model}; "
+                         f"pass --model {pre['arch']}")
+    sizes = {k: v for k, v in swin_timm_kwargs(pre or {}).items() if k not in ("img_size", "in_chans")}
+    model = SwinSegmenter(num_classes, arch=cfg.model, img_size=cfg.img_size, in_chans=cfg.in_chans,
+                          drop_path_rate=cfg.drop_path, channels=cfg.seg_channels,
+                          aux_channels=max(1, cfg.seg_channels // 2), **{**sizes, **cfg.model_kwargs})
+    if cfg.init:
+        log(load_swin_encoder(model.backbone, cfg.init).summary())
     return model
 
 
@@ -97,4 +118,5 @@ def build_swin_from_pretraining(cfg: FinetuneConfig, num_classes: int, pre: dict
     return model
 
 
-__all__ = ["build_model", "build_seg_model", "beit_arch", "POSITIONS", "build_swin_from_pretraining"]
+__all__ = ["build_model", "build_seg_model", "beit_arch", "POSITIONS", "build_swin_from_pretraining",
+           "build_swin_seg_model"]

@@ -39,25 +39,32 @@ class Pyramid(nn.Module):
 
 
 class UperHead(nn.Module):
-    """UperNet: pyramid pooling (bins 1, 2, 3, 6) on the coarsest level, top-down FPN, fusion at the finest."""
+    """UperNet: pyramid pooling (bins 1, 2, 3, 6) on the coarsest level, top-down FPN, fusion at the finest.
 
-    def __init__(self, in_dim: int, channels: int, num_classes: int, bins=(1, 2, 3, 6), dropout: float = 0.1):
+    ``in_dim``: the channels of each level, one int for 4 levels of the same width (the ViT pyramid) or a
+    list, finest first (a hierarchical backbone's stages, e.g. Swin's 96, 192, 384, 768)."""
+
+    def __init__(self, in_dim: int | list[int], channels: int, num_classes: int, bins=(1, 2, 3, 6),
+                 dropout: float = 0.1):
         super().__init__()
-        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(in_dim, channels, 1)) for b in bins)
-        self.ppm_out = conv_bn_relu(in_dim + len(bins) * channels, channels, 3)
-        self.lateral = nn.ModuleList(conv_bn_relu(in_dim, channels, 1) for _ in range(3))
-        self.smooth = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in range(3))
-        self.fuse = conv_bn_relu(4 * channels, channels, 3)
+        dims = [in_dim] * 4 if isinstance(in_dim, int) else list(in_dim)
+        if len(dims) < 2:
+            raise ValueError(f"UperNet needs at least 2 feature levels, got {len(dims)}")
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(dims[-1], channels, 1)) for b in bins)
+        self.ppm_out = conv_bn_relu(dims[-1] + len(bins) * channels, channels, 3)
+        self.lateral = nn.ModuleList(conv_bn_relu(d, channels, 1) for d in dims[:-1])
+        self.smooth = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in dims[:-1])
+        self.fuse = conv_bn_relu(len(dims) * channels, channels, 3)
         self.classify = nn.Sequential(nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
-        top = levels[3]
+        top, n = levels[-1], len(levels)
         pooled = [F.interpolate(p(top), size=top.shape[2:], mode="bilinear", align_corners=False) for p in self.ppm]
-        maps = [lat(x) for lat, x in zip(self.lateral, levels[:3])] + [self.ppm_out(torch.cat([top, *pooled], 1))]
-        for i in range(3, 0, -1):  # top-down: each level gets the coarser one added
+        maps = [lat(x) for lat, x in zip(self.lateral, levels[:-1])] + [self.ppm_out(torch.cat([top, *pooled], 1))]
+        for i in range(n - 1, 0, -1):  # top-down: each level gets the coarser one added
             maps[i - 1] = maps[i - 1] + F.interpolate(maps[i], size=maps[i - 1].shape[2:], mode="bilinear",
                                                       align_corners=False)
-        outs = [s(m) for s, m in zip(self.smooth, maps[:3])] + [maps[3]]
+        outs = [s(m) for s, m in zip(self.smooth, maps[:-1])] + [maps[-1]]
         size = outs[0].shape[2:]
         outs = [outs[0]] + [F.interpolate(o, size=size, mode="bilinear", align_corners=False) for o in outs[1:]]
         return self.classify(self.fuse(torch.cat(outs, 1)))
@@ -129,10 +136,12 @@ class SegLoss(nn.Module):
         return loss
 
 
-def seg_layer_decay_groups(model: BeitSegmenter, weight_decay: float, layer_decay: float) -> list[dict]:
+def seg_layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
     """AdamW groups with ``lr_scale = layer_decay ** (L + 1 - id)``: id 0 = patch embed / cls token,
     block i -> i + 1, everything else (pyramid, heads) L + 1. No weight decay on 1-d tensors or the
-    backbone's ``no_weight_decay`` entries."""
+    backbone's ``no_weight_decay`` entries. A Swin segmenter's groups follow timm's Swin block order."""
+    if not isinstance(model, BeitSegmenter):
+        return model.layer_decay_groups(weight_decay, layer_decay)
     depth = len(model.backbone.blocks)
     skip = model.no_weight_decay()
     groups: dict[tuple[int, bool], dict] = {}
@@ -161,22 +170,35 @@ def seg_model_kwargs(model: BeitSegmenter) -> dict:
                 channels=model.decode.lateral[0][0].out_channels, aux_channels=model.aux.body[0][0].out_channels)
 
 
-def export_seg_model(model: BeitSegmenter, path, cfg, metrics: dict | None = None):
-    """The fine-tuned segmenter as safetensors + JSON (``load_seg_model`` rebuilds it)."""
+BEIT_SEG = "beit.modeling.segmenter.BeitSegmenter"
+SWIN_SEG = "beit.modeling.swin_segmenter.SwinSegmenter"
+
+
+def export_seg_model(model: nn.Module, path, cfg, metrics: dict | None = None):
+    """The fine-tuned segmenter (BEiT or Swin) as safetensors + JSON (``load_seg_model`` rebuilds it)."""
     from beit.runtime.checkpointing import save_weights
-    config = {"architecture": "beit.modeling.segmenter.BeitSegmenter", "model_kwargs": seg_model_kwargs(model),
+    if isinstance(model, BeitSegmenter):
+        arch, kwargs = BEIT_SEG, seg_model_kwargs(model)
+    else:
+        arch, kwargs = SWIN_SEG, model.constructor_kwargs()
+    config = {"architecture": arch, "model_kwargs": kwargs,
               "mean": list(cfg.mean), "std": list(cfg.std), "reduce_zero_label": cfg.reduce_zero_label,
               "eval": f"short side rescaled to {cfg.image_size}, sliding {cfg.image_size} px windows",
               "metrics": metrics or {}}
     return save_weights(model.state_dict(), path, config)
 
 
-def load_seg_model(path) -> BeitSegmenter:
-    """Rebuild an exported segmenter (eval mode) from its safetensors file and JSON."""
+def load_seg_model(path) -> nn.Module:
+    """Rebuild an exported segmenter (BEiT or Swin; eval mode) from its safetensors file and JSON."""
     from beit.runtime.checkpointing import load_weights
     sd, config = load_weights(path)
-    if config is None or config.get("architecture") != "beit.modeling.segmenter.BeitSegmenter":
-        raise ValueError(f"{path} is not an exported BEiT segmenter (its JSON is missing or names another model)")
-    model = BeitSegmenter(**config["model_kwargs"], drop_path_rate=0.0)
+    arch = (config or {}).get("architecture")
+    if arch == BEIT_SEG:
+        model = BeitSegmenter(**config["model_kwargs"], drop_path_rate=0.0)
+    elif arch == SWIN_SEG:
+        from beit.modeling.swin_segmenter import SwinSegmenter
+        model = SwinSegmenter(**config["model_kwargs"], drop_path_rate=0.0)
+    else:
+        raise ValueError(f"{path} is not an exported segmenter (its JSON is missing or names another model)")
     model.load_state_dict(sd)
     return model.eval()

@@ -27,7 +27,7 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     log_every: int = field(10)
 
     task: str = field("classification", help="classification | segmentation (image + seg.png shards, UperNet head, "
-                                             "mIoU; --image_size is the crop) | distill (--model = a timm student, "
+                                             "mIoU; --image_size is the crop; --model beit or a timm Swin) | distill (--model = a timm student, "
                                              "e.g. mobilevit_xxs, taught by --teacher)")
     # data
     train_shards: str = field("", help="training shards: path, brace pattern or comma list of WebDataset tars")
@@ -125,8 +125,13 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
             if self.distill_temperature <= 0 or not 0 <= self.distill_alpha <= 1:
                 raise ValueError("need --distill_temperature > 0 and 0 <= --distill_alpha <= 1")
         if self.task == "segmentation":
-            if self.model != "beit" or self.linear_probe:
-                raise ValueError("--task segmentation fine-tunes a BEiT encoder (--model beit, no --linear_probe)")
+            if self.linear_probe:
+                raise ValueError("--task segmentation fine-tunes the whole encoder: leave --linear_probe out")
+            if self.model != "beit":
+                from beit.modeling.swin_mim import is_swin
+                if not is_swin(self.model):
+                    raise ValueError(f"--task segmentation fine-tunes a BEiT encoder (--model beit) or a timm Swin "
+                                     f"(--model swin_tiny_patch4_window7_224, ...), got --model {self.model}")
             if self.num_classes < 1:
                 raise ValueError("--task segmentation needs --num_classes (ADE20K: 150 with --reduce_zero_label true)")
             if self.batch_size < 2:
