@@ -20,7 +20,7 @@ def smoke():
     # through the console entry point's module, from the repository root (where our tokenizers/ folder
     # must not shadow Hugging Face's tokenizers package that transformers imports)
     cmd = [sys.executable, "-m", "beit.bench", "--smoke", "--threads", "1",
-           "--sections", "train_step", "tokenizer", "masking", "data", "memory"]
+           "--sections", "train_step", "tokenizer", "masking", "data", "memory", "onnx"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout)  # stdout is exactly one JSON object
@@ -69,6 +69,18 @@ def test_masking_data_memory(smoke):
     mem = smoke["memory"]
     assert mem["checkpointing_on"]["grad_checkpointing"] and not mem["checkpointing_off"]["grad_checkpointing"]
     assert _positive(mem["checkpointing_off"]["peak_mib"])
+
+
+def test_onnx_student_latency_beside_the_teacher(smoke):
+    o = smoke["onnx"]
+    assert o["batch_size"] == 1 and o["rounds"] == 1 and o["image_size"] == {"teacher": 32, "student": 32}
+    assert set(o["latency_ms"]) == {"teacher_pytorch", "student_onnxruntime", "student_pytorch"}
+    assert all(_positive(v) for v in o["latency_ms"].values())
+    assert all(len(v) == 1 for v in o["rounds_ms"].values())
+    assert o["max_abs_logit_diff_onnx_vs_pytorch"] < 1e-3  # the timed ONNX file is the student
+    assert "mobilevit_xxs" in o["models"]["student"] and o["params_m"]["teacher"] > o["params_m"]["student"] > 0
+    assert o["teacher_vs_onnx_student"] == pytest.approx(
+        o["latency_ms"]["teacher_pytorch"] / o["latency_ms"]["student_onnxruntime"], rel=0.01)
 
 
 def test_end_to_end_logs_data_wait(tmp_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from beit.config import DefaultsHelpFormatter
 
-SECTIONS = ("train_step", "tokenizer", "end_to_end", "masking", "data", "memory")
+SECTIONS = ("train_step", "tokenizer", "end_to_end", "masking", "data", "memory", "onnx")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data_quality", type=int, default=90)
     p.add_argument("--jpegs", type=Path, default=None, help="data: your own JPEGs (the first --data_images under it)")
     p.add_argument("--memory_model", default="base", help="memory: model size")
+    p.add_argument("--onnx_teacher", default="", help="onnx: a fine-tuned teacher export (model.safetensors; default: "
+                   "a fresh BEiT classifier of --onnx_teacher_size)")
+    p.add_argument("--onnx_student", default="", help="onnx: the student export to convert to ONNX (e.g. beit distill's "
+                   "model.safetensors; default: a fresh --onnx_student_arch)")
+    p.add_argument("--onnx_teacher_size", default="base", help="onnx: fresh teacher's BEiT size")
+    p.add_argument("--onnx_student_arch", default="mobilevit_xxs", help="onnx: fresh student's timm name")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     return p
 
@@ -87,6 +93,12 @@ def _section(section: str, a, device, dev_name: str, dtypes) -> dict:
         res = data_pipeline.run(images=16 if s else a.data_images, workers=(1,) if s else tuple(a.data_workers),
                                 batch_size=4 if s else 32, size=size, quality=a.data_quality,
                                 rounds=1 if s else 2, jpegs=a.jpegs)
+    elif section == "onnx":
+        from beit.bench import onnx_latency
+        res = onnx_latency.run(teacher_path=a.onnx_teacher, student_path=a.onnx_student,
+                               teacher_size="tiny" if s else a.onnx_teacher_size, student=a.onnx_student_arch,
+                               image_size=32 if s else a.image_size, num_classes=10 if s else 1000,
+                               rounds=1 if s else a.rounds, reps=1 if s else 10)
     else:
         from beit.bench import step_memory
         res = step_memory.run(model_size="tiny" if s else a.memory_model, batch_size=2 if s else a.batch_size,
