@@ -130,11 +130,11 @@ def finetune_model_args(model: dict) -> dict:
     BEiT ViT's dims, the timm Swin with the same sizes as its pretraining (``model_kwargs``), or a timm
     model by name alone (``{"arch": "mobilevit_xxs", "image_size": 32}``, the distillation student)."""
     if model.get("arch", "beit") == "beit":
-        return {"model": "beit", "img_size": model["image_size"],
+        return {"model": "beit", "image_size": model["image_size"],
                 **{k: model[k] for k in ("patch_size", "embed_dim", "depth", "num_heads")}}
     from beit.compare.recipe_devices import swin_timm_kwargs
     sizes = {k: v for k, v in model.items() if k not in ("image_size", "patch_size", "arch")}
-    return {"model": model["arch"], "img_size": model["image_size"], "model_kwargs": swin_timm_kwargs(sizes)}
+    return {"model": model["arch"], "image_size": model["image_size"], "model_kwargs": swin_timm_kwargs(sizes)}
 
 
 def _file_digest(path: str) -> str | None:

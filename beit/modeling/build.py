@@ -93,7 +93,7 @@ def build_swin_seg_model(cfg: FinetuneConfig, num_classes: int, log=print):
         raise ValueError(f"--init {cfg.init} is a BEiT pretraining of {pre['arch']}, but --model is {cfg.model}; "
                          f"pass --model {pre['arch']}")
     sizes = {k: v for k, v in swin_timm_kwargs(pre or {}).items() if k not in ("img_size", "in_chans")}
-    model = SwinSegmenter(num_classes, arch=cfg.model, img_size=cfg.img_size, in_chans=cfg.in_chans,
+    model = SwinSegmenter(num_classes, arch=cfg.model, img_size=cfg.image_size, in_chans=cfg.in_chans,
                           drop_path_rate=cfg.drop_path, channels=cfg.seg_channels,
                           aux_channels=max(1, cfg.seg_channels // 2), **{**sizes, **cfg.model_kwargs})
     if cfg.init:
