@@ -16,8 +16,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 from timm.layers import LayerNorm, PatchEmbed, to_2tuple
-from timm.models.beit import Block, RelativePositionBias
+from timm.models.beit import RelativePositionBias
 from torch.utils.checkpoint import checkpoint
+
+from beit.modeling.blocks import BeitBlock
 
 BEIT_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=192, depth=12, num_heads=3, init_values=0.1),
@@ -87,7 +89,7 @@ class BeitPretrainModel(nn.Module):
         self.rel_pos_bias = RelativePositionBias(window_size=self.grid_size, num_heads=num_heads)
         dpr = torch.linspace(0, drop_path_rate, depth).tolist()
         self.blocks = nn.ModuleList([
-            Block(dim=embed_dim, num_heads=num_heads, qkv_bias=True, mlp_ratio=mlp_ratio, drop_path=dpr[i],
+            BeitBlock(dim=embed_dim, num_heads=num_heads, qkv_bias=True, mlp_ratio=mlp_ratio, drop_path=dpr[i],
                   init_values=init_values, norm_layer=LayerNorm, window_size=None)
             for i in range(depth)])
         self.norm = LayerNorm(embed_dim)  # eps 1e-6
@@ -120,29 +122,52 @@ class BeitPretrainModel(nn.Module):
     def _flat_mask(self, bool_masked_pos, batch: int, device) -> torch.Tensor:
         return flat_mask(bool_masked_pos, batch, self.grid_size, device, "this model's {h}x{w} patch grid")
 
-    def forward_features(self, images: torch.Tensor, bool_masked_pos=None) -> torch.Tensor:
-        """Encoder output after the final norm, [B, 1 + num_patches, D]; masked patches see only the mask token."""
+    def _embed(self, images: torch.Tensor, m) -> tuple[torch.Tensor, torch.Tensor]:
         self._check_images(images)
         x = self.patch_embed(images)
         b = x.shape[0]
-        if bool_masked_pos is not None:
-            m = self._flat_mask(bool_masked_pos, b, x.device).unsqueeze(-1)
+        if m is not None:
             # same values as x * (1 - w) + mask_token * w, but no path at all from masked pixels
-            x = torch.where(m, self.mask_token.to(x.dtype), x)
+            x = torch.where(m.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat((self.cls_token.to(x.dtype).expand(b, -1, -1), x), dim=1)
-        rel_pos_bias = self.rel_pos_bias()
+        return x, self.rel_pos_bias()
+
+    def _run_block(self, blk, x, rel_pos_bias, rows=None):
+        fn = blk if rows is None else blk.forward_rows
+        args = (x, rel_pos_bias) if rows is None else (x, rel_pos_bias, rows)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def forward_features(self, images: torch.Tensor, bool_masked_pos=None) -> torch.Tensor:
+        """Encoder output after the final norm, [B, 1 + num_patches, D]; masked patches see only the mask token."""
+        m = None if bool_masked_pos is None else self._flat_mask(bool_masked_pos, images.shape[0], images.device)
+        x, rel_pos_bias = self._embed(images, m)
         for blk in self.blocks:
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(blk, x, rel_pos_bias, use_reentrant=False)
-            else:
-                x = blk(x, shared_rel_pos_bias=rel_pos_bias)
+            x = self._run_block(blk, x, rel_pos_bias)
         return self.norm(x)
 
     def forward(self, images: torch.Tensor, bool_masked_pos) -> torch.Tensor:
-        """Logits [M, vocab_size] for the masked positions only."""
-        m = self._flat_mask(bool_masked_pos, images.shape[0], images.device)
-        x = self.forward_features(images, m)[:, 1:]
-        return self.lm_head(x[m])
+        """Logits [M, vocab_size] for the masked positions only.
+
+        When every sample has the same number of masked patches (BEiT's masking draws an exact
+        count), the last block, the norm and the head run on the masked rows only (their keys and
+        values still come from every token): the same outputs as the full encoder gathered at the
+        mask, up to float rounding, for about half the last block's work."""
+        b = images.shape[0]
+        m = self._flat_mask(bool_masked_pos, b, images.device)
+        x, rel_pos_bias = self._embed(images, m)
+        *body, last = self.blocks
+        for blk in body:
+            x = self._run_block(blk, x, rel_pos_bias)
+        counts = m.sum(1).tolist()  # the step's one host sync (the output size depends on the mask)
+        if min(counts) == max(counts):
+            # masked positions of each sample in ascending order (+1: after the cls token)
+            rows = torch.argsort((~m).to(torch.uint8), dim=1, stable=True)[:, :counts[0]] + 1
+            x = self.norm(self._run_block(last, x, rel_pos_bias, rows)).flatten(0, 1)
+        else:
+            x = self.norm(self._run_block(last, x, rel_pos_bias))[:, 1:][m]
+        return self.lm_head(x)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
