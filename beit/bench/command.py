@@ -2,6 +2,7 @@
 
     beit bench                                   # everything, this machine's defaults (minutes)
     beit bench --sections train_step --models tiny base --batch_size 8 --rounds 5
+    beit bench --no-compile                      # without the torch.compile'd train-step row (faster)
     beit bench --smoke                           # tiny sizes, seconds: checks the JSON, not speeds
     beit bench --out bench.json                  # also write the JSON to a file
 
@@ -37,8 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (median reported)")
     p.add_argument("--dtypes", nargs="+", default=None, help="train_step dtypes: fp32 bf16 (default: fp32, plus bf16 "
                    "where the device has fast bf16)")
-    p.add_argument("--compile", action="store_true", help="train_step: add a torch.compile'd copy of ours "
-                   "(img/s and compile time); end_to_end: run with compile: true")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="train_step: add a torch.compile'd copy of ours (img/s, compile time, gain; default on, "
+                   "off in --smoke unless given)")
+    p.add_argument("--e2e_compile", action="store_true", help="end_to_end: run with compile: true")
     p.add_argument("--e2e_steps", type=int, default=6, help="end_to_end: optimizer steps per run")
     p.add_argument("--e2e_batch_size", type=int, default=8)
     p.add_argument("--e2e_workers", type=int, default=2, help="end_to_end: data loader workers")
@@ -74,7 +77,8 @@ def _section(section: str, a, device, dev_name: str, dtypes) -> dict:
         from beit.bench import train_step
         res = train_step.run(device, sizes=("tiny",) if s else tuple(a.models), batch=2 if s else a.batch_size,
                              image_size=32 if s else a.image_size, rounds=1 if s else a.rounds, dtypes=tuple(dtypes),
-                             peak_seconds=0.05 if s else 0.5, compile_ours=a.compile, smoke=s)
+                             peak_seconds=0.05 if s else 0.5, compile_ours=(not s) if a.compile is None else a.compile,
+                             smoke=s)
     elif section == "tokenizer":
         from beit.bench import tokenizer_speed
         res = tokenizer_speed.run(device, batch=2 if s else a.batch_size, rounds=1 if s else max(2, a.rounds // 2),
@@ -83,7 +87,7 @@ def _section(section: str, a, device, dev_name: str, dtypes) -> dict:
         from beit.bench import end_to_end
         res = end_to_end.run(kinds=("kmeans", "token_cache") if s else tuple(a.e2e_kinds), image_size=32 if s else a.image_size,
                              batch_size=2 if s else a.e2e_batch_size, steps=2 if s else a.e2e_steps,
-                             num_workers=0 if s else a.e2e_workers, smoke=s, compile=a.compile and not s)
+                             num_workers=0 if s else a.e2e_workers, smoke=s, compile=a.e2e_compile and not s)
     elif section == "masking":
         from beit.bench import masking_speed
         res = masking_speed.run(draws=200 if s else 20000)
