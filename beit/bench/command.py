@@ -38,9 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (median reported)")
     p.add_argument("--dtypes", nargs="+", default=None, help="train_step dtypes: fp32 bf16 (default: fp32, plus bf16 "
                    "where the device has fast bf16)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="train_step: add a torch.compile'd copy of ours (img/s, compile time, gain; default on, "
-                   "off in --smoke unless given)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="train_step: add a torch.compile'd copy of ours (img/s, compile time, gain); never in --smoke")
     p.add_argument("--e2e_compile", action="store_true", help="end_to_end: run with compile: true")
     p.add_argument("--e2e_steps", type=int, default=6, help="end_to_end: optimizer steps per run")
     p.add_argument("--e2e_batch_size", type=int, default=8)
@@ -77,7 +76,7 @@ def _section(section: str, a, device, dev_name: str, dtypes) -> dict:
         from beit.bench import train_step
         res = train_step.run(device, sizes=("tiny",) if s else tuple(a.models), batch=2 if s else a.batch_size,
                              image_size=32 if s else a.image_size, rounds=1 if s else a.rounds, dtypes=tuple(dtypes),
-                             peak_seconds=0.05 if s else 0.5, compile_ours=(not s) if a.compile is None else a.compile,
+                             peak_seconds=0.05 if s else 0.5, compile_ours=a.compile and not s,
                              smoke=s)
     elif section == "tokenizer":
         from beit.bench import tokenizer_speed
