@@ -38,3 +38,17 @@ def test_compile_is_a_config_switch():
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks)
     assert build_model(PretrainConfig(model_size="tiny", image_size=32, patch_size=16, data_shards=["x"]),
                        16).blocks[0]._compiled_call_impl is None
+
+
+def test_every_block_of_a_deep_model_is_compiled():
+    """12 blocks with 12 drop-path rates: one compiled frame each, none left eager by dynamo's
+    recompile limit (8 by default)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    m = create_pretrain_model(None, img_size=16, patch_size=8, embed_dim=16, depth=12, num_heads=2,
+                              vocab_size=8, drop_path_rate=0.1)
+    m.compile_blocks(backend="eager")
+    m(torch.randn(2, 3, 16, 16), torch.tensor([[1, 0, 0, 1], [0, 1, 1, 0]], dtype=torch.bool)).sum().backward()
+    assert counters["stats"]["unique_graphs"] > 8  # the default limit would stop at 8

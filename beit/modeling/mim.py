@@ -178,7 +178,12 @@ class BeitPretrainModel(nn.Module):
 
     def compile_blocks(self, **kw) -> None:
         """``torch.compile`` every transformer block in place (state-dict keys unchanged). The masked
-        gather and the head stay eager: their shapes depend on the mask."""
+        gather and the head stay eager: their shapes depend on the mask.
+
+        Each block is its own compiled frame (their drop-path rates differ), so dynamo's
+        recompile limit (8 by default) is raised to the depth: past it the rest would run eager."""
+        import torch._dynamo.config as dynamo_config
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(self.blocks) + 1)
         for blk in self.blocks:
             blk.compile(**kw)
 
