@@ -15,3 +15,21 @@ def _seed():
     torch.manual_seed(0)
     np.random.seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Shards of the bundled real digits (train / test split), written once per test module."""
+    from beit.data.samples import build_sample_shards
+    out = tmp_path_factory.mktemp("digits")
+    build_sample_shards(out, "digits")
+    return out

@@ -14,20 +14,7 @@ FAST = dict(num_workers=0, lr=1e-3, warmup_epochs=0.5, auto_augment="", reprob=0
             hflip=0.0, crop_pct=1.0, tensorboard=False, log_every=1, image_size=32)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from beit.data.samples import build_sample_shards
-    out = tmp_path_factory.mktemp("digits")
-    build_sample_shards(out, "digits")
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -4,26 +4,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from beit.export_onnx import compare, export_onnx, main, onnx_session, preprocess, shard_batches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from beit.data.samples import build_sample_shards
-    out = tmp_path_factory.mktemp("digits")
-    build_sample_shards(out, "digits")
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

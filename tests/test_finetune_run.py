@@ -17,21 +17,7 @@ FAST = dict(epochs=2, batches_per_epoch=3, batch_size=16, num_workers=0, lr=1e-3
             tensorboard=False, log_every=1, crop_pct=1.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is several times faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    from beit.data.samples import build_sample_shards
-    out = tmp_path_factory.mktemp("digits")
-    build_sample_shards(out, "digits")
-    return out
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
