@@ -15,12 +15,6 @@ TINY = ["--seeds", "0", "--label_fraction", "0.1", "--threads", "1", "--embed_di
         "--scratch_epoch_factors", "1,2"]
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cmp_digits")
-    build_sample_shards(out, "digits")
-    return out
-
 
 def pixel_logreg_reference(shard_dir, keys, test_dir) -> float:
     """Logistic regression on the grey pixels decoded straight from the PNGs (the old evidence script's way)."""

@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 
 from beit.cli import main as cli
 from beit.compare.options import CompareConfig
-from beit.data.samples import build_sample_shards
 
 SWIN = "swin_tiny_patch4_window7_224"
 TINY = ["--seeds", "0", "--label_fraction", "0.1", "--threads", "1", "--arch", SWIN,
@@ -19,12 +18,6 @@ TINY = ["--seeds", "0", "--label_fraction", "0.1", "--threads", "1", "--arch", S
         "--tokenizer_fit", "{epochs: 1, vocab_size: 16}", "--distill", "{unlabelled_batch_size: 8}",
         "--methods", "beit,scratch,distill,student,logreg_pixels"]
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cmp_dev_digits")
-    build_sample_shards(out, "digits")
-    return out
 
 
 def test_compare_swin_and_distillation_tiny_run(digits, tmp_path):

@@ -3,17 +3,10 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from beit.data.samples import build_sample_shards
 from beit.finetune import FinetuneConfig, run_finetune
 from beit.runtime.run_logging import read_metrics
 from beit.tokenizers.train_data import CropSpec, build_view_loader
 
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    out = tmp_path_factory.mktemp("digits_up")
-    build_sample_shards(out, "digits")  # 32 px images
-    return out
 
 
 @pytest.mark.parametrize("size,upscaled", [(48, True), (32, False)])

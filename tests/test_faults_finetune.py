@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 
 import beit.runtime.checkpointing as checkpointing
 from beit.finetune import run_finetune
-from test_finetune_run import _one_thread, cfg, digits, read_jsonl  # noqa: F401  (fixtures)
+from test_finetune_run import cfg, read_jsonl
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 # 2 epochs x 3 steps; checkpoints at steps 2 and 4 (mid-epoch) and 6; mixup, RandAugment, drop path on
 RUN = dict(epochs=2, batches_per_epoch=3, checkpoint_every=2, keep_last=3, drop_path=0.1)

@@ -13,12 +13,7 @@ from beit.tokenizers.kmeans import KMeansTokenizer
 from beit.tokenizers.images import shard_image_batches
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_knn_predict_matches_sklearn_weighted_vote():

@@ -18,13 +18,7 @@ SWIN = dict(arch=ARCH, patch_size=4, swin_patch_size=2, embed_dim=16, swin_depth
             swin_window_size=4, drop_path=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is faster than two on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -1,24 +1,18 @@
 """`beit viz` on short real fine-tuning runs: classification (confusion matrix with the digits' class
 names, attention, curves) and segmentation (prediction / ground-truth overlays with a legend)."""
 import pytest
-import torch
 
 from beit.finetune import run_finetune
 from beit.options.viz import VizConfig
 from beit.viz import figures
 from beit.viz.curves import curves_px
 from beit.viz.main import make_report
-from test_finetune_run import cfg as cls_cfg, digits  # noqa: F401  (digits is a fixture)
+from test_finetune_run import cfg as cls_cfg
 from test_finetune_seg import seg_cfg, seg_shards  # noqa: F401  (seg_shards is a fixture)
 from viz_testutil import check_png
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_classification_run_pictures(digits, tmp_path):  # noqa: F811
