@@ -17,6 +17,20 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_accelerate():
+    """Accelerate keeps one state per process and refuses another precision in it: every test starts
+    (and leaves) it fresh, as a new process would (mixed_precision auto differs between CPUs)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    def reset():
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    reset()
+    yield
+    reset()
+
+
 @pytest.fixture
 def one_thread():
     """Tiny models: one intra-op thread is several times faster than two on a busy 2-core machine."""

@@ -53,6 +53,11 @@ def assets() -> dict[str, str]:
             "digits_train": str(root / "digits" / "train-*.tar"), "digits_test": str(root / "digits" / "test-*.tar")}
 
 
+# fp32 on every machine: the equivalence tolerances are for fp32 summation order; "auto" would pick bf16
+# autocast on CPUs with AVX-512-BF16 / AMX, whose rounding is about 100x coarser.
+FP32 = "no"
+
+
 def pretrain_args(out: Path, **over) -> list[str]:
     """A tiny global-order pretraining run: global batch 16, drop path 0 (its RNG is per rank)."""
     a = assets()
@@ -61,7 +66,8 @@ def pretrain_args(out: Path, **over) -> list[str]:
                image_size=32, patch_size=4, model_size="tiny", embed_dim=32, depth=2, num_heads=2, drop_path=0,
                total_steps=48, warmup_steps=4, lr=2e-3, min_lr=1e-4, num_workers=0, checkpoint_every=8,
                keep_last=2, log_every=1, tensorboard=False, shuffle_buffer=32, data_order="global",
-               global_batch_size=16, batch_size=8, max_bad_fraction=0.05, seed=0, output_dir=str(out))
+               global_batch_size=16, batch_size=8, max_bad_fraction=0.05, seed=0, output_dir=str(out),
+               mixed_precision=FP32)
     cfg.update(over)
     return [x for k, v in cfg.items() for x in (f"--{k}", str(v))]
 
@@ -76,7 +82,7 @@ def finetune_args(out: Path, batch_size: int, **over) -> list[str]:
                num_workers=0, mixup=0, cutmix=0, drop_path=0, tensorboard=False, log_every=1, data_order="global",
                grad_checkpointing=True,
                warmup_epochs=0.25, auto_augment="rand-m5-mstd0.5-inc1", reprob=0.25, hflip=0.0, crop_pct=1.0,
-               seed=0, output_dir=str(out))
+               seed=0, output_dir=str(out), mixed_precision=FP32)
     cfg.update(over)
     return [x for k, v in cfg.items() for x in (f"--{k}", str(v))]
 
