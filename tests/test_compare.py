@@ -175,3 +175,23 @@ def test_code_version_names_the_commit_and_the_changed_files(tmp_path):
     (tmp_path / "new.py").write_text("")
     v = code_version(tmp_path)
     assert v["commit"] == head and v["dirty"] and sorted(v["changed_files"]) == ["new.py", "tracked.py"]
+
+
+def test_seeds_in_parallel_processes_give_the_numbers_of_one_after_another(digits, tmp_path, capsys):
+    """--jobs 2 runs the seeds in two spawned processes; every seed's numbers (pretraining included)
+    are those of the same seed run alone in this process."""
+    n = torch.get_num_threads()
+    base = ["compare", "--train_shards", str(digits / "train-*.tar"), "--test_shards", str(digits / "test-*.tar"),
+            *TINY, "--methods", "beit,logreg_pixels", "--health_knn", "false"]
+    try:
+        assert cli([*base, "--seeds", "0,1", "--jobs", "2", "--output_dir", str(tmp_path / "par")]) == 0
+        assert "seeds [0, 1] in 2 processes at once, 1 thread(s) each" in capsys.readouterr().out
+        assert cli([*base, "--seeds", "1", "--output_dir", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(n)
+    par, one = (json.loads((tmp_path / d / "compare.json").read_text()) for d in ("par", "one"))
+    assert [r["seed"] for r in par["per_seed"]] == [0, 1]
+    a, b = par["per_seed"][1], one["per_seed"][0]
+    assert a["top1"] == b["top1"] and a["labels_digest"] == b["labels_digest"]
+    assert a["beit"]["train_loss"] == b["beit"]["train_loss"] and a["pretrain"] == {**b["pretrain"], "train_seconds": a["pretrain"]["train_seconds"]}
+    assert par["per_seed"][0]["labels_digest"] != a["labels_digest"]  # the seeds drew different labels

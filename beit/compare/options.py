@@ -60,7 +60,10 @@ class CompareConfig:
     knn_k: int = field(20, help="neighbours of the kNN classifier (and of the pretraining health metric)")
     health_knn: bool = field(True, help="log the online kNN health metric during pretraining (label subset as memory "
                              "bank, test shards scored: monitoring only)")
-    threads: int = field(0, help="torch intra-op threads (0: torch's default; 1 is fastest for tiny models on a busy CPU)")
+    threads: int = field(0, help="torch intra-op threads (0: torch's default, or the cores shared out over jobs; 1 "
+                         "is fastest for tiny models on a busy CPU)")
+    jobs: int = field(1, help="seeds run at once, each in its own process (the same numbers as one after another; "
+                      "use up to one per core for tiny models)")
     methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS), help=f"methods to run, of "
                                f"{list(METHODS)} (default {list(DEFAULT_METHODS)})")
 
@@ -72,6 +75,10 @@ class CompareConfig:
             raise ValueError(f"label_fraction must be in (0, 1], got {self.label_fraction}")
         if not self.seeds:
             raise ValueError("give at least one seed (--seeds 0,1,2)")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"each seed once, got {self.seeds}")
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be at least 1, got {self.jobs}")
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")

@@ -196,12 +196,7 @@ def run_compare(cfg: CompareConfig) -> dict:
         raise ValueError(f"--unlabelled_shards: {e}") from None
     label_map = label_map_of(cfg.train_shards)
     test_views = load_views(expand_shards(cfg.test_shards), cfg.image_size)
-    per_seed = []
-    from threadpoolctl import threadpool_limits
-    with threadpool_limits(cfg.threads or None):  # scikit-learn's BLAS threads too
-        for seed in cfg.seeds:
-            per_seed.append(run_seed(cfg, seed, train, cfg.test_shards, test_views, label_map, unlabelled))
-            print(json.dumps(per_seed[-1], default=str), flush=True)
+    per_seed = _run_seeds(cfg, train, test_views, label_map, unlabelled)
     methods = [m for m in NAMES if m in per_seed[0]["top1"]]
     rows = {m: [r["top1"][m] for r in per_seed] for m in methods}
     names = method_names(cfg.arch, {**STUDENT, **cfg.student}["model"])
@@ -227,6 +222,40 @@ def run_compare(cfg: CompareConfig) -> dict:
     write_results(out, results, md, header)
     print(md)
     return results
+
+
+def _seed_in_process(cfg: CompareConfig, threads: int, seed: int, *args) -> dict:
+    """One seed in a worker process of ``--jobs``: its own thread budget, then :func:`run_seed`."""
+    import torch
+    from threadpoolctl import threadpool_limits
+    torch.set_num_threads(threads)
+    with threadpool_limits(threads):
+        return run_seed(cfg, seed, *args)
+
+
+def _run_seeds(cfg: CompareConfig, train: list[dict], test_views, label_map: dict, unlabelled: str) -> list[dict]:
+    """Every seed's record, in ``cfg.seeds`` order: one after another, or ``cfg.jobs`` at once in spawned
+    processes (every stage is seeded and single-process, so the numbers do not depend on which)."""
+    from threadpoolctl import threadpool_limits
+    args = (train, cfg.test_shards, test_views, label_map, unlabelled)
+    jobs = min(cfg.jobs, len(cfg.seeds))
+    if jobs == 1:
+        per_seed = []
+        with threadpool_limits(cfg.threads or None):  # scikit-learn's BLAS threads too
+            for seed in cfg.seeds:
+                per_seed.append(run_seed(cfg, seed, *args))
+                print(json.dumps(per_seed[-1], default=str), flush=True)
+        return per_seed
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) // jobs)
+    print(f"compare: seeds {cfg.seeds} in {jobs} processes at once, {threads} thread(s) each", flush=True)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_seed_in_process, cfg, threads, seed, *args) for seed in cfg.seeds]
+        per_seed = [f.result() for f in futures]
+    for rec in per_seed:
+        print(json.dumps(rec, default=str), flush=True)
+    return per_seed
 
 
 def _device_recipes(cfg: CompareConfig) -> dict:
