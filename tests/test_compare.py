@@ -195,3 +195,28 @@ def test_seeds_in_parallel_processes_give_the_numbers_of_one_after_another(digit
     assert a["top1"] == b["top1"] and a["labels_digest"] == b["labels_digest"]
     assert a["beit"]["train_loss"] == b["beit"]["train_loss"] and a["pretrain"] == {**b["pretrain"], "train_seconds": a["pretrain"]["train_seconds"]}
     assert par["per_seed"][0]["labels_digest"] != a["labels_digest"]  # the seeds drew different labels
+
+
+def test_screen_finetune_reproduces_the_run_and_scores_variants(digits, tmp_path, capsys):
+    """launch/screen_finetune.py: its unchanged-recipe row is the run's own BEiT fine-tune (same seeded
+    stage, recomputed), and each variant is a fine-tune from the same pretrained encoder."""
+    import importlib.util
+    from pathlib import Path
+    n = torch.get_num_threads()
+    run = tmp_path / "run"
+    try:
+        assert cli(["compare", "--train_shards", str(digits / "train-*.tar"), "--test_shards",
+                    str(digits / "test-*.tar"), *TINY, "--methods", "beit", "--health_knn", "false",
+                    "--output_dir", str(run)]) == 0
+        spec = importlib.util.spec_from_file_location("screen", Path(__file__).parents[1] / "launch" / "screen_finetune.py")
+        screen = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(screen)
+        assert screen.main(["--run", str(run), "--variants", "{epochs: 3}", "--jobs", "1"]) == 0
+    finally:
+        torch.set_num_threads(n)
+    res = json.loads((run / "compare.json").read_text())["per_seed"][0]["beit"]
+    table = json.loads((run / "screen.json").read_text())
+    assert set(table) == {"baseline", "epochs=3"}
+    assert table["baseline"]["0"]["top1"] == res["top1"] and table["baseline"]["0"]["train_loss"] == res["train_loss"]
+    assert table["epochs=3"]["0"]["epochs"] == 3 and (run / "seed0" / "screen" / "epochs=3" / "final.json").is_file()
+    assert "epochs=3" in capsys.readouterr().out
