@@ -107,12 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     entry = getattr(module, func or "main")
     sys.argv = [f"beit {name}", *rest]  # --help and errors name the command the user typed
+    return call(entry, rest)
+
+
+def call(entry, argv: list[str] | None = None) -> int:
+    """``entry(argv)`` as an exit code: bad input (2) and faults during a run (1) print a message, not a
+    traceback; an int result is the code, anything else is 0."""
     try:
-        result = entry(rest)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input: a message, not a traceback
+        result = entry(argv)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # a fault during the run (RunFault, a diverged loss): a message, not a traceback
+    except RuntimeError as e:  # a fault during the run (RunFault, a diverged loss)
         if not _is_run_fault(e):
             raise
         print(f"error: {e}", file=sys.stderr)

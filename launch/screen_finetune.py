@@ -47,7 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="fine-tunes at once, one process each")
     args = p.parse_args(argv)
     from beit.compare import recipe
-    done = json.loads((Path(args.run) / "compare.json").read_text())
+    results = Path(args.run) / "compare.json"
+    if not results.is_file():
+        raise FileNotFoundError(f"--run {args.run}: no compare.json there; give the --out / --output_dir of a finished "
+                                "launch/evidence.py or beit compare run")
+    done = json.loads(results.read_text())
     cfg, model = done["config"], done["recipe"]["model"]
     shared = {**recipe.FINETUNE, **cfg["finetune"], **(recipe.SCRATCH if args.scratch else {})}
     jobs = []
@@ -86,8 +90,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    from beit.cli import call
+    sys.exit(call(main))
