@@ -245,3 +245,35 @@ def test_layout_change_on_resume_restarts_or_moves_on(tmp_path):
             b.load_state_dict(state)
         assert b.epoch == epoch and b.state_dict()["position"] == 0
         assert len(list(b)) == len(b)
+
+
+def random_map(img, sample):
+    """A map that draws from all three process-wide RNGs (as timm's augmentations and jitter do)."""
+    import random
+    return {"x": pil_to_tensor(img.resize((8, 8))), "r": random.random(), "n": float(np.random.rand()),
+            "t": torch.rand(())}
+
+
+def test_main_process_loading_leaves_the_loop_rng_untouched(tmp_path):
+    """num_workers=0: the per-sample seeding runs in the training loop's process; between batches the
+    loop's random / numpy / torch draws are those it would make with no loading at all (the states are
+    kept per batch), and the batches (their random draws included) are a worker process's."""
+    import random
+    shards = good_shards(tmp_path, n_shards=2, per_shard=10)
+
+    def loop(num_workers):
+        random.seed(1), np.random.seed(2), torch.manual_seed(3)
+        batches, draws = [], []
+        for b in build_stream_loader(shards, map_fn=random_map, batch_size=4, num_workers=num_workers, seed=9):
+            batches.append(b)
+            draws.append((random.random(), float(np.random.rand()), float(torch.rand(()))))  # the loop's own draws
+        return batches, draws
+    main, main_draws = loop(0)
+    worker, _ = loop(1)  # (torch's DataLoader draws its workers' base seed from the loop's torch RNG)
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    alone = [(random.random(), float(np.random.rand()), float(torch.rand(()))) for _ in main_draws]
+    assert len(main) == 5 and main_draws == alone
+    for a, b in zip(main, worker):
+        assert a["__key__"] == b["__key__"]
+        assert all(torch.equal(torch.as_tensor(a[k]), torch.as_tensor(b[k])) for k in ("x", "r", "n", "t"))
+    assert len({float(r) for b in main for r in b["r"]}) == 20  # every sample drew its own numbers
