@@ -9,9 +9,9 @@ neighbours first, which fills corners and keeps shapes compact) until exactly
 `num_masking_patches` cells are masked, so the blocky structure is kept and no new isolated
 patches appear.
 
-Speed: the block phase runs on Python scalars with uniforms drawn from the numpy Generator in bulk
-(one call per few hundred blocks), and only touches the mask through slices; the top-up is
-vectorised numpy.
+Speed: the block phase runs on Python scalars with uniforms drawn from the numpy Generator in
+chunks of 64 (a mask after a reseed, as pretraining does per sample, needs a few dozen), and only
+touches the mask through slices; the top-up is vectorised numpy.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from numbers import Integral
 import numpy as np
 
 _BLOCK_TRIES = 10  # per block, as in the reference
-_BUFFER = 4096  # uniforms drawn from the Generator per refill (4 per block try)
+_BUFFER = 4096  # uniforms per block (4 per block try); the sequence of masks depends on it
+_CHUNK = 64  # uniforms taken from the Generator at a time
 
 
 def _as_grid(input_size) -> tuple[int, int]:
@@ -95,6 +96,7 @@ class MaskingGenerator:
         self.rng = np.random.default_rng(seed)
         self._buf: list[float] = []
         self._pos = 0
+        self._undrawn = 0  # uniforms of the current _BUFFER-sized block not yet taken from self.rng
 
     def get_shape(self) -> tuple[int, int]:
         return self.height, self.width
@@ -106,9 +108,15 @@ class MaskingGenerator:
                 f"max_num_patches={self.max_num_patches}, min_aspect={lo:.4g}, max_aspect={hi:.4g}, placement={self.placement!r})")
 
     def _uniforms(self) -> tuple[float, float, float, float]:
+        # The uniforms come in blocks of _BUFFER (a block's last < 4 are skipped), but are taken from
+        # the Generator _CHUNK at a time: a mask per reseed needs a few dozen, not thousands.
         if self._pos + 4 > len(self._buf):
-            self._buf = self.rng.random(_BUFFER).tolist()
-            self._pos = 0
+            if self._undrawn < 4 - (len(self._buf) - self._pos):  # the block is used up: start the next one
+                self.rng.random(self._undrawn)  # skip what the block leaves over (advance() would drop a buffered uint32)
+                self._buf, self._pos, self._undrawn = [], 0, _BUFFER
+            take = min(self._undrawn, _CHUNK)
+            self._buf = self._buf[self._pos:] + self.rng.random(take).tolist()
+            self._pos, self._undrawn = 0, self._undrawn - take
         p = self._pos
         self._pos = p + 4
         b = self._buf
@@ -143,6 +151,9 @@ class MaskingGenerator:
 
     def _top_up(self, mask: np.ndarray, count: int) -> None:
         """Grow the mask through its 4-connected frontier until exactly N cells are masked."""
+        if self._undrawn:  # the Generator's draws below come after the whole current block
+            self._buf = self._buf[self._pos:] + self.rng.random(self._undrawn).tolist()
+            self._pos, self._undrawn = 0, 0
         n = self.num_masking_patches
         flat = mask.reshape(-1)
         if count == 0:  # no block fitted (tiny grid): start from one random cell
