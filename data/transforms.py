@@ -17,7 +17,9 @@ uint8 kernels (the same filters as PIL to within rounding), lanczos on PIL after
 box reduction. The jitter (same factors, same order for both views) runs on the two small outputs
 instead of the whole image, and the flip on the outputs; the distribution of boxes, flips and
 factors is the reference's (flip-then-crop equals crop-then-flip for a uniform box). The one
-difference: contrast blends towards the crop's mean grey instead of the whole image's.
+difference: contrast blends towards the crop's mean grey instead of the whole image's. Without
+jitter the views stay torch tensors from the resize on (no PIL round trip), and when both views
+have the same size and filter one resize serves both.
 """
 from __future__ import annotations
 
@@ -169,23 +171,38 @@ class TwoViewTransform:
     def resize_view(self, img: Image.Image, box: tuple[int, int, int, int], size: int, resample) -> Image.Image:
         """The box resized to size x size: torch's antialiased uint8 kernels for bicubic/bilinear
         (they match PIL's filters to rounding, about 5x faster), PIL otherwise."""
+        return self._resized(img, box, size, resample, as_image=True)
+
+    def _resized(self, img: Image.Image, box, size: int, resample, as_image: bool):
+        """``resize_view`` as a PIL image, or (``as_image`` False) as a uint8 [3, size, size] tensor."""
         mode = _TORCH_MODES.get(resample)
         if mode is None:
-            return self._reduced_resize(img, box, size, resample)
+            out = self._reduced_resize(img, box, size, resample)
+            return out if as_image else _uint8_tensor(out)
         crop = img.crop(box)
         x = torch.frombuffer(bytearray(crop.tobytes()), dtype=torch.uint8)
         x = x.view(1, crop.size[1], crop.size[0], 3).permute(0, 3, 1, 2)  # NCHW view of HWC bytes
         y = F.interpolate(x, size=(size, size), mode=mode, antialias=True)
+        if not as_image:
+            return y[0]
         y = y.contiguous(memory_format=torch.channels_last)[0].permute(1, 2, 0)  # HWC, contiguous
         return Image.fromarray(y.numpy(), "RGB")
 
     def __call__(self, img: Image.Image) -> tuple[torch.Tensor, torch.Tensor]:
         img, box = self.decode_box(img)
         box = _pixel_box(box, img.size)
+        flip = self.hflip > 0 and random.random() < self.hflip if self.jitter is None else None
+        if flip is not None:  # no jitter: the views stay tensors (no PIL round trip)
+            enc = self._resized(img, box, self.image_size, self.interp, as_image=False)
+            same = (self.tokenizer_size, self.tok_interp) == (self.image_size, self.interp)
+            tok = enc if same else self._resized(img, box, self.tokenizer_size, self.tok_interp, as_image=False)
+            if flip:
+                enc = enc.flip(-1)
+                tok = enc if same else tok.flip(-1)
+            return enc, tok
         enc = self.resize_view(img, box, self.image_size, self.interp)
         tok = self.resize_view(img, box, self.tokenizer_size, self.tok_interp)
-        if self.jitter is not None:
-            enc, tok = self.jitter_views([enc, tok])
+        enc, tok = self.jitter_views([enc, tok])
         if self.hflip > 0 and random.random() < self.hflip:
             enc, tok = enc.transpose(Image.Transpose.FLIP_LEFT_RIGHT), tok.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return _uint8_tensor(enc), _uint8_tensor(tok)

@@ -128,3 +128,23 @@ def test_jitter_matches_torchvision_color_jitter():
             if fn < 3:
                 ref = [F.adjust_brightness, F.adjust_contrast, F.adjust_saturation][fn](ref, [b, c, s][fn])
         assert np.abs(ours - np.asarray(ref, dtype=float)).max() <= 3  # rounding only
+
+
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_one_resize_serves_both_views_when_they_are_alike(hflip):
+    """Same size and filter for both views (the small-data recipe: 32 px bicubic): one resize, two equal
+    views, PIL's bicubic to within rounding (mirrored under a flip)."""
+    img = photo(6, (120, 90))
+    t = TwoViewTransform(image_size=32, tokenizer_size=32, tokenizer_interpolation="bicubic", scale=(0.5, 1.0),
+                         color_jitter=0.0, hflip=hflip)
+    for seed in range(3):
+        seed_everything(seed)
+        enc, tok = t(img)
+        seed_everything(seed)
+        _, box = t.decode_box(img)
+        ref = torch.from_numpy(np.array(img.resize((32, 32), Image.Resampling.BICUBIC, box=box))).permute(2, 0, 1)
+        if hflip:
+            ref = ref.flip(-1)
+        assert torch.equal(enc, tok) and enc.dtype == torch.uint8
+        d = (enc.int() - ref.int()).abs()
+        assert d.float().mean() < 0.1 and d.max() <= 6
