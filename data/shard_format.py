@@ -63,47 +63,24 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-class _CountingReader:
-    """File wrapper that counts the bytes read (to check for the end-of-archive marker)."""
-
-    def __init__(self, raw):
-        self.raw, self.count = raw, 0
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.raw.read(n)
-        self.count += len(data)
-        return data
-
-
 def iter_tar_samples(fileobj) -> Iterator[dict[str, Any]]:
     """Stream samples ``{"__key__": key, ext: bytes, ...}`` from a tar file object, in order.
 
-    A damaged or truncated tar raises ``tarfile.ReadError`` (Python's tarfile silently stops at
-    a truncated header, so the end-of-archive marker is checked too); the samples completed
-    before the damage have been yielded by then, the incomplete one is dropped.
+    A damaged or truncated tar raises ``tarfile.ReadError`` (a bad header, a short member, no
+    end-of-archive marker: ``beit.data.tar_reader``); the samples completed before the damage have
+    been yielded by then, the incomplete one is dropped.
     """
+    from beit.data.tar_reader import iter_tar_files
     current: dict[str, Any] | None = None
-    reader = _CountingReader(fileobj)
-    with tarfile.open(fileobj=reader, mode="r|*") as tar:
-        for member in tar:
-            if not member.isfile():
-                continue
-            key, ext = split_member_name(member.name)
-            if current is not None and current["__key__"] != key:
-                yield current  # complete: a new key starts (before its data is read, which may fail)
-                current = None
-            f = tar.extractfile(member)
-            data = f.read() if f is not None else b""
-            if len(data) != member.size:
-                raise tarfile.ReadError(f"member {member.name} truncated ({len(data)} of {member.size} bytes)")
-            if current is None:
-                current = {"__key__": key}
-            current[ext] = data
-        end = tar.offset
-    while reader.read(1 << 16):
-        pass
-    if reader.count < end + 512:
-        raise tarfile.ReadError(f"tar ends at byte {reader.count} without its end-of-archive marker (truncated)")
+    for name, _, read_data in iter_tar_files(fileobj):
+        key, ext = split_member_name(name)
+        if current is not None and current["__key__"] != key:
+            yield current  # complete: a new key starts (before its data is read, which may fail)
+            current = None
+        data = read_data()
+        if current is None:
+            current = {"__key__": key}
+        current[ext] = data
     if current is not None:
         yield current
 
