@@ -32,6 +32,13 @@ def _fresh_accelerate():
 
 
 @pytest.fixture
+def acc():
+    """A CPU Accelerator in the fresh state every test starts with."""
+    from accelerate import Accelerator
+    return Accelerator(cpu=True)
+
+
+@pytest.fixture
 def one_thread():
     """Tiny models: one intra-op thread is several times faster than two on a busy 2-core machine."""
     n = torch.get_num_threads()

@@ -3,21 +3,10 @@ import warnings
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 from beit.runtime.checkpointing import (COMPLETE, check_resume_compatible, checkpoint_path, config_fingerprint,
                                 find_latest_complete, list_complete, load_checkpoint, load_weights,
                                 save_checkpoint, save_weights)
-
-
-@pytest.fixture
-def acc():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def _setup(acc, seed=0):

@@ -8,23 +8,12 @@ import subprocess
 
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
 
 import beit.runtime.checkpointing as ckpt
 from beit.runtime.checkpoint_integrity import DAMAGED, select_resume, verify_checkpoint
 from beit.runtime.checkpointing import (COMPLETE, checkpoint_path, list_complete, load_checkpoint, save_checkpoint,
                                         save_weights)
 from beit.runtime.run_faults import RunFault
-
-
-@pytest.fixture
-def acc():
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def _setup(acc, width=4):

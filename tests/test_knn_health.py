@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 
 import beit.pretrain as pretrain
 from beit.data.samples import build_sample_shards
@@ -11,6 +10,7 @@ from beit.engines.knn import knn_predict, load_views
 from beit.runtime.run_logging import read_metrics
 from beit.tokenizers.kmeans import KMeansTokenizer
 from beit.tokenizers.images import shard_image_batches
+from test_pretrain import run
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -42,16 +42,6 @@ def assets(tmp_path_factory):
                               vocab_size=16, patch_size=8, input_size=32)
     tok.save(root / "kmeans")
     return root
-
-
-def run(cfg: dict) -> dict:
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    try:
-        return pretrain.main([], cfg=pretrain.PretrainConfig(**cfg))
-    finally:
-        AcceleratorState._reset_state(True)
-        GradientState._reset_state()
 
 
 def cfg_for(root, out, **kw) -> dict:
