@@ -72,7 +72,7 @@ def iter_tar_samples(fileobj) -> Iterator[dict[str, Any]]:
     """
     from beit.data.tar_reader import iter_tar_files
     current: dict[str, Any] | None = None
-    for name, _, read_data in iter_tar_files(fileobj):
+    for name, read_data in iter_tar_files(fileobj):
         key, ext = split_member_name(name)
         if current is not None and current["__key__"] != key:
             yield current  # complete: a new key starts (before its data is read, which may fail)

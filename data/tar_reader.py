@@ -14,7 +14,7 @@ from typing import BinaryIO, Iterator
 BLOCK = 512
 _ZERO = bytes(BLOCK)
 _REGULAR = (b"0", b"\0", b"7")     # regular and contiguous files (tarfile's isfile(), less sparse files)
-_SKIP_META = (b"g", b"K")          # pax global header, GNU long link name: nothing a shard member needs
+_META = (b"x", b"L", b"g", b"K")   # pax header, GNU long name; pax global header, GNU long link (skipped)
 
 
 def _number(field: bytes, what: str, offset: int) -> int:
@@ -51,8 +51,8 @@ def _pax_records(data: bytes, offset: int) -> dict[str, str]:
     return out
 
 
-def iter_tar_files(fileobj: BinaryIO) -> Iterator[tuple[str, int, callable]]:
-    """``(name, size, read_data)`` for every regular file member, in order; ``read_data()`` returns its
+def iter_tar_files(fileobj: BinaryIO) -> Iterator[tuple[str, callable]]:
+    """``(name, read_data)`` for every regular file member, in order; ``read_data()`` returns its
     bytes (call it before the next item; an unread member is skipped). Raises ``tarfile.ReadError`` on
     a damaged archive after the members before the damage."""
     read = fileobj.read
@@ -72,7 +72,7 @@ def iter_tar_files(fileobj: BinaryIO) -> Iterator[tuple[str, int, callable]]:
         size = int(pax["size"]) if "size" in pax else _number(header[124:136], "size", offset)
         offset += BLOCK
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
-        if kind in (b"x", b"L") or kind in _SKIP_META:
+        if kind in _META:
             data = read(padded)
             if len(data) < padded:
                 raise tarfile.ReadError(f"tar ends at byte {offset + len(data)} inside a header (truncated)")
@@ -92,22 +92,22 @@ def iter_tar_files(fileobj: BinaryIO) -> Iterator[tuple[str, int, callable]]:
             if prefix:
                 name = prefix.decode("utf-8", "surrogateescape") + "/" + name
         long_name, pax = None, {}
-        start = offset
-        state = {"read": False}
+        consumed = False
 
-        def read_data(start=start, size=size, padded=padded, name=name, state=state) -> bytes:
+        def read_data() -> bytes:  # valid until the next item: it reads this member's payload
+            nonlocal consumed, offset
+            consumed = True
             data = read(padded)
-            state["read"] = True
             if len(data) < size:
                 raise tarfile.ReadError(f"member {name} truncated ({len(data)} of {size} bytes)")
             if len(data) < padded:
-                raise tarfile.ReadError(f"tar ends at byte {start + len(data)} without its end-of-archive "
+                raise tarfile.ReadError(f"tar ends at byte {offset + len(data)} without its end-of-archive "
                                         "marker (truncated)")
+            offset += padded
             return data[:size]
         if kind in _REGULAR:
-            yield name, size, read_data
-        if not state["read"]:
+            yield name, read_data
+        if not consumed:
             read_data()
-        offset += padded
     while read(1 << 16):  # drain (a pipe's writer finishes); what follows the marker is not read
         pass

@@ -15,6 +15,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
 import time
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from beit.compare import recipe
-    from beit.compare.stages import fit_tokenizer
+    from beit.compare.stages import fit_tokenizer, pretrain
     from beit.data.samples import build_sample_shards
     from beit.data.shard_format import iter_tar_samples
     from beit.runtime.precision import cpu_capability, cpu_model
@@ -71,16 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     model = dict(recipe.MODEL)
     tok = fit_tokenizer(str(work / "digits" / "train-*.tar"), work / "tokenizer", 0, model, {})
 
-    from beit.pretrain import main as pretrain
-    cfg = {k: v for k, v in {**recipe.PRETRAIN, **model, "total_steps": args.steps}.items()
-           if k not in ("epochs", "warmup_epochs")}
-    argv_pre = ["--data_shards", str(work / "digits" / "train-*.tar"), "--tokenizer", "kmeans", "--tokenizer_path",
-                tok["path"], "--output_dir", str(work / "pretrain"), "--seed", "0", "--warmup_steps", "10"]
-    for k, v in cfg.items():
-        argv_pre += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
-
+    shutil.rmtree(work / "pretrain", ignore_errors=True)  # a fresh run, never a cached stage
     t = time.perf_counter()
-    res = pretrain(argv_pre)
+    res = pretrain(str(work / "digits" / "train-*.tar"), "kmeans", tok["path"], work / "pretrain", 0, model,
+                   {"total_steps": args.steps}, None, 0, "")
     wall = time.perf_counter() - t
     metrics = [json.loads(line) for line in (work / "pretrain" / "metrics.jsonl").read_text().splitlines()]
     waits = [m["data_wait_fraction"] for m in metrics if "data_wait_fraction" in m]

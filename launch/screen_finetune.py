@@ -30,10 +30,10 @@ def _one(args: tuple) -> tuple[str, int, dict]:
     import torch
     torch.set_num_threads(1)
     from beit.compare import stages
-    name, seed, run, model, base, init = args
+    name, seed, run, model, recipe_args, init, test = args
     out = Path(run) / f"seed{seed}" / "screen" / name.replace("/", "_").replace(":", "_")
-    res = stages.finetune(str(Path(run) / f"seed{seed}" / "labels" / "train-*.tar"), base.pop("_test"), out, seed,
-                          model, base, init=init)
+    res = stages.finetune(str(Path(run) / f"seed{seed}" / "labels" / "train-*.tar"), test, out, seed,
+                          model, recipe_args, init=init)
     return name, seed, res
 
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             init = "" if args.scratch else str(Path(args.run) / f"seed{seed}" / "pretrain" / "pretrained.safetensors")
             if init and not Path(init).is_file():
                 raise FileNotFoundError(f"{init}: the run has no pretrained encoder for seed {seed} (run it with method beit)")
-            jobs.append((name, seed, args.run, model, {**shared, **variant, "_test": cfg["test_shards"]}, init))
+            jobs.append((name, seed, args.run, model, {**shared, **variant}, init, cfg["test_shards"]))
     if args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
