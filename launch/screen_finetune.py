@@ -68,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs > 1:
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+
+        from beit.compare.run import init_job_process
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=init_job_process) as pool:
             results = list(pool.map(_one, jobs))
     else:
         results = [_one(j) for j in jobs]
