@@ -1,0 +1,48 @@
+"""The evidence tables in the README and docs are the committed results files' tables, to the digit,
+and name the code version that made them (a rerun that changes a number must update both)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from beit.compare.report import fmt
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLES = [("evidence_digits.json", "README.md"), ("evidence_digits.json", "docs/compare.md"),
+          ("evidence_photos.json", "README.md"), ("evidence_photos.json", "docs/compare.md"),
+          ("evidence_swin_mobilevit_digits_200ep.json", "README.md")]
+
+
+def value_cells(results: dict) -> list[tuple[str, str]]:
+    """(mean ± std, per-seed values) of each method, formatted as ``compare.md`` writes them."""
+    return sorted((fmt(v), ", ".join(f"{x:.1f}" for x in v)) for v in results["rows"].values())
+
+
+def doc_tables(text: str) -> list[list[tuple[str, str]]]:
+    """The second and third cells of every markdown table's body rows (bold removed), per table."""
+    tables, cur = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cur.append([c.strip().strip("*") for c in line.strip().strip("|").split("|")])
+        elif cur:
+            tables.append(sorted((r[1], r[2]) for r in cur[2:] if len(r) >= 3))
+            cur = []
+    return tables
+
+
+@pytest.mark.parametrize("results_file,doc", TABLES)
+def test_the_documented_table_is_the_results_file(results_file, doc):
+    results = json.loads((ROOT / "docs" / "results" / results_file).read_text())
+    text = (ROOT / doc).read_text()
+    expect = value_cells(results)
+    assert expect in doc_tables(text), f"{doc}: no table with {results_file}'s values:\n" + "\n".join(map(str, expect))
+    assert not results["code"]["dirty"], f"{results_file} was made by uncommitted code"
+    assert f"`{results['code']['commit'][:7]}`" in text, f"{doc} does not name commit {results['code']['commit'][:7]}"
+
+
+def test_a_changed_value_is_caught():
+    results = json.loads((ROOT / "docs" / "results" / "evidence_digits.json").read_text())
+    text = (ROOT / "README.md").read_text()
+    per_seed = value_cells(results)[0][1]
+    assert per_seed in text
+    assert value_cells(results) not in doc_tables(text.replace(per_seed, per_seed + "1"))
