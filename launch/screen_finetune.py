@@ -66,12 +66,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise FileNotFoundError(f"{init}: the run has no pretrained encoder for seed {seed} (run it with method beit)")
             jobs.append((name, seed, args.run, model, {**shared, **variant}, init, cfg["test_shards"]))
     if args.jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        from beit.compare.run import init_job_process
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=init_job_process) as pool:
+        from beit.compare.run import job_pool
+        with job_pool(args.jobs) as pool:
             results = list(pool.map(_one, jobs))
     else:
         results = [_one(j) for j in jobs]

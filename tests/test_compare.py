@@ -230,13 +230,13 @@ def test_job_processes_give_their_data_loaders_the_platform_start_method():
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from beit.compare.run import init_job_process
+    from beit.compare.run import job_pool
     spawn = multiprocessing.get_context("spawn")
     default = multiprocessing.get_context().get_start_method()
     assert default != "spawn" or sys.platform != "linux"
     with ProcessPoolExecutor(1, mp_context=spawn) as pool:
         assert pool.submit(_start_method).result() == "spawn"  # the inherited method
-    with ProcessPoolExecutor(1, mp_context=spawn, initializer=init_job_process) as pool:
+    with job_pool(1) as pool:
         assert pool.submit(_start_method).result() == default
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from beit.compare.report import fmt
+from beit.compare.report import fmt, per_seed
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLES = [("evidence_digits.json", "README.md"), ("evidence_digits.json", "docs/compare.md"),
@@ -15,7 +15,7 @@ TABLES = [("evidence_digits.json", "README.md"), ("evidence_digits.json", "docs/
 
 def value_cells(results: dict) -> list[tuple[str, str]]:
     """(mean ± std, per-seed values) of each method, formatted as ``compare.md`` writes them."""
-    return sorted((fmt(v), ", ".join(f"{x:.1f}" for x in v)) for v in results["rows"].values())
+    return sorted((fmt(v), per_seed(v)) for v in results["rows"].values())
 
 
 def doc_tables(text: str) -> list[list[tuple[str, str]]]:
@@ -43,6 +43,6 @@ def test_the_documented_table_is_the_results_file(results_file, doc):
 def test_a_changed_value_is_caught():
     results = json.loads((ROOT / "docs" / "results" / "evidence_digits.json").read_text())
     text = (ROOT / "README.md").read_text()
-    per_seed = value_cells(results)[0][1]
-    assert per_seed in text
-    assert value_cells(results) not in doc_tables(text.replace(per_seed, per_seed + "1"))
+    seeds = value_cells(results)[0][1]
+    assert seeds in text
+    assert value_cells(results) not in doc_tables(text.replace(seeds, seeds + "1"))

@@ -55,6 +55,11 @@ def fmt(v: list[float]) -> str:
     return f"{m:.1f} ± {s:.1f}" if len(v) > 1 else f"{m:.1f}"
 
 
+def per_seed(v: list[float]) -> str:
+    """Every seed's value, one decimal, as the table's last column."""
+    return ", ".join(f"{x:.1f}" for x in v)
+
+
 def versus(a: list[float], b: list[float]) -> dict:
     """Paired per-seed differences a - b (points)."""
     d = [x - y for x, y in zip(a, b)]
@@ -98,7 +103,7 @@ def markdown(rows: dict[str, list[float]], seeds: list[int], header: str, notes:
     best = max(rows, key=lambda m: statistics.mean(rows[m]))
     for m, v in rows.items():
         cell = f"**{fmt(v)}**" if m == best else fmt(v)
-        lines.append(f"| {label[m]} | {cell} | {', '.join(f'{x:.1f}' for x in v)} |")
+        lines.append(f"| {label[m]} | {cell} | {per_seed(v)} |")
     return "\n".join(lines + ["", verdict_md, "", notes]) + "\n"
 
 

@@ -232,6 +232,14 @@ def init_job_process() -> None:
     multiprocessing.set_start_method(None, force=True)
 
 
+def job_pool(jobs: int):
+    """``jobs`` spawned processes (a fork of a process with torch threads can deadlock), each started
+    with :func:`init_job_process`."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    return ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=init_job_process)
+
+
 def _seed_in_process(cfg: CompareConfig, threads: int, seed: int, *args) -> dict:
     """One seed in a worker process of ``--jobs``: its own thread budget, then :func:`run_seed`."""
     import torch
@@ -254,11 +262,9 @@ def _run_seeds(cfg: CompareConfig, train: list[dict], test_views, label_map: dic
                 per_seed.append(run_seed(cfg, seed, *args))
                 print(json.dumps(per_seed[-1], default=str), flush=True)
         return per_seed
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
     threads = cfg.threads or max(1, (os.cpu_count() or 1) // jobs)
     print(f"compare: seeds {cfg.seeds} in {jobs} processes at once, {threads} thread(s) each", flush=True)
-    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"), initializer=init_job_process) as pool:
+    with job_pool(jobs) as pool:
         futures = [pool.submit(_seed_in_process, cfg, threads, seed, *args) for seed in cfg.seeds]
         per_seed = [f.result() for f in futures]
     for rec in per_seed:
