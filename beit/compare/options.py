@@ -53,8 +53,9 @@ class CompareConfig:
                              "factors: train_loss (the shortest whose final training loss reaches the BEiT fine-tune's) "
                              "or val (best top-1 on a validation split carved from the label subset, then retrained "
                              "on all of it). Never on the test split")
-    scratch_epoch_factors: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0],
-                                               help="candidate fine-tune lengths for scratch_fitted, x the shared epochs")
+    scratch_epoch_factors: list[float] = field(default_factory=lambda: [1.0, 2.0],
+                                               help="candidate fine-tune lengths for scratch_fitted, x the shared "
+                                               "epochs (default 400 and 800 epochs)")
     val_fraction: float = field(0.2, help="scratch_fit val: fraction of the label subset held out for the choice")
     # features
     knn_k: int = field(20, help="neighbours of the kNN classifier (and of the pretraining health metric)")
