@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
+import textwrap
 from pathlib import Path
 
 NAMES = {
@@ -124,7 +125,7 @@ def plot(rows: dict[str, list[float]], path: Path, title: str, names: dict[str, 
     ax.set_yticks(range(len(order)), [label[m] for m in order])
     ax.set_xlabel("held-out top-1 (%)")
     ax.set_xlim(0, 100)
-    ax.set_title(title, fontsize=9)
+    ax.set_title("\n".join(textwrap.wrap(title, 70)), fontsize=9)  # the long y labels leave a narrow axes
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
