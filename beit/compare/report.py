@@ -31,6 +31,9 @@ def method_names(arch: str = "beit", student: str = "mobilevit_xxs") -> dict[str
     return out
 
 
+CHANGED_FILES_LISTED = 50  # code_version lists at most this many changed files
+
+
 def code_version(root: Path | None = None) -> dict:
     """The git commit of the code that ran (``root``: this checkout) and whether its tracked or
     untracked files differed from it."""
@@ -44,7 +47,7 @@ def code_version(root: Path | None = None) -> dict:
         changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line.strip()]
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None, "note": "not a git checkout"}
-    return {"commit": commit or None, "dirty": bool(changed), "changed_files": changed[:50]}
+    return {"commit": commit or None, "dirty": bool(changed), "changed_files": changed[:CHANGED_FILES_LISTED]}
 
 
 def mean_std(v: list[float]) -> tuple[float, float]:
