@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from beit.compare import recipe, recipe_devices
 from beit.config import field
 
+SCRATCH_EPOCH_FACTORS = (1.0, 2.0)
 DEFAULT_METHODS = ("beit", "scratch", "scratch_fitted", "linear_probe", "knn", "logreg_features", "logreg_pixels")
 # opt-in: the MobileViT student taught by the fine-tuned BEiT model, and the same student on the labels alone
 METHODS = DEFAULT_METHODS + ("distill", "student")
@@ -53,9 +54,11 @@ class CompareConfig:
                              "factors: train_loss (the shortest whose final training loss reaches the BEiT fine-tune's) "
                              "or val (best top-1 on a validation split carved from the label subset, then retrained "
                              "on all of it). Never on the test split")
-    scratch_epoch_factors: list[float] = field(default_factory=lambda: [1.0, 2.0],
+    scratch_epoch_factors: list[float] = field(default_factory=lambda: list(SCRATCH_EPOCH_FACTORS),
                                                help="candidate fine-tune lengths for scratch_fitted, x the shared "
-                                               "epochs (default 400 and 800 epochs)")
+                                               "epochs (by default " + " and ".join(
+                                                   str(round(recipe.FINETUNE["epochs"] * f)) for f in SCRATCH_EPOCH_FACTORS)
+                                               + " epochs)")
     val_fraction: float = field(0.2, help="scratch_fit val: fraction of the label subset held out for the choice")
     # features
     knn_k: int = field(20, help="neighbours of the kNN classifier (and of the pretraining health metric)")
