@@ -243,3 +243,37 @@ def test_job_processes_give_their_data_loaders_the_platform_start_method():
 def _start_method() -> str:
     import multiprocessing
     return multiprocessing.get_start_method()
+
+
+def readme_evidence_commands() -> list[str]:
+    """The one-line ``launch/evidence.py`` commands the README shows."""
+    from pathlib import Path
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    return sorted(set(re.findall(r"`(python launch/evidence\.py [^`\n]*)`", text)))
+
+
+def test_the_readme_shows_both_evidence_commands():
+    assert readme_evidence_commands() == ["python launch/evidence.py --out runs/evidence",
+                                          "python launch/evidence.py --out runs/evidence_photos --set photos"]
+
+
+@pytest.mark.parametrize("command", readme_evidence_commands())
+def test_readme_evidence_command_runs(command, tmp_path):
+    """Each README evidence command, verbatim but for its output folder (under tmp) and a tiny budget
+    appended, runs as a process and scores the set's fixed test split."""
+    import shlex
+    import subprocess
+    from pathlib import Path
+    argv = shlex.split(command)
+    out = argv.index("--out") + 1
+    argv[out] = str(tmp_path / argv[out])
+    tiny = ["--seeds", "0", "--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--methods", "beit,logreg_pixels",
+            "--pretrain", "{total_steps: 4, log_every: 2}", "--finetune", "{epochs: 1, warmup_epochs: 0}",
+            "--tokenizer_fit", "{epochs: 1, vocab_size: 16}"]
+    root = Path(__file__).parents[1]
+    proc = subprocess.run([sys.executable, *argv[1:], *tiny], cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((Path(argv[out]) / "compare.json").read_text())
+    assert list(res["rows"]) == ["beit", "logreg_pixels"] and all(len(v) == 1 for v in res["rows"].values())
+    assert res["data"]["test"] == (222 if "--set photos" in command else 360)
+    assert res["per_seed"][0]["labels"] == (133 if "--set photos" in command else 142)
