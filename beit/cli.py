@@ -24,9 +24,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("beit.finetune", "fine-tune a pretrained encoder (classification or segmentation)"),
     "compare": ("beit.compare.run", "does pretraining pay off here? BEiT vs scratch vs simple baselines, over seeds"),
     "distill": ("beit.distill", "distil a fine-tuned classifier into a small timm student (MobileViT)"),
-    "export": ("beit.export", "export a fine-tuned run as timm-loadable weights"),
+    "export": ("beit.export.commands:export_main", "export a fine-tuned run as timm-loadable weights"),
     "viz": ("beit.viz.main", "pictures of a run (masks, tokens, reconstructions, attention, curves) + index.html"),
-    "export-onnx": ("beit.export_onnx", "a fine-tuned classifier as ONNX + preprocessing JSON, checked with onnxruntime"),
+    "export-onnx": ("beit.export.commands:onnx_main", "a fine-tuned classifier as ONNX + preprocessing JSON, checked with onnxruntime"),
     "samples": ("beit.data.samples", "write shards of the built-in real sample sets (offline)"),
     "bench": ("beit.bench.command", "speed figures beside their peers (train step, tokenizers, end to end, data) as JSON"),
     "demo": ("beit.demo", "the offline CPU demo: sample shards, k-means tokenizer, pretraining, fine-tuning"),
@@ -81,11 +81,6 @@ def _suggest(word: str) -> str:
     return f" (did you mean 'beit {close[0]}'?)" if close else ""
 
 
-def _is_run_fault(e: BaseException) -> bool:
-    from beit.runtime.run_faults import RunFault
-    return isinstance(e, RunFault) or type(e).__name__ in ("NonFiniteLossError", "DataQualityError")
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -111,16 +106,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def call(entry, argv: list[str] | None = None) -> int:
-    """``entry(argv)`` as an exit code: bad input (2) and faults during a run (1) print a message, not a
-    traceback; an int result is the code, anything else is 0."""
+    """``entry(argv)`` as an exit code, the one policy of every command: bad input (2: a ValueError such as
+    ``SetupError`` or a config error, a missing or unwritable file) and a fault during the run (1: ``RunFault``,
+    e.g. a diverged loss, too many bad samples, a damaged checkpoint) print one line, not a traceback; an
+    int result is the code, anything else is 0."""
+    from beit.runtime.faults import RunFault
     try:
         result = entry(argv)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # bad input
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:  # bad input
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # a fault during the run (RunFault, a diverged loss)
-        if not _is_run_fault(e):
-            raise
+    except RunFault as e:  # a fault during the run
         print(f"error: {e}", file=sys.stderr)
         return 1
     return result if isinstance(result, int) else 0

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(pre: Path, tokenizer: Path, ft: Path, t0: float) -> None:
-    from beit.runtime.checkpointing import find_latest_complete
+    from beit.checkpoints.checkpointing import find_latest_complete
 
     m = json.loads((pre / "final_metrics.json").read_text())
     f = json.loads((ft / "final.json").read_text())

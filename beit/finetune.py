@@ -10,7 +10,7 @@
 Recipe (BEiT): AdamW, warmup + per-step cosine, layer-wise lr decay, drop path, Mixup/CutMix with
 label smoothing, RandAugment + random erasing, mean pooling + fc_norm, head init scale, optional EMA.
 Writes metrics.jsonl, checkpoints (resumed automatically), final.json, confusion_matrix.png and
-the fine-tuned weights (``model.safetensors`` + JSON, loadable by timm; see beit/export.py).
+the fine-tuned weights (``model.safetensors`` + JSON, loadable by timm; see beit/export/timm_export.py).
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def resolve_folders(cfg: FinetuneConfig, log=print) -> FinetuneConfig:
     part (``--val_fraction``) unless ``--val_data`` / ``--val_shards`` name the held-out data."""
     if not cfg.data:
         return cfg
-    from beit.data.folder_cache import folder_shards
+    from beit.data.storage.folder_cache import folder_shards
 
     own_val = not (cfg.val_data or cfg.val_shards)
     found = folder_shards(cfg.data, labelled=cfg.task == "classification", val_fraction=cfg.val_fraction if own_val
@@ -114,7 +114,7 @@ def resolve_folders(cfg: FinetuneConfig, log=print) -> FinetuneConfig:
 def run_finetune(cfg: FinetuneConfig) -> dict:
     """Train, evaluate, checkpoint/resume, and write the final results; returns the final metrics.
     One run per output_dir (a lock); the resume checkpoint is verified (damaged ones moved aside)."""
-    from beit.runtime.checkpoint_integrity import remove_stale_temp, select_resume
+    from beit.checkpoints.integrity import remove_stale_temp, select_resume
     from beit.runtime.run_lock import end_with_launcher, hold_output_dir
 
     end_with_launcher()
@@ -133,11 +133,11 @@ def _run(cfg: FinetuneConfig, latest: Path | None) -> dict:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from beit.runtime.checkpointing import TRAIN_STATE, check_resume_compatible, load_checkpoint, save_checkpoint
+    from beit.checkpoints.checkpointing import TRAIN_STATE, check_resume_compatible, load_checkpoint, save_checkpoint
     from beit.engines.finetune import new_epoch_sums, save_confusion_png, train_one_epoch
-    from beit.export import export_model
-    from beit.finetune_data import build_loaders, check_shards, resolve_classes
-    from beit.options.common import warmup_for
+    from beit.export.timm_export import export_model
+    from beit.data.pipelines.labelled import build_loaders, check_shards, resolve_classes
+    from beit.optim.schedules import warmup_for
     from beit.runtime.precision import resolve_mixed_precision
     from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger, data_error_metrics, data_summary, resolve_trackers
     from beit.runtime.scaling import accelerator_kwargs_handlers, describe_scaling, grad_accum_for, refuse_under_fsdp
@@ -182,8 +182,8 @@ def _run(cfg: FinetuneConfig, latest: Path | None) -> dict:
     train_loader, val_loader = build_loaders(cfg, accelerator, num_classes)
     teacher = None
     if cfg.task == "distill":
-        from beit.distill_data import PairedLoader, build_unlabelled_loader
-        from beit.finetune_data import build_transforms
+        from beit.data.pipelines.distillation import PairedLoader, build_unlabelled_loader
+        from beit.data.pipelines.labelled import build_transforms
         from beit.modeling.distill import load_teacher
         teacher = load_teacher(cfg.teacher, num_classes=num_classes, mean=cfg.mean, std=cfg.std).to(accelerator.device)
         train_loader = PairedLoader(train_loader, build_unlabelled_loader(cfg, accelerator, build_transforms(cfg, True)))
@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from beit.runtime.run_faults import RunFault
+    from beit.runtime.faults import RunFault
     try:
         main(sys.argv[1:])
     except (ValueError, FileNotFoundError, PermissionError) as e:  # bad input (shards, checkpoint shapes): a message, not a traceback

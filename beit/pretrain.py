@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from beit.runtime.checkpoint_integrity import remove_stale_temp, select_resume
-from beit.runtime.checkpointing import (TRAIN_STATE, check_resume_compatible, config_fingerprint, load_checkpoint,
+from beit.checkpoints.integrity import remove_stale_temp, select_resume
+from beit.checkpoints.checkpointing import (TRAIN_STATE, check_resume_compatible, config_fingerprint, load_checkpoint,
                                         save_checkpoint, save_weights)
-from beit.runtime.run_faults import RunFault
+from beit.runtime.faults import RunFault
 from beit.runtime.run_lock import OutputDirError, check_output_dir, end_with_launcher, hold_output_dir
 from beit.config import load_yaml, parse_config, save_config, to_dict
 from beit.options.pretrain import RESUME_KEYS, PretrainConfig
@@ -113,7 +113,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 def token_cache_fingerprint(cache_dir: str) -> str:
     """Hash of a token cache's tokenizer settings, views and shard contents (its folder may move)."""
-    from beit.data.shard_format import MANIFEST_NAME
+    from beit.data.storage.shard_format import MANIFEST_NAME
 
     manifest = json.loads((Path(cache_dir) / MANIFEST_NAME).read_text())
     info = {k: v for k, v in manifest["token_cache"].items() if k not in ("seconds", "tokenizer_path")}
@@ -123,7 +123,7 @@ def token_cache_fingerprint(cache_dir: str) -> str:
 
 def check_token_cache(cfg: PretrainConfig, info: dict, tokenizer) -> None:
     """Refuse a token cache that does not fit the config (tokenizer kind, vocab, patch grid)."""
-    from beit.tokenizers.cache import check_cache_compatible
+    from beit.tokenizers.token_cache import check_cache_compatible
 
     if info["tokenizer"] != cfg.tokenizer:
         raise ValueError(f"--token_cache {cfg.token_cache} holds {info['tokenizer']} tokens, but tokenizer is "
@@ -139,11 +139,11 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
                  accum: int = 1):
     """Training (``train``) or held-out loader; training reads the token cache when cfg.token_cache is set.
     The held-out loader reads every image of this rank's share once (a partial last batch included)."""
-    from beit.data.global_order import build_loader_for_order
-    from beit.data.heldout import heldout_loader
-    from beit.data.transforms import TwoViewTransform
+    from beit.data.loading.global_order import build_loader_for_order
+    from beit.data.loading.heldout import heldout_loader
+    from beit.data.pipelines.transforms import TwoViewTransform
     from beit.masking import MaskingGenerator
-    from beit.tokenizers.cache import CachedViews
+    from beit.tokenizers.token_cache import CachedViews
 
     if train and cfg.token_cache:
         transform = CachedViews(image_size=cfg.image_size, color_jitter=cfg.color_jitter)
@@ -173,7 +173,7 @@ def build_loader(cfg: PretrainConfig, shards, tokenizer, accelerator, *, train: 
 
 def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int, accum: int, log=print) -> tuple[int, int, int]:
     """(steps per epoch, total optimizer steps, warmup steps)."""
-    from beit.options.common import warmup_for
+    from beit.optim.schedules import warmup_for
 
     steps_per_epoch = batches_per_epoch // accum
     if steps_per_epoch < 1:
@@ -216,7 +216,7 @@ def build_knn_health(cfg: PretrainConfig, accelerator, logger, total_steps: int)
     ten evaluations a run, on logging steps, so each sits beside a masked-token accuracy record."""
     if not cfg.knn_train_shards:
         return None
-    from beit.data.shardspec import expand_shards
+    from beit.data.storage.shardspec import expand_shards
     from beit.engines.knn import KnnHealth, KnnMonitor
     try:
         monitor = KnnMonitor(expand_shards(cfg.knn_train_shards), expand_shards(cfg.knn_val_shards), cfg.image_size,
@@ -234,10 +234,10 @@ def check_inputs(cfg: PretrainConfig, world: int):
     """Every check that needs files but no compute and writes nothing: shards, tokenizer grid, token cache,
     masking, batch split (resume compatibility: ``check_resume``, under the run lock). Returns (shards, val_shards, tokenizer or None, grad_accum_steps,
     token cache info or None); the tokenizer is None when a token cache replaces it and nothing else needs it."""
-    from beit.data.shardspec import expand_shards
+    from beit.data.storage.shardspec import expand_shards
     from beit.masking import MaskingGenerator
     from beit.tokenizers import load_tokenizer
-    from beit.tokenizers.cache import read_cache_info
+    from beit.tokenizers.token_cache import read_cache_info
 
     try:
         cfg.validate()
@@ -247,7 +247,7 @@ def check_inputs(cfg: PretrainConfig, world: int):
         if cache is not None:
             shards = expand_shards(str(Path(cfg.token_cache) / "cache-*.tar"))
         elif cfg.data:
-            from beit.data.folder_cache import folder_shards
+            from beit.data.storage.folder_cache import folder_shards
             found = folder_shards(cfg.data, labelled=False, val_fraction=cfg.val_fraction, seed=cfg.seed,
                                   cache=cfg.data_cache, log=main_print)
             main_print(f"--data {cfg.data}: {found.describe()}")

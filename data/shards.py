@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from beit.config import field, parse_config
-from beit.data.shard_sources import list_ade20k, list_filelist, list_folder, list_imagenet, load_label_map
-from beit.data.shard_verify import verify_folder
-from beit.data.shard_writer import WriteOptions, write_shards
+from beit.data.storage.shard_sources import list_ade20k, list_filelist, list_folder, list_imagenet, load_label_map
+from beit.data.storage.shard_verify import verify_folder
+from beit.data.storage.shard_writer import WriteOptions, auto_samples_per_shard, split_items, write_shards
 
 LAYOUTS = ("folder", "imagenet", "ade20k", "filelist")
 
@@ -86,32 +86,6 @@ class VerifyConfig:
     def validate(self) -> None:
         if not self.dir:
             raise ValueError("--dir is required")
-
-
-def auto_samples_per_shard(num_items: int, readers: int = 16, most: int = 1000) -> int:
-    """Shard size for ``num_items``: ``most`` for large sets, smaller so at least ``readers`` shards exist."""
-    return max(1, min(most, -(-num_items // readers)))
-
-
-def split_items(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
-    """(train, val): a seeded split; per class (label) round(fraction x n) held out, at least one of
-    every class with two or more images, so every class is in both splits."""
-    import random
-    by_label: dict = {}
-    for it in sorted(items, key=lambda it: it.key):
-        by_label.setdefault(it.label, []).append(it)
-    train, val = [], []
-    rng = random.Random(seed)
-    for label in sorted(by_label, key=lambda v: (v is None, v)):
-        group = by_label[label]
-        rng.shuffle(group)
-        k = min(len(group) - 1, max(1, round(fraction * len(group)))) if len(group) >= 2 else 0
-        val += group[:k]
-        train += group[k:]
-    if not val:
-        raise ValueError(f"--val_fraction {fraction}: {len(items)} image(s) leave none to hold out; add images or "
-                         "set --val_fraction 0")
-    return train, val
 
 
 def run_write(cfg: WriteConfig) -> list[str]:

@@ -39,8 +39,8 @@ def photo_classes(out: Path) -> Path:
     import re
 
     from beit.compare.labels import write_labelled
-    from beit.data.samples import build_sample_shards
-    from beit.data.shard_format import iter_tar_samples
+    from beit.data.sample_sets import build_sample_shards
+    from beit.data.storage.shard_format import iter_tar_samples
     raw = out / "photos_raw"
     build_sample_shards(raw, "photos")
     splits = {}
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                         "the test split is not read")
     args, rest = p.parse_known_args(argv)
     from beit.compare.run import main as compare
-    from beit.data.samples import build_sample_shards
+    from beit.data.sample_sets import build_sample_shards
     if args.set == "digits":
         data = Path(args.out) / "digits"
         build_sample_shards(data, "digits")

@@ -50,7 +50,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
     """Shards of the bundled real digits (train / test split), written once per test module."""
-    from beit.data.samples import build_sample_shards
+    from beit.data.sample_sets import build_sample_shards
     out = tmp_path_factory.mktemp("digits")
     build_sample_shards(out, "digits")
     return out

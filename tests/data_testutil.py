@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from beit.data.shard_format import add_member
-from beit.data.shard_writer import Item, WriteOptions, write_shards
+from beit.data.storage.shard_format import add_member
+from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
 
 
 def encode(img: Image.Image, fmt: str = "JPEG", **kw) -> bytes:

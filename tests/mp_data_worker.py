@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from beit.data.stream import build_stream_loader, to_device
-from beit.data.transforms import TwoViewTransform
+from beit.data.loading.stream import build_stream_loader, to_device
+from beit.data.pipelines.transforms import TwoViewTransform
 
 shard_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
 acc = Accelerator(cpu=True)

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from beit.data.stream import build_stream_loader, to_device
-from beit.data.transforms import pil_to_tensor
+from beit.data.loading.stream import build_stream_loader, to_device
+from beit.data.pipelines.transforms import pil_to_tensor
 
 shard_spec, out_dir, batch, accum, workers = sys.argv[1], Path(sys.argv[2]), *map(int, sys.argv[3:6])
 acc = Accelerator(cpu=True, gradient_accumulation_steps=accum)

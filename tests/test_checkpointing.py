@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from beit.runtime.checkpointing import (COMPLETE, check_resume_compatible, checkpoint_path, config_fingerprint,
+from beit.checkpoints.checkpointing import (COMPLETE, check_resume_compatible, checkpoint_path, config_fingerprint,
                                 find_latest_complete, list_complete, load_checkpoint, load_weights,
                                 save_checkpoint, save_weights)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from beit.cli import main as cli
-from beit.data.samples import build_sample_shards
+from beit.data.sample_sets import build_sample_shards
 
 TINY = ["--seeds", "0", "--label_fraction", "0.1", "--threads", "1", "--embed_dim", "32", "--depth", "1",
         "--num_heads", "2", "--pretrain", "{total_steps: 8, log_every: 4}",
@@ -26,7 +26,7 @@ def pixel_logreg_reference(shard_dir, keys, test_dir) -> float:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from beit.data.shard_format import iter_tar_samples
+    from beit.data.storage.shard_format import iter_tar_samples
 
     def read(d, prefix):
         out = []
@@ -66,7 +66,7 @@ def test_compare_tiny_run(digits, tmp_path, capsys):
     fit = seed["scratch_fitted"]
     assert fit["chosen_epochs"] in (2, 4) and fit["tried"][0]["train_loss"] == seed["scratch"]["train_loss"]
     # logistic regression on pixels: the same number as an independent computation from the PNGs
-    from beit.data.shard_format import iter_tar_samples
+    from beit.data.storage.shard_format import iter_tar_samples
     keys = set()
     for p in (out / "seed0" / "labels").glob("train-*.tar"):
         with open(p, "rb") as f:
@@ -109,7 +109,7 @@ def test_compare_refuses_bad_input(digits, tmp_path, capsys):
 
 
 def test_compare_scratch_recipe_fitted_on_a_carved_validation_split(digits, tmp_path):
-    from beit.data.shard_format import iter_tar_samples
+    from beit.data.storage.shard_format import iter_tar_samples
 
     def keys(pattern_dir, prefix):
         out = set()

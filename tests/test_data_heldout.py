@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from beit.data.heldout import HeldOutStream, good_rows
+from beit.data.loading.heldout import HeldOutStream, good_rows
 from data_testutil import good_shards, jpeg, write_tar
 
 

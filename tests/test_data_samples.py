@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from beit.data.samples import VAL_FRACTION, build_sample_shards, photo_items
-from beit.data.shard_format import iter_tar_samples, sha256_file
+from beit.data.sample_sets import VAL_FRACTION, build_sample_shards, photo_items
+from beit.data.storage.shard_format import iter_tar_samples, sha256_file
 
 
 def test_digits_shards_are_deterministic_with_stratified_test_split(tmp_path):
@@ -37,7 +37,7 @@ def test_photo_crops_are_many_real_and_held_out():
     sources = {it.key.split("_s")[0] for it in splits["train"]}
     assert {"astronaut", "coffee", "chelsea", "sklearn_china", "sklearn_flower"} <= sources
     # a validation crop starts right of the cut, a training crop ends left of it: no overlap
-    from beit.data.samples import load_photos
+    from beit.data.sample_sets import load_photos
     widths = {n: a.shape[1] for n, a in load_photos().items()}
 
     def parse(key):  # "<name>_s<side>_x<x>_y<y>"

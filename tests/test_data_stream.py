@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from beit.data.data_stats import DataQualityError
-from beit.data.stream import build_stream_loader, plan_quotas, round_robin
-from beit.data.transforms import TwoViewTransform, pil_to_tensor
+from beit.data.loading.data_stats import DataQualityError
+from beit.data.loading.stream import build_stream_loader, plan_quotas, round_robin
+from beit.data.pipelines.transforms import TwoViewTransform, pil_to_tensor
 from data_testutil import encode, good_shards, jpeg, odd_images, photo, write_tar
 
 
@@ -57,7 +57,7 @@ def test_bad_samples_are_counted_by_reason(tmp_path):
 
 
 def test_odd_modes_convert_to_correct_rgb():
-    from beit.data.decode import open_image
+    from beit.data.loading.decode import open_image
     imgs = odd_images()
     i16, _ = open_image(imgs["i16.png"])
     assert i16.mode == "RGB" and abs(int(np.asarray(i16)[0, 0, 0]) - 128) <= 1  # 32768/65535 -> 128, not clipped
@@ -218,7 +218,7 @@ def test_plan_helpers():
 
 def test_exif_orientation_is_applied():
     from PIL import Image
-    from beit.data.decode import open_image
+    from beit.data.loading.decode import open_image
     img = photo(4, (60, 30))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display

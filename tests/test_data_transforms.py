@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from beit.data.decode import open_image
-from beit.data.transforms import (TwoViewTransform, draft_scale, encoder_input, pil_to_tensor, seed_everything,
+from beit.data.loading.decode import open_image
+from beit.data.pipelines.transforms import (TwoViewTransform, draft_scale, encoder_input, pil_to_tensor, seed_everything,
                                   tokenizer_input)
 from data_testutil import encode, photo
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import beit.data.shard_writer as shard_writer
-from beit.data.shard_format import sha256_file
-from beit.data.shard_writer import Item, WriteOptions, write_shards
+import beit.data.storage.shard_writer as shard_writer
+from beit.data.storage.shard_format import sha256_file
+from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
 from beit.data.shards import main as shards_main
 from data_testutil import encode, jpeg, odd_images, photo
 
@@ -59,7 +59,7 @@ def test_imagenet_layout_labels_resize_and_reencode(tmp_path):
                         "--samples_per_shard", "100",
                         "--progress", "false"]) == 0
     assert json.loads((out / "class_index.json").read_text()) == {"n01": 0, "n02": 1, "n03": 2}
-    from beit.data.shard_format import iter_tar_samples
+    from beit.data.storage.shard_format import iter_tar_samples
     from PIL import Image
     import io
     with open(out / "train-000000.tar", "rb") as f:
@@ -91,7 +91,7 @@ def test_ade20k_pairs_and_file_list(tmp_path):
     m = json.loads((out / "manifest.json").read_text())
     assert m["num_samples"] == 3 and m["shards"][0]["name"] == "training-000000.tar"
     assert [x["key"] for x in m["writes"]["training"]["skipped"]] == ["ADE_3"]
-    from beit.data.shard_verify import verify_folder
+    from beit.data.storage.shard_verify import verify_folder
     reports, problems = verify_folder(out)
     assert problems == [] and all(r.ok for r in reports)  # seg resized with the image (40x30)
 

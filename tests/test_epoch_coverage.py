@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from beit.data.shard_writer import Item, WriteOptions, write_shards
+from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
 from data_testutil import jpeg
 
 WORKER = Path(__file__).with_name("mp_epoch_worker.py")

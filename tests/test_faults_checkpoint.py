@@ -9,11 +9,11 @@ import subprocess
 import pytest
 import torch
 
-import beit.runtime.checkpointing as ckpt
-from beit.runtime.checkpoint_integrity import DAMAGED, select_resume, verify_checkpoint
-from beit.runtime.checkpointing import (COMPLETE, checkpoint_path, list_complete, load_checkpoint, save_checkpoint,
+import beit.checkpoints.checkpointing as ckpt
+from beit.checkpoints.integrity import DAMAGED, select_resume, verify_checkpoint
+from beit.checkpoints.checkpointing import (COMPLETE, checkpoint_path, list_complete, load_checkpoint, save_checkpoint,
                                         save_weights)
-from beit.runtime.run_faults import RunFault
+from beit.runtime.faults import RunFault
 
 
 def _setup(acc, width=4):

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 import beit.pretrain as pretrain
-from beit.data.data_stats import DataQualityError
-from beit.data.shardspec import expand_shards
-from beit.data.stream import build_stream_loader
+from beit.data.loading.data_stats import DataQualityError
+from beit.data.storage.shardspec import expand_shards
+from beit.data.loading.stream import build_stream_loader
 from beit.runtime.run_lock import OutputDirError
 from data_testutil import good_shards, write_tar
 from test_data_stream import small_map
@@ -106,7 +106,7 @@ def test_samples_lost_to_a_truncated_tar_are_counted_and_the_shard_named(tmp_pat
     data = open(shards[1], "rb").read()
     open(shards[1], "wb").write(data[: len(data) // 2 + 100])       # cut in the middle of a member
     if not manifest:
-        from beit.data.shardspec import count_tar_samples
+        from beit.data.storage.shardspec import count_tar_samples
         index = count_tar_samples(shards[1])                       # what the tar index still shows
     loader = build_stream_loader(shards, map_fn=small_map, batch_size=2, num_workers=0, max_bad_fraction=1.0)
     with pytest.warns(UserWarning, match=rf"shard {shards[1]}: tar_error: \d+ sample\(s\) lost: read \d+ of {index}") as w:

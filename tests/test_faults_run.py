@@ -15,8 +15,8 @@ import yaml
 from safetensors.torch import load_file
 
 import beit.pretrain as pretrain
-from beit.runtime.checkpointing import checkpoint_path, find_latest_complete, list_complete
-from beit.runtime.run_faults import RunFault
+from beit.checkpoints.checkpointing import checkpoint_path, find_latest_complete, list_complete
+from beit.runtime.faults import RunFault
 from beit.runtime.run_logging import read_metrics
 from mp.common import alive, children
 from test_pretrain import REPO, assets, losses, run, tiny_cfg  # noqa: F401  (assets: the module fixture)
@@ -88,7 +88,7 @@ def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_resumes_the_older_
 
 
 def test_pretraining_ignores_labels_so_labelled_and_unlabelled_shards_mix(assets, tmp_path):
-    from beit.data.samples import build_sample_shards
+    from beit.data.sample_sets import build_sample_shards
     build_sample_shards(tmp_path / "digits", "digits")          # digits carry a .cls label, photos none
     summary = run(tiny_cfg(assets, tmp_path / "run", total_steps=2, val_shards=[], checkpoint_every=2,
                            data_shards=[assets["train"], str(tmp_path / "digits" / "train-*.tar")]))

@@ -7,7 +7,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from beit.runtime.checkpoint_loading import load_beit_weights
+from beit.checkpoints.loading import load_beit_weights
 from beit.export import export_model, load_exported
 from beit.modeling.classifier import LinearProbe, build_beit_classifier
 from beit.modeling.mim import create_pretrain_model
@@ -98,7 +98,7 @@ def test_timm_data_config_of_the_export_is_the_runs_preprocessing(tmp_path):
     """Loaded as the export's docstring says, timm's resolve_data_config / create_transform give our eval transform."""
     from timm.data import create_transform, resolve_data_config
 
-    from beit.finetune_data import build_transforms
+    from beit.data.pipelines.labelled import build_transforms
     c = cfg(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=1.0, interpolation="bilinear")
     m = trained_like_model()
     path = export_model(m, tmp_path / "model.safetensors", c, class_names=[f"c{i}" for i in range(10)])
@@ -120,8 +120,8 @@ def test_timm_data_config_of_the_export_is_the_runs_preprocessing(tmp_path):
 @pytest.mark.parametrize("layout", [dict(), dict(use_abs_pos_emb=True, use_rel_pos_bias=False, init_values=0.0)])
 def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, layout):
     pytest.importorskip("transformers")
-    from beit.export import export_hf
-    from beit.runtime.hf_import import transformers_names
+    from beit.export.hf_export import export_hf
+    from beit.checkpoints.hf_import import transformers_names
     BeitForImageClassification, BeitImageProcessor = transformers_names("BeitForImageClassification",
                                                                         "BeitImageProcessor")
     m = build_beit_classifier(10, drop_path_rate=0.0, **DIMS, **layout).eval()

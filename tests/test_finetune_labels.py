@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from beit.data.shard_writer import Item, WriteOptions, write_shards
-from beit.finetune_data import class_names_of, resolve_classes
+from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
+from beit.data.pipelines.labelled import class_names_of, resolve_classes
 from data_testutil import jpeg
 
 

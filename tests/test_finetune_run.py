@@ -62,7 +62,7 @@ def test_finetune_end_to_end_and_resume(digits, pretrained, tmp_path):
     assert m.head.out_features == 10 and conf["model_kwargs"]["embed_dim"] == 48
     # re-export the EMA weights of the newest checkpoint with the CLI
     from beit.export import load_exported
-    from beit.export import main as export_main
+    from beit.export.commands import export_main
     ema_path = export_main(["--run_dir", str(out), "--out", str(tmp_path / "ema.safetensors"), "--ema"])
     ema_model = load_exported(ema_path)
     assert not torch.equal(ema_model.head.weight, m.head.weight)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import beit.pretrain as pretrain
-from beit.data.samples import build_sample_shards
+from beit.data.sample_sets import build_sample_shards
 from beit.engines.knn import knn_predict, load_views
 from beit.runtime.run_logging import read_metrics
 from beit.tokenizers.kmeans import KMeansTokenizer

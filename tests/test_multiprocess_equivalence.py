@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from beit.data.shardspec import expand_shards, shard_sample_counts
+from beit.data.storage.shardspec import expand_shards, shard_sample_counts
 
 from mp.common import (BAD_KEYS, FINETUNE, assets, finetune_args, pretrain_reference, rank_logs, run,
                        step_records)

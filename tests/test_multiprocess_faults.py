@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from beit.runtime.checkpointing import find_latest_complete, list_complete
+from beit.checkpoints.checkpointing import find_latest_complete, list_complete
 from mp.common import (PRETRAIN, REPO, alive, all_logs, env, kill_job, popen, pretrain_args, pretrain_reference,
                        rank_logs, rank_pids, run, step_records)
 

@@ -8,9 +8,10 @@ import time
 import pytest
 
 from beit.config import parse_config, resolve_recipe
-from beit.data.folder_cache import folder_shards
-from beit.data.shardspec import expand_shards
-from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions, warmup_for
+from beit.data.storage.folder_cache import folder_shards
+from beit.data.storage.shardspec import expand_shards
+from beit.optim.schedules import warmup_for
+from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions
 from beit.options.finetune import FinetuneConfig
 from beit.options.pretrain import PretrainConfig
 from data_testutil import jpeg
@@ -61,7 +62,7 @@ def test_booleans_aliases_and_suggestions(tmp_path, capsys):
     assert parse_config(FinetuneConfig, base + ["--model_ema", "--no-tensorboard"]).tensorboard is False
     assert parse_config(FinetuneConfig, base + ["--model_ema", "false"]).model_ema is False
     cfg = parse_config(FinetuneConfig, base + ["--img_size", "96"])  # the old name still works, with a warning
-    assert cfg.image_size == 96 and cfg.img_size == 96
+    assert cfg.image_size == 96
     assert "img_size is deprecated, use image_size" in capsys.readouterr().err
     (tmp_path / "old.yaml").write_text("img_size: 48\n")
     assert parse_config(FinetuneConfig, base + ["--config", str(tmp_path / "old.yaml")]).image_size == 48

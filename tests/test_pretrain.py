@@ -15,8 +15,8 @@ from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 import beit.pretrain as pretrain
-from beit.runtime.checkpointing import find_latest_complete, list_complete
-from beit.data.samples import build_sample_shards
+from beit.checkpoints.checkpointing import find_latest_complete, list_complete
+from beit.data.sample_sets import build_sample_shards
 from beit.engines.pretrain import NonFiniteLossError
 from beit.runtime.run_logging import RunLogger, read_metrics
 from beit.tokenizers.images import shard_image_batches
@@ -88,7 +88,7 @@ def test_end_to_end_outputs(assets, tmp_path):
     assert final["step"] == 6 and final["val/tokens"] > 0
     assert 0 <= final["val/mim_acc"] <= 1 and 0 < final["val/majority_acc"] <= 1
     # every held-out image is scored once (partial last batch included)
-    from beit.data.shardspec import expand_shards, shard_sample_counts
+    from beit.data.storage.shardspec import expand_shards, shard_sample_counts
     n_val = sum(shard_sample_counts(expand_shards(assets["val"])))
     assert final["val/images"] == n_val and final["val/bad_images"] == 0
     assert final["val/tokens"] == n_val * pretrain.PretrainConfig(**tiny_cfg(assets, out)).masked_count()

@@ -11,7 +11,7 @@ from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (assets: the shar
 
 from beit.pretrain import SetupError
 from beit.runtime.run_logging import read_metrics
-from beit.tokenizers.cache import write_token_cache
+from beit.tokenizers.token_cache import write_token_cache
 from beit.tokenizers.kmeans import KMeansTokenizer
 
 

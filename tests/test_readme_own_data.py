@@ -26,7 +26,7 @@ def own_data_block() -> str:
 
 def write_folders(root: Path) -> None:
     """my_photos/: 36 crops of every bundled photo (nested folders); my_labelled/<class>/: 10 crops each."""
-    from beit.data.samples import load_photos
+    from beit.data.sample_sets import load_photos
 
     photos = load_photos()
     rng = np.random.default_rng(0)

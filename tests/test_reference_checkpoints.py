@@ -76,7 +76,7 @@ def test_classifier_checkpoints_give_reference_logits(name):
 
 def test_timm_and_hf_folders_give_the_head_count_when_tensors_cannot():
     """Without relative position tables the head count comes from the config.json beside the weights."""
-    from beit.runtime.checkpoint_formats import recorded_num_heads
+    from beit.checkpoints.formats import recorded_num_heads
     for name, sub in (("hf_beit_classifier", "hf"), ("timm_beit", "timm")):
         d, meta, _ = case(name)
         heads, source = recorded_num_heads(d / sub / "model.safetensors", {}, 32)
@@ -86,7 +86,7 @@ def test_timm_and_hf_folders_give_the_head_count_when_tensors_cannot():
 def test_strict_false_reports_what_was_skipped(tmp_path):
     from safetensors.torch import save_file
 
-    from beit.runtime.checkpoint_loading import read_state_dict
+    from beit.checkpoints.loading import read_state_dict
     sd = read_state_dict(checkpoint("unilm_v1_shared_relpos"))
     del sd["blocks.1.mlp.fc1.weight"]
     sd["extra.weight"] = torch.zeros(3)

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from beit.runtime.safe_pickle import UntrustedPickleError, load_torch_file
+from beit.checkpoints.safe_pickle import UntrustedPickleError, load_torch_file
 from data_testutil import good_shards
 from reference_fixtures import checkpoint
 
@@ -53,7 +53,7 @@ def test_finetune_init_refuses_code_pickles(tmp_path):
             "--output_dir", tmp_path / "ft", "--image_size", 32, "--patch_size", 8)
     assert r.returncode == 2 and "--trust_pickle true" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not marker.exists()
-    from beit.runtime.checkpoint_loading import read_checkpoint
+    from beit.checkpoints.loading import read_checkpoint
     read_checkpoint(path, trust_pickle=True)   # what --trust_pickle true does
     assert marker.exists()
 
@@ -91,7 +91,7 @@ def test_convert_dalle_refuses_without_the_flag(tmp_path):
 def test_export_ema_file_refuses_code_pickles(tmp_path):
     from safetensors.torch import save_file
 
-    from beit import export
+    from beit.export.commands import export_main
     from beit.config import save_config
     from beit.modeling.build import build_model
     from beit.options.finetune import FinetuneConfig
@@ -106,9 +106,9 @@ def test_export_ema_file_refuses_code_pickles(tmp_path):
     torch.save({"x": _Marker(marker)}, step / "custom_checkpoint_0.pkl")
     (step / "COMPLETE").write_text("")
     with pytest.raises(SystemExit, match="--trust_pickle true"):
-        export.main(["--run_dir", str(run_dir), "--out", str(tmp_path / "m.safetensors"), "--ema"])
+        export_main(["--run_dir", str(run_dir), "--out", str(tmp_path / "m.safetensors"), "--ema"])
     assert not marker.exists()
     with pytest.raises(Exception):   # trusted: unpickled (marker), then not a state dict
-        export.main(["--run_dir", str(run_dir), "--out", str(tmp_path / "m.safetensors"), "--ema",
+        export_main(["--run_dir", str(run_dir), "--out", str(tmp_path / "m.safetensors"), "--ema",
                      "--trust_pickle", "true"])
     assert marker.exists()

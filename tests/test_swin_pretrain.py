@@ -55,7 +55,7 @@ def test_swin_bad_options_fail_before_compute(assets, tmp_path):  # noqa: F811
 
 
 def test_swin_pretraining_fine_tunes_in_timm(swin_run, tmp_path):
-    from beit.data.samples import build_sample_shards
+    from beit.data.sample_sets import build_sample_shards
     from beit.finetune import FinetuneConfig, run_finetune
     out, _ = swin_run
     digits = tmp_path / "digits"

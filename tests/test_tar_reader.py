@@ -9,7 +9,7 @@ import tarfile
 
 import pytest
 
-from beit.data.shard_format import iter_tar_samples, split_member_name
+from beit.data.storage.shard_format import iter_tar_samples, split_member_name
 
 
 def reference_samples(data: bytes) -> list[dict]:

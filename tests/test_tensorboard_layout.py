@@ -58,7 +58,7 @@ def test_pretraining_scalars_and_pictures(assets, tmp_path):  # noqa: F811
 def test_finetune_uses_the_same_layout(tmp_path):
     from beit.finetune import run_finetune
     from test_finetune_run import cfg
-    from beit.data.samples import build_sample_shards
+    from beit.data.sample_sets import build_sample_shards
     digits = tmp_path / "digits"
     build_sample_shards(digits, "digits")
     out = tmp_path / "ft"

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from beit.data.decode import load_pixels, open_image, to_rgb
-from beit.data.samples import build_sample_shards
-from beit.data.shard_format import image_ext, iter_tar_samples
-from beit.tokenizers.cache import (CachedViews, check_cache_compatible, crop_view, main, read_cache_info,
-                                   write_token_cache)
+from beit.data.loading.decode import load_pixels, open_image, to_rgb
+from beit.data.sample_sets import build_sample_shards
+from beit.data.storage.shard_format import image_ext, iter_tar_samples
+from beit.tokenizers.cache import main
+from beit.tokenizers.token_cache import CachedViews, check_cache_compatible, crop_view, read_cache_info, write_token_cache
 from beit.tokenizers.images import sample_photo_crops
 from beit.tokenizers.kmeans import KMeansTokenizer
 

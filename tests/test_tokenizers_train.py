@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from beit.data.samples import build_sample_shards
+from beit.data.sample_sets import build_sample_shards
 from beit.tokenizers import load_tokenizer
-from beit.tokenizers.train import DVAETrainConfig, KMeansTrainConfig, main, train_dvae
+from beit.tokenizers.fitting import DVAETrainConfig, KMeansTrainConfig, train_dvae
+from beit.tokenizers.train import main
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_kmeans_fit_uses_every_image_every_pass(tmp_path, monkeypatch, capsys):
 
     from PIL import Image
 
-    from beit.data.shard_writer import Item, WriteOptions, write_shards
+    from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
     from beit.tokenizers.kmeans import KMeansTokenizer
 
     def png(i):

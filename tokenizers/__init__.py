@@ -26,7 +26,7 @@ def load_tokenizer(kind: str, path: str | Path | None = None, **kw: Any) -> Visu
     """Build a frozen tokenizer of ``kind`` (one of TOKENIZER_KINDS) from ``path``.
 
     ``kw`` go to the kind's loader (e.g. ``trust_pickle=True`` for an official DALL-E ``encoder.pkl``;
-    see ``beit.runtime.safe_pickle`` -- kinds that never unpickle ignore it;
+    see ``beit.checkpoints.safe_pickle`` -- kinds that never unpickle ignore it;
     ``input_size=`` to change the tokenizer view). Errors say how to obtain the weights.
     """
     if kind not in _REGISTRY:

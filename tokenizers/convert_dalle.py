@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from beit.config import field, parse_config
-from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
+from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
 from beit.tokenizers.dalle import (OFFICIAL_ENCODER_URL, convert_dalle_pickles, download)
 
 

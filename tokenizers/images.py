@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from beit.data.decode import BadSample, load_pixels, open_image, to_rgb
-from beit.data.shard_format import image_ext, iter_tar_samples
-from beit.data.shardspec import expand_shards
-from beit.data.transforms import INTERPOLATIONS, pil_to_tensor
+from beit.data.loading.decode import BadSample, load_pixels, open_image, to_rgb
+from beit.data.storage.shard_format import image_ext, iter_tar_samples
+from beit.data.storage.shardspec import expand_shards
+from beit.data.pipelines.transforms import INTERPOLATIONS, pil_to_tensor
 
 
 def resize_square(img: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:
@@ -34,7 +34,7 @@ def resize_square(img: Image.Image, size: int, interpolation: str = "bicubic") -
 def sample_photo_crops(n: int, size: int, seed: int = 0, min_frac: float = 0.25,
                        interpolation: str = "bicubic", names: Sequence[str] | None = None) -> torch.Tensor:
     """``n`` random square crops (side min_frac..1 of the short side) of the built-in photos -> [n,3,size,size]."""
-    from beit.data.samples import load_photos
+    from beit.data.sample_sets import load_photos
 
     photos = load_photos()
     keys = sorted(photos) if names is None else list(names)

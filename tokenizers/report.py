@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from beit.config import field, parse_config
-from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
+from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
 from beit.tokenizers import TOKENIZER_KINDS, VisualTokenizer, load_tokenizer
 from beit.tokenizers.images import ShardReadStats, shard_image_batches
 from beit.tokenizers.metrics import measure

@@ -1,6 +1,6 @@
 """Augmented tokenizer-view batches for tokenizer training, via the data helper's stream loader.
 
-``build_view_loader`` wraps ``beit.data.stream.build_stream_loader`` (rank/worker split, robust
+``build_view_loader`` wraps ``beit.data.loading.stream.build_stream_loader`` (rank/worker split, robust
 decoding with counted bad samples, exact mid-epoch resume through ``state_dict``) with a
 ``map_fn`` that cuts one random square crop per image, seeded by the sample's ``__seed__``.
 """
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from beit.data.transforms import INTERPOLATIONS, pil_to_tensor
+from beit.data.pipelines.transforms import INTERPOLATIONS, pil_to_tensor
 
 
 @dataclass
@@ -47,7 +47,7 @@ class CropMapFn:
 def build_view_loader(shards, spec: CropSpec, batch_size: int, *, seed: int = 0, rank: int = 0,
                       world_size: int = 1, num_workers: int = 2, max_bad_fraction: float = 0.01):
     """A StreamLoader of {"images": [B,3,S,S] in [0,1]} batches (one epoch per iteration)."""
-    from beit.data.stream import build_stream_loader
+    from beit.data.loading.stream import build_stream_loader
 
     return build_stream_loader(shards, map_fn=CropMapFn(spec), batch_size=batch_size, num_workers=num_workers,
                                rank=rank, world_size=world_size, seed=seed, max_bad_fraction=max_bad_fraction,

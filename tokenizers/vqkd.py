@@ -150,7 +150,7 @@ def convert_official_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.
 
 def read_state_dict(path: Path, trust_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(state dict, options recorded beside it): a training checkpoint's ``args`` give ``process_type``."""
-    from beit.runtime.safe_pickle import load_torch_file
+    from beit.checkpoints.safe_pickle import load_torch_file
     obj = load_torch_file(path, trust_pickle=trust_pickle)
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of tensors, got {type(obj).__name__}")

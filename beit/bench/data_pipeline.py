@@ -21,11 +21,11 @@ from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from beit.bench.timing import rnd
-from beit.data.decode import open_image
-from beit.data.samples import load_photos
-from beit.data.shard_writer import Item, WriteOptions, write_shards
-from beit.data.stream import build_stream_loader
-from beit.data.transforms import TwoViewTransform, encoder_input, tokenizer_input
+from beit.data.loading.decode import open_image
+from beit.data.sample_sets import load_photos
+from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
+from beit.data.loading.stream import build_stream_loader
+from beit.data.pipelines.transforms import TwoViewTransform, encoder_input, tokenizer_input
 
 
 def make_jpegs(n: int, folder: Path, size: tuple[int, int] = (500, 375), quality: int = 90) -> list[Item]:

@@ -35,8 +35,8 @@ def _tokenizers(tmp: Path, smoke: bool, input_size: int) -> dict[str, str]:
 def subset_shards(shards: str, out_dir: Path, n: int, parts: int) -> int:
     """Copy the first ``n`` samples of ``shards`` into ``parts`` tars (round robin), so that each of
     ``parts`` loader workers has a shard of its own."""
-    from beit.data.shard_format import add_member, iter_tar_samples
-    from beit.data.shardspec import expand_shards
+    from beit.data.storage.shard_format import add_member, iter_tar_samples
+    from beit.data.storage.shardspec import expand_shards
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tars = [tarfile.open(out_dir / f"bench-{i:06d}.tar", "w") for i in range(parts)]
@@ -83,9 +83,9 @@ def _run(cfg_kw: dict) -> dict:
 def run(*, kinds=("kmeans", "dalle", "dvae", "vqkd", "token_cache"), model_size: str = "tiny",
         image_size: int = 224, batch_size: int = 8, steps: int = 6, num_workers: int = 2,
         smoke: bool = False, compile: bool = False) -> dict:
-    from beit.data.samples import build_sample_shards
+    from beit.data.sample_sets import build_sample_shards
     from beit.tokenizers import load_tokenizer
-    from beit.tokenizers.cache import write_token_cache
+    from beit.tokenizers.token_cache import write_token_cache
     grid = image_size // 16
     tok_size = grid * 8  # kmeans/dalle/dvae downsample 8x; vqkd (16 px patches) gets image_size
     out = {"model": f"beit_{model_size} {image_size}px", "batch": batch_size, "steps": steps,

@@ -1,7 +1,7 @@
 """Batch-1 CPU latency of the exported ONNX model (onnxruntime) beside the PyTorch teacher it was distilled from.
 
 The student (default: a fresh timm ``mobilevit_xxs``; or your ``beit distill`` export) is exported with
-``beit.export_onnx.export_onnx`` exactly as ``beit export-onnx`` does, and checked against PyTorch on the
+``beit.export.onnx_export.export_onnx`` exactly as ``beit export-onnx`` does, and checked against PyTorch on the
 timed input; the teacher (default: a fresh BEiT classifier of ``teacher_size``; or your fine-tuned
 export) runs in PyTorch, as it would without the device export. Latency does not depend on the weights,
 so fresh models measure the architectures; pass the exports to measure yours. Every runtime runs batch 1
@@ -33,8 +33,8 @@ def _fresh(teacher_size: str, student: str, image_size: int, num_classes: int):
 
 
 def _exports(teacher_path: str, student_path: str):
-    from beit.export import load_exported
-    from beit.runtime.checkpointing import load_weights
+    from beit.export.timm_export import load_exported
+    from beit.checkpoints.checkpointing import load_weights
     _, config = load_weights(student_path)
     if config is None or "input_size" not in config:
         raise ValueError(f"--onnx_student {student_path}: not a fine-tuned classifier export (its .json is missing)")
@@ -46,7 +46,7 @@ def _exports(teacher_path: str, student_path: str):
 
 def run(*, teacher_path: str = "", student_path: str = "", teacher_size: str = "base", student: str = "mobilevit_xxs",
         image_size: int = 224, num_classes: int = 1000, rounds: int = 5, reps: int = 10) -> dict:
-    from beit.export_onnx import export_onnx, onnx_session
+    from beit.export.onnx_export import export_onnx, onnx_session
     if bool(teacher_path) != bool(student_path):
         raise ValueError("pass both --onnx_teacher and --onnx_student (fine-tuned exports), or neither (fresh models)")
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ import torch
 def load_encoder(weights: str):
     """The pretrained ``BeitPretrainModel`` saved by ``beit pretrain`` (weights + the JSON beside them)."""
     from beit.modeling.mim import BeitPretrainModel
-    from beit.runtime.checkpointing import load_weights
+    from beit.checkpoints.checkpointing import load_weights
     state, meta = load_weights(weights)
     if not meta or "model" not in meta:
         raise ValueError(f"{weights}: no model config beside the weights (expected {Path(weights).with_suffix('.json')})")

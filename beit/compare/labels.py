@@ -10,10 +10,10 @@ import numpy as np
 def read_labelled(spec: str, what: str) -> list[dict]:
     """``{"key", "data", "ext", "label"}`` of every sample of the shards ``spec``, in shard order.
     Samples without an image or label are an error naming the shard (a comparison needs every label)."""
-    from beit.data.decode import BadSample
-    from beit.data.shard_format import iter_tar_samples
-    from beit.data.shardspec import expand_shards
-    from beit.data.stream import image_member
+    from beit.data.loading.decode import BadSample
+    from beit.data.storage.shard_format import iter_tar_samples
+    from beit.data.storage.shardspec import expand_shards
+    from beit.data.loading.stream import image_member
 
     try:
         shards = expand_shards(spec)
@@ -39,7 +39,7 @@ def read_labelled(spec: str, what: str) -> list[dict]:
 
 def label_map_of(spec: str) -> dict[str, int]:
     """The label_map of the manifest beside the shards, else ``{"0": 0, ...}`` from nothing (filled by the caller)."""
-    from beit.data.shardspec import expand_shards
+    from beit.data.storage.shardspec import expand_shards
     manifest = Path(expand_shards(spec)[0]).parent / "manifest.json"
     if manifest.is_file():
         return json.loads(manifest.read_text()).get("label_map") or {}
@@ -63,7 +63,7 @@ def stratified_subset(samples: list[dict], fraction: float, seed: int) -> tuple[
 def write_labelled(samples: list[dict], out_dir: Path, prefix: str, label_map: dict[str, int], source: str,
                    seed: int) -> str:
     """Write ``samples`` as ``out_dir/<prefix>-*.tar`` (seeded order) and return the shard pattern."""
-    from beit.data.shard_writer import Item, WriteOptions, write_shards
+    from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
     items = [Item(key=s["key"], image=s["data"], ext=s["ext"], label=s["label"]) for s in samples]
     names = label_map or {str(c): c for c in sorted({s["label"] for s in samples})}
     write_shards(items, out_dir, prefix=prefix, opts=WriteOptions(max_samples=1000, shuffle_seed=seed),

@@ -38,14 +38,6 @@ def _digest(samples: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def _shards_digest(spec: str) -> str:
-    from beit.data.shardspec import expand_shards
-    h = hashlib.sha256()
-    for p in expand_shards(spec):
-        h.update(f"{p}:{os.path.getsize(p)}".encode())
-    return h.hexdigest()[:16]
-
-
 def fit_scratch(cfg: CompareConfig, sdir: Path, seed: int, train: str, test: str, subset: list[dict],
                 label_map: dict, base: dict, same_recipe: dict | None, target_loss: float | None) -> dict:
     """The scratch model with its own fine-tune length, chosen among ``scratch_epoch_factors`` on the
@@ -91,7 +83,7 @@ def run_seed(cfg: CompareConfig, seed: int, train: list[dict], test_pat: str, te
     from beit.compare import stages
     from beit.compare.baselines import feature_baselines, logistic_regression, pixels_of
     from beit.compare.labels import stratified_subset, write_labelled
-    from beit.data.shardspec import expand_shards
+    from beit.data.storage.shardspec import expand_shards
     from beit.engines.knn import load_views
 
     m = set(cfg.methods)
@@ -174,7 +166,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     from beit.compare.labels import check_disjoint, label_map_of, read_labelled
     from beit.compare.recipe_devices import STUDENT
     from beit.compare.report import code_version, markdown, method_names, verdict, write_results, NAMES
-    from beit.data.shardspec import expand_shards
+    from beit.data.storage.shardspec import expand_shards
     from beit.engines.knn import load_views
 
     cfg.validate()

@@ -39,20 +39,20 @@ def _fresh_accelerate() -> None:
 
 
 def fit_tokenizer(shards: str, out: Path, seed: int, model: dict, overrides: dict) -> dict:
-    """Fit the k-means visual-word tokenizer on the unlabelled shards (``beit tokenizer train kmeans``);
+    """Fit the k-means visual-word tokenizer on the unlabelled shards (as ``beit tokenizer train kmeans``);
     returns its path and token statistics on up to 512 of those images."""
     from beit.compare import recipe
-    from beit.tokenizers.train import main as train_tokenizer
+    from beit.config import from_dict
+    from beit.tokenizers.fitting import KMeansTrainConfig, train_kmeans
 
     def run() -> dict:
         path = out / "kmeans"
         grid = model["image_size"] // model["patch_size"]
-        args = {**recipe.TOKENIZER, **overrides}
-        rc = train_tokenizer(["kmeans", "--shards", shards, "--out", str(path), "--patch_size", str(model["patch_size"]),
-                              "--input_size", str(model["image_size"]), "--model_grid", str(grid), "--seed", str(seed)]
-                             + [a for k, v in args.items() for a in (f"--{k}", str(v))])
-        if rc:
-            raise RuntimeError(f"tokenizer training failed with exit code {rc} (see above)")
+        cfg = from_dict(KMeansTrainConfig, {"shards": shards, "out": str(path), "patch_size": model["patch_size"],
+                                            "input_size": model["image_size"], "model_grid": grid, "seed": seed,
+                                            **recipe.TOKENIZER, **overrides}, source="--tokenizer_fit")
+        cfg.validate()
+        train_kmeans(cfg)
         return {"path": str(path), **token_stats("kmeans", str(path), shards, model["image_size"])}
     return cached_stage(out, {"shards": shards, "seed": seed, "model": model, "overrides": overrides}, run)
 

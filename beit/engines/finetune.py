@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from beit.data.heldout import good_rows
+from beit.data.loading.heldout import good_rows
 from beit.runtime.data_wait import DataWait
 
 

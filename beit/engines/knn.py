@@ -12,7 +12,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from beit.data.transforms import TwoViewTransform, encoder_input
+from beit.data.pipelines.transforms import TwoViewTransform, encoder_input
 
 
 class CentreView:
@@ -36,7 +36,7 @@ def load_views(shards: list[str], image_size: int, accelerator=None, batch_size:
     ``shards`` (all of them without an accelerator); undecodable ones are left out."""
     from torch.utils.data import DataLoader
 
-    from beit.data.heldout import HeldOutStream, good_rows
+    from beit.data.loading.heldout import HeldOutStream, good_rows
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
     stream = HeldOutStream(list(shards), CentreView(image_size), rank=rank, world_size=world)
     images, labels = [], []

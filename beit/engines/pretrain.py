@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from beit.data.heldout import good_rows
-from beit.data.transforms import encoder_input, tokenizer_input
+from beit.data.loading.heldout import good_rows
+from beit.data.pipelines.transforms import encoder_input, tokenizer_input
 from beit.runtime.data_wait import DataWait
+from beit.runtime.faults import RunFault
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(RunFault):
     """Raised after too many consecutive optimizer steps with a non-finite loss."""
 
 

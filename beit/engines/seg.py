@@ -6,8 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from beit.data.heldout import good_rows
-from beit.seg_data import IGNORE
+from beit.data.loading.heldout import good_rows
+from beit.data.pipelines.segmentation import IGNORE
 
 
 def window_starts(length: int, crop: int, stride: int) -> list[int]:

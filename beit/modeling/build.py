@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 from beit.options.finetune import POSITIONS, FinetuneConfig
-from beit.runtime.swin_loading import swin_pretrain_config
+from beit.checkpoints.swin_loading import swin_pretrain_config
 
 
 def _read_init(cfg: FinetuneConfig):
-    from beit.runtime.checkpoint_loading import read_checkpoint
+    from beit.checkpoints.loading import read_checkpoint
     if not cfg.init:
         return None
     return read_checkpoint(cfg.init, key=cfg.init_key or None, trust_pickle=cfg.trust_pickle)
@@ -15,7 +15,7 @@ def _read_init(cfg: FinetuneConfig):
 def beit_arch(cfg: FinetuneConfig, ckpt, log=print) -> dict:
     """Size and layout of the BEiT encoder: explicit flags, else what ``--init``'s tensors (and the config
     beside them) say, else ``--model_size`` / the BEiT defaults. Never guesses a head count for a checkpoint."""
-    from beit.runtime.checkpoint_loading import infer_beit_dims, infer_beit_layout
+    from beit.checkpoints.loading import infer_beit_dims, infer_beit_layout
     if ckpt is None:
         position = cfg.position or "relative"
         dims = cfg.beit_dims(None)
@@ -44,7 +44,7 @@ def beit_arch(cfg: FinetuneConfig, ckpt, log=print) -> dict:
 
 def build_model(cfg: FinetuneConfig, num_classes: int, log=print):
     """The model to train (BEiT classifier or segmenter, timm baseline, or linear probe) with its initial weights."""
-    from beit.runtime.checkpoint_loading import load_beit_weights
+    from beit.checkpoints.loading import load_beit_weights
     from beit.modeling.classifier import LinearProbe, build_beit_classifier, build_timm_model
     if cfg.task == "segmentation":
         return build_seg_model(cfg, num_classes, log)
@@ -69,7 +69,7 @@ def build_model(cfg: FinetuneConfig, num_classes: int, log=print):
 def build_seg_model(cfg: FinetuneConfig, num_classes: int, log=print):
     """BEiT encoder + pyramid + UperNet/aux heads; --init's weights go into the encoder (rel-pos tables
     and patch embedding resized to --image_size / --patch_size as for classification)."""
-    from beit.runtime.checkpoint_loading import load_beit_weights
+    from beit.checkpoints.loading import load_beit_weights
     from beit.modeling.segmenter import BeitSegmenter
     if cfg.model != "beit":
         return build_swin_seg_model(cfg, num_classes, log)
@@ -87,7 +87,7 @@ def build_swin_seg_model(cfg: FinetuneConfig, num_classes: int, log=print):
     pretraining its sizes come from that run's pretrained.json (``--model_kwargs`` override them) and every
     encoder tensor is loaded; a plain timm Swin state dict loads the same way."""
     from beit.modeling.swin_segmenter import SwinSegmenter
-    from beit.runtime.swin_loading import load_swin_encoder, swin_timm_kwargs
+    from beit.checkpoints.swin_loading import load_swin_encoder, swin_timm_kwargs
     pre = swin_pretrain_config(cfg.init) if cfg.init else None
     if pre is not None and cfg.model != pre["arch"]:
         raise ValueError(f"--init {cfg.init} is a BEiT pretraining of {pre['arch']}, but --model is {cfg.model}; "
@@ -105,7 +105,7 @@ def build_swin_from_pretraining(cfg: FinetuneConfig, num_classes: int, pre: dict
     """A timm Swin classifier with the architecture of a Swin BEiT pretraining run (its pretrained.json;
     ``--model_kwargs`` override it) and that run's encoder weights, every encoder key filled."""
     from beit.modeling.classifier import build_timm_model
-    from beit.runtime.swin_loading import load_swin_encoder, swin_timm_kwargs
+    from beit.checkpoints.swin_loading import load_swin_encoder, swin_timm_kwargs
     if cfg.model != pre["arch"]:
         raise ValueError(f"--init {cfg.init} is a BEiT pretraining of {pre['arch']}, but --model is {cfg.model}; "
                          f"pass --model {pre['arch']}")

@@ -176,7 +176,7 @@ SWIN_SEG = "beit.modeling.swin_segmenter.SwinSegmenter"
 
 def export_seg_model(model: nn.Module, path, cfg, metrics: dict | None = None):
     """The fine-tuned segmenter (BEiT or Swin) as safetensors + JSON (``load_seg_model`` rebuilds it)."""
-    from beit.runtime.checkpointing import save_weights
+    from beit.checkpoints.checkpointing import save_weights
     if isinstance(model, BeitSegmenter):
         arch, kwargs = BEIT_SEG, seg_model_kwargs(model)
     else:
@@ -190,7 +190,7 @@ def export_seg_model(model: nn.Module, path, cfg, metrics: dict | None = None):
 
 def load_seg_model(path) -> nn.Module:
     """Rebuild an exported segmenter (BEiT or Swin; eval mode) from its safetensors file and JSON."""
-    from beit.runtime.checkpointing import load_weights
+    from beit.checkpoints.checkpointing import load_weights
     sd, config = load_weights(path)
     arch = (config or {}).get("architecture")
     if arch == BEIT_SEG:

@@ -180,7 +180,3 @@ def is_mim_only_key(key: str) -> bool:
     """Keys that exist only for pretraining (dropped when the encoder goes into a classifier)."""
     return key == "mask_token" or key.startswith(("lm_head.", "mim_norm.", "mim_up."))
 
-
-def is_swin_mim_state(sd: dict) -> bool:
-    """True for a state dict written by ``SwinMimModel`` (our Swin pretraining output)."""
-    return "mask_token" in sd and "patch_embed.proj.weight" in sd and any(k.startswith("layers.") for k in sd)

@@ -85,17 +85,3 @@ class RunOptions:
     log_every: int = field(20, help="log metrics every N optimizer steps")
     tensorboard: bool = field(True, help="also log to TensorBoard (output_dir/tensorboard)")
     dist_timeout_s: int = field(1800, help="seconds a collective may wait for a hung process before the job fails")
-
-
-def warmup_for(steps_per_epoch: int, total_steps: int, warmup_epochs: float, warmup_steps: int,
-               log=print) -> int:
-    """Warmup in optimizer steps: ``warmup_steps`` (>= 0) or ``warmup_epochs`` x steps per epoch. One
-    not shorter than the run would leave the lr rising to the end: capped to a tenth of the run,
-    with the same warning in every stage."""
-    warmup = warmup_steps if warmup_steps >= 0 else round(warmup_epochs * steps_per_epoch)
-    if warmup >= total_steps:
-        capped = total_steps // 10
-        log(f"warning: the warmup ({warmup} optimizer steps) is not shorter than the run ({total_steps} steps): the lr "
-            f"would never decay; warmup capped to {capped} steps (set --warmup_steps or --warmup_epochs lower)")
-        return capped
-    return warmup

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from beit.config import check_finite_numbers, check_lr, field
-from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
+from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
 from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions
 
 POSITIONS = ("relative", "absolute", "both", "none")
@@ -187,10 +187,3 @@ RESUME_KEYS = ("model", "model_kwargs", "model_size", "embed_dim", "depth", "num
                "image_size", "num_classes", "linear_probe", "probe_block", "init", "epochs", "teacher", "unlabelled_shards",
                "unlabelled_batch_size", "distill_temperature", "distill_alpha")
 
-
-def _img_size(self) -> int:
-    """The old name of ``image_size`` (read-only)."""
-    return self.image_size
-
-
-FinetuneConfig.img_size = property(_img_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from beit.config import check_finite_numbers, check_lr, field
-from beit.runtime.safe_pickle import TRUST_PICKLE_HELP
+from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
 from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions
 
 # Fields that define the model and its targets: a resumed run must not change them. (The tokenizer's

@@ -19,14 +19,14 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from beit.runtime.run_faults import RunFault
+from beit.runtime.faults import RunFault, SetupError
 
 LOCK_NAME = ".run.lock"
 PR_SET_PDEATHSIG = 1
 _LAUNCHER_ENV = ("TORCHELASTIC_RUN_ID", "ACCELERATE_DYNAMO_BACKEND")  # set by torchrun / accelerate launch
 
 
-class OutputDirError(ValueError):
+class OutputDirError(SetupError):
     """output_dir cannot be used (a file, read-only, not creatable): bad input, a message."""
 
 

@@ -56,16 +56,3 @@ def refuse_under_fsdp(distributed_type, what: str, instead: str) -> None:
         raise ValueError(f"{what} runs the unwrapped model, which under FSDP holds only this rank's shard of "
                          f"the weights; {instead} (see docs/scaling.md, 'FSDP and DeepSpeed notes')")
 
-
-def resolve_mixed_precision(choice: str) -> str | None:
-    """``auto``: the launcher's fp16/bf16 if ``accelerate launch`` set one (its default is "no", which
-    is not taken as a choice), else bf16 on GPUs that support it, fp16 on other GPUs, no on CPU."""
-    import torch
-
-    if choice != "auto":
-        return choice
-    if os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower() not in ("", "no"):
-        return None
-    if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "no"

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 import torch
 from torch.utils.data import DataLoader
 
-from beit.data.heldout import HeldOutStream, good_rows
-from beit.data.shardspec import expand_shards
+from beit.data.loading.heldout import HeldOutStream, good_rows
+from beit.data.storage.shardspec import expand_shards
 
 ONE_PROCESS = SimpleNamespace(process_index=0, num_processes=1)  # what the held-out loaders read of an Accelerator
 
@@ -51,7 +51,7 @@ def pretrain_samples(cfg, tokenizer, n: int, val_shards=None) -> dict:
 
 def classification_batches(cfg, limit: int, val_shards=None, batch_size: int = 64):
     """Batches {"image" normalised, "label"} of up to ``limit`` held-out images (the run's eval transform)."""
-    from beit.finetune_data import LabelledMap, build_transforms
+    from beit.data.pipelines.labelled import LabelledMap, build_transforms
 
     stream = HeldOutStream(_shards(val_shards or cfg.val_shards, "val_shards"),
                            LabelledMap(build_transforms(cfg, False), cfg.num_classes), seed=cfg.seed)
@@ -60,7 +60,7 @@ def classification_batches(cfg, limit: int, val_shards=None, batch_size: int = 6
 
 def segmentation_samples(cfg, n: int, val_shards=None) -> list[dict]:
     """Up to ``n`` held-out {"image" normalised [3,H,W], "label" [H',W']} pairs (sizes vary per image)."""
-    from beit.seg_data import SegEvalMap
+    from beit.data.pipelines.segmentation import SegEvalMap
 
     stream = HeldOutStream(_shards(val_shards or cfg.val_shards, "val_shards"),
                            SegEvalMap(cfg.num_classes, cfg.image_size, reduce_zero_label=cfg.reduce_zero_label,

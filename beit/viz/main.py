@@ -44,7 +44,7 @@ def _attention_section(model, forward, images_hwc, grid_hw, cfg, out: Path, dept
 
 
 def pretrain_sections(run: RunFolder, model, cfg, out: Path, device) -> tuple[list[Section], dict]:
-    from beit.data.transforms import encoder_input, tokenizer_input
+    from beit.data.pipelines.transforms import encoder_input, tokenizer_input
     from beit.tokenizers import load_tokenizer
     from beit.viz.figures import hwc
     from beit.viz.heldout_samples import pretrain_samples

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from beit.runtime.checkpointing import checkpoint_path, list_complete
+from beit.checkpoints.checkpointing import checkpoint_path, list_complete
 
 FINAL_WEIGHTS = {"pretrain": "pretrained.safetensors", "finetune": "model.safetensors"}
 SUMMARY_FILES = {"pretrain": "final_metrics.json", "finetune": "final.json"}
@@ -113,7 +113,7 @@ def class_names(run: RunFolder) -> list[str]:
     names = run.summary.get("class_names")
     if not names:
         try:
-            from beit.finetune_data import class_names_of, manifest_label_map
+            from beit.data.pipelines.labelled import class_names_of, manifest_label_map
             label_map, _ = manifest_label_map(run.cfg.train_shards)
             names = class_names_of(label_map) if label_map else None
         except (ValueError, FileNotFoundError):

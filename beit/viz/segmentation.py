@@ -7,7 +7,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from beit.seg_data import IGNORE
+from beit.data.pipelines.segmentation import IGNORE
 from beit.viz.figures import CELL_IN, cell, class_palette, grid, plt, save
 
 LEGEND_ROWS_IN = 0.25

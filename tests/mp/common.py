@@ -28,8 +28,8 @@ BAD_KEYS = ("bad_bytes_0", "bad_bytes_1")
 @functools.lru_cache(maxsize=None)
 def assets() -> dict[str, str]:
     """Photo shards (+ one shard with 2 undecodable samples), digit shards, a fitted k-means tokenizer."""
-    from beit.data.samples import build_sample_shards
-    from beit.data.shard_format import add_member, iter_tar_samples
+    from beit.data.sample_sets import build_sample_shards
+    from beit.data.storage.shard_format import add_member, iter_tar_samples
     from beit.tokenizers.images import shard_image_batches
     from beit.tokenizers.kmeans import KMeansTokenizer
 

@@ -1,0 +1,101 @@
+"""``beit export`` and ``beit export-onnx``: a fine-tuned run's weights for timm / transformers / ONNX.
+
+    beit export --run_dir runs/ft --out exported/model.safetensors [--ema]     # timm: + model.json
+    beit export --run_dir runs/ft --out exported/hf_model --format hf           # a transformers folder
+    python -m beit.export ...                                                   # the same as beit export
+    beit export-onnx --model runs/ft/model.safetensors --out exported/model.onnx \
+        [--val_shards 'digits/test-*.tar'] [--batch_size 1]
+
+``beit export`` rebuilds the run's model from its config.yaml and loads its newest complete checkpoint
+(its EMA weights with ``--ema``). ``beit export-onnx`` converts an export and checks it at once:
+onnxruntime and PyTorch run the same inputs and their logits must agree.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
+from beit.config import field, parse_config
+
+
+@dataclass
+class ExportConfig:
+    run_dir: str = field("", help="a beit finetune --output_dir")
+    out: str = field("", help="output .safetensors path (a .json is written beside it); a folder for --format hf")
+    ema: bool = field(False, help="export the EMA weights of the newest checkpoint")
+    format: Literal["timm", "hf"] = field("timm", help="timm: OUT.safetensors + OUT.json (timm pretrained_cfg); hf: "
+                                                       "a transformers folder at OUT")
+    trust_pickle: bool = field(False, help=TRUST_PICKLE_HELP)
+
+    def validate(self) -> None:
+        if not self.run_dir or not self.out:
+            raise ValueError("--run_dir and --out are required")
+
+
+@dataclass
+class OnnxExportConfig:
+    model: str = field("", help="a fine-tuned model.safetensors (with its .json) from beit finetune / export")
+    out: str = field("", help="output .onnx path (the .preprocess.json goes beside it)")
+    val_shards: str = field("", help="held-out shards to check top-1 agreement on (default: random inputs)")
+    batch_size: int = field(16, help="batch size of the check")
+    opset: int = field(18, help="ONNX opset")
+    atol: float = field(1e-3, help="largest logit difference accepted in the check")
+
+    def validate(self) -> None:
+        if not self.model or not self.out:
+            raise ValueError("--model and --out are required")
+
+
+def export_main(argv: list[str] | None = None) -> Path:
+    """``beit export``: the newest complete checkpoint of a fine-tune run, as timm or transformers weights."""
+    from beit.export.timm_export import export_model, model_of_run
+
+    cfg = parse_config(ExportConfig, argv, description=__doc__)
+    model, run_cfg, ckpt = model_of_run(cfg.run_dir, ema=cfg.ema, trust_pickle=cfg.trust_pickle)
+    final = Path(cfg.run_dir) / "final.json"
+    metrics = json.loads(final.read_text()) if final.is_file() else None
+    names = (metrics or {}).get("class_names")
+    if cfg.format == "hf":
+        from beit.export.hf_export import export_hf
+        try:
+            out = export_hf(model, cfg.out, run_cfg, class_names=names)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+        print(f"exported {ckpt} -> {out}/ (transformers BeitForImageClassification.from_pretrained)")
+        return out
+    out = export_model(model, cfg.out, run_cfg, class_names=names, metrics=metrics)
+    print(f"exported {ckpt} -> {out} (+ {out.with_suffix('.json')})")
+    return out
+
+
+def onnx_main(argv: list[str] | None = None) -> dict:
+    """``beit export-onnx``: an exported classifier as ONNX + its preprocessing, checked with onnxruntime."""
+    from beit.checkpoints.checkpointing import load_weights
+    from beit.export.onnx_export import check_onnx, export_onnx
+    from beit.export.timm_export import load_exported
+
+    cfg = parse_config(OnnxExportConfig, argv, description=__doc__)
+    if not Path(cfg.model).is_file():
+        raise FileNotFoundError(f"--model {cfg.model} does not exist (a fine-tune run writes "
+                                "<output_dir>/model.safetensors)")
+    _, config = load_weights(cfg.model)
+    if config is None or "input_size" not in config:
+        raise FileNotFoundError(f"{Path(cfg.model).with_suffix('.json')} (the export's config) is missing")
+    if config.get("linear_probe_block"):
+        raise ValueError("a linear probe reads an intermediate block of a frozen encoder; export a fine-tuned "
+                         "classifier")
+    model = load_exported(cfg.model)
+    onnx_path, spec_path = export_onnx(model, config, cfg.out, opset=cfg.opset)
+    check = check_onnx(model, onnx_path, spec_path, cfg.val_shards, cfg.batch_size)
+    latency = check["batch1_latency_ms"]
+    print(f"exported {cfg.model} -> {onnx_path} (+ {spec_path.name}); onnxruntime vs PyTorch on {check['images']} "
+          f"{'held-out' if cfg.val_shards else 'random'} inputs: same top-1 {check['same_top1']}/{check['images']}, "
+          f"max |logit diff| {check['max_abs_logit_diff']:.2e}; batch-1 CPU latency {latency['onnxruntime']:.2f} ms "
+          f"(onnxruntime) vs {latency['pytorch']:.2f} ms (PyTorch)")
+    if check["same_top1"] != check["images"] or check["max_abs_logit_diff"] > cfg.atol:
+        raise ValueError(f"the ONNX model disagrees with PyTorch (max |logit diff| {check['max_abs_logit_diff']:.3g} "
+                         f"> --atol {cfg.atol} or a different top-1); try another --opset")
+    return {k: v for k, v in check.items() if not k.endswith("_top1")}

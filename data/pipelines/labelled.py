@@ -1,0 +1,135 @@
+"""Labelled WebDataset shards for fine-tuning: timm transforms, label parsing, the two loaders."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+
+def check_shards(cfg) -> None:
+    """Expand both shard specs now so a typo fails at start-up with the data layer's message."""
+    from beit.data.storage.shardspec import expand_shards
+    names = ("train_shards", "val_shards") + (("unlabelled_shards",) if getattr(cfg, "task", "") == "distill" else ())
+    if "unlabelled_shards" in names and not cfg.unlabelled_shards:
+        raise ValueError("--task distill needs --unlabelled_shards (e.g. the pretraining shards)")
+    for name in names:
+        if name == "val_shards" and not cfg.val_shards:
+            continue  # no held-out data: no evaluation
+        try:
+            expand_shards(getattr(cfg, name))
+        except ValueError as e:
+            raise ValueError(f"--{name}: {e}") from None
+
+
+def manifest_label_map(spec: str) -> tuple[dict[str, int] | None, Path | None]:
+    """(label_map or None, manifest path or None) of the manifest beside the first shard of ``spec``."""
+    from beit.data.storage.shardspec import expand_shards
+    shards = expand_shards(spec)
+    manifest = Path(shards[0]).parent / "manifest.json" if shards else None
+    if manifest is None or not manifest.is_file():
+        return None, None
+    return json.loads(manifest.read_text()).get("label_map") or None, manifest
+
+
+def class_names_of(label_map: dict[str, int]) -> list[str]:
+    """Class names in label order (a gap in the labels gets the label's number as its name)."""
+    by_label = {v: k for k, v in label_map.items()}
+    return [by_label.get(i, str(i)) for i in range(max(label_map.values()) + 1)]
+
+
+def resolve_classes(train_spec: str, val_spec: str, num_classes: int) -> tuple[int, list[str] | None]:
+    """(number of classes, class names) from the training shards' manifest label map.
+
+    ``num_classes`` 0 means "from the data"; a non-zero value that disagrees with the label map is
+    refused with both numbers, as are held-out shards written with another label map. Without a
+    label map (e.g. ADE20K, or hand-made tars) ``num_classes`` must be given."""
+    label_map, manifest = manifest_label_map(train_spec)
+    if label_map is None:
+        if num_classes:
+            return num_classes, None
+        where = f"{manifest} has no label_map (unlabelled shards?)" if manifest else \
+            f"there is no manifest.json beside the training shards {train_spec!r}"
+        raise ValueError(f"the number of classes is not known: {where}; write the shards with `beit shards write "
+                         "--layout imagenet` (class folders) or pass --num_classes")
+    names = class_names_of(label_map)
+    if num_classes and num_classes != len(names):
+        raise ValueError(f"--num_classes {num_classes} (flag or recipe) disagrees with the {len(names)} classes in "
+                         f"{manifest} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); set "
+                         f"--num_classes 0 (from the data) or {len(names)}")
+    if val_spec:
+        val_map, val_manifest = manifest_label_map(val_spec)
+        if val_map is not None and val_map != label_map:
+            raise ValueError(f"the held-out shards' label map ({val_manifest}, {len(val_map)} classes) differs from "
+                             f"the training shards' ({manifest}, {len(label_map)} classes): write the held-out split "
+                             f"with --label_map {manifest.parent / 'class_index.json'} (or with --val_fraction)")
+    return len(names), names
+
+
+def build_transforms(cfg, is_training: bool):
+    """timm's classification transform: RandAugment + random erasing for training, resize + centre crop
+    for evaluation."""
+    from timm.data import create_transform
+    if is_training:
+        return create_transform(
+            cfg.image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
+            color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment or None, interpolation=cfg.interpolation,
+            re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=tuple(cfg.mean), std=tuple(cfg.std))
+    return create_transform(cfg.image_size, is_training=False, interpolation=cfg.interpolation,
+                            crop_pct=cfg.crop_pct, mean=tuple(cfg.mean), std=tuple(cfg.std))
+
+
+def parse_label(sample: dict, num_classes: int) -> int:
+    """The integer label stored as ASCII text under ``cls``; a missing, unreadable or out-of-range label
+    is a bad sample (counted by reason and shard, like an undecodable image)."""
+    from beit.data.loading.decode import BadSample
+    raw = sample.get("cls")
+    if raw is None:
+        raise BadSample("no_label", f"no 'cls' member in {sample.get('__shard__', '?')}; fine-tuning needs labels")
+    try:
+        label = int((raw.decode("ascii") if isinstance(raw, (bytes, bytearray)) else str(raw)).strip())
+    except (UnicodeDecodeError, ValueError):
+        raise BadSample("bad_label", f"cls={bytes(raw)[:20] if isinstance(raw, (bytes, bytearray)) else raw!r}") from None
+    if not 0 <= label < num_classes:
+        raise BadSample("bad_label", f"label {label} outside 0..{num_classes - 1}")
+    return label
+
+
+class LabelledMap:
+    """``map_fn`` for ``build_stream_loader``: (PIL image, sample) -> {"image", "label"}. Picklable.
+    (The loader seeds python/numpy/torch per sample, so the augmentation is reproducible.)"""
+
+    def __init__(self, transform, num_classes: int):
+        self.transform, self.num_classes = transform, num_classes
+
+    def __call__(self, image, sample: dict) -> dict:
+        return {"image": self.transform(image), "label": parse_label(sample, self.num_classes)}
+
+
+def build_loaders(cfg, accelerator, num_classes: int):
+    """(train loader, held-out loader or None without --val_shards). The train stream is shuffled and reshuffled per epoch; the
+    held-out loader reads every sample once, in order, with a partial last batch (batch size 1 for
+    segmentation, whose held-out images keep their own aspect ratio)."""
+    from beit.data.loading.global_order import build_loader_for_order
+    from beit.data.loading.heldout import heldout_loader
+    from beit.data.storage.shardspec import expand_shards
+    if getattr(cfg, "task", "classification") == "segmentation":
+        from beit.data.pipelines.segmentation import SegEvalMap, SegTrainMap
+        norm = dict(reduce_zero_label=cfg.reduce_zero_label, mean=tuple(cfg.mean), std=tuple(cfg.std))
+        train_map = SegTrainMap(num_classes, cfg.image_size, scale=(cfg.seg_scale_min, cfg.seg_scale_max),
+                                cat_max_ratio=cfg.seg_cat_max_ratio, hflip=cfg.hflip, **norm)
+        val_map, val_batch = SegEvalMap(num_classes, cfg.image_size, **norm), 1
+    else:
+        train_map = LabelledMap(build_transforms(cfg, True), num_classes)
+        val_map, val_batch = LabelledMap(build_transforms(cfg, False), num_classes), cfg.batch_size
+    train = build_loader_for_order(getattr(cfg, "data_order", "shards"), expand_shards(cfg.train_shards),
+                                   map_fn=train_map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                   rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                   seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction,
+                                   batches_per_epoch=cfg.batches_per_epoch or None,
+                                   small_image_size=cfg.image_size,  # counted as data/upscaled
+                                   resampled=cfg.resampled, batch_multiple=cfg.grad_accum_steps,
+                                   pin_memory=accelerator.device.type == "cuda")
+    val = heldout_loader(expand_shards(cfg.val_shards), val_map, accelerator, batch_size=val_batch,
+                         num_workers=cfg.num_workers, seed=cfg.seed) if cfg.val_shards else None
+    return train, val

@@ -1,0 +1,267 @@
+"""Fit a tokenizer on shards: the k-means visual words and the small discrete VAE (``beit tokenizer train``,
+beit.tokenizers.train, parses the options and calls these).
+
+Both write ``<name>.safetensors`` + ``<name>.json`` for ``load_tokenizer(kind, path)``. The dVAE run
+checkpoints atomically every ``checkpoint_every`` steps and resumes from the latest complete
+checkpoint when the same command is run again. ``--model_grid`` (the BEiT image_size / patch_size)
+makes sure the token grid equals the model's patch grid before any compute is spent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from beit.config import field, save_config, to_dict
+from beit.tokenizers.train_data import CropSpec, build_view_loader
+
+
+def check_grid(kind: str, input_size: int, factor: int, model_grid: int, factor_name: str) -> None:
+    """The token grid (input_size / factor) must equal the BEiT patch grid when one is given."""
+    if input_size % factor:
+        raise ValueError(f"{kind}: input_size {input_size} is not a multiple of {factor_name} {factor}")
+    grid = input_size // factor
+    if model_grid and grid != model_grid:
+        raise ValueError(
+            f"{kind}: token grid {grid}x{grid} (input_size {input_size} / {factor_name} {factor}) != the model's "
+            f"patch grid {model_grid}x{model_grid}; every masked patch needs exactly one token. "
+            f"Use input_size {model_grid * factor} (tokenizer view) or change {factor_name} to {input_size // model_grid}"
+            if input_size % model_grid == 0 else
+            f"{kind}: token grid {grid}x{grid} != the model's patch grid {model_grid}x{model_grid}; use input_size "
+            f"{model_grid * factor}")
+
+
+@dataclass
+class KMeansTrainConfig:
+    shards: str = field("", help="training shards: path, brace pattern, glob or folder")
+    data: str = field("", help="a folder of images instead of --shards: written once into cached shards (see "
+                               "beit.data.storage.folder_cache) and reused while it is unchanged")
+    data_cache: str = field("", help="folder for the shards written from --data (default: $BEIT_CACHE or "
+                                     "~/.cache/beit/shards)")
+
+    out: str = field("runs/tokenizer/kmeans", help="output stem: writes OUT.safetensors + OUT.json")
+    vocab_size: int = field(1024, help="number of visual words (codes)")
+    patch_size: int = field(8, help="patch side in px of the tokenizer view (one token per patch)")
+    input_size: int = field(112, help="tokenizer view side in px (grid = input_size / patch_size)")
+    interpolation: str = field("lanczos", help="resize filter of the tokenizer view")
+    model_grid: int = field(0, help="BEiT patch grid side (image_size / patch_size) to check against; 0 = no check")
+    crop_scale_min: float = field(0.08, help="smallest random crop (area fraction), like the pretraining views")
+    epochs: int = field(3, help="mini-batch k-means passes over the shards")
+    batch_size: int = field(64, help="images per mini-batch")
+    init_patches: int = field(20000, help="patches used for k-means++ seeding")
+    color_weight: float = field(1.0, help="weight of the mean colour feature (keeps flat patches informative)")
+    contrast_weight: float = field(2.0, help="weight of the patch contrast feature")
+    contrast_floor: float = field(0.05, help="std below which a patch counts as flat")
+    whiten: bool = field(False, help="ZCA-whiten the patch shapes")
+    seed: int = field(0, help="seed (same data + seed -> same codebook)")
+    num_workers: int = field(2, help="data loader worker processes")
+    val_shards: Optional[str] = field(None, help="held-out shards: print usage/perplexity/stability after fitting")
+    max_bad_fraction: float = field(0.01, help="stop if more than this fraction of samples is undecodable")
+
+    def validate(self) -> None:
+        if not self.shards and not self.data:
+            raise ValueError("no training data: pass --data <folder of images> or --shards 'data/photos/train-*.tar'")
+        if self.shards and self.data:
+            raise ValueError("--data and --shards both name the training data: give one")
+        check_grid("kmeans", self.input_size, self.patch_size, self.model_grid, "patch_size")
+        if not 0 < self.crop_scale_min <= 1:
+            raise ValueError("crop_scale_min must be in (0, 1]")
+
+
+@dataclass
+class DVAETrainConfig:
+    shards: str = field("", help="training shards: path, brace pattern, glob or folder")
+    data: str = field("", help="a folder of images instead of --shards: written once into cached shards (see "
+                               "beit.data.storage.folder_cache) and reused while it is unchanged")
+    data_cache: str = field("", help="folder for the shards written from --data (default: $BEIT_CACHE or "
+                                     "~/.cache/beit/shards)")
+
+    output_dir: str = field("runs/dvae", help="checkpoints, metrics.jsonl, config.yaml and the final dvae.safetensors/.json")
+    vocab_size: int = field(512, help="codebook size")
+    hidden: int = field(64, help="conv channels")
+    downsample: int = field(8, help="encoder stride (power of 2): grid = input_size / downsample")
+    input_size: int = field(64, help="tokenizer view side in px")
+    interpolation: str = field("lanczos", help="resize filter of the tokenizer view")
+    model_grid: int = field(0, help="BEiT patch grid side (image_size / patch_size) to check against; 0 = no check")
+    crop_scale_min: float = field(0.08, help="smallest random crop (area fraction)")
+    batch_size: int = field(32, help="images per step per process")
+    steps: int = field(2000, help="optimizer steps")
+    lr: float = field(1e-3, help="peak learning rate (AdamW), cosine-decayed to a tenth after a warmup of 5 percent of the steps")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    tau_start: float = field(1.0, help="Gumbel-softmax temperature at step 0")
+    tau_end: float = field(1 / 16, help="temperature after anneal_steps (exponential decay)")
+    anneal_steps: int = field(1500, help="steps over which the temperature is annealed")
+    kl_weight: float = field(1.0, help="weight of KL(q || uniform) after kl_warmup_steps")
+    kl_warmup_steps: int = field(500, help="linear warm-up of the KL weight from 0")
+    usage_weight: float = field(0.1, help="weight of the codebook-usage term log K - H(batch-mean code distribution)")
+    recon_sigma: float = field(0.1, help="Gaussian likelihood scale of the reconstruction (pixels in [0,1])")
+    checkpoint_every: int = field(250, help="save an atomic, resumable checkpoint every N steps")
+    keep_last: int = field(2, help="complete checkpoints to keep")
+    log_every: int = field(50, help="metrics.jsonl / progress interval (steps)")
+    mixed_precision: str = field("no", help="no | fp16 | bf16 (GPU)")
+    num_workers: int = field(2, help="data loader worker processes per rank")
+    seed: int = field(0, help="seed")
+    val_shards: Optional[str] = field(None, help="held-out shards: usage/perplexity/stability/PSNR at the end")
+    max_bad_fraction: float = field(0.01, help="stop if more than this fraction of samples is undecodable")
+    progress: bool = field(True, help="tqdm progress bar on rank 0")
+
+    def validate(self) -> None:
+        if not self.shards and not self.data:
+            raise ValueError("no training data: pass --data <folder of images> or --shards 'data/photos/train-*.tar'")
+        if self.shards and self.data:
+            raise ValueError("--data and --shards both name the training data: give one")
+        if self.downsample < 1 or self.downsample & (self.downsample - 1):
+            raise ValueError(f"downsample must be a power of two, got {self.downsample}")
+        check_grid("dvae", self.input_size, self.downsample, self.model_grid, "downsample")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError("mixed_precision must be no, fp16 or bf16")
+        if self.tau_end <= 0 or self.tau_start <= 0:
+            raise ValueError("temperatures must be > 0")
+
+
+def _val_report(tok, val_shards: Optional[str], size: int, interpolation: str) -> Optional[dict]:
+    if not val_shards:
+        return None
+    from beit.tokenizers.images import shard_image_batches
+    from beit.tokenizers.metrics import measure
+
+    return measure(tok, shard_image_batches(val_shards, size, 64, interpolation))
+
+
+def train_kmeans(cfg: KMeansTrainConfig):
+    """Fit the k-means tokenizer on the shards; returns it (and writes cfg.out)."""
+    from beit.tokenizers.kmeans import KMeansTokenizer
+
+    loader = build_view_loader(cfg.shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
+                               cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
+                               max_bad_fraction=cfg.max_bad_fraction)
+    epochs = iter(range(10 ** 9))
+
+    def one_epoch():
+        loader.set_epoch(next(epochs))
+        return (b["images"] for b in loader)
+
+    print(f"[kmeans] training data: {loader.describe()}" + "".join(f"\n[kmeans] note: {n}" for n in loader.notes))
+    t0 = time.time()
+    tok = KMeansTokenizer.fit(one_epoch, epochs=cfg.epochs, seed=cfg.seed, init_patches=cfg.init_patches,
+                              batches_per_epoch=len(loader), vocab_size=cfg.vocab_size,
+                              patch_size=cfg.patch_size, input_size=cfg.input_size, interpolation=cfg.interpolation,
+                              color_weight=cfg.color_weight, contrast_weight=cfg.contrast_weight,
+                              contrast_floor=cfg.contrast_floor, whiten=cfg.whiten)
+    stem = tok.save(cfg.out)
+    bad = loader.metrics().get("data/bad", 0)
+    print(f"[kmeans] fit in {time.time() - t0:.1f}s ({len(loader)} batches/epoch, bad samples: {bad}); "
+          f"{tok.fit_stats}; wrote {stem}.safetensors/.json")
+    val = _val_report(tok, cfg.val_shards, cfg.input_size, cfg.interpolation)
+    if val:
+        print("[kmeans] held-out: " + json.dumps({k: round(v, 4) for k, v in val.items()}))
+    return tok
+
+
+def _schedules(cfg: DVAETrainConfig, step: int) -> tuple[float, float, float]:
+    """(lr, tau, kl_weight) at ``step``; stateless, so resume needs only the step."""
+    warm = max(1, int(0.05 * cfg.steps))
+    if step < warm:
+        lr = cfg.lr * (step + 1) / warm
+    else:
+        lr = cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm))))
+    frac = min(1.0, step / max(1, cfg.anneal_steps))
+    tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** frac
+    klw = cfg.kl_weight * min(1.0, step / max(1, cfg.kl_warmup_steps))
+    return lr, tau, klw
+
+
+def train_dvae(cfg: DVAETrainConfig):
+    """Train the discrete VAE with Accelerate; resumable; returns the DVAETokenizer (rank 0) or None."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from beit.checkpoints.checkpointing import TRAIN_STATE, find_latest_complete, load_checkpoint, save_checkpoint
+    from beit.tokenizers.dvae import DiscreteVAE, DVAETokenizer
+
+    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    out = Path(cfg.output_dir)
+    set_seed(cfg.seed)
+    loader = build_view_loader(cfg.shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
+                               cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
+                               num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction)
+    if acc.is_main_process:
+        print(f"[dvae] training data: {loader.describe()}" + "".join(f"\n[dvae] note: {n}" for n in loader.notes))
+    model = DiscreteVAE(cfg.vocab_size, cfg.hidden, cfg.downsample)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, opt = acc.prepare(model, opt)
+    step, epoch = 0, 0
+    latest = find_latest_complete(out)
+    if latest is not None:
+        saved_cfg = json.loads((latest / TRAIN_STATE).read_text()).get("config", {})
+        for key in ("vocab_size", "hidden", "downsample", "input_size"):
+            if saved_cfg.get(key) != getattr(cfg, key):
+                raise ValueError(f"{latest} was trained with {key}={saved_cfg.get(key)}, this run has "
+                                 f"{getattr(cfg, key)}; use another output_dir or the same settings")
+        state, rank_state = load_checkpoint(acc, latest)
+        step, epoch = int(state["step"]), int(state["epoch"])
+        if rank_state:
+            loader.load_state_dict(rank_state["loader"])
+        acc.print(f"[dvae] resumed from {latest} at step {step} (epoch {epoch})")
+    if acc.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+    bar = tqdm(total=cfg.steps, initial=step, desc="dvae", disable=not (cfg.progress and acc.is_main_process))
+    log = open(out / "metrics.jsonl", "a") if acc.is_main_process else None
+    t0 = time.time()
+    while step < cfg.steps:
+        loader.set_epoch(epoch)
+        if loader.position >= len(loader):  # resumed exactly at the end of an epoch
+            epoch += 1
+            continue
+        for batch in loader:
+            images = batch["images"]
+            lr, tau, klw = _schedules(cfg, step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            with acc.autocast():
+                loss, parts = model(images.to(acc.device), tau=tau, kl_weight=klw, recon_sigma=cfg.recon_sigma,
+                                     usage_weight=cfg.usage_weight)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite dVAE loss at step {step}; lower lr or check the data")
+            acc.backward(loss)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                vals = {k: float(acc.reduce(v.detach().float(), "mean")) for k, v in parts.items()}
+                rec = {"step": step, "epoch": epoch, "lr": lr, "tau": tau, "kl_weight": klw, **vals,
+                       "bad_samples": loader.metrics().get("data/bad", 0), "elapsed_s": round(time.time() - t0, 1)}
+                bar.set_postfix(mse=f"{vals['mse']:.4f}", tau=f"{tau:.3f}")
+                if log:
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                save_checkpoint(acc, out, step, {"epoch": epoch, "config": to_dict(cfg)},
+                                {"loader": loader.state_dict()}, keep_last=cfg.keep_last)
+            if step >= cfg.steps:
+                break
+        else:
+            epoch += 1
+    bar.close()
+    if log:
+        log.close()
+    acc.wait_for_everyone()
+    if not acc.is_main_process:
+        return None
+    tok = DVAETokenizer(cfg.vocab_size, cfg.hidden, cfg.downsample, cfg.input_size, cfg.interpolation)
+    tok.vae.load_state_dict(acc.unwrap_model(model).state_dict())
+    stem = tok.freeze().save(out / "dvae")
+    print(f"[dvae] {step} steps; wrote {stem}.safetensors/.json (bad samples: {loader.metrics().get('data/bad', 0)})")
+    val = _val_report(tok, cfg.val_shards, cfg.input_size, cfg.interpolation)
+    if val:
+        (out / "val_metrics.json").write_text(json.dumps(val, indent=2))
+        print("[dvae] held-out: " + json.dumps({k: round(v, 4) for k, v in val.items()}))
+    return tok
