@@ -26,9 +26,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "distill": ("beit.distill", "distil a fine-tuned classifier into a small timm student (MobileViT)"),
     "export": ("beit.export.commands:export_main", "export a fine-tuned run as timm-loadable weights"),
     "viz": ("beit.viz.main", "pictures of a run (masks, tokens, reconstructions, attention, curves) + index.html"),
-    "export-onnx": ("beit.export.commands:onnx_main", "a fine-tuned classifier as ONNX + preprocessing JSON, checked with onnxruntime"),
+    "export-onnx": ("beit.export.commands:onnx_main", "a fine-tuned classifier as ONNX + preprocessing JSON, checked "
+                                                      "with onnxruntime"),
     "samples": ("beit.data.samples", "write shards of the built-in real sample sets (offline)"),
-    "bench": ("beit.bench.command", "speed figures beside their peers (train step, tokenizers, end to end, data) as JSON"),
+    "bench": ("beit.bench.command", "speed figures beside their peers (train step, tokenizers, end to end, data) as "
+                                    "JSON"),
     "demo": ("beit.demo", "the offline CPU demo: sample shards, k-means tokenizer, pretraining, fine-tuning"),
 }
 
@@ -37,9 +39,10 @@ EXAMPLES: dict[str, str] = {
     "shards write": "beit shards write --source my_photos/ --out shards/mine --val_fraction 0.05",
     "shards verify": "beit shards verify --dir shards/mine",
     "tokenizer train": "beit tokenizer train kmeans --data my_photos/ --out runs/mine/tokenizer",
-    "tokenizer report": "beit tokenizer report --tokenizer_path runs/mine/tokenizer --shards 'shards/mine/val-*.tar'",
+    "tokenizer report": "beit tokenizer report --tokenizer_path runs/mine/tokenizer "
+                        "--val_shards 'shards/mine/val-*.tar'",
     "tokenizer convert-dalle": "beit tokenizer convert-dalle --encoder encoder.pkl --out weights/dalle --trust_pickle",
-    "tokenizer cache": "beit tokenizer cache --shards 'shards/mine/train-*.tar' --out shards/mine_tokens "
+    "tokenizer cache": "beit tokenizer cache --train_shards 'shards/mine/train-*.tar' --out shards/mine_tokens "
                        "--tokenizer dalle --tokenizer_path weights/dalle",
     "pretrain": "beit pretrain --data my_photos/ --tokenizer_path runs/mine/tokenizer --output_dir runs/mine/pretrain",
     "finetune": "beit finetune --data my_labelled/ --init runs/mine/pretrain/pretrained.safetensors "

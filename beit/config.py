@@ -45,6 +45,28 @@ class ConfigError(ValueError):
     """A config value that is unknown, missing or of the wrong type."""
 
 
+class Options:
+    """Base of the option dataclasses: a string given from Python for a list-of-strings option (one shard
+    spec, say) becomes a one-item list, as it would from the command line or YAML."""
+
+    def __post_init__(self) -> None:
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, tp = getattr(self, f.name), hints[f.name]
+            if isinstance(value, str) and _is_sequence(tp) and typing.get_args(tp)[:1] == (str,):
+                setattr(self, f.name, [value] if value else [])
+
+    def check_choices(self) -> None:
+        """Every ``Literal`` option holds one of its values (the parser checks flags; this checks Python callers)."""
+        hints = _type_hints(type(self))
+        for f in dataclasses.fields(self):
+            if typing.get_origin(hints[f.name]) is typing.Literal:
+                try:
+                    _coerce(f"--{f.name}", getattr(self, f.name), hints[f.name])
+                except ConfigError as e:
+                    raise ValueError(str(e)) from None
+
+
 def _type_hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -82,7 +104,9 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
         raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
     if origin is typing.Literal:
         if value not in args:
-            raise ConfigError(f"{name}: {value!r} is not one of {list(args)}")
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            raise ConfigError(f"{name}: {value!r} is not one of {list(args)}" +
+                              (f" (did you mean {close[0]!r}?)" if close else ""))
         return value
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         if isinstance(value, str):
@@ -189,9 +213,17 @@ def from_dict(cls: type[T], values: dict[str, Any], base: T | None = None, sourc
         raise ConfigError(f"{source}: {e}") from None
 
 
+def aliases(cls: type, kind: str) -> dict[str, str]:
+    """``RENAMED`` or ``DEPRECATED`` maps of ``cls`` and every base (an option section declares its own)."""
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        out.update(vars(klass).get(kind, {}))
+    return out
+
+
 def apply_aliases(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Refuse ``cls.RENAMED`` names (naming the new one); map ``cls.DEPRECATED`` names, with a warning."""
-    renamed, deprecated = getattr(cls, "RENAMED", {}), getattr(cls, "DEPRECATED", {})
+    """Refuse ``RENAMED`` names (naming the new one); map ``DEPRECATED`` names, with a warning."""
+    renamed, deprecated = aliases(cls, "RENAMED"), aliases(cls, "DEPRECATED")
     out = dict(values)
     for old, new in renamed.items():
         if old in out:
@@ -331,11 +363,26 @@ def build_parser(cls: type, description: str | None = None, epilog: str | None =
             parser.add_argument(*no, dest=f.name, action="store_const", const="false", default=argparse.SUPPRESS,
                                 help=argparse.SUPPRESS)
             continue
-        kind = getattr(tp, "__name__", str(tp)).replace("typing.", "")
-        parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=kind.upper(), help=help_text)
-    for old in (*getattr(cls, "RENAMED", {}), *getattr(cls, "DEPRECATED", {})):
-        parser.add_argument(f"--{old}", dest=f"alias:{old}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, metavar=_metavar(tp), help=help_text,
+                            nargs="+" if _is_sequence(tp) else None)
+    deprecated = aliases(cls, "DEPRECATED")
+    for old in (*aliases(cls, "RENAMED"), *deprecated):
+        takes_list = old in deprecated and _is_sequence(hints.get(deprecated[old]))
+        parser.add_argument(f"--{old}", dest=f"alias:{old}", default=argparse.SUPPRESS, help=argparse.SUPPRESS,
+                            nargs="+" if takes_list else None)
     return parser
+
+
+def _is_sequence(tp: Any) -> bool:
+    return typing.get_origin(tp) in (list, tuple, Sequence) or tp in (list, tuple)
+
+
+def _metavar(tp: Any) -> str:
+    if typing.get_origin(tp) is typing.Literal:
+        return "{" + ",".join(str(a) for a in typing.get_args(tp)) + "}"
+    if _is_sequence(tp):
+        return "VALUE"
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "").upper()
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -344,6 +391,25 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 class DefaultsHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """For the plain-argparse commands: the description as written, every option's default shown."""
+
+
+def _flag_value(raw: Any, tp: Any) -> Any:
+    """A flag's text as a value of type ``tp``: strings verbatim ("1e-3" stays a string), a list flag's one
+    value as YAML or a comma list (a brace pattern stays whole), several values as the list's items."""
+    if isinstance(raw, list) and len(raw) != 1:
+        item = typing.get_args(tp)[0] if tp is not None and typing.get_args(tp) else Any
+        return [_flag_value(v, str if item is str else Any) for v in raw]
+    if isinstance(raw, list):
+        raw = raw[0]
+    if not isinstance(raw, str):
+        return raw
+    if tp is str or (typing.get_origin(tp) is typing.Literal and all(isinstance(a, str) for a in typing.get_args(tp))):
+        return raw  # "no" stays the string, not YAML's false
+    if typing.get_args(tp) == (str, type(None)):
+        return None if raw.lower() in ("null", "none", "~", "") else raw
+    if tp is not None and _is_sequence(tp) and typing.get_args(tp)[:1] == (str,) and not raw.startswith("["):
+        return raw  # split at top-level commas by _coerce, a brace pattern kept whole
+    return _parse_scalar(raw)
 
 
 def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: str | None = None) -> T:
@@ -357,16 +423,8 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
         raw_values = {k.split(":", 1)[1] if k.startswith("alias:") else k: v for k, v in vars(ns).items()
                       if k != "config"}
         raw_values = apply_aliases(cls, raw_values, "command line")
-        overrides = {k: _parse_scalar(v) if isinstance(v, str) else v for k, v in raw_values.items()}
         hints = _type_hints(cls)
-        for k, v in list(overrides.items()):
-            raw = raw_values[k]
-            if k not in hints:
-                continue
-            if hints[k] is str:
-                overrides[k] = raw  # keep strings verbatim ("1e-3" stays a string)
-            elif typing.get_args(hints[k]) == (str, type(None)):
-                overrides[k] = None if raw.lower() in ("null", "none", "~", "") else raw
+        overrides = {k: _flag_value(v, hints.get(k)) for k, v in raw_values.items()}
         cfg = from_dict(cls, overrides, base=cfg, source="command line")
     except ConfigError as e:
         parser.error(str(e))

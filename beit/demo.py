@@ -51,18 +51,19 @@ def main(argv: list[str] | None = None) -> int:
     if tokenizer.with_suffix(".json").is_file():
         print("   (reusing the tokenizer)")
     else:
-        _run(["beit.tokenizers.train", "kmeans", "--shards", f"{photos}/train-*.tar", "--val_shards",
+        _run(["beit.tokenizers.train", "kmeans", "--train_shards", f"{photos}/train-*.tar", "--val_shards",
               f"{photos}/val-*.tar", "--out", str(tokenizer), "--vocab_size", "256", "--patch_size", "8",
               "--input_size", "64", "--model_grid", "8", "--crop_scale_min", "0.25", "--epochs", "2", "--seed", "0"])
     print(f"== 3/5 BEiT pretraining (CPU) -> {pre}", flush=True)
-    _run(["beit.pretrain", "--config", "demo_pretrain", "--data_shards", f"{photos}/train-*.tar",
+    _run(["beit.pretrain", "--config", "demo_pretrain", "--train_shards", f"{photos}/train-*.tar",
           "--val_shards", f"{photos}/val-*.tar", "--tokenizer_path", str(tokenizer), "--output_dir", str(pre), *argv])
     print(f"== 4/5 fine-tuning the pretrained encoder on the real digits (held-out test split) -> {ft}", flush=True)
     _run(["beit.finetune", "--config", "demo_finetune", "--init", str(pre / "pretrained.safetensors"),
           "--train_shards", f"{digits}/train-*.tar", "--val_shards", f"{digits}/test-*.tar", "--output_dir", str(ft)])
     print(f"== 5/5 run reports (beit viz) -> {pre / 'index.html'}, {ft / 'index.html'}", flush=True)
     for run in (pre, ft):
-        code = subprocess.call([sys.executable, "-m", "beit.viz.main", str(run), "--device", "cpu", "--num_images", "4"],
+        code = subprocess.call([sys.executable, "-m", "beit.viz.main", str(run), "--device", "cpu", "--num_images",
+                                "4"],
                                stdout=subprocess.DEVNULL)
         if code:
             raise SystemExit(code)
@@ -88,7 +89,8 @@ def report(pre: Path, tokenizer: Path, ft: Path, t0: float) -> None:
     print(f"   tokenizer          : {tokenizer}.safetensors / .json")
     print(f"   fine-tuned model   : {ft / 'model.safetensors'} (timm-loadable), {ft / 'confusion_matrix.png'}")
     print(f"   pretraining, held-out photos: masked-token accuracy {acc:.1%} vs majority-token baseline {base:.1%} "
-          f"({acc / base:.1f}x, {m['val/tokens']} masked tokens; {m['step']} steps, {m['train_seconds']:.0f} s training)")
+          f"({acc / base:.1f}x, {m['val/tokens']} masked tokens; {m['step']} steps, "
+          f"{m['train_seconds']:.0f} s training)")
     print(f"   fine-tuning, held-out digits: top-1 {f['top1']:.1f}%  top-5 {f['top5']:.1f}%  "
           f"({f['epochs']} epochs; a pipeline check - see README 'Evidence' for the measured comparison)")
 

@@ -1,8 +1,8 @@
 """Blockwise masking for BEiT masked image modelling, with an exact masked count.
 
-The block phase follows BEiT v1 (with one change, see ``placement``): per block, area ~ U(min, remaining), aspect ratio log-uniform,
-h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), the block must fit strictly inside
-the grid, top-left uniform, up to 10 tries, accepted only if it adds between 1 and `remaining` new
+The block phase follows BEiT v1 (with one change, see ``placement``): per block, area ~ U(min, remaining),
+aspect ratio log-uniform, h = round(sqrt(area * aspect)), w = round(sqrt(area / aspect)), the block must fit
+strictly inside the grid, top-left uniform, up to 10 tries, accepted only if it adds between 1 and `remaining` new
 patches. v1 stops when 10 tries fail and so under-masks about a third of the time. Here a top-up
 phase then grows the existing mask through its 4-connected frontier (cells with more masked
 neighbours first, which fills corners and keeps shapes compact) until exactly
@@ -105,14 +105,16 @@ class MaskingGenerator:
         lo, hi = (math.exp(a) for a in self.log_aspect_ratio)
         return (f"MaskingGenerator(input_size=({self.height}, {self.width}), "
                 f"num_masking_patches={self.num_masking_patches}, min_num_patches={self.min_num_patches}, "
-                f"max_num_patches={self.max_num_patches}, min_aspect={lo:.4g}, max_aspect={hi:.4g}, placement={self.placement!r})")
+                f"max_num_patches={self.max_num_patches}, min_aspect={lo:.4g}, max_aspect={hi:.4g}, "
+                f"placement={self.placement!r})")
 
     def _uniforms(self) -> tuple[float, float, float, float]:
         # The uniforms come in blocks of _BUFFER (a block's last < 4 are skipped), but are taken from
         # the Generator _CHUNK at a time: a mask per reseed needs a few dozen, not thousands.
         if self._pos + 4 > len(self._buf):
             if self._undrawn < 4 - (len(self._buf) - self._pos):  # the block is used up: start the next one
-                self.rng.random(self._undrawn)  # skip what the block leaves over (advance() would drop a buffered uint32)
+                # skip what the block leaves over (advance() would drop a buffered uint32)
+                self.rng.random(self._undrawn)
                 self._buf, self._pos, self._undrawn = [], 0, _BUFFER
             take = min(self._undrawn, _CHUNK)
             self._buf = self._buf[self._pos:] + self.rng.random(take).tolist()

@@ -18,20 +18,20 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from beit.config import field, parse_config
+from beit.config import Options, field, parse_config
 from beit.data.storage.shard_sources import list_ade20k, list_filelist, list_folder, list_imagenet, load_label_map
 from beit.data.storage.shard_verify import verify_folder
 from beit.data.storage.shard_writer import WriteOptions, auto_samples_per_shard, split_items, write_shards
 
-LAYOUTS = ("folder", "imagenet", "ade20k", "filelist")
-
 
 @dataclass
-class WriteConfig:
+class WriteConfig(Options):
     source: str = field("", help="input folder (folder/imagenet/ade20k layouts) or text file (filelist)")
     out: str = field("", help="output folder for the shards and manifest.json")
-    layout: str = field("folder", help="folder | imagenet (class folders -> labels) | ade20k | filelist")
+    layout: Literal["folder", "imagenet", "ade20k", "filelist"] = field(
+        "folder", help="folder | imagenet (class folders -> labels) | ade20k | filelist")
     prefix: str = field("", help="shard name prefix (default: the ADE20K split, else 'train'; with --val_fraction the "
                               "held-out shards are 'val')")
     split: str = field("", help="ade20k: sub-folder of images/ and annotations/ (training, validation)")
@@ -42,10 +42,11 @@ class WriteConfig:
                                           "--shuffle_seed, stratified by class for labelled layouts; 0: none)")
     max_bytes: int = field(0, help="bytes per shard at most (0: no limit)")
     resize: int = field(0, help="shrink images whose longer side exceeds this many px (0: keep size)")
-    reencode: str = field("keep", help="keep | jpg | png: output encoding (keep re-encodes only resized images)")
+    reencode: Literal["keep", "jpg", "png"] = field("keep", help="output encoding (keep re-encodes only resized "
+                                                                 "images)")
     quality: int = field(90, help="JPEG quality when re-encoding")
     shuffle_seed: int = field(0, help="seed of the sample order across shards (-1: sorted order)")
-    check_images: str = field("decode", help="decode | header | none: how inputs are checked before writing")
+    check_images: Literal["decode", "header", "none"] = field("decode", help="how inputs are checked before writing")
     workers: int = field(1, help="parallel encoder processes")
     resume: bool = field(False, help="continue an interrupted run (same source and options)")
     overwrite: bool = field(False, help="replace existing shards with the same prefix")
@@ -56,8 +57,7 @@ class WriteConfig:
     def validate(self) -> None:
         if not self.source or not self.out:
             raise ValueError("--source and --out are required")
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"--layout must be one of {LAYOUTS}, got {self.layout!r}")
+        self.check_choices()
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
         if self.resume and self.overwrite:
@@ -157,21 +157,13 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__.strip() + "\n\nusage: python -m beit.data.shards {write,verify} [--help] ...",
               file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
+    from beit.cli import call  # the exit-code policy of every command
     cmd, rest = argv[0], argv[1:]
     if cmd == "write":
-        cfg = parse_config(WriteConfig, rest, description="Write WebDataset shards + manifest.json")
-        try:
-            run_write(cfg)
-        except (ValueError, FileExistsError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        return 0
-    cfg = parse_config(VerifyConfig, rest, description="Verify shards against manifest.json")
-    try:
-        return run_verify(cfg)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return call(lambda a: run_write(parse_config(WriteConfig, a, description="Write WebDataset shards + "
+                                                                                 "manifest.json")), rest)
+    return call(lambda a: run_verify(parse_config(VerifyConfig, a, description="Verify shards against manifest.json")),
+                rest)
 
 
 if __name__ == "__main__":

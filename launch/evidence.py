@@ -9,7 +9,8 @@ Data: scikit-learn's 1,797 real hand-written digits as shards (``beit.data.sampl
 with the FIXED held-out test split (360 images) that no stage ever reads except for scoring. The
 1,437 training images are the unlabelled pretraining data; each seed fine-tunes on a stratified 10%
 of their labels. ``--set photos``: crops of the bundled photographs labelled by the photograph they
-come from (training crops from the left 80% of each photograph, test crops from the right 20%). Any other argument goes to ``beit compare`` (``--methods beit,logreg_pixels``,
+come from (training crops from the left 80% of each photograph, test crops from the right 20%). Any other
+argument goes to ``beit compare`` (``--methods beit,logreg_pixels``,
 ``--pretrain '{epochs: 60}'``, ...). Results: ``<out>/compare.json``, ``compare.md``, ``compare.png``.
 
 ``--dev``: for choosing a recipe without the test split. A stratified 20% of the TRAINING images
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     # the seeds at once, up to 1.5 per core (the numbers do not change; 3 seeds on 2 cores finish in 1.5x
     # one seed's time, 2 at a time and then the third in 2x); --jobs overrides
     cores = os.cpu_count() or 1
-    jobs = [] if any(a.startswith("--jobs") for a in rest) else ["--jobs", str(min(len(args.seeds), cores + cores // 2))]
+    jobs = [] if any(a.startswith("--jobs") for a in rest) else ["--jobs", str(min(len(args.seeds),
+                                                                                   cores + cores // 2))]
     if args.dev:  # as many labels as the real run: 10% of all the training images
         data, test, fraction = dev_split(data), "dev", LABEL_FRACTION / (1 - DEV_FRACTION)
     return compare(["--train_shards", str(data / "train-*.tar"), "--test_shards", str(data / f"{test}-*.tar"),

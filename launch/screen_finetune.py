@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="output folder of a finished beit compare / evidence run")
-    p.add_argument("--variants", nargs="+", default=["{}"], help="YAML dicts of fine-tune overrides ({} = the run's recipe)")
+    p.add_argument("--variants", nargs="+", default=["{}"], help="YAML dicts of fine-tune overrides ({} = the run's "
+                                                                 "recipe)")
     p.add_argument("--scratch", action="store_true", help="screen the same-recipe scratch model instead of BEiT")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="fine-tunes at once, one process each")
     args = p.parse_args(argv)
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         for seed in cfg["seeds"]:
             init = "" if args.scratch else str(Path(args.run) / f"seed{seed}" / "pretrain" / "pretrained.safetensors")
             if init and not Path(init).is_file():
-                raise FileNotFoundError(f"{init}: the run has no pretrained encoder for seed {seed} (run it with method beit)")
+                raise FileNotFoundError(f"{init}: the run has no pretrained encoder for seed {seed} (run it with "
+                                        "method beit)")
             jobs.append((name, seed, args.run, model, {**shared, **variant}, init, cfg["test_shards"]))
     if args.jobs > 1:
         from beit.compare.run import job_pool

@@ -15,4 +15,6 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
     echo "   chromium not found and not root: tests/test_viz_browser.py will be skipped"
   fi
 fi
+echo "== ruff (pyproject.toml [tool.ruff]: pycodestyle, pyflakes, import order; lines up to 120 characters)"
+"$(cat .beit_python)" -m ruff check .
 exec "$(cat .beit_python)" -m pytest -q "$@"

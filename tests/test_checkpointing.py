@@ -1,12 +1,20 @@
 import json
-import warnings
 
 import pytest
 import torch
 
-from beit.checkpoints.checkpointing import (COMPLETE, check_resume_compatible, checkpoint_path, config_fingerprint,
-                                find_latest_complete, list_complete, load_checkpoint, load_weights,
-                                save_checkpoint, save_weights)
+from beit.checkpoints.checkpointing import (
+    COMPLETE,
+    check_resume_compatible,
+    checkpoint_path,
+    config_fingerprint,
+    find_latest_complete,
+    list_complete,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    save_weights,
+)
 
 
 def _setup(acc, seed=0):

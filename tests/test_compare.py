@@ -32,7 +32,8 @@ def pixel_logreg_reference(shard_dir, keys, test_dir) -> float:
         out = []
         for p in sorted(d.glob(f"{prefix}-*.tar")):
             with open(p, "rb") as f:
-                out += [(s["__key__"], np.asarray(Image.open(io.BytesIO(s["png"])).convert("L"), np.float32).ravel() / 255,
+                out += [(s["__key__"], np.asarray(Image.open(io.BytesIO(s["png"])).convert("L"),
+                                                  np.float32).ravel() / 255,
                          int(s["cls"])) for s in iter_tar_samples(f)]
         return out
     train = [s for s in read(shard_dir, "train") if s[0] in keys]
@@ -98,13 +99,15 @@ def exit_code(args) -> int:
 
 def test_compare_refuses_bad_input(digits, tmp_path, capsys):
     base = ["compare", "--output_dir", str(tmp_path / "x")]
-    assert exit_code(base + ["--train_shards", str(digits / "train-*.tar"), "--test_shards", str(digits / "train-*.tar")]) == 2
+    assert exit_code(base + ["--train_shards", str(digits / "train-*.tar"), "--test_shards",
+                             str(digits / "train-*.tar")]) == 2
     assert "must not be the training" in capsys.readouterr().err
     build_sample_shards(tmp_path / "photos", "photos")
     assert exit_code(base + ["--train_shards", str(tmp_path / "photos" / "train-*.tar"),
                        "--test_shards", str(digits / "test-*.tar")]) == 2
     assert "has no label" in capsys.readouterr().err
-    assert exit_code(base + ["--train_shards", str(digits / "train-*.tar"), "--test_shards", str(digits / "nope-*.tar")]) == 2
+    assert exit_code(base + ["--train_shards", str(digits / "train-*.tar"), "--test_shards",
+                             str(digits / "nope-*.tar")]) == 2
     assert "--test_shards" in capsys.readouterr().err
 
 
@@ -170,7 +173,8 @@ def test_code_version_names_the_commit_and_the_changed_files(tmp_path):
     (tmp_path / "tracked.py").write_text("a = 1\n")
     git("add", "tracked.py")
     git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
-    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "HEAD"], capture_output=True,
+                          text=True).stdout.strip()
     assert code_version(tmp_path) == {"commit": head, "dirty": False, "changed_files": []}
     (tmp_path / "tracked.py").write_text("a = 2\n")  # " M tracked.py": a blank first status column
     (tmp_path / "new.py").write_text("")
@@ -194,7 +198,8 @@ def test_seeds_in_parallel_processes_give_the_numbers_of_one_after_another(digit
     assert [r["seed"] for r in par["per_seed"]] == [0, 1]
     a, b = par["per_seed"][1], one["per_seed"][0]
     assert a["top1"] == b["top1"] and a["labels_digest"] == b["labels_digest"]
-    assert a["beit"]["train_loss"] == b["beit"]["train_loss"] and a["pretrain"] == {**b["pretrain"], "train_seconds": a["pretrain"]["train_seconds"]}
+    assert a["beit"]["train_loss"] == b["beit"]["train_loss"]
+    assert a["pretrain"] == {**b["pretrain"], "train_seconds": a["pretrain"]["train_seconds"]}
     assert par["per_seed"][0]["labels_digest"] != a["labels_digest"]  # the seeds drew different labels
 
 
@@ -209,7 +214,8 @@ def test_screen_finetune_reproduces_the_run_and_scores_variants(digits, tmp_path
         assert cli(["compare", "--train_shards", str(digits / "train-*.tar"), "--test_shards",
                     str(digits / "test-*.tar"), *TINY, "--methods", "beit", "--health_knn", "false",
                     "--output_dir", str(run)]) == 0
-        spec = importlib.util.spec_from_file_location("screen", Path(__file__).parents[1] / "launch" / "screen_finetune.py")
+        spec = importlib.util.spec_from_file_location("screen",
+                                                      Path(__file__).parents[1] / "launch" / "screen_finetune.py")
         screen = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(screen)
         assert screen.main(["--run", str(run), "--variants", "{epochs: 3}", "--jobs", "1"]) == 0

@@ -32,11 +32,11 @@ def test_compiled_blocks_match_eager():
 
 def test_compile_is_a_config_switch():
     from beit.options.pretrain import PretrainConfig
-    from beit.pretrain import build_model
-    cfg = PretrainConfig(model_size="tiny", image_size=32, patch_size=16, compile=True, data_shards=["x"])
+    from beit.training.pretraining import build_model
+    cfg = PretrainConfig(model_size="tiny", image_size=32, patch_size=16, compile=True, train_shards=["x"])
     model = build_model(cfg, vocab_size=16)
     assert all(getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks)
-    assert build_model(PretrainConfig(model_size="tiny", image_size=32, patch_size=16, data_shards=["x"]),
+    assert build_model(PretrainConfig(model_size="tiny", image_size=32, patch_size=16, train_shards=["x"]),
                        16).blocks[0]._compiled_call_impl is None
 
 

@@ -3,10 +3,10 @@ import tarfile
 
 import pytest
 import torch
+from data_testutil import good_shards, jpeg, write_tar
 from torch.utils.data import DataLoader
 
 from beit.data.loading.heldout import HeldOutStream, good_rows
-from data_testutil import good_shards, jpeg, write_tar
 
 
 def _keys_and_seeds(shards, world, workers, batch_size=4):

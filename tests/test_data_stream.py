@@ -7,11 +7,11 @@ import re
 import numpy as np
 import pytest
 import torch
+from data_testutil import encode, good_shards, jpeg, odd_images, photo, write_tar
 
 from beit.data.loading.data_stats import DataQualityError
 from beit.data.loading.stream import build_stream_loader, plan_quotas, round_robin
 from beit.data.pipelines.transforms import TwoViewTransform, pil_to_tensor
-from data_testutil import encode, good_shards, jpeg, odd_images, photo, write_tar
 
 
 def small_map(img, sample):
@@ -218,6 +218,7 @@ def test_plan_helpers():
 
 def test_exif_orientation_is_applied():
     from PIL import Image
+
     from beit.data.loading.decode import open_image
     img = photo(4, (60, 30))
     exif = Image.Exif()

@@ -4,12 +4,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from data_testutil import encode, photo
 from PIL import Image
 
 from beit.data.loading.decode import open_image
-from beit.data.pipelines.transforms import (TwoViewTransform, draft_scale, encoder_input, pil_to_tensor, seed_everything,
-                                  tokenizer_input)
-from data_testutil import encode, photo
+from beit.data.pipelines.transforms import (
+    TwoViewTransform,
+    draft_scale,
+    encoder_input,
+    pil_to_tensor,
+    seed_everything,
+    tokenizer_input,
+)
 
 
 def big_jpeg(size=(1600, 1200)) -> bytes:

@@ -8,7 +8,6 @@ from beit.runtime.run_logging import read_metrics
 from beit.tokenizers.train_data import CropSpec, build_view_loader
 
 
-
 @pytest.mark.parametrize("size,upscaled", [(48, True), (32, False)])
 def test_finetune_counts_upscaled(digits, tmp_path, size, upscaled):
     torch.set_num_threads(1)

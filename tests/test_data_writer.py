@@ -8,12 +8,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from data_testutil import encode, jpeg, odd_images, photo
 
 import beit.data.storage.shard_writer as shard_writer
+from beit.data.shards import main as shards_main
 from beit.data.storage.shard_format import sha256_file
 from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
-from beit.data.shards import main as shards_main
-from data_testutil import encode, jpeg, odd_images, photo
 
 
 def make_folder(root: Path, n: int = 12) -> Path:
@@ -59,9 +59,11 @@ def test_imagenet_layout_labels_resize_and_reencode(tmp_path):
                         "--samples_per_shard", "100",
                         "--progress", "false"]) == 0
     assert json.loads((out / "class_index.json").read_text()) == {"n01": 0, "n02": 1, "n03": 2}
-    from beit.data.storage.shard_format import iter_tar_samples
-    from PIL import Image
     import io
+
+    from PIL import Image
+
+    from beit.data.storage.shard_format import iter_tar_samples
     with open(out / "train-000000.tar", "rb") as f:
         samples = list(iter_tar_samples(f))
     assert len(samples) == 9

@@ -28,7 +28,8 @@ def teacher(digits, tmp_path_factory):
 
 
 def distill_cfg(digits, teacher_path, out, **kw):
-    base = dict(task="distill", model="mobilevit_xxs", teacher=str(teacher_path), train_shards=str(digits / "train-*.tar"),
+    base = dict(task="distill", model="mobilevit_xxs", teacher=str(teacher_path),
+                train_shards=str(digits / "train-*.tar"),
                 val_shards=str(digits / "test-*.tar"), unlabelled_shards=str(digits / "train-*.tar"),
                 epochs=2, batches_per_epoch=2, batch_size=8, unlabelled_batch_size=6, model_ema=True,
                 model_ema_decay=0.9, drop_path=0.0, checkpoint_every=2, output_dir=str(out), **FAST)

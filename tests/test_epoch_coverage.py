@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from data_testutil import jpeg
 
 from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
-from data_testutil import jpeg
 
 WORKER = Path(__file__).with_name("mp_epoch_worker.py")
 N_IMAGES = 37  # not a multiple of any batch below

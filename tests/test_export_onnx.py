@@ -9,7 +9,6 @@ from PIL import Image
 from beit.export.commands import onnx_main as main
 from beit.export.onnx_export import compare, export_onnx, onnx_session, preprocess, shard_batches
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
@@ -28,11 +27,11 @@ def finetuned(digits, tmp_path_factory):
 
 
 def test_preprocess_json_reproduces_the_finetune_eval_transform(finetuned, digits, tmp_path):
-    from beit.data.storage.shard_format import iter_tar_samples
-    from beit.data.pipelines.labelled import build_transforms
-    from beit.options.finetune import FinetuneConfig
     from beit.checkpoints.checkpointing import load_weights
+    from beit.data.pipelines.labelled import build_transforms
+    from beit.data.storage.shard_format import iter_tar_samples
     from beit.export.onnx_export import preprocess_spec
+    from beit.options.finetune import FinetuneConfig
     _, config = load_weights(finetuned)
     spec = preprocess_spec(config)
     assert spec["resize_shorter_side"] == 36 and spec["center_crop"] == [32, 32]       # 32 / 0.875

@@ -10,9 +10,15 @@ import pytest
 import torch
 
 import beit.checkpoints.checkpointing as ckpt
+from beit.checkpoints.checkpointing import (
+    COMPLETE,
+    checkpoint_path,
+    list_complete,
+    load_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
 from beit.checkpoints.integrity import DAMAGED, select_resume, verify_checkpoint
-from beit.checkpoints.checkpointing import (COMPLETE, checkpoint_path, list_complete, load_checkpoint, save_checkpoint,
-                                        save_weights)
 from beit.runtime.faults import RunFault
 
 
@@ -83,7 +89,8 @@ DAMAGE = {  # kind -> (how, reason the report gives)
     "broken train_state.json": (lambda p: (p / "train_state.json").write_text('{"step": 2,'), "train_state.json"),
     "missing file": (lambda p: (p / "random_states_0.pkl").unlink(), "random_states_0.pkl is missing"),
     "bad rank json": (lambda p: (p / "rank_0.json").write_text("[1, 2"), "rank_0.json"),
-    "broken COMPLETE marker": (lambda p: (p / COMPLETE).write_text("{garbage"), "the marker COMPLETE is not valid JSON"),
+    "broken COMPLETE marker": (lambda p: (p / COMPLETE).write_text("{garbage"),
+                               "the marker COMPLETE is not valid JSON"),
 }
 
 

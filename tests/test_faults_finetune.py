@@ -7,10 +7,10 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_finetune_run import cfg, read_jsonl
 
 import beit.checkpoints.checkpointing as checkpointing
 from beit.finetune import run_finetune
-from test_finetune_run import cfg, read_jsonl
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -62,9 +62,10 @@ def test_killed_mid_epoch_resumes_to_the_uninterrupted_result(digits, tmp_path, 
 
 def test_a_fine_tune_sample_without_label_is_a_counted_bad_sample_of_its_shard(digits, tmp_path):
     import tarfile
-    from beit.data.storage.shard_format import add_member, iter_tar_samples
+
     from beit.data.loading.stream import build_stream_loader
     from beit.data.pipelines.labelled import LabelledMap
+    from beit.data.storage.shard_format import add_member, iter_tar_samples
 
     shard = tmp_path / "nolabel-000000.tar"
     with open(sorted(digits.glob("train-*.tar"))[0], "rb") as f, tarfile.open(shard, "w") as out:

@@ -1,20 +1,18 @@
 """Every start-up fault of issue 11 is a message that says what to change, never a traceback; data
 faults are counted with their shard named."""
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from data_testutil import good_shards, write_tar
+from test_data_stream import small_map
 
 import beit.pretrain as pretrain
 from beit.data.loading.data_stats import DataQualityError
-from beit.data.storage.shardspec import expand_shards
 from beit.data.loading.stream import build_stream_loader
+from beit.data.storage.shardspec import expand_shards
 from beit.runtime.run_lock import OutputDirError
-from data_testutil import good_shards, write_tar
-from test_data_stream import small_map
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 ])
 def test_non_finite_or_overflowing_options_are_refused_at_start_up(value, msg, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
-        pretrain.main(["--data_shards", "x.tar", "--lr", value, "--output_dir", str(tmp_path / "o")])
+        pretrain.main(["--train_shards", "x.tar", "--lr", value, "--output_dir", str(tmp_path / "o")])
     assert e.value.code == 2 and msg in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -85,10 +83,11 @@ def test_data_hints_name_real_flags(tmp_path):
     from beit.config import parse_config
     from beit.options.pretrain import PretrainConfig
     spec = str(tmp_path / "b" / "shard-{000000,000001}.tar")
-    assert parse_config(PretrainConfig, ["--data_shards", spec]).data_shards == [spec]  # a brace list stays whole
+    assert parse_config(PretrainConfig, ["--train_shards", spec]).train_shards == [spec]  # a brace list stays whole
     (tmp_path / "e").mkdir()
     write_tar(tmp_path / "e" / "empty-000000.tar", [])
-    with pytest.raises(ValueError, match=r"the 1 shard\(s\) hold no samples \(empty or unreadable tars, e\.g\. .*empty-000000"
+    with pytest.raises(ValueError,
+                       match=r"the 1 shard\(s\) hold no samples \(empty or unreadable tars, e\.g\. .*empty-000000"
                                          r"\.tar.*beit shards verify --dir"):
         build_stream_loader(str(tmp_path / "e"), map_fn=small_map, batch_size=2, num_workers=0)
     (tmp_path / "r").mkdir()
@@ -109,7 +108,8 @@ def test_samples_lost_to_a_truncated_tar_are_counted_and_the_shard_named(tmp_pat
         from beit.data.storage.shardspec import count_tar_samples
         index = count_tar_samples(shards[1])                       # what the tar index still shows
     loader = build_stream_loader(shards, map_fn=small_map, batch_size=2, num_workers=0, max_bad_fraction=1.0)
-    with pytest.warns(UserWarning, match=rf"shard {shards[1]}: tar_error: \d+ sample\(s\) lost: read \d+ of {index}") as w:
+    with pytest.warns(UserWarning, match=rf"shard {shards[1]}: tar_error: \d+ sample\(s\) lost: read \d+ of "
+                                         rf"{index}") as w:
         for _ in loader:
             pass
     msg = next(str(x.message) for x in w if "tar_error" in str(x.message))

@@ -1,6 +1,5 @@
 """Run faults injected into real (tiny) pretraining runs, each checked by its end state: the resumed
 run equals the uninterrupted one, or the run refuses with the exact message and writes nothing."""
-import json
 import os
 import shutil
 import signal
@@ -12,14 +11,13 @@ import time
 import pytest
 import torch
 import yaml
+from mp.common import alive, children
 from safetensors.torch import load_file
+from test_pretrain import REPO, assets, losses, run, tiny_cfg  # noqa: F401  (assets: the module fixture)
 
-import beit.pretrain as pretrain
 from beit.checkpoints.checkpointing import checkpoint_path, find_latest_complete, list_complete
 from beit.runtime.faults import RunFault
 from beit.runtime.run_logging import read_metrics
-from mp.common import alive, children
-from test_pretrain import REPO, assets, losses, run, tiny_cfg  # noqa: F401  (assets: the module fixture)
 
 FAST = dict(total_steps=6, checkpoint_every=3, keep_last=3, val_shards=[], tensorboard=False)
 
@@ -91,7 +89,7 @@ def test_pretraining_ignores_labels_so_labelled_and_unlabelled_shards_mix(assets
     from beit.data.sample_sets import build_sample_shards
     build_sample_shards(tmp_path / "digits", "digits")          # digits carry a .cls label, photos none
     summary = run(tiny_cfg(assets, tmp_path / "run", total_steps=2, val_shards=[], checkpoint_every=2,
-                           data_shards=[assets["train"], str(tmp_path / "digits" / "train-*.tar")]))
+                           train_shards=[assets["train"], str(tmp_path / "digits" / "train-*.tar")]))
     assert summary["step"] == 2 and summary["data/bad"] == 0
 
 

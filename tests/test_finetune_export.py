@@ -106,7 +106,9 @@ def test_timm_data_config_of_the_export_is_the_runs_preprocessing(tmp_path):
     model = timm.create_model(conf["timm_entrypoint"], pretrained=True, **conf["model_kwargs"],
                               pretrained_cfg_overlay=dict(conf["pretrained_cfg"], file=str(path))).eval()
     data_cfg = resolve_data_config(model=model)
-    assert {k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.items()} == dict(input_size=(3, 32, 32), interpolation="bilinear", mean=c.mean, std=c.std,
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in data_cfg.items()} == dict(input_size=(3, 32, 32),
+                                                                                            interpolation="bilinear",
+                                                                                            mean=c.mean, std=c.std,
                             crop_pct=1.0, crop_mode="center")
     from PIL import Image
     img = Image.fromarray((torch.rand(45, 60, 3) * 255).to(torch.uint8).numpy())
@@ -120,8 +122,8 @@ def test_timm_data_config_of_the_export_is_the_runs_preprocessing(tmp_path):
 @pytest.mark.parametrize("layout", [dict(), dict(use_abs_pos_emb=True, use_rel_pos_bias=False, init_values=0.0)])
 def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, layout):
     pytest.importorskip("transformers")
-    from beit.export.hf_export import export_hf
     from beit.checkpoints.hf_import import transformers_names
+    from beit.export.classifier import export_hf
     BeitForImageClassification, BeitImageProcessor = transformers_names("BeitForImageClassification",
                                                                         "BeitImageProcessor")
     m = build_beit_classifier(10, drop_path_rate=0.0, **DIMS, **layout).eval()

@@ -1,12 +1,11 @@
 """Labels come from the data: the class count and names from the training shards' label map; a
 recipe or flag that disagrees, or held-out shards with another label map, are refused at start-up."""
-import json
 
 import pytest
-
-from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
-from beit.data.pipelines.labelled import class_names_of, resolve_classes
 from data_testutil import jpeg
+
+from beit.data.pipelines.labelled import class_names_of, resolve_classes
+from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
 
 
 def labelled(root, label_map, n=6):
@@ -47,6 +46,7 @@ def test_unlabelled_shards_need_num_classes(tmp_path):
 
 def test_recipes_take_the_class_count_from_the_data():
     import yaml
+
     from beit.config import resolve_recipe
     for name in ("beit_base_in1k", "beit_large_in1k"):
         recipe = yaml.safe_load(resolve_recipe(name, "finetune_").read_text())

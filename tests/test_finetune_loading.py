@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import save_file
 from timm.models.beit import Beit
 
-from beit.checkpoints.safe_pickle import UntrustedPickleError
 from beit.checkpoints.loading import CheckpointMismatchError, load_beit_weights, read_state_dict
+from beit.checkpoints.safe_pickle import UntrustedPickleError
 from beit.modeling.classifier import build_beit_classifier, layer_decay_param_groups
 from beit.optim import WarmupCosineSchedule
 

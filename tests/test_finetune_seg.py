@@ -11,12 +11,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from beit.data.loading.decode import BadSample
+from beit.data.pipelines.segmentation import IGNORE, SegEvalMap, SegTrainMap, decode_labels
 from beit.data.sample_sets import load_photos
 from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
 from beit.engines.seg import iou_scores, slide_logits, window_starts
+from beit.export.segmentation import load_seg_model
 from beit.finetune import FinetuneConfig, run_finetune
-from beit.data.pipelines.segmentation import IGNORE, SegEvalMap, SegTrainMap, decode_labels
-from beit.modeling.segmenter import BeitSegmenter, SegLoss, feature_blocks, load_seg_model, seg_layer_decay_groups
+from beit.modeling.segmenter import BeitSegmenter, SegLoss, feature_blocks, seg_layer_decay_groups
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2)
 TINY_CFG = {("image_size" if k == "img_size" else k): v for k, v in TINY.items()}  # the config spells it image_size

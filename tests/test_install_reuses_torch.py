@@ -23,7 +23,8 @@ def test_install_sh_reuses_the_torch_it_finds(tmp_path):
     venv = tmp_path / "env"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     # the new environment sees this one's packages (torch included), as a user's conda/venv with torch would
-    site = subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+    site = subprocess.run([str(venv / "bin" / "python"), "-c",
+                           "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.strip()
     import torchvision
     seen = [str(Path(m.__file__).resolve().parents[1]) for m in (torch, torchvision)]
@@ -34,7 +35,8 @@ def test_install_sh_reuses_the_torch_it_finds(tmp_path):
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     assert f"reusing torch {torch.__version__}" in log and "installing torch==" not in log, log
-    out = subprocess.run([str(venv / "bin" / "python"), "-c", "import torch, beit; print(torch.__file__); print(beit.__file__)"],
+    out = subprocess.run([str(venv / "bin" / "python"), "-c",
+                          "import torch, beit; print(torch.__file__); print(beit.__file__)"],
                          capture_output=True, text=True, check=True, cwd=tmp_path).stdout.split()
     assert out[0] == torch.__file__                     # the same torch, not a new copy in the environment
     assert out[1].startswith(str(repo))                 # the project itself was installed (editable) there

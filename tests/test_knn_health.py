@@ -3,15 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from test_pretrain import run
 
 import beit.pretrain as pretrain
 from beit.data.sample_sets import build_sample_shards
 from beit.engines.knn import knn_predict, load_views
 from beit.runtime.run_logging import read_metrics
-from beit.tokenizers.kmeans import KMeansTokenizer
 from beit.tokenizers.images import shard_image_batches
-from test_pretrain import run
-
+from beit.tokenizers.kmeans import KMeansTokenizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -45,7 +44,7 @@ def assets(tmp_path_factory):
 
 
 def cfg_for(root, out, **kw) -> dict:
-    cfg = dict(data_shards=[str(root / "digits" / "train-*.tar")], tokenizer="kmeans",
+    cfg = dict(train_shards=[str(root / "digits" / "train-*.tar")], tokenizer="kmeans",
                tokenizer_path=str(root / "kmeans"), image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                batch_size=32, total_steps=8, warmup_steps=2, num_workers=0, checkpoint_every=100, log_every=2,
                tensorboard=False, output_dir=str(out), shuffle_buffer=64, crop_scale_min=0.6, hflip=0.0,

@@ -6,7 +6,7 @@ import torch
 from timm.models.beit import Beit
 
 from beit.masking import MaskingGenerator
-from beit.modeling.mim import BEIT_SIZES, BeitPretrainModel, create_pretrain_model, timm_beit_kwargs
+from beit.modeling.mim import BEIT_SIZES, create_pretrain_model, timm_beit_kwargs
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, vocab_size=64)
 

@@ -94,8 +94,9 @@ def test_world_size_changes_order_in_default_mode_but_not_in_global(tmp_path):
 
 def test_resume_mid_epoch_continues_with_the_same_batches(tmp_path):
     spec = write_shards(tmp_path / "d")
-    make = lambda: build_global_order_loader(spec, map_fn=draw, batch_size=3, rank=1, world_size=2,
-                                             num_workers=2, seed=3, shuffle_buffer=7)
+    def make():
+        return build_global_order_loader(spec, map_fn=draw, batch_size=3, rank=1, world_size=2,
+                                         num_workers=2, seed=3, shuffle_buffer=7)
     full = list(make())
     ld = make()
     it = iter(ld)
@@ -113,8 +114,11 @@ def test_bad_samples_counted_once_and_replaced_identically(tmp_path):
     one, l1 = epoch_steps(spec, world=1, batch=6, max_bad_fraction=0.5)
     two, l2 = epoch_steps(spec, world=2, batch=3, max_bad_fraction=0.5)
     assert one == two
-    bad = lambda lds: sum(ld.stats["bad"] for ld in lds)
-    good = lambda lds: sum(ld.stats["samples"] for ld in lds)
+    def bad(lds):
+        return sum(ld.stats["bad"] for ld in lds)
+
+    def good(lds):
+        return sum(ld.stats["samples"] for ld in lds)
     assert bad(l1) == bad(l2) == 2 and good(l1) == good(l2) == 30
     assert all(not k.startswith(("s0_003", "s1_007")) for step in one for k in step)
     with pytest.raises(ValueError, match="resampled"):

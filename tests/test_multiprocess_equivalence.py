@@ -10,11 +10,9 @@ import json
 import math
 
 import pytest
+from mp.common import BAD_KEYS, FINETUNE, assets, finetune_args, pretrain_reference, rank_logs, run, step_records
 
 from beit.data.storage.shardspec import expand_shards, shard_sample_counts
-
-from mp.common import (BAD_KEYS, FINETUNE, assets, finetune_args, pretrain_reference, rank_logs, run,
-                       step_records)
 
 RTOL = 1e-4
 
@@ -84,7 +82,8 @@ def test_segmentation_on_two_processes(tmp_path):
     args = ["--task", "segmentation", "--train_shards", str(root / "train" / "train-*.tar"),
             "--val_shards", str(root / "val" / "val-*.tar"), "--num_classes", "4", "--seg_channels", "16",
             "--image_size", "32", "--patch_size", "8", "--embed_dim", "32", "--depth", "4", "--num_heads", "2",
-            "--epochs", "1", "--warmup_epochs", "0.5", "--batches_per_epoch", "4", "--batch_size", "4", "--num_workers", "0",
+            "--epochs", "1", "--warmup_epochs", "0.5", "--batches_per_epoch", "4", "--batch_size", "4", "--num_workers",
+            "0",
             "--tensorboard", "false", "--log_every", "1", "--output_dir", str(out)]
     run(FINETUNE, args, 2, tmp_path / "logs")
     steps = step_records(out)

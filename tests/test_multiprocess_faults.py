@@ -10,10 +10,23 @@ import sys
 import time
 
 import pytest
+from mp.common import (
+    PRETRAIN,
+    REPO,
+    alive,
+    all_logs,
+    env,
+    kill_job,
+    popen,
+    pretrain_args,
+    pretrain_reference,
+    rank_logs,
+    rank_pids,
+    run,
+    step_records,
+)
 
 from beit.checkpoints.checkpointing import find_latest_complete, list_complete
-from mp.common import (PRETRAIN, REPO, alive, all_logs, env, kill_job, popen, pretrain_args, pretrain_reference,
-                       rank_logs, rank_pids, run, step_records)
 
 EXIT_BOUND_S = 60
 

@@ -43,7 +43,8 @@ def test_cosine_values_warmup_peak_end():
     assert cosine_value(9, **kw) == pytest.approx(1.0)            # last warmup step reaches the peak
     assert cosine_value(10, **kw) == pytest.approx(1.0)           # cosine starts at the peak
     mid = 10 + 99 / 2
-    assert cosine_value(int(mid), **kw) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * int(mid - 10) / 99)))
+    assert cosine_value(int(mid),
+                        **kw) == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * int(mid - 10) / 99)))
     assert cosine_value(109, **kw) == pytest.approx(0.01)          # last step reaches the end value
     assert cosine_value(500, **kw) == pytest.approx(0.01)
     vals = [cosine_value(s, **kw) for s in range(10, 110)]

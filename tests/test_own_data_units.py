@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+from data_testutil import jpeg
 
 from beit.config import parse_config, resolve_recipe
 from beit.data.storage.folder_cache import folder_shards
@@ -14,7 +15,6 @@ from beit.optim.schedules import warmup_for
 from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions
 from beit.options.finetune import FinetuneConfig
 from beit.options.pretrain import PretrainConfig
-from data_testutil import jpeg
 
 
 def image_folder(root, classes=("cat", "dog"), n=5):

@@ -38,7 +38,7 @@ def assets(tmp_path_factory):
 
 
 def tiny_cfg(assets, out, **kw) -> dict:
-    cfg = dict(data_shards=[assets["train"]], val_shards=[assets["val"]], tokenizer="kmeans",
+    cfg = dict(train_shards=[assets["train"]], val_shards=[assets["val"]], tokenizer="kmeans",
                tokenizer_path=assets["tok"], image_size=32, patch_size=4, model_size="tiny", embed_dim=32,
                depth=2, num_heads=2, drop_path=0.1, batch_size=16, total_steps=6, warmup_steps=2, lr=2e-3,
                min_lr=1e-4, crop_scale_min=0.3, num_workers=0, checkpoint_every=3, keep_last=2, log_every=1,
@@ -78,7 +78,8 @@ def test_end_to_end_outputs(assets, tmp_path):
     assert list((out / "tensorboard").rglob("events.out.tfevents*")), "no TensorBoard event file"
     weights = load_file(str(out / "pretrained.safetensors"))
     for k in ("cls_token", "mask_token", "lm_head.weight", "patch_embed.proj.weight",
-              "rel_pos_bias.relative_position_bias_table", "blocks.1.attn.qkv.weight", "blocks.0.gamma_1", "norm.weight"):
+              "rel_pos_bias.relative_position_bias_table", "blocks.1.attn.qkv.weight", "blocks.0.gamma_1",
+              "norm.weight"):
         assert k in weights, k
     assert weights["lm_head.weight"].shape == (32, 32)
     meta = json.loads((out / "pretrained.json").read_text())
@@ -138,7 +139,7 @@ def test_bad_inputs_fail_before_compute(assets, tmp_path):
     with pytest.raises(ValueError, match=r"token grid .* patch grid is 4x4"):
         run(tiny_cfg(assets, tmp_path / "x", image_size=32, patch_size=8))
     with pytest.raises(ValueError, match="nothing|no such|not exist|match"):
-        run(tiny_cfg(assets, tmp_path / "x", data_shards=[str(tmp_path / "missing-{000..003}.tar")]))
+        run(tiny_cfg(assets, tmp_path / "x", train_shards=[str(tmp_path / "missing-{000..003}.tar")]))
     with pytest.raises(ValueError, match="global_batch_size 50 is not divisible"):
         run(tiny_cfg(assets, tmp_path / "x", global_batch_size=50))
     assert not (tmp_path / "x").exists()
@@ -161,8 +162,9 @@ def test_fsdp_with_held_out_evaluation_is_refused_at_start_up(assets, tmp_path, 
     with pytest.raises(pretrain.SetupError, match="under FSDP holds only this rank's shard.*leave --val_shards empty"):
         run(tiny_cfg(assets, tmp_path / "x"))
     assert not (tmp_path / "x").exists()  # nothing written, nothing computed
-    from beit.runtime.scaling import refuse_under_fsdp
     from accelerate.utils import DistributedType
+
+    from beit.runtime.scaling import refuse_under_fsdp
     for ok in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.DEEPSPEED):
         refuse_under_fsdp(ok, "x", "y")
 

@@ -3,11 +3,11 @@ import json
 import math
 
 import pytest
+from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (module fixtures and helpers)
+from test_tokenizers_interface import saved  # noqa: F401  (one tiny saved tokenizer per kind, 32 px -> 4x4)
 
 from beit.runtime.run_logging import read_metrics
 from beit.tokenizers import TOKENIZER_KINDS
-from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (module fixtures and helpers)
-from test_tokenizers_interface import saved  # noqa: F401  (one tiny saved tokenizer per kind, 32 px -> 4x4)
 
 
 @pytest.mark.parametrize("kind", TOKENIZER_KINDS)

@@ -11,8 +11,8 @@ from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (assets: the shar
 
 from beit.pretrain import SetupError
 from beit.runtime.run_logging import read_metrics
-from beit.tokenizers.token_cache import write_token_cache
 from beit.tokenizers.kmeans import KMeansTokenizer
+from beit.tokenizers.token_cache import write_token_cache
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def tokenize_calls(monkeypatch):
 
 
 def cache_cfg(cached, out, **kw):
-    return tiny_cfg(cached, out, **{"data_shards": [], "token_cache": cached["cache"], "val_shards": [],
+    return tiny_cfg(cached, out, **{"train_shards": [], "token_cache": cached["cache"], "val_shards": [],
                                     "total_steps": 4, "checkpoint_every": 2, **kw})
 
 

@@ -1,7 +1,5 @@
 """Pretraining pieces that need no data: config, grids, steps, per-sample seeding, metrics, logging."""
 import dataclasses
-
-from beit.config import _help_of
 import json
 
 import numpy as np
@@ -9,10 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from beit.config import parse_config
+from beit.config import _help_of, parse_config
+from beit.data.pipelines.pretraining import MimSample
 from beit.engines.pretrain import MimMeter, batch_to_device, batch_tokens
-from beit.pretrain import MimSample, PretrainConfig, check_grids, resolve_steps
+from beit.options.pretrain import PretrainConfig
 from beit.runtime.run_logging import RunLogger, read_metrics
+from beit.training.pretraining import check_grids, resolve_steps
 
 
 def test_help_lists_every_option(capsys):
@@ -25,20 +25,20 @@ def test_help_lists_every_option(capsys):
 
 
 def test_masked_count_reference_and_derived():
-    assert PretrainConfig(data_shards=["x"]).masked_count() == 75                      # 224/16 -> 14x14
-    assert PretrainConfig(data_shards=["x"], image_size=64, patch_size=8).masked_count() == round(0.4 * 64)
-    assert PretrainConfig(data_shards=["x"], image_size=64, patch_size=8, num_masking_patches=20).masked_count() == 20
+    assert PretrainConfig(train_shards=["x"]).masked_count() == 75                      # 224/16 -> 14x14
+    assert PretrainConfig(train_shards=["x"], image_size=64, patch_size=8).masked_count() == round(0.4 * 64)
+    assert PretrainConfig(train_shards=["x"], image_size=64, patch_size=8, num_masking_patches=20).masked_count() == 20
 
 
 @pytest.mark.parametrize("kw, msg", [
     (dict(image_size=65, patch_size=8), "not a multiple"),
     (dict(mixed_precision="fp8"), "mixed_precision"),
-    (dict(data_shards=[]), "no training data"),
+    (dict(train_shards=[]), "no training data"),
     (dict(epochs=0, total_steps=0), "epochs"),
     (dict(mask_ratio=1.5), "mask_ratio"),
 ])
 def test_validate_rejects(kw, msg):
-    cfg = dataclasses.replace(PretrainConfig(data_shards=["x"]), **kw)
+    cfg = dataclasses.replace(PretrainConfig(train_shards=["x"]), **kw)
     with pytest.raises(ValueError, match=msg):
         cfg.validate()
 
@@ -46,15 +46,15 @@ def test_validate_rejects(kw, msg):
 def test_grid_mismatch_message():
     class Tok:
         grid_size, input_size = (14, 14), 112
-    cfg = PretrainConfig(data_shards=["x"], image_size=64, patch_size=8, tokenizer="kmeans")
+    cfg = PretrainConfig(train_shards=["x"], image_size=64, patch_size=8, tokenizer="kmeans")
     with pytest.raises(ValueError, match=r"token grid is 14x14 .* patch grid is 8x8 \(image_size 64 / patch_size 8\)"):
         check_grids(cfg, Tok())
 
 
 def test_resolve_steps():
-    cfg = PretrainConfig(data_shards=["x"], epochs=3, warmup_epochs=0.5)
+    cfg = PretrainConfig(train_shards=["x"], epochs=3, warmup_epochs=0.5)
     assert resolve_steps(cfg, 10, 2) == (5, 15, 2)                  # round(0.5 * 5) = 2 (banker's rounding)
-    cfg = PretrainConfig(data_shards=["x"], total_steps=7, warmup_steps=100)
+    cfg = PretrainConfig(train_shards=["x"], total_steps=7, warmup_steps=100)
     assert resolve_steps(cfg, 10, 1, log=lambda m: None) == (10, 7, 0)  # warmup capped to a tenth of the run
     with pytest.raises(ValueError, match="fewer than grad_accum_steps"):
         resolve_steps(cfg, 3, 4)
@@ -136,7 +136,7 @@ def test_tensorboard_requested_but_missing_warns_loudly(monkeypatch, capsys):
 
 def test_auto_mixed_precision(monkeypatch):
     import beit.runtime.precision as precision
-    from beit.pretrain import resolve_mixed_precision
+    from beit.runtime.precision import resolve_mixed_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)

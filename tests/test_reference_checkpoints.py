@@ -7,10 +7,10 @@ mean pooling has no final norm: the reference's final norm is dropped, a fresh `
 """
 import pytest
 import torch
-
-from beit.modeling.build import build_model
-from beit.options.finetune import FinetuneConfig
 from reference_fixtures import case, checkpoint, max_abs_diff
+
+from beit.options.finetune import FinetuneConfig
+from beit.tasks import build_model
 
 TOL = 1e-4
 

@@ -5,9 +5,9 @@ running ``VQKD.get_codebook_indices`` / ``dall_e.Encoder`` themselves; nothing h
 """
 import pytest
 import torch
+from reference_fixtures import case, checkpoint, max_abs_diff
 
 from beit.tokenizers import load_tokenizer
-from reference_fixtures import case, checkpoint, max_abs_diff
 
 
 @pytest.mark.parametrize("name,process_type", [("unilm_vqkd", "default"), ("unilm_vqkd_training", "imagenet_norm")])

@@ -42,7 +42,8 @@ def check_documented_table(results: dict, results_file: str, text: str, doc: str
     assert expect in doc_tables(text), f"{doc}: no table with {results_file}'s values:\n" + "\n".join(map(str, expect))
     changed = results["code"]["changed_files"]
     listed_all = len(changed) < CHANGED_FILES_LISTED
-    code_changes = [f for f in changed if not f.startswith(RESULTS_DIR)] + ([] if listed_all else ["(files beyond the list)"])
+    code_changes = [f for f in changed if not f.startswith(RESULTS_DIR)] + ([] if listed_all else ["(files beyond the "
+                                                                                                   "list)"])
     assert not code_changes, f"{results_file} was made by uncommitted code: {code_changes}"
     assert f"`{results['code']['commit'][:7]}`" in text, f"{doc} does not name commit {results['code']['commit'][:7]}"
 

@@ -7,10 +7,10 @@ import sys
 
 import pytest
 import torch
-
-from beit.checkpoints.safe_pickle import UntrustedPickleError, load_torch_file
 from data_testutil import good_shards
 from reference_fixtures import checkpoint
+
+from beit.checkpoints.safe_pickle import UntrustedPickleError, load_torch_file
 
 
 class _Marker:
@@ -61,7 +61,7 @@ def test_finetune_init_refuses_code_pickles(tmp_path):
 def test_pretrain_tokenizer_refuses_code_pickles(tmp_path):
     path, marker = evil(tmp_path)
     shards = good_shards(tmp_path / "shards", 1, 4)[0]
-    r = run("beit.pretrain", "--tokenizer", "vqkd", "--tokenizer_path", path, "--data_shards", shards,
+    r = run("beit.pretrain", "--tokenizer", "vqkd", "--tokenizer_path", path, "--train_shards", shards,
             "--output_dir", tmp_path / "pt")
     assert r.returncode == 2 and "--trust_pickle true" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert not marker.exists()
@@ -70,7 +70,7 @@ def test_pretrain_tokenizer_refuses_code_pickles(tmp_path):
 def test_tokenizer_report_refuses_code_pickles(tmp_path, capsys):
     from beit.tokenizers import report
     path, marker = evil(tmp_path)
-    assert report.main(["--tokenizer", "vqkd", "--tokenizer_path", str(path), "--shards", "x.tar",
+    assert report.main(["--tokenizer", "vqkd", "--tokenizer_path", str(path), "--val_shards", "x.tar",
                         "--out_dir", str(tmp_path / "r")]) == 2
     assert "--trust_pickle true" in capsys.readouterr().err and not marker.exists()
     from beit.tokenizers import load_tokenizer
@@ -91,10 +91,10 @@ def test_convert_dalle_refuses_without_the_flag(tmp_path):
 def test_export_ema_file_refuses_code_pickles(tmp_path):
     from safetensors.torch import save_file
 
-    from beit.export.commands import export_main
     from beit.config import save_config
-    from beit.modeling.build import build_model
+    from beit.export.commands import export_main
     from beit.options.finetune import FinetuneConfig
+    from beit.tasks import build_model
     cfg = FinetuneConfig(num_classes=3, image_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2)
     run_dir = tmp_path / "run"
     save_config(cfg, run_dir / "config.yaml")

@@ -5,9 +5,9 @@ import pytest
 import timm
 import torch
 
-from beit.modeling.swin_mim import SwinMimModel
 from beit.checkpoints.loading import CheckpointMismatchError
-from beit.checkpoints.swin_loading import load_swin_encoder
+from beit.modeling.backbones.swin import load_swin_encoder
+from beit.modeling.swin_mim import SwinMimModel
 
 ARCH = "swin_tiny_patch4_window7_224"
 # 32 px, 2 px Swin patches: stage grids 16, 8, 4, 2; 8 px tokens -> a 4x4 token grid (4x4 Swin patches a cell)

@@ -6,10 +6,10 @@ import pytest
 import timm
 import torch
 from safetensors.torch import load_file
+from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (the module-scoped photo shards + k-means fixture)
 
 import beit.pretrain as pretrain
 from beit.runtime.run_logging import read_metrics
-from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (the module-scoped photo shards + k-means fixture)
 
 ARCH = "swin_tiny_patch4_window7_224"
 # 32 px, the fixture's k-means has 4 px tokens (8x8 grid); Swin patches of 2 px -> grids 16, 8, 4:
@@ -61,11 +61,12 @@ def test_swin_pretraining_fine_tunes_in_timm(swin_run, tmp_path):
     digits = tmp_path / "digits"
     build_sample_shards(digits, "digits")
     cfg = FinetuneConfig(train_shards=str(digits / "train-*.tar"), val_shards=str(digits / "test-*.tar"),
-                         output_dir=str(tmp_path / "ft"), model=ARCH, image_size=32, init=str(out / "pretrained.safetensors"),
+                         output_dir=str(tmp_path / "ft"), model=ARCH, image_size=32,
+                         init=str(out / "pretrained.safetensors"),
                          epochs=1, batches_per_epoch=2, batch_size=16, num_workers=0, lr=1e-3, warmup_epochs=0.5,
                          auto_augment="", reprob=0.0, mixup=0.0, cutmix=0.0, hflip=0.0, crop_pct=1.0, tensorboard=False)
     cfg.validate()
-    from beit.modeling.build import build_model
+    from beit.tasks import build_model
     logs = []
     model = build_model(cfg, 10, log=logs.append)
     pre = load_file(str(out / "pretrained.safetensors"))
@@ -77,6 +78,7 @@ def test_swin_pretraining_fine_tunes_in_timm(swin_run, tmp_path):
     assert res["samples"] == 360
     conf = json.loads((tmp_path / "ft" / "model.json").read_text())
     assert conf["model_kwargs"]["depths"] == [2, 2, 2] and conf["model_kwargs"]["patch_size"] == 2
-    m = timm.create_model(conf["architecture"], pretrained=False, checkpoint_path=str(tmp_path / "ft" / "model.safetensors"),
+    m = timm.create_model(conf["architecture"], pretrained=False,
+                          checkpoint_path=str(tmp_path / "ft" / "model.safetensors"),
                           **conf["model_kwargs"])
     assert m.head.fc.out_features == 10

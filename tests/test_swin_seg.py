@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from beit.finetune import FinetuneConfig, run_finetune
-from beit.modeling.build import build_model
-from beit.modeling.segmenter import SegLoss, load_seg_model, seg_layer_decay_groups
-from beit.modeling.swin_segmenter import SwinSegmenter
 from test_finetune_seg import write_seg_shards
 from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (the module-scoped photo shards + k-means fixture)
 from test_swin_pretrain import ARCH, SWIN
+
+from beit.export.segmentation import load_seg_model
+from beit.finetune import FinetuneConfig, run_finetune
+from beit.modeling.segmenter import SegLoss, seg_layer_decay_groups
+from beit.modeling.swin_segmenter import SwinSegmenter
+from beit.tasks import build_model
 
 SIZES = dict(patch_size=2, embed_dim=16, depths=[2, 2, 2], num_heads=[1, 2, 4], window_size=4)
 
@@ -50,7 +51,8 @@ def test_swin_segmenter_levels_heads_and_layer_decay():
     scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
     named = dict(m.named_parameters())
     assert scale[id(named["decode.classify.1.weight"])] == 1.0
-    first, last = named["backbone.layers.0.blocks.0.attn.qkv.weight"], named["backbone.layers.2.blocks.1.attn.qkv.weight"]
+    first = named["backbone.layers.0.blocks.0.attn.qkv.weight"]
+    last = named["backbone.layers.2.blocks.1.attn.qkv.weight"]
     assert scale[id(named["backbone.patch_embed.proj.weight"])] < scale[id(first)] < scale[id(last)] < 1.0
     wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
     assert wd[id(named["backbone.layers.0.blocks.0.attn.relative_position_bias_table"])] == 0.0

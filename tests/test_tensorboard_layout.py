@@ -1,14 +1,12 @@
 """TensorBoard: both stages log every scalar to output_dir/tensorboard under one naming scheme, and
 pretraining logs mask / prediction / reconstruction pictures every --log_images_every steps."""
 import io
-import json
 
 import numpy as np
-import pytest
 from PIL import Image
+from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (assets is a fixture)
 
 from beit.runtime.run_logging import read_metrics, tensorboard_tag
-from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (assets is a fixture)
 
 SHARED = {"train/loss", "train/lr", "train/weight_decay", "train/grad_norm", "train/epoch", "data/samples", "data/bad"}
 
@@ -56,9 +54,10 @@ def test_pretraining_scalars_and_pictures(assets, tmp_path):  # noqa: F811
 
 
 def test_finetune_uses_the_same_layout(tmp_path):
-    from beit.finetune import run_finetune
     from test_finetune_run import cfg
+
     from beit.data.sample_sets import build_sample_shards
+    from beit.finetune import run_finetune
     digits = tmp_path / "digits"
     build_sample_shards(digits, "digits")
     out = tmp_path / "ft"

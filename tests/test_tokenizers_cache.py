@@ -10,9 +10,15 @@ from beit.data.loading.decode import load_pixels, open_image, to_rgb
 from beit.data.sample_sets import build_sample_shards
 from beit.data.storage.shard_format import image_ext, iter_tar_samples
 from beit.tokenizers.cache import main
-from beit.tokenizers.token_cache import CachedViews, check_cache_compatible, crop_view, read_cache_info, write_token_cache
 from beit.tokenizers.images import sample_photo_crops
 from beit.tokenizers.kmeans import KMeansTokenizer
+from beit.tokenizers.token_cache import (
+    CachedViews,
+    check_cache_compatible,
+    crop_view,
+    read_cache_info,
+    write_token_cache,
+)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +79,7 @@ def test_incompatible_cache_is_refused(setup):
 
 def test_cache_cli(setup, capsys):
     d, _ = setup
-    rc = main(["--shards", str(d / "photos" / "val-000000.tar"), "--out", str(d / "cli"), "--tokenizer", "kmeans",
+    rc = main(["--train_shards", str(d / "photos" / "val-000000.tar"), "--out", str(d / "cli"), "--tokenizer", "kmeans",
                "--tokenizer_path", str(d / "km"), "--views_per_image", "2"])
     assert rc == 0 and "views" in capsys.readouterr().out
     assert read_cache_info(d / "cli")["tokenizer"] == "kmeans"

@@ -98,7 +98,8 @@ def test_measures_fail_bad_tokenizers(saved):
 def test_report_writes_png_and_json(saved, tmp_path):
     from beit.data.sample_sets import build_sample_shards
     build_sample_shards(tmp_path / "photos", "photos")
-    cfg = ReportConfig(tokenizer="kmeans", tokenizer_path=str(saved["kmeans"]), shards=str(tmp_path / "photos/val-*.tar"),
+    cfg = ReportConfig(tokenizer="kmeans", tokenizer_path=str(saved["kmeans"]),
+                       val_shards=str(tmp_path / "photos/val-*.tar"),
                        out_dir=str(tmp_path / "rep"), max_images=64, num_show=3)
     res = run_report(cfg)
     png = tmp_path / "rep" / "tokenizer_report.png"

@@ -19,7 +19,8 @@ def shards(tmp_path_factory):
 
 def test_kmeans_cli_fits_saves_and_reports(shards, tmp_path, capsys):
     train, val = shards
-    rc = main(["kmeans", "--shards", train, "--val_shards", val, "--out", str(tmp_path / "km"), "--vocab_size", "64",
+    rc = main(["kmeans", "--train_shards", train, "--val_shards", val, "--out", str(tmp_path / "km"), "--vocab_size",
+               "64",
                "--input_size", "32", "--patch_size", "8", "--epochs", "1", "--init_patches", "2000",
                "--num_workers", "0"])
     assert rc == 0
@@ -32,16 +33,17 @@ def test_kmeans_cli_fits_saves_and_reports(shards, tmp_path, capsys):
 
 def test_grid_mismatch_is_refused_before_compute():
     with pytest.raises(ValueError, match="patch grid 14x14.*input_size 112"):
-        KMeansTrainConfig(shards="x", input_size=64, patch_size=8, model_grid=14).validate()
+        KMeansTrainConfig(train_shards="x", input_size=64, patch_size=8, model_grid=14).validate()
     with pytest.raises(ValueError, match="token grid 8x8.*patch grid 14x14"):
-        DVAETrainConfig(shards="x", input_size=64, downsample=8, model_grid=14).validate()
-    DVAETrainConfig(shards="x", input_size=112, downsample=8, model_grid=14).validate()
+        DVAETrainConfig(train_shards="x", input_size=64, downsample=8, model_grid=14).validate()
+    DVAETrainConfig(train_shards="x", input_size=112, downsample=8, model_grid=14).validate()
     with pytest.raises(SystemExit):
-        main(["dvae", "--shards", "x", "--downsample", "3"])
+        main(["dvae", "--train_shards", "x", "--downsample", "3"])
 
 
 def _cfg(train, out, steps):
-    return DVAETrainConfig(shards=train, output_dir=str(out), vocab_size=32, hidden=16, downsample=4, input_size=16,
+    return DVAETrainConfig(train_shards=train, output_dir=str(out), vocab_size=32, hidden=16, downsample=4,
+                           input_size=16,
                            batch_size=8, steps=steps, anneal_steps=4, kl_warmup_steps=2, checkpoint_every=2,
                            log_every=1, progress=False, keep_last=5, num_workers=0)
 
@@ -98,7 +100,7 @@ def test_kmeans_fit_uses_every_image_every_pass(tmp_path, monkeypatch, capsys):
                 yield images
         return fit(cls, recorded, **kw)
     monkeypatch.setattr(KMeansTokenizer, "fit", classmethod(spy))
-    rc = main(["kmeans", "--shards", str(tmp_path / "s" / "train-*.tar"), "--out", str(tmp_path / "km"),
+    rc = main(["kmeans", "--train_shards", str(tmp_path / "s" / "train-*.tar"), "--out", str(tmp_path / "km"),
                "--vocab_size", "16", "--input_size", "32", "--patch_size", "8", "--epochs", "2",
                "--init_patches", "400", "--batch_size", "64", "--num_workers", "0"])
     assert rc == 0

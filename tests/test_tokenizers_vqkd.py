@@ -20,7 +20,8 @@ def official_state_dict(seed=0, gamma=True):
           "encoder.fc_norm.weight": 1 + r(D), "encoder.fc_norm.bias": r(D)}
     for i in range(DEPTH):
         b = f"encoder.blocks.{i}."
-        sd.update({b + "norm1.weight": 1 + r(D), b + "norm1.bias": r(D), b + "attn.q_bias": r(D), b + "attn.v_bias": r(D),
+        sd.update({b + "norm1.weight": 1 + r(D), b + "norm1.bias": r(D), b + "attn.q_bias": r(D),
+                   b + "attn.v_bias": r(D),
                    b + "attn.qkv.weight": r(3 * D, D), b + "attn.proj.weight": r(D, D), b + "attn.proj.bias": r(D),
                    b + "norm2.weight": 1 + r(D), b + "norm2.bias": r(D), b + "mlp.fc1.weight": r(4 * D, D),
                    b + "mlp.fc1.bias": r(4 * D), b + "mlp.fc2.weight": r(D, 4 * D), b + "mlp.fc2.bias": r(D)})

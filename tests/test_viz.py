@@ -1,18 +1,15 @@
 """`beit viz` on short real runs: every picture is a valid PNG of the expected size with real content,
 attention recomputed from qkv matches the block's own output, decoders give reconstructions."""
-import json
 import re
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (assets is a fixture: short real runs)
+from viz_testutil import check_png
 
 from beit.options.viz import VizConfig
 from beit.viz import figures
 from beit.viz.main import make_report
-from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (assets is a fixture: short real runs)
-from viz_testutil import check_png
 
 
 @pytest.fixture(scope="module")

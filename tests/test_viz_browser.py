@@ -2,11 +2,11 @@
 import re
 
 import pytest
+from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (assets is a fixture: a short real run)
+from viz_testutil import check_png, chromium, images_loaded, screenshot
 
 from beit.options.viz import VizConfig
 from beit.viz.main import make_report
-from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (assets is a fixture: a short real run)
-from viz_testutil import check_png, chromium, images_loaded, screenshot
 
 pytestmark = pytest.mark.skipif(
     chromium() is None, reason="headless Chromium is not installed (launch/test.sh installs it with apt-get "

@@ -1,16 +1,15 @@
 """`beit viz` on short real fine-tuning runs: classification (confusion matrix with the digits' class
 names, attention, curves) and segmentation (prediction / ground-truth overlays with a legend)."""
 import pytest
+from test_finetune_run import cfg as cls_cfg
+from test_finetune_seg import seg_cfg, seg_shards  # noqa: F401  (seg_shards is a fixture)
+from viz_testutil import check_png
 
 from beit.finetune import run_finetune
 from beit.options.viz import VizConfig
 from beit.viz import figures
 from beit.viz.curves import curves_px
 from beit.viz.main import make_report
-from test_finetune_run import cfg as cls_cfg
-from test_finetune_seg import seg_cfg, seg_shards  # noqa: F401  (seg_shards is a fixture)
-from viz_testutil import check_png
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 

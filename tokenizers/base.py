@@ -45,7 +45,8 @@ def read_tokenizer_json(path: str | Path, expected_kind: str | None = None) -> t
     if not isinstance(meta, dict) or "kind" not in meta or "config" not in meta:
         raise ValueError(f"{meta_path} is not a tokenizer description (needs 'kind' and 'config')")
     if meta.get("format_version", 1) > FORMAT_VERSION:
-        raise ValueError(f"{meta_path} has format_version {meta['format_version']}; this code reads <= {FORMAT_VERSION}")
+        raise ValueError(f"{meta_path} has format_version {meta['format_version']}; this code reads <= "
+                         f"{FORMAT_VERSION}")
     if expected_kind is not None and meta["kind"] != expected_kind:
         raise ValueError(f"{meta_path} holds a {meta['kind']!r} tokenizer, not {expected_kind!r}")
     return stem, meta["config"]
@@ -146,7 +147,8 @@ class VisualTokenizer(nn.Module):
             tokens = self._tokenize(x)
         expected = (x.shape[0], *self.grid_size)
         if tuple(tokens.shape) != expected:
-            raise RuntimeError(f"{type(self).__name__} produced tokens of shape {tuple(tokens.shape)}, expected {expected}")
+            raise RuntimeError(f"{type(self).__name__} produced tokens of shape {tuple(tokens.shape)}, expected "
+                               f"{expected}")
         return tokens.long()
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -157,9 +159,11 @@ class VisualTokenizer(nn.Module):
         if not self.has_decoder:
             raise NotImplementedError(f"the {self.kind} tokenizer has no decoder (no reconstructions)")
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != tuple(self.grid_size):
-            raise ValueError(f"tokens must have shape [B, {self.grid_size[0]}, {self.grid_size[1]}], got {list(tokens.shape)}")
+            raise ValueError(f"tokens must have shape [B, {self.grid_size[0]}, {self.grid_size[1]}], got "
+                             f"{list(tokens.shape)}")
         if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.vocab_size):
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{int(tokens.min())}, {int(tokens.max())}]")
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}), got [{int(tokens.min())}, "
+                             f"{int(tokens.max())}]")
         with torch.no_grad(), torch.autocast(device_type=self.device.type, enabled=False):
             return self._decode(tokens.to(self.device).long()).clamp(0.0, 1.0)
 
@@ -203,3 +207,14 @@ class VisualTokenizer(nn.Module):
     def extra_repr(self) -> str:
         return (f"vocab_size={self.vocab_size}, input_size={self.input_size}, grid_size={tuple(self.grid_size)}, "
                 f"interpolation={self.interpolation!r}")
+
+
+def tokenizer_fingerprint(tokenizer: VisualTokenizer) -> str:
+    """A hash of a tokenizer's vocabulary, grid and weights: a run resumes only with the tokenizer it trained with
+    (the file may move, not change)."""
+    import hashlib
+    h = hashlib.sha256(json.dumps({"vocab": tokenizer.vocab_size, "grid": list(tokenizer.grid_size)}).encode())
+    for k, v in sorted(tokenizer.state_dict().items()):
+        h.update(k.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]

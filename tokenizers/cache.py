@@ -1,6 +1,6 @@
 """``beit tokenizer cache`` / ``python -m beit.tokenizers.cache``: pre-tokenise shards into a token cache.
 
-    python -m beit.tokenizers.cache --shards 'data/train-*.tar' --out data/token_cache \\
+    python -m beit.tokenizers.cache --train_shards 'data/train-*.tar' --out data/token_cache \\
         --tokenizer dalle --tokenizer_path weights/dalle --views_per_image 8
 
 K augmented views per image are tokenized once, so pretraining (``--token_cache``) skips the tokenizer;
@@ -8,20 +8,19 @@ the format and its reader are in beit.tokenizers.token_cache.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal
 
 from beit.config import field, parse_config
-from beit.tokenizers import TOKENIZER_KINDS, load_tokenizer
+from beit.options.common import TokenizerOptions, TrainDataOptions
+from beit.tokenizers import load_tokenizer
 from beit.tokenizers.token_cache import write_token_cache
 
 
 @dataclass
-class TokenCacheConfig:
-    shards: str = field("", help="source shards (path, brace pattern, glob or folder)")
+class TokenCacheConfig(TokenizerOptions, TrainDataOptions):
     out: str = field("data/token_cache", help="output folder for cache-*.tar + manifest.json")
-    tokenizer: str = field("kmeans", help=f"tokenizer kind: {', '.join(TOKENIZER_KINDS)}")
-    tokenizer_path: Optional[str] = field(None, help="saved tokenizer / converted weights")
     views_per_image: int = field(4, help="augmented views (crop box + flip) stored per image")
     scale_min: float = field(0.08, help="random-resized-crop minimum area fraction")
     hflip: float = field(0.5, help="flip probability")
@@ -30,24 +29,29 @@ class TokenCacheConfig:
     seed: int = field(0, help="seed of the boxes and flips")
     model_grid: int = field(0, help="BEiT patch grid side to check the tokenizer against; 0 = no check")
     device: str = field("cpu", help="device for the tokenizer (cpu, cuda)")
-    tokenizer_dtype: str = field("fp32", help="fp32 (exact) | bf16: the tokenizer under bf16 autocast, faster on GPUs "
-                                 "and AMX/AVX-512-BF16 CPUs; a few tokens differ (agreement: `beit bench`)")
+    tokenizer_dtype: Literal["fp32", "bf16"] = field("fp32", help="fp32 (exact) | bf16: the tokenizer under bf16 "
+                                                     "autocast, faster on GPUs and AMX/AVX-512-BF16 CPUs; a few tokens "
+                                                     "differ (agreement: `beit bench`)")
 
     def validate(self) -> None:
-        if not self.shards:
-            raise ValueError("--shards is required")
+        self.check_choices()
+        self.check_train_data()
         if self.views_per_image < 1:
             raise ValueError("--views_per_image must be >= 1")
-        if self.tokenizer_dtype not in ("fp32", "bf16"):
-            raise ValueError(f"--tokenizer_dtype must be fp32 or bf16, got {self.tokenizer_dtype!r}")
 
 
 def main(argv=None) -> int:
     cfg = parse_config(TokenCacheConfig, argv, description=__doc__)
-    tok = load_tokenizer(cfg.tokenizer, cfg.tokenizer_path).to(cfg.device).set_compute_dtype(cfg.tokenizer_dtype)
+    tok = load_tokenizer(cfg.tokenizer_kind(), cfg.tokenizer_path, trust_pickle=cfg.trust_pickle)
+    tok = tok.to(cfg.device).set_compute_dtype(cfg.tokenizer_dtype)
     if cfg.model_grid and tuple(tok.grid_size) != (cfg.model_grid, cfg.model_grid):
         raise SystemExit(f"tokenizer grid {tok.grid_size} != model patch grid {cfg.model_grid}x{cfg.model_grid}")
-    m = write_token_cache(cfg.shards, cfg.out, tok, views_per_image=cfg.views_per_image,
+    if cfg.data:
+        from beit.runtime.run_lock import main_print
+        found = cfg.folder_shards(labelled=False, log=main_print)
+        main_print(f"--data {cfg.data}: {found.describe()}")
+        cfg = dataclasses.replace(cfg, train_shards=[found.train])
+    m = write_token_cache(cfg.train_shards, cfg.out, tok, views_per_image=cfg.views_per_image,
                           scale=(cfg.scale_min, 1.0), hflip=cfg.hflip, seed=cfg.seed, batch_size=cfg.batch_size,
                           samples_per_shard=cfg.samples_per_shard, tokenizer_path=cfg.tokenizer_path)
     print(f"wrote {len(m['shards'])} cache shard(s), {m['num_samples']} images x {cfg.views_per_image} views "

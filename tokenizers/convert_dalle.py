@@ -8,13 +8,12 @@ the cache first (--sha256 checks them). The output loads with load_tokenizer("da
 """
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
-from beit.config import field, parse_config
 from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
-from beit.tokenizers.dalle import (OFFICIAL_ENCODER_URL, convert_dalle_pickles, download)
+from beit.config import field, parse_config
+from beit.tokenizers.dalle import OFFICIAL_ENCODER_URL, convert_dalle_pickles, download
 
 
 @dataclass
@@ -39,17 +38,22 @@ def _local(spec: Optional[str], sha: Optional[str], cache: Optional[str]):
     return spec
 
 
-def main(argv=None) -> int:
+def convert(argv=None) -> int:
     cfg = parse_config(ConvertDalleConfig, argv, description=__doc__)
     if not cfg.trust_pickle:
-        print("refusing to unpickle: pass --trust_pickle true if you trust the files "
-              "(unpickling runs arbitrary code)", file=sys.stderr)
-        return 2
+        raise ValueError("refusing to unpickle: pass --trust_pickle true if you trust the files "
+                         "(unpickling runs arbitrary code)")
     enc = _local(cfg.encoder, cfg.sha256, cfg.cache_dir)
     dec = _local(cfg.decoder, cfg.decoder_sha256, cfg.cache_dir)
     stem = convert_dalle_pickles(enc, dec, cfg.out, trust_pickle=True, input_size=cfg.input_size)
     print(f"wrote {stem}.safetensors and {stem}.json; use: load_tokenizer('dalle', '{stem}')")
     return 0
+
+
+def main(argv=None) -> int:
+    """``beit tokenizer convert-dalle``, as an exit code (beit.cli.call's policy)."""
+    from beit.cli import call
+    return call(convert, argv)
 
 
 if __name__ == "__main__":

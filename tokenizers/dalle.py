@@ -91,7 +91,8 @@ class DalleTokenizer(VisualTokenizer):
         self.encoder_cfg = {k: int(encoder[k]) for k in ENCODER_FIELDS}
         self.decoder_cfg = {k: int(decoder[k]) for k in DECODER_FIELDS} if decoder else None
         if self.decoder_cfg and self.decoder_cfg["vocab_size"] != self.encoder_cfg["vocab_size"]:
-            raise ValueError(f"decoder vocab_size {self.decoder_cfg['vocab_size']} != encoder's {self.encoder_cfg['vocab_size']}")
+            raise ValueError(f"decoder vocab_size {self.decoder_cfg['vocab_size']} != encoder's "
+                             f"{self.encoder_cfg['vocab_size']}")
         self.encoder = build_encoder(self.encoder_cfg)
         self.decoder = build_decoder(self.decoder_cfg) if self.decoder_cfg else None
         self.vocab_size = self.encoder_cfg["vocab_size"]
@@ -152,7 +153,8 @@ def _assert_same_outputs(original: nn.Module, rebuilt: nn.Module, x: torch.Tenso
     with torch.no_grad():
         a, b = original.float().eval()(x), rebuilt(x)
     if not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
-        raise RuntimeError(f"converted {what} does not reproduce the pickled module (max diff {float((a - b).abs().max())})")
+        raise RuntimeError(f"converted {what} does not reproduce the pickled module (max diff "
+                           f"{float((a - b).abs().max())})")
 
 
 def tokenizer_from_modules(encoder: nn.Module, decoder: nn.Module | None = None, input_size: int = 112,
@@ -178,7 +180,8 @@ def tokenizer_from_modules(encoder: nn.Module, decoder: nn.Module | None = None,
 
 def convert_dalle_pickles(encoder_pkl: str | Path, decoder_pkl: str | Path | None, out: str | Path, *,
                           trust_pickle: bool = False, input_size: int = 112) -> Path:
-    """Official ``encoder.pkl`` [+ ``decoder.pkl``] -> ``<out>/dalle.safetensors`` + ``dalle.json``; returns the stem."""
+    """Official ``encoder.pkl`` [+ ``decoder.pkl``] -> ``<out>/dalle.safetensors`` + ``dalle.json``; returns the
+    stem."""
     enc = _unpickle_module(Path(encoder_pkl), "Encoder", trust_pickle)
     dec = _unpickle_module(Path(decoder_pkl), "Decoder", trust_pickle) if decoder_pkl else None
     tok = tokenizer_from_modules(enc, dec, input_size=input_size)

@@ -55,7 +55,8 @@ class DiscreteVAE(nn.Module):
             dec += [nn.ConvTranspose2d(c_in, chans[i - 1], 4, stride=2, padding=1), ResBlock(chans[i - 1])]
             c_in = chans[i - 1]
         # The last upsampling goes straight to RGB: a wide conv at full resolution would dominate the cost.
-        dec += [nn.ReLU(), nn.ConvTranspose2d(c_in, 3, 4, stride=2, padding=1) if levels else nn.Conv2d(c_in, 3, 3, padding=1)]
+        dec += [nn.ReLU(), nn.ConvTranspose2d(c_in, 3, 4, stride=2, padding=1) if levels else nn.Conv2d(c_in, 3, 3,
+                                                                                                        padding=1)]
         self.encoder, self.decoder = nn.Sequential(*enc), nn.Sequential(*dec)
         self.vocab_size = vocab_size
 
@@ -127,7 +128,8 @@ def load_dvae(path: str | Path | None = None, **kw: Any) -> DVAETokenizer:
     """``load_tokenizer("dvae", path)``: a dVAE saved by ``python -m beit.tokenizers.train dvae``."""
     if path is None:
         raise ValueError("the dvae tokenizer must be trained first: `python -m beit.tokenizers.train dvae "
-                         "--shards '<train-*.tar>' --output_dir runs/dvae` writes runs/dvae/dvae.safetensors + .json")
+                         "--train_shards '<train-*.tar>' --output_dir runs/dvae` writes runs/dvae/dvae.safetensors + "
+                         ".json")
     if kw:
         raise TypeError(f"unexpected options for a saved dVAE tokenizer: {sorted(kw)}")
     return DVAETokenizer.load(path)

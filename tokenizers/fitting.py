@@ -13,11 +13,12 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 
 from beit.config import field, save_config, to_dict
+from beit.options.common import HeldOutOptions, LoaderOptions, PrecisionOptions, RunOptions, TrainDataOptions
 from beit.tokenizers.train_data import CropSpec, build_view_loader
 
 
@@ -30,20 +31,15 @@ def check_grid(kind: str, input_size: int, factor: int, model_grid: int, factor_
         raise ValueError(
             f"{kind}: token grid {grid}x{grid} (input_size {input_size} / {factor_name} {factor}) != the model's "
             f"patch grid {model_grid}x{model_grid}; every masked patch needs exactly one token. "
-            f"Use input_size {model_grid * factor} (tokenizer view) or change {factor_name} to {input_size // model_grid}"
+            f"Use input_size {model_grid * factor} (tokenizer view) or change {factor_name} to "
+            f"{input_size // model_grid}"
             if input_size % model_grid == 0 else
             f"{kind}: token grid {grid}x{grid} != the model's patch grid {model_grid}x{model_grid}; use input_size "
             f"{model_grid * factor}")
 
 
 @dataclass
-class KMeansTrainConfig:
-    shards: str = field("", help="training shards: path, brace pattern, glob or folder")
-    data: str = field("", help="a folder of images instead of --shards: written once into cached shards (see "
-                               "beit.data.storage.folder_cache) and reused while it is unchanged")
-    data_cache: str = field("", help="folder for the shards written from --data (default: $BEIT_CACHE or "
-                                     "~/.cache/beit/shards)")
-
+class KMeansTrainConfig(LoaderOptions, HeldOutOptions, TrainDataOptions):
     out: str = field("runs/tokenizer/kmeans", help="output stem: writes OUT.safetensors + OUT.json")
     vocab_size: int = field(1024, help="number of visual words (codes)")
     patch_size: int = field(8, help="patch side in px of the tokenizer view (one token per patch)")
@@ -59,29 +55,22 @@ class KMeansTrainConfig:
     contrast_floor: float = field(0.05, help="std below which a patch counts as flat")
     whiten: bool = field(False, help="ZCA-whiten the patch shapes")
     seed: int = field(0, help="seed (same data + seed -> same codebook)")
-    num_workers: int = field(2, help="data loader worker processes")
-    val_shards: Optional[str] = field(None, help="held-out shards: print usage/perplexity/stability after fitting")
-    max_bad_fraction: float = field(0.01, help="stop if more than this fraction of samples is undecodable")
 
     def validate(self) -> None:
-        if not self.shards and not self.data:
-            raise ValueError("no training data: pass --data <folder of images> or --shards 'data/photos/train-*.tar'")
-        if self.shards and self.data:
-            raise ValueError("--data and --shards both name the training data: give one")
+        self.check_train_data()
         check_grid("kmeans", self.input_size, self.patch_size, self.model_grid, "patch_size")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError("crop_scale_min must be in (0, 1]")
 
 
 @dataclass
-class DVAETrainConfig:
-    shards: str = field("", help="training shards: path, brace pattern, glob or folder")
-    data: str = field("", help="a folder of images instead of --shards: written once into cached shards (see "
-                               "beit.data.storage.folder_cache) and reused while it is unchanged")
-    data_cache: str = field("", help="folder for the shards written from --data (default: $BEIT_CACHE or "
-                                     "~/.cache/beit/shards)")
+class DVAETrainConfig(RunOptions, PrecisionOptions, LoaderOptions, HeldOutOptions, TrainDataOptions):
+    # the shared options with the dVAE's defaults
+    output_dir: str = field("runs/dvae")
+    checkpoint_every: int = field(250)
+    log_every: int = field(50)
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = field("no")
 
-    output_dir: str = field("runs/dvae", help="checkpoints, metrics.jsonl, config.yaml and the final dvae.safetensors/.json")
     vocab_size: int = field(512, help="codebook size")
     hidden: int = field(64, help="conv channels")
     downsample: int = field(8, help="encoder stride (power of 2): grid = input_size / downsample")
@@ -91,7 +80,8 @@ class DVAETrainConfig:
     crop_scale_min: float = field(0.08, help="smallest random crop (area fraction)")
     batch_size: int = field(32, help="images per step per process")
     steps: int = field(2000, help="optimizer steps")
-    lr: float = field(1e-3, help="peak learning rate (AdamW), cosine-decayed to a tenth after a warmup of 5 percent of the steps")
+    lr: float = field(1e-3, help="peak learning rate (AdamW), cosine-decayed to a tenth after a warmup of 5 percent of "
+                                 "the steps")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     tau_start: float = field(1.0, help="Gumbel-softmax temperature at step 0")
     tau_end: float = field(1 / 16, help="temperature after anneal_steps (exponential decay)")
@@ -100,31 +90,20 @@ class DVAETrainConfig:
     kl_warmup_steps: int = field(500, help="linear warm-up of the KL weight from 0")
     usage_weight: float = field(0.1, help="weight of the codebook-usage term log K - H(batch-mean code distribution)")
     recon_sigma: float = field(0.1, help="Gaussian likelihood scale of the reconstruction (pixels in [0,1])")
-    checkpoint_every: int = field(250, help="save an atomic, resumable checkpoint every N steps")
-    keep_last: int = field(2, help="complete checkpoints to keep")
-    log_every: int = field(50, help="metrics.jsonl / progress interval (steps)")
-    mixed_precision: str = field("no", help="no | fp16 | bf16 (GPU)")
-    num_workers: int = field(2, help="data loader worker processes per rank")
-    seed: int = field(0, help="seed")
-    val_shards: Optional[str] = field(None, help="held-out shards: usage/perplexity/stability/PSNR at the end")
-    max_bad_fraction: float = field(0.01, help="stop if more than this fraction of samples is undecodable")
     progress: bool = field(True, help="tqdm progress bar on rank 0")
 
     def validate(self) -> None:
-        if not self.shards and not self.data:
-            raise ValueError("no training data: pass --data <folder of images> or --shards 'data/photos/train-*.tar'")
-        if self.shards and self.data:
-            raise ValueError("--data and --shards both name the training data: give one")
+        self.check_choices()
+        self.check_train_data()
+        self.check_run()
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise ValueError(f"downsample must be a power of two, got {self.downsample}")
         check_grid("dvae", self.input_size, self.downsample, self.model_grid, "downsample")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ValueError("mixed_precision must be no, fp16 or bf16")
         if self.tau_end <= 0 or self.tau_start <= 0:
             raise ValueError("temperatures must be > 0")
 
 
-def _val_report(tok, val_shards: Optional[str], size: int, interpolation: str) -> Optional[dict]:
+def _val_report(tok, val_shards: list[str], size: int, interpolation: str) -> Optional[dict]:
     if not val_shards:
         return None
     from beit.tokenizers.images import shard_image_batches
@@ -137,7 +116,7 @@ def train_kmeans(cfg: KMeansTrainConfig):
     """Fit the k-means tokenizer on the shards; returns it (and writes cfg.out)."""
     from beit.tokenizers.kmeans import KMeansTokenizer
 
-    loader = build_view_loader(cfg.shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
+    loader = build_view_loader(cfg.train_shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
                                cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
                                max_bad_fraction=cfg.max_bad_fraction)
     epochs = iter(range(10 ** 9))
@@ -183,12 +162,15 @@ def train_dvae(cfg: DVAETrainConfig):
     from tqdm.auto import tqdm
 
     from beit.checkpoints.checkpointing import TRAIN_STATE, find_latest_complete, load_checkpoint, save_checkpoint
+    from beit.runtime.precision import resolve_mixed_precision
+    from beit.runtime.scaling import accelerator_kwargs_handlers
     from beit.tokenizers.dvae import DiscreteVAE, DVAETokenizer
 
-    acc = Accelerator(mixed_precision=cfg.mixed_precision)
+    acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
+                      kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
-    loader = build_view_loader(cfg.shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
+    loader = build_view_loader(cfg.train_shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
                                cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
                                num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction)
     if acc.is_main_process:

@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from beit.data.loading.decode import BadSample, load_pixels, open_image, to_rgb
+from beit.data.pipelines.transforms import INTERPOLATIONS, pil_to_tensor
 from beit.data.storage.shard_format import image_ext, iter_tar_samples
 from beit.data.storage.shardspec import expand_shards
-from beit.data.pipelines.transforms import INTERPOLATIONS, pil_to_tensor
 
 
 def resize_square(img: Image.Image, size: int, interpolation: str = "bicubic") -> Image.Image:

@@ -14,8 +14,9 @@ different brightness/colour different codes, so tokens carry information there t
 keeps the noise of near-flat patches from being blown up to full-contrast shapes.
 
 Tokens are the nearest of ``vocab_size`` centroids; ``decode`` paints each token's centroid back
-as a patch (mean colour + contrast x shape), so the report can show reconstructions and PSNR. ``fit`` runs mini-batch k-means (k-means++
-init, per-centre learning rates, dead-code re-seeding) over batches streamed from any iterable.
+as a patch (mean colour + contrast x shape), so the report can show reconstructions and PSNR. ``fit`` runs
+mini-batch k-means (k-means++ init, per-centre learning rates, dead-code re-seeding) over batches streamed from
+any iterable.
 """
 from __future__ import annotations
 
@@ -120,8 +121,8 @@ class KMeansTokenizer(VisualTokenizer):
 
     def _tokenize(self, images: torch.Tensor) -> torch.Tensor:
         patches = extract_patches(images, self.patch_size)
-        b, l, _ = patches.shape
-        idx, _ = nearest(self.features(patches.reshape(b * l, -1)), self.centroids)
+        b, n, _ = patches.shape
+        idx, _ = nearest(self.features(patches.reshape(b * n, -1)), self.centroids)
         return idx.view(b, *self.grid_size)
 
     @property
@@ -139,7 +140,6 @@ class KMeansTokenizer(VisualTokenizer):
         return (centred.view(-1, 3, p2) + mean_rgb[:, :, None]).reshape(-1, d)
 
     def _decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        b = tokens.shape[0]
         cols = self.centroid_patches()[tokens.flatten(1)].transpose(1, 2)  # [B, 3*p*p, L]
         return F.fold(cols, (self.input_size, self.input_size), kernel_size=self.patch_size, stride=self.patch_size)
 
@@ -271,7 +271,7 @@ def load_kmeans(path: str | Path | None = None, **kw: Any) -> KMeansTokenizer:
     """``load_tokenizer("kmeans", path)``: a tokenizer saved by ``KMeansTokenizer.save``."""
     if path is None:
         raise ValueError("the k-means tokenizer needs a fitted codebook: fit one on your shards with "
-                         "`python -m beit.tokenizers.train kmeans --shards '<train-*.tar>' --out <dir>/kmeans` "
+                         "`python -m beit.tokenizers.train kmeans --train_shards '<train-*.tar>' --out <dir>/kmeans` "
                          "and pass --tokenizer_path <dir>/kmeans")
     if kw:
         raise TypeError(f"unexpected options for a saved k-means tokenizer: {sorted(kw)}")

@@ -1,7 +1,7 @@
 """Tokenizer report: does it carry information? Usage, perplexity, stability, PSNR, and a picture.
 
     python -m beit.tokenizers.report --tokenizer kmeans --tokenizer_path runs/tok/kmeans \\
-        --shards 'data/photos/val-*.tar' --out_dir runs/tok/report
+        --val_shards 'data/photos/val-*.tar' --out_dir runs/tok/report
 
 Measures on held-out shards: codebook usage (fraction of codes seen), perplexity exp(H) of the
 token histogram, the majority token's share (the masked-token accuracy of always guessing it),
@@ -17,23 +17,20 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from beit.config import field, parse_config
-from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
-from beit.tokenizers import TOKENIZER_KINDS, VisualTokenizer, load_tokenizer
+from beit.options.common import HeldOutOptions, TokenizerKind, TokenizerOptions
+from beit.tokenizers import VisualTokenizer, load_tokenizer
 from beit.tokenizers.images import ShardReadStats, shard_image_batches
 from beit.tokenizers.metrics import measure
 
 
 @dataclass
-class ReportConfig:
-    tokenizer: str = field("kmeans", help=f"tokenizer kind: {', '.join(TOKENIZER_KINDS)}")
-    tokenizer_path: Optional[str] = field(None, help="saved tokenizer / weights (see load_tokenizer)")
-    trust_pickle: bool = field(False, help=TRUST_PICKLE_HELP)
-    shards: str = field("", help="held-out shards to measure on")
+class ReportConfig(TokenizerOptions, HeldOutOptions):
+    DEPRECATED = {"shards": "val_shards"}  # the held-out shards measured
+    tokenizer: TokenizerKind = field("kmeans")
     out_dir: str = field("runs/tokenizer_report", help="where tokenizer_report.json/.png go")
     max_images: int = field(512, help="images measured (centre crops at the tokenizer's input size)")
     batch_size: int = field(32, help="images per tokenizer call")
@@ -42,10 +39,9 @@ class ReportConfig:
     seed: int = field(0, help="seed of the random-weights baseline")
 
     def validate(self) -> None:
-        if self.tokenizer not in TOKENIZER_KINDS:
-            raise ValueError(f"--tokenizer must be one of {list(TOKENIZER_KINDS)}")
-        if not self.shards:
-            raise ValueError("--shards (held-out shards) is required")
+        self.check_choices()
+        if not self.val_shards:
+            raise ValueError("--val_shards (held-out shards to measure on) is required")
 
 
 def token_colors(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -85,14 +81,16 @@ def save_figure(tok: VisualTokenizer, images: torch.Tensor, path: Path, title: s
 
 
 def run_report(cfg: ReportConfig, tok: VisualTokenizer | None = None) -> dict:
-    """Measure ``tok`` (or the one named by cfg) on cfg.shards; write JSON + PNG; return the numbers."""
-    tok = tok if tok is not None else load_tokenizer(cfg.tokenizer, cfg.tokenizer_path, trust_pickle=cfg.trust_pickle)
+    """Measure ``tok`` (or the one named by cfg) on cfg.val_shards; write JSON + PNG; return the numbers."""
+    tok = tok if tok is not None else load_tokenizer(cfg.tokenizer_kind(), cfg.tokenizer_path,
+                                                     trust_pickle=cfg.trust_pickle)
     stats = ShardReadStats()
-    images = torch.cat(list(shard_image_batches(cfg.shards, tok.input_size, cfg.batch_size, tok.interpolation,
+    images = torch.cat(list(shard_image_batches(cfg.val_shards, tok.input_size, cfg.batch_size, tok.interpolation,
                                                 max_images=cfg.max_images, stats=stats)))
     result = {"tokenizer": tok.kind, "path": cfg.tokenizer_path, "vocab_size": tok.vocab_size,
               "input_size": tok.input_size, "grid_size": list(tok.grid_size),
-              "trained": measure(tok, images.split(cfg.batch_size)), "data": {"images": stats.samples, "bad": stats.bad}}
+              "trained": measure(tok, images.split(cfg.batch_size)), "data": {"images": stats.samples,
+                                                                              "bad": stats.bad}}
     if cfg.compare_random:
         result["random_weights"] = measure(tok.random_like(cfg.seed), images.split(cfg.batch_size))
     out = Path(cfg.out_dir)
@@ -118,17 +116,18 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def report(argv=None) -> int:
     cfg = parse_config(ReportConfig, argv, description=__doc__)
-    try:
-        result = run_report(cfg)
-    except (ValueError, FileNotFoundError, PermissionError) as e:  # bad input: a message, not a traceback
-        import sys
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = run_report(cfg)
     print(format_table(result))
     print(f"figure: {result['figure']}\nnumbers: {Path(cfg.out_dir) / 'tokenizer_report.json'}")
     return 0
+
+
+def main(argv=None) -> int:
+    """``beit tokenizer report``, as an exit code (beit.cli.call's policy)."""
+    from beit.cli import call
+    return call(report, argv)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ import json
 import random
 import tarfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -31,9 +30,9 @@ import torch
 from PIL import Image
 
 from beit.data.loading.decode import BadSample
+from beit.data.pipelines.transforms import INTERPOLATIONS, pil_to_tensor
 from beit.data.storage.shard_format import MANIFEST_NAME, add_member, sha256_file, write_json_atomic
 from beit.data.storage.shardspec import expand_shards
-from beit.data.pipelines.transforms import INTERPOLATIONS, pil_to_tensor
 from beit.tokenizers import VisualTokenizer
 from beit.tokenizers.images import ShardReadStats, iter_shard_samples
 
@@ -96,7 +95,8 @@ def write_token_cache(shards, out_dir, tok: VisualTokenizer, *, views_per_image:
                       scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, seed: int = 0,
                       batch_size: int = 64, samples_per_shard: int = 1000, progress: bool = True,
                       tokenizer_path: Optional[str] = None, max_bad_fraction: float = 0.01) -> dict[str, Any]:
-    """Tokenize ``views_per_image`` random views of every image of ``shards`` into cache shards; returns the manifest."""
+    """Tokenize ``views_per_image`` random views of every image of ``shards`` into cache shards; returns the
+    manifest."""
     from tqdm.auto import tqdm
 
     if views_per_image < 1:
@@ -219,3 +219,12 @@ class CachedViews:
             view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         image = torch.from_numpy(np.array(view)).permute(2, 0, 1)
         return {"images": image, "tokens": torch.from_numpy(tokens[k].astype(np.int64))}
+
+
+def token_cache_fingerprint(cache_dir: str | Path) -> str:
+    """Hash of a token cache's tokenizer settings, views and shard contents (its folder may move)."""
+    import hashlib
+    manifest = json.loads((Path(cache_dir) / MANIFEST_NAME).read_text())
+    info = {k: v for k, v in manifest["token_cache"].items() if k not in ("seconds", "tokenizer_path")}
+    shards = [(s["name"], s["sha256"]) for s in manifest["shards"]]
+    return hashlib.sha256(json.dumps([info, shards, manifest.get("options")], sort_keys=True).encode()).hexdigest()[:16]

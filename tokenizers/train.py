@@ -1,8 +1,8 @@
 """Train a tokenizer on your own shards.
 
     beit tokenizer train kmeans --data my_photos/ --out runs/tok/kmeans        # a folder of images (cached shards)
-    python -m beit.tokenizers.train kmeans --shards 'data/train-*.tar' --out runs/tok/kmeans [--vocab_size 1024 ...]
-    python -m beit.tokenizers.train dvae   --shards 'data/train-*.tar' --output_dir runs/dvae [--steps 3000 ...]
+    python -m beit.tokenizers.train kmeans --train_shards 'data/train-*.tar' --out runs/tok/kmeans [--vocab_size ...]
+    python -m beit.tokenizers.train dvae   --train_shards 'data/train-*.tar' --output_dir runs/dvae [--steps 3000 ...]
     accelerate launch -m beit.tokenizers.train dvae ...        (several GPUs)
 
 Both write ``<name>.safetensors`` + ``<name>.json`` for ``load_tokenizer(kind, path)`` (the fitting itself is
@@ -33,13 +33,11 @@ def main(argv=None) -> int:
     cfg = parse_config(cls, argv[1:], description=__doc__)
     if cfg.data:
         import dataclasses
-        import os
 
-        from beit.data.storage.folder_cache import folder_shards
-        say = (lambda m: print(m, flush=True)) if os.environ.get("RANK", "0") == "0" else (lambda m: None)
-        found = folder_shards(cfg.data, labelled=False, cache=cfg.data_cache, log=say)
-        say(f"--data {cfg.data}: {found.describe()}")
-        cfg = dataclasses.replace(cfg, shards=found.train)
+        from beit.runtime.run_lock import main_print
+        found = cfg.folder_shards(labelled=False, log=main_print)
+        main_print(f"--data {cfg.data}: {found.describe()}")
+        cfg = dataclasses.replace(cfg, data="", train_shards=found.train)
     fn(cfg)
     return 0
 

@@ -48,7 +48,8 @@ class VQKDTokenizer(VisualTokenizer):
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if process_type not in PROCESS_TYPES:
-            raise ValueError(f"process_type must be one of {PROCESS_TYPES} (unilm VQKD.pre_process), got {process_type!r}")
+            raise ValueError(f"process_type must be one of {PROCESS_TYPES} (unilm VQKD.pre_process), got "
+                             f"{process_type!r}")
         self.cfg = dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                         num_heads=num_heads, mlp_ratio=mlp_ratio, n_code=n_code, code_dim=code_dim,
                         init_values=init_values, interpolation=interpolation, process_type=process_type)
@@ -56,7 +57,8 @@ class VQKDTokenizer(VisualTokenizer):
         self.encoder = VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                                          num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0,
                                          global_pool="avg", init_values=init_values)
-        self.encode_task_layer = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(), nn.Linear(embed_dim, code_dim))
+        self.encode_task_layer = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.Tanh(), nn.Linear(embed_dim,
+                                                                                                     code_dim))
         self.register_buffer("codebook", F.normalize(torch.randn(n_code, code_dim), dim=-1))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)

@@ -13,52 +13,65 @@ AVX-512-BF16), unless --dtypes says otherwise.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from beit.config import DefaultsHelpFormatter
+from beit.config import Options, field, parse_config
 
 SECTIONS = ("train_step", "tokenizer", "end_to_end", "masking", "data", "memory", "onnx")
+EXTRA_SECTIONS = ("small_data", "tb_images")  # run only when named
+Section = Literal[SECTIONS + EXTRA_SECTIONS]
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="beit bench", description=__doc__, formatter_class=DefaultsHelpFormatter)
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="what to run (default: all)")
-    p.add_argument("--smoke", action="store_true", help="tiny sizes, one round: a structure check that takes seconds")
-    p.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
-    p.add_argument("--models", nargs="+", default=["tiny", "base"], help="train_step model sizes")
-    p.add_argument("--batch_size", type=int, default=8, help="train_step / tokenizer batch")
-    p.add_argument("--image_size", type=int, default=224, help="train_step / end_to_end encoder view (patch 16)")
-    p.add_argument("--rounds", type=int, default=5, help="alternating timed rounds (median reported)")
-    p.add_argument("--dtypes", nargs="+", default=None, help="train_step dtypes: fp32 bf16 (default: fp32, plus bf16 "
-                   "where the device has fast bf16)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
-                   help="train_step: add a torch.compile'd copy of ours (img/s, compile time, gain); never in --smoke")
-    p.add_argument("--e2e_compile", action="store_true", help="end_to_end: run with compile: true")
-    p.add_argument("--e2e_steps", type=int, default=6, help="end_to_end: optimizer steps per run")
-    p.add_argument("--e2e_batch_size", type=int, default=8)
-    p.add_argument("--e2e_workers", type=int, default=2, help="end_to_end: data loader workers")
-    p.add_argument("--e2e_kinds", nargs="+", default=["kmeans", "dalle", "dvae", "vqkd", "token_cache"])
-    p.add_argument("--data_images", type=int, default=512, help="data: JPEGs in the benchmark set")
-    p.add_argument("--data_workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--data_size", default="500x375", help="data: generated JPEG size WxH")
-    p.add_argument("--data_quality", type=int, default=90)
-    p.add_argument("--jpegs", type=Path, default=None, help="data: your own JPEGs (the first --data_images under it)")
-    p.add_argument("--memory_model", default="base", help="memory: model size")
-    p.add_argument("--onnx_teacher", default="", help="onnx: a fine-tuned teacher export (model.safetensors; default: "
-                   "a fresh BEiT classifier of --onnx_teacher_size)")
-    p.add_argument("--onnx_student", default="", help="onnx: the student export to convert to ONNX (e.g. beit distill's "
-                   "model.safetensors; default: a fresh --onnx_student_arch)")
-    p.add_argument("--onnx_teacher_size", default="base", help="onnx: fresh teacher's BEiT size")
-    p.add_argument("--onnx_student_arch", default="mobilevit_xxs", help="onnx: fresh student's timm name")
-    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
-    return p
+@dataclass
+class BenchConfig(Options):
+    sections: list[Section] = field(default_factory=lambda: list(SECTIONS), help=f"what to run (default: "
+                                    f"{', '.join(SECTIONS)}; also {', '.join(EXTRA_SECTIONS)})")
+    smoke: bool = field(False, help="tiny sizes, one round: a structure check that takes seconds")
+    device: str = field("auto", help="auto (cuda if available) | cpu | cuda")
+    threads: int = field(0, help="torch intra-op threads (0: torch's default)")
+    models: list[str] = field(default_factory=lambda: ["tiny", "base"], help="train_step model sizes")
+    batch_size: int = field(8, help="train_step / tokenizer batch")
+    image_size: int = field(224, help="train_step / end_to_end encoder view (patch 16)")
+    rounds: int = field(5, help="alternating timed rounds (median reported)")
+    dtypes: list[Literal["fp32", "bf16"]] = field(default_factory=list, help="train_step dtypes (empty: fp32, plus "
+                                                  "bf16 where the device has fast bf16)")
+    compile: bool = field(True, help="train_step: add a torch.compile'd copy of ours (img/s, compile time, gain); "
+                                     "never in --smoke")
+    e2e_compile: bool = field(False, help="end_to_end: run with compile: true")
+    e2e_steps: int = field(6, help="end_to_end: optimizer steps per run")
+    e2e_batch_size: int = field(8, help="end_to_end: images per step")
+    e2e_workers: int = field(2, help="end_to_end: data loader workers")
+    e2e_kinds: list[str] = field(default_factory=lambda: ["kmeans", "dalle", "dvae", "vqkd", "token_cache"],
+                                 help="end_to_end: tokenizer kinds (and token_cache)")
+    data_images: int = field(512, help="data: JPEGs in the benchmark set")
+    data_workers: list[int] = field(default_factory=lambda: [1, 2], help="data: loader worker counts")
+    data_size: str = field("500x375", help="data: generated JPEG size WxH")
+    data_quality: int = field(90, help="data: JPEG quality")
+    jpegs: str = field("", help="data: your own JPEGs (the first --data_images under it)")
+    memory_model: str = field("base", help="memory: model size")
+    onnx_teacher: str = field("", help="onnx: a fine-tuned teacher export (model.safetensors; default: a fresh BEiT "
+                                       "classifier of --onnx_teacher_size)")
+    onnx_student: str = field("", help="onnx: the student export to convert to ONNX (e.g. beit distill's "
+                                       "model.safetensors; default: a fresh --onnx_student_arch)")
+    onnx_teacher_size: str = field("base", help="onnx: fresh teacher's BEiT size")
+    onnx_student_arch: str = field("mobilevit_xxs", help="onnx: fresh student's timm name")
+    small_data_steps: int = field(300, help="small_data: pretraining steps of 64 images")
+    tb_steps: int = field(100, help="tb_images: optimizer steps per run (>= the default picture interval)")
+    tb_rounds: int = field(2, help="tb_images: alternating rounds of (off, default, dense)")
+    work_dir: str = field("", help="small_data / tb_images: where shards and runs go (default: a temporary folder)")
+    out: str = field("", help="also write the JSON here")
+
+    def validate(self) -> None:
+        self.check_choices()
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
 
 def _fast_bf16(device) -> bool:
@@ -84,7 +97,8 @@ def _section(section: str, a, device, dev_name: str, dtypes) -> dict:
                                   smoke=s)
     elif section == "end_to_end":
         from beit.bench import end_to_end
-        res = end_to_end.run(kinds=("kmeans", "token_cache") if s else tuple(a.e2e_kinds), image_size=32 if s else a.image_size,
+        res = end_to_end.run(kinds=("kmeans", "token_cache") if s else tuple(a.e2e_kinds),
+                             image_size=32 if s else a.image_size,
                              batch_size=2 if s else a.e2e_batch_size, steps=2 if s else a.e2e_steps,
                              num_workers=0 if s else a.e2e_workers, smoke=s, compile=a.e2e_compile and not s)
     elif section == "masking":
@@ -95,7 +109,13 @@ def _section(section: str, a, device, dev_name: str, dtypes) -> dict:
         size = (80, 60) if s else tuple(int(v) for v in a.data_size.lower().split("x"))
         res = data_pipeline.run(images=16 if s else a.data_images, workers=(1,) if s else tuple(a.data_workers),
                                 batch_size=4 if s else 32, size=size, quality=a.data_quality,
-                                rounds=1 if s else 2, jpegs=a.jpegs)
+                                rounds=1 if s else 2, jpegs=Path(a.jpegs) if a.jpegs else None)
+    elif section == "small_data":
+        from beit.bench import small_data
+        res = small_data.run(steps=20 if s else a.small_data_steps, work_dir=a.work_dir)
+    elif section == "tb_images":
+        from beit.bench import tb_images
+        res = tb_images.run(steps=4 if s else a.tb_steps, rounds=1 if s else a.tb_rounds, work_dir=a.work_dir)
     elif section == "onnx":
         from beit.bench import onnx_latency
         res = onnx_latency.run(teacher_path=a.onnx_teacher, student_path=a.onnx_student,
@@ -110,7 +130,7 @@ def _section(section: str, a, device, dev_name: str, dtypes) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = _parser().parse_args(argv)
+    a = parse_config(BenchConfig, argv, description=__doc__)
     import torch
 
     from beit.bench.machine import machine_info
@@ -122,9 +142,6 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("--device cuda but no CUDA device is visible; use --device cpu")
     device = torch.device(dev_name)
     dtypes = a.dtypes or (["fp32", "bf16"] if _fast_bf16(device) else ["fp32"])
-    bad = [d for d in dtypes if d not in ("fp32", "bf16")]
-    if bad:
-        raise ValueError(f"--dtypes takes fp32 and/or bf16, got {bad}")
     s = a.smoke
     result = {"benchmark": "beit bench", "smoke": s, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "machine": machine_info(device), "fast_bf16": _fast_bf16(device)}
@@ -142,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(text + "\n")
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(text + "\n")
     return 0
 
 

@@ -22,10 +22,10 @@ from torchvision.datasets import ImageFolder
 
 from beit.bench.timing import rnd
 from beit.data.loading.decode import open_image
-from beit.data.sample_sets import load_photos
-from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
 from beit.data.loading.stream import build_stream_loader
 from beit.data.pipelines.transforms import TwoViewTransform, encoder_input, tokenizer_input
+from beit.data.sample_sets import load_photos
+from beit.data.storage.shard_writer import Item, WriteOptions, write_shards
 
 
 def make_jpegs(n: int, folder: Path, size: tuple[int, int] = (500, 375), quality: int = 90) -> list[Item]:
@@ -160,7 +160,8 @@ def run(*, images: int = 1024, workers=(1, 2), batch_size: int = 32, size=(500, 
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        items = own_jpegs(jpegs, images, tmp / "folder") if jpegs else make_jpegs(images, tmp / "folder", tuple(size), quality)
+        items = own_jpegs(jpegs, images, tmp / "folder") if jpegs else make_jpegs(images, tmp / "folder", tuple(size),
+                                                                                  quality)
         write_shards(items, tmp / "shards", opts=WriteOptions(max_samples=max(1, len(items) // 8), validate="none"),
                      progress=False)
         shards = str(tmp / "shards")
@@ -168,7 +169,8 @@ def run(*, images: int = 1024, workers=(1, 2), batch_size: int = 32, size=(500, 
         try:
             runs = [in_process(items, tmp / "folder") for _ in range(rounds)]
             one = {k: max(r[k] for r in runs) for k in runs[0]}
-            res = {"jpegs": f"{len(items)} from {jpegs}" if jpegs else f"{len(items)} of {size[0]}x{size[1]}, quality {quality}",
+            res = {"jpegs": f"{len(items)} from "
+                            f"{jpegs}" if jpegs else f"{len(items)} of {size[0]}x{size[1]}, quality {quality}",
                    "kib_per_jpeg": rnd(sum(len(it.image) for it in items) / len(items) / 1024),
                    "batch": batch_size, "views": "224 bicubic + 112 lanczos",
                    "in_process_img_per_s": {k: rnd(v) for k, v in one.items()},
@@ -179,7 +181,8 @@ def run(*, images: int = 1024, workers=(1, 2), batch_size: int = 32, size=(500, 
                 o = max(ours(shards, w, batch_size) for _ in range(rounds))
                 r = max(plain(tmp / "folder", w, batch_size) for _ in range(rounds))
                 res["loader"].append({"workers": w, "ours_img_per_s": rnd(o), "plain_img_per_s": rnd(r),
-                                      "ours_per_worker": rnd(o / w), "plain_per_worker": rnd(r / w), "ratio": rnd(o / r)})
+                                      "ours_per_worker": rnd(o / w), "plain_per_worker": rnd(r / w),
+                                      "ratio": rnd(o / r)})
         finally:
             torch.set_num_threads(threads)
     return res

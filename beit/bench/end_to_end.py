@@ -1,4 +1,4 @@
-"""End to end: real short pretraining runs (``beit.pretrain.main``: shard streaming, decoding,
+"""End to end: real short pretraining runs (``run_pretraining``, what ``beit pretrain`` runs: shard streaming, decoding,
 two-view augmentation, masking, the tokenizer, forward/backward, AdamW) on the built-in sample
 photos, one per tokenizer kind (random weights of the real architectures) and one from a token cache
 of the DALL-E-sized tokenizer; images/s and ``data_wait_fraction`` (share of step time spent waiting
@@ -60,14 +60,15 @@ def subset_shards(shards: str, out_dir: Path, n: int, parts: int) -> int:
 def _run(cfg_kw: dict) -> dict:
     from accelerate.state import AcceleratorState, GradientState
 
-    import beit.pretrain as pretrain
+    from beit.options.pretrain import PretrainConfig
     from beit.runtime.run_logging import read_metrics
+    from beit.training.pretraining import run_pretraining
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     t0 = time.perf_counter()
     try:
-        pretrain.main([], cfg=pretrain.PretrainConfig(**cfg_kw))
+        run_pretraining(PretrainConfig(**cfg_kw))
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
@@ -103,7 +104,7 @@ def run(*, kinds=("kmeans", "dalle", "dvae", "vqkd", "token_cache"), model_size:
         common = dict(model_size=model_size, image_size=image_size, patch_size=16, batch_size=batch_size,
                       total_steps=steps, batches_per_epoch=steps, warmup_steps=1, num_workers=num_workers,
                       shuffle_buffer=batch_size, log_every=1, checkpoint_every=10 ** 9, keep_last=1,
-                      tensorboard=False, seed=0, data_shards=[shards],
+                      tensorboard=False, seed=0, train_shards=[shards],
                       mixed_precision="no", compile=compile)
         for kind in kinds:
             if kind == "token_cache":
@@ -112,7 +113,7 @@ def run(*, kinds=("kmeans", "dalle", "dvae", "vqkd", "token_cache"), model_size:
                 m = write_token_cache(shards, tmp / "cache", tok, views_per_image=1,
                                       batch_size=batch_size, progress=False, seed=0)
                 build = time.perf_counter() - t0
-                kw = dict(common, tokenizer="dalle", token_cache=str(tmp / "cache"), data_shards=[])
+                kw = dict(common, tokenizer="dalle", token_cache=str(tmp / "cache"), train_shards=[])
                 res = _run(dict(kw, output_dir=str(tmp / "run_cache")))
                 res["cache_build_s_per_img"] = rnd(build / max(1, m["num_samples"]))
                 res["tokenizer"] = "dalle (cached tokens)"

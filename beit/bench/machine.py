@@ -28,7 +28,8 @@ def machine_info(device: torch.device) -> dict:
             "device": str(device), "versions": versions()}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info["gpu"] = {"name": p.name, "cuda_arch": f"sm_{p.major}{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
+        info["gpu"] = {"name": p.name, "cuda_arch": f"sm_{p.major}{p.minor}",
+                       "memory_gib": round(p.total_memory / 2**30, 1),
                        "bf16": torch.cuda.is_bf16_supported(), "cuda": torch.version.cuda}
     return info
 

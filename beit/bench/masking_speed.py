@@ -66,7 +66,8 @@ def _components(masks):
     return float(np.mean([ndimage.label(m)[1] for m in masks]))
 
 
-def run(*, grid=(14, 14), count: int = 75, min_block: int = 16, draws: int = 20000, rounds: int = 2, seed: int = 0) -> dict:
+def run(*, grid=(14, 14), count: int = 75, min_block: int = 16, draws: int = 20000, rounds: int = 2,
+        seed: int = 0) -> dict:
     gens = {"ours": MaskingGenerator(grid, count, min_num_patches=min_block, seed=seed),
             "ours_inside": MaskingGenerator(grid, count, min_num_patches=min_block, seed=seed, placement="inside"),
             "v1_loop": V1StyleMasking(grid, count, min_num_patches=min_block, seed=seed)}
@@ -84,7 +85,8 @@ def run(*, grid=(14, 14), count: int = 75, min_block: int = 16, draws: int = 200
     out = {"grid": list(grid), "count": count, "min_block": min_block, "draws": draws}
     for name, ms in masks.items():
         counts = np.array([m.sum() for m in ms])
-        out[name] = {"masks_per_s": rnd(max(rates[name])), "exact_count_fraction": rnd(float(np.mean(counts == count)), 4),
+        out[name] = {"masks_per_s": rnd(max(rates[name])), "exact_count_fraction": rnd(float(np.mean(counts == count)),
+                                                                                       4),
                      "min_count": int(counts.min()), "components": rnd(_components(ms[:k]))}
     out["uniform_random_components"] = rnd(_components(uniform))
     out["ratio_ours_vs_v1"] = rnd(out["ours"]["masks_per_s"] / out["v1_loop"]["masks_per_s"])

@@ -33,8 +33,8 @@ def _fresh(teacher_size: str, student: str, image_size: int, num_classes: int):
 
 
 def _exports(teacher_path: str, student_path: str):
-    from beit.export.timm_export import load_exported
     from beit.checkpoints.checkpointing import load_weights
+    from beit.export.classifier import load_exported
     _, config = load_weights(student_path)
     if config is None or "input_size" not in config:
         raise ValueError(f"--onnx_student {student_path}: not a fine-tuned classifier export (its .json is missing)")
@@ -72,7 +72,8 @@ def run(*, teacher_path: str = "", student_path: str = "", teacher_size: str = "
                    "student_pytorch": lambda: stud(torch.from_numpy(x))}
             times = alternate(fns, rounds=rounds, reps=reps, warmup=2)
     ms = {k: 1000 * median(v) for k, v in times.items()}
-    params = {"teacher": sum(p.numel() for p in teacher.parameters()), "student": sum(p.numel() for p in stud.parameters())}
+    params = {"teacher": sum(p.numel() for p in teacher.parameters()),
+              "student": sum(p.numel() for p in stud.parameters())}
     return {
         "models": names, "image_size": {"teacher": t_side, "student": side}, "batch_size": 1,
         "params_m": {k: rnd(v / 1e6) for k, v in params.items()}, "onnx_file_mib": rnd(size_mb),

@@ -25,7 +25,8 @@ def import_transformers():
         try:
             import transformers
         except ImportError as e:
-            raise ImportError(f"the train_step benchmark compares with transformers' BEiT: pip install -e '.[hf]' ({e})") from None
+            raise ImportError("the train_step benchmark compares with transformers' BEiT: pip install -e '.[hf]' "
+                              f"({e})") from None
         import transformers.models.beit.modeling_beit  # noqa: F401  (resolve its imports now)
         return transformers
     finally:

@@ -14,13 +14,16 @@ The frozen tokenizer is not included (it runs under no_grad, its activations are
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from beit.config import field, parse_config
 
 
 def _rss_kib(field: str) -> int:
@@ -93,7 +96,8 @@ def run(*, model_size: str = "base", batch_size: int = 8, image_size: int = 224,
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
     results = {}
     for setting in ("off", "on"):
-        cmd = [sys.executable, "-m", "beit.bench.step_memory", "--_child", setting, "--model_size", model_size,
+        cmd = [sys.executable, "-m", "beit.bench.step_memory", "--grad_checkpointing", setting, "--model_size",
+               model_size,
                "--batch_size", str(batch_size), "--image_size", str(image_size), "--device", device,
                "--mixed_precision", mixed_precision, "--threads", str(threads)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2])
@@ -111,20 +115,24 @@ def run(*, model_size: str = "base", batch_size: int = 8, image_size: int = 224,
     return results
 
 
+@dataclass
+class MeasureConfig:
+    """One setting, measured in this (fresh) process by ``run``'s child."""
+    grad_checkpointing: Literal["on", "off"] = field("off", help="activation checkpointing of the measured model")
+    model_size: str = field("base", help="BEiT size")
+    batch_size: int = field(8, help="images per step")
+    image_size: int = field(224, help="input side in px")
+    device: str = field("cpu", help="cpu | cuda")
+    mixed_precision: str = field("no", help="no | fp16 | bf16")
+    threads: int = field(0, help="torch intra-op threads (0: torch's default)")
+
+
 def _child(argv=None) -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--_child", choices=["on", "off"], required=True)
-    ap.add_argument("--model_size", default="base")
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--image_size", type=int, default=224)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--mixed_precision", default="no")
-    ap.add_argument("--threads", type=int, default=0)
-    a = ap.parse_args(argv)
+    a = parse_config(MeasureConfig, argv, description=__doc__)
     if a.threads:
         import torch
         torch.set_num_threads(a.threads)
-    res = measure(a.model_size, a.batch_size, a.image_size, a._child == "on", a.device, a.mixed_precision)
+    res = measure(a.model_size, a.batch_size, a.image_size, a.grad_checkpointing == "on", a.device, a.mixed_precision)
     print("RESULT " + json.dumps(res), flush=True)
 
 

@@ -1,10 +1,10 @@
 """What TensorBoard pictures cost in pretraining: the same run with --log_images_every 0, the default and
 a 10x denser setting, alternating, in one process.
 
-    python beit/bench/tb_images.py                 # the demo's model and data (launch/demo_pretrain.yaml), CPU
-    python beit/bench/tb_images.py --steps 200 --rounds 3
+    beit bench --sections tb_images            # the demo's model and data (launch/demo_pretrain.yaml), CPU
+    beit bench --sections tb_images --tb_steps 200 --tb_rounds 3
 
-Every run is ``beit.pretrain.main`` with the demo recipe on the built-in photo shards, TensorBoard on,
+Every run is a pretraining run (``run_pretraining``) with the demo recipe on the built-in photo shards, TensorBoard on,
 only ``log_images_every`` differing. Reported: each setting's median training seconds (the run's
 ``train_seconds``) and its overhead against "off", and the measured seconds per picture call (masks,
 tokens and the k-means reconstruction of 4 images, PNG-encoded into the event file), from which the
@@ -13,45 +13,40 @@ wall-clock difference of two runs is mostly noise, the timed call is not.
 """
 from __future__ import annotations
 
-import argparse
-import json
+import dataclasses
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 
-def run_once(cfg_kw: dict) -> float:
+def run_once(cfg) -> float:
     from accelerate.state import AcceleratorState, GradientState
 
-    import beit.pretrain as pretrain
+    from beit.training.pretraining import run_pretraining
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     try:
-        return float(pretrain.main([], cfg=pretrain.PretrainConfig(**cfg_kw))["train_seconds"])
+        return float(run_pretraining(cfg)["train_seconds"])
     finally:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
 
 
-def main(argv=None) -> dict:
+def run(steps: int = 100, rounds: int = 2, work_dir: str = "") -> dict:
+    """``rounds`` alternating rounds of (off, default, dense) runs of ``steps`` optimizer steps each."""
     import torch
-    import yaml
 
+    from beit.config import load_yaml
     from beit.data.sample_sets import build_sample_shards
     from beit.options.pretrain import PretrainConfig
     from beit.runtime import train_pictures
     from beit.tokenizers.images import shard_image_batches
     from beit.tokenizers.kmeans import KMeansTokenizer
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps per run (>= the default interval)")
-    p.add_argument("--rounds", type=int, default=2, help="alternating rounds of (off, default, dense)")
-    p.add_argument("--work_dir", default="", help="where shards/runs go (default: a temp folder)")
-    args = p.parse_args(argv)
     default_every = PretrainConfig().log_images_every
-    root = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_tb_images_"))
+    root = Path(work_dir or tempfile.mkdtemp(prefix="bench_tb_images_"))
     if not (root / "photos" / "manifest.json").is_file():
         build_sample_shards(root / "photos", "photos")
     train = str(root / "photos" / "train-*.tar")
@@ -59,9 +54,9 @@ def main(argv=None) -> dict:
         KMeansTokenizer.fit(lambda: shard_image_batches(train, size=64, batch_size=64, max_images=512), epochs=1,
                             seed=0, init_patches=8000, progress=False, vocab_size=256, patch_size=8,
                             input_size=64).save(root / "kmeans")
-    base = yaml.safe_load(Path(__file__).with_name("demo_pretrain.yaml").read_text())
-    base.update(data_shards=[train], val_shards=[], tokenizer_path=str(root / "kmeans"), total_steps=args.steps,
-                tensorboard=True, checkpoint_every=10 ** 9, keep_last=1, num_workers=1)
+    base = dataclasses.replace(load_yaml(PretrainConfig, "demo_pretrain"), train_shards=[train], val_shards=[],
+                               tokenizer_path=str(root / "kmeans"), total_steps=steps, tensorboard=True,
+                               checkpoint_every=10 ** 9, keep_last=1, num_workers=1)
 
     calls: list[float] = []
     original = train_pictures.TrainingPictures.__call__
@@ -77,31 +72,26 @@ def main(argv=None) -> dict:
     settings = {"off": 0, "default": default_every, "dense": max(1, default_every // 10)}
     seconds: dict[str, list[float]] = {k: [] for k in settings}
     try:
-        for r in range(args.rounds):
+        for r in range(rounds):
             for name, every in settings.items():
                 out = root / f"run_{name}_{r}"
-                seconds[name].append(run_once(dict(base, log_images_every=every, output_dir=str(out))))
+                seconds[name].append(run_once(dataclasses.replace(base, log_images_every=every, output_dir=str(out))))
                 print(f"round {r + 1}: {name:<8} (every {every:>3}): {seconds[name][-1]:.1f} s", flush=True)
     finally:
         train_pictures.TrainingPictures.__call__ = original
     med = {k: statistics.median(v) for k, v in seconds.items()}
-    step_s = med["off"] / args.steps
+    step_s = med["off"] / steps
     per_call = statistics.median(calls) if calls else float("nan")
-    result = {"steps": args.steps, "rounds": args.rounds, "default_every": default_every,
+    result = {"steps": steps, "rounds": rounds, "default_every": default_every,
               "median_train_seconds": med, "seconds": seconds, "median_step_s": step_s,
               "picture_call_s": per_call, "picture_calls": len(calls),
               "overhead_vs_off": {k: med[k] / med["off"] - 1 for k in ("default", "dense")},
               "default_overhead_from_call_time": per_call / (default_every * step_s),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch_threads": torch.get_num_threads()}
-    print(f"median training time over {args.rounds} rounds of {args.steps} steps: off {med['off']:.1f} s, "
+    print(f"median training time over {rounds} rounds of {steps} steps: off {med['off']:.1f} s, "
           f"default (every {default_every}) {med['default']:.1f} s ({result['overhead_vs_off']['default']:+.1%}), "
           f"dense (every {settings['dense']}) {med['dense']:.1f} s ({result['overhead_vs_off']['dense']:+.1%})")
     print(f"one picture call {per_call * 1000:.0f} ms (median of {len(calls)}), step {step_s * 1000:.0f} ms: "
           f"overhead at the default every {default_every} steps = {result['default_overhead_from_call_time']:.2%} "
           f"(CPU {result['cpu_capability']}, {result['torch_threads']} threads)")
-    print(json.dumps(result))
     return result
-
-
-if __name__ == "__main__":
-    main()

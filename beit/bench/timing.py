@@ -6,7 +6,8 @@ import time
 from typing import Callable
 
 
-def alternate(fns: dict[str, Callable[[], None]], rounds: int, reps: int = 1, warmup: int = 1) -> dict[str, list[float]]:
+def alternate(fns: dict[str, Callable[[], None]], rounds: int, reps: int = 1, warmup: int = 1) -> dict[str,
+                                                                                                       list[float]]:
     """Seconds per call of each function: ``warmup`` untimed calls each, then ``rounds`` rounds in
     which every function runs ``reps`` times in turn (ours, peer, ours, peer, ...)."""
     for fn in fns.values():

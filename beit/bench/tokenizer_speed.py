@@ -17,7 +17,8 @@ def _images(n: int, size: int, device) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     # smooth random images (upsampled noise): token maps of real-looking structure, not pure noise
     low = torch.rand(n, 3, max(1, size // 8), max(1, size // 8), generator=g)
-    return torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0, 1).to(device)
+    return torch.nn.functional.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(0,
+                                                                                                              1).to(device)
 
 
 def _plain_dalle(tok):

@@ -33,8 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from beit.checkpoints.integrity import COMPLETE, TRAIN_STATE, checkpoint_bytes, file_manifest
-from beit.runtime.finite_check import nonfinite_names, state_nonfinite
 from beit.runtime.faults import RunFault
+from beit.runtime.finite_check import nonfinite_names, state_nonfinite
 
 CHECKPOINTS = "checkpoints"
 SPACE_MARGIN = 1.1  # free space wanted before a save: the last checkpoint's size x this
@@ -181,7 +181,8 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, train_state:
         if accelerator.is_main_process:
             missing = [r for r in range(world) if not (tmp / f"rank_{r}.json").is_file()]
             if missing:
-                raise RuntimeError(f"checkpoint {tmp}: ranks {missing} did not write their part; not marking it complete")
+                raise RuntimeError(f"checkpoint {tmp}: ranks {missing} did not write their part; not marking it "
+                                   "complete")
             _write_json(tmp / COMPLETE, {"step": step, "world_size": world, "time": time.time(),
                                          **file_manifest(tmp)})
             if final.exists():  # a re-save of the same step (e.g. the final step after a resume)

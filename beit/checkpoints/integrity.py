@@ -101,7 +101,7 @@ def verify_checkpoint(path: str | Path) -> str | None:
     files, algo = info.get("files"), info.get("hash")
     if files is not None:
         if not isinstance(files, dict):
-            return f"the marker's file list is malformed"
+            return "the marker's file list is malformed"
         check_hash = hash_available(algo)
         if not check_hash:
             warnings.warn(f"{path}: its files were hashed with {algo}, which is not installed here "

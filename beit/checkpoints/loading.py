@@ -312,7 +312,8 @@ def load_beit_weights(model: nn.Module, source: str | Path | dict[str, torch.Ten
     if encoder_missing:
         if strict:
             raise CheckpointMismatchError(
-                f"{name} ({report.kind}): the model's encoder tensors {', '.join(_group_keys(encoder_missing)[:8])} are not in "
+                f"{name} ({report.kind}): the model's encoder tensors {', '.join(_group_keys(encoder_missing)[:8])} "
+                "are not in "
                 "the checkpoint; check the model options against it, or pass --strict false "
                 "(Python: strict=False) to initialise them randomly")
         report.notes.append(f"--strict false: {len(encoder_missing)} encoder tensors not in the checkpoint were "

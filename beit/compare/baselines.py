@@ -10,11 +10,12 @@ import torch
 
 def load_encoder(weights: str):
     """The pretrained ``BeitPretrainModel`` saved by ``beit pretrain`` (weights + the JSON beside them)."""
-    from beit.modeling.mim import BeitPretrainModel
     from beit.checkpoints.checkpointing import load_weights
+    from beit.modeling.mim import BeitPretrainModel
     state, meta = load_weights(weights)
     if not meta or "model" not in meta:
-        raise ValueError(f"{weights}: no model config beside the weights (expected {Path(weights).with_suffix('.json')})")
+        raise ValueError(f"{weights}: no model config beside the weights (expected "
+                         f"{Path(weights).with_suffix('.json')})")
     model = BeitPretrainModel(**meta["model"])
     model.load_state_dict(state)
     return model.eval()

@@ -11,9 +11,9 @@ def read_labelled(spec: str, what: str) -> list[dict]:
     """``{"key", "data", "ext", "label"}`` of every sample of the shards ``spec``, in shard order.
     Samples without an image or label are an error naming the shard (a comparison needs every label)."""
     from beit.data.loading.decode import BadSample
+    from beit.data.loading.stream import image_member
     from beit.data.storage.shard_format import iter_tar_samples
     from beit.data.storage.shardspec import expand_shards
-    from beit.data.loading.stream import image_member
 
     try:
         shards = expand_shards(spec)

@@ -48,17 +48,19 @@ class CompareConfig:
                            f"default {recipe.PRETRAIN})")
     finetune: dict = field(default_factory=dict, help="overrides of the shared fine-tune recipe (beit finetune "
                            f"options; default {recipe.FINETUNE})")
-    linear_probe: dict = field(default_factory=dict, help=f"overrides of the linear probe recipe ({recipe.LINEAR_PROBE})")
+    linear_probe: dict = field(default_factory=dict, help="overrides of the linear probe recipe "
+                                                          f"({recipe.LINEAR_PROBE})")
     # the fitted scratch recipe
     scratch_fit: str = field("train_loss", help="how the scratch model's own recipe is chosen among the epoch "
-                             "factors: train_loss (the shortest whose final training loss reaches the BEiT fine-tune's) "
+                             "factors: train_loss (the shortest whose final training loss reaches the BEiT "
+                             "fine-tune's) "
                              "or val (best top-1 on a validation split carved from the label subset, then retrained "
                              "on all of it). Never on the test split")
     scratch_epoch_factors: list[float] = field(default_factory=lambda: list(SCRATCH_EPOCH_FACTORS),
                                                help="candidate fine-tune lengths for scratch_fitted, x the shared "
                                                "epochs (by default " + " and ".join(
-                                                   str(round(recipe.FINETUNE["epochs"] * f)) for f in SCRATCH_EPOCH_FACTORS)
-                                               + " epochs)")
+                                                   str(round(recipe.FINETUNE["epochs"] * f))
+                                                   for f in SCRATCH_EPOCH_FACTORS) + " epochs)")
     val_fraction: float = field(0.2, help="scratch_fit val: fraction of the label subset held out for the choice")
     # features
     knn_k: int = field(20, help="neighbours of the kNN classifier (and of the pretraining health metric)")
@@ -86,15 +88,17 @@ class CompareConfig:
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; choose from {list(METHODS)}")
-        if self.arch != "beit":
-            from beit.modeling.swin_mim import is_swin
-            if not is_swin(self.arch):
-                raise ValueError(f"--arch must be beit or a timm Swin name (swin_tiny_patch4_window7_224), got {self.arch!r}")
+        from beit.modeling.backbones import backbone_for
+        from beit.modeling.backbones.swin import timm_kwargs
+        if self.arch not in ("beit",) and not self.arch.startswith("swin"):
+            raise ValueError("--arch must be beit or a timm Swin name (swin_tiny_patch4_window7_224), got "
+                             f"{self.arch!r}")
+        if not backbone_for(self.arch, pretraining=True).linear_probe:
             vit_only = sorted(set(self.methods) & set(VIT_ONLY))
             if vit_only:
                 raise ValueError(f"method(s) {vit_only} read ViT features and do not run with --arch {self.arch}; pass "
                                  "--methods beit,scratch,distill,student,logreg_pixels (or a subset)")
-            recipe_devices.swin_timm_kwargs(self.swin)
+        timm_kwargs(self.swin)
         if "distill" in self.methods and "beit" not in self.methods:
             raise ValueError("method distill is taught by the seed's fine-tuned BEiT model: add beit to --methods")
         if self.scratch_fit not in ("train_loss", "val"):

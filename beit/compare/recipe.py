@@ -29,5 +29,6 @@ FINETUNE = dict(epochs=400, batch_size=16, lr=4e-3, min_lr=1e-6, warmup_epochs=5
 SCRATCH = dict(layer_decay=1.0)
 # Linear probe: frozen encoder, mean-pooled last-block patch features, parameter-free LayerNorm, linear head.
 # 200 epochs, the length it was measured at; a linear head on frozen features needs no more.
-LINEAR_PROBE = dict(epochs=200, linear_probe=True, probe_block=0, lr=1e-2, min_lr=0.0, weight_decay=0.0, layer_decay=1.0,
+LINEAR_PROBE = dict(epochs=200, linear_probe=True, probe_block=0, lr=1e-2, min_lr=0.0, weight_decay=0.0,
+                    layer_decay=1.0,
                     drop_path=0.0, label_smoothing=0.0)

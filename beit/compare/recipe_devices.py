@@ -11,15 +11,3 @@ SWIN = dict(swin_patch_size=4, embed_dim=32, swin_depths=[2, 2, 2], swin_heads=[
 # of the same seed (``distill``, labels + the unlabelled shards); the shared fine-tune recipe, no layer decay.
 STUDENT = dict(model="mobilevit_xxs", layer_decay=1.0, drop_path=0.0)
 DISTILL = dict(distill_temperature=4.0, distill_alpha=0.5, unlabelled_batch_size=16)
-
-# pretraining option -> timm SwinTransformer argument
-SWIN_TIMM = {"swin_patch_size": "patch_size", "embed_dim": "embed_dim", "swin_depths": "depths",
-             "swin_heads": "num_heads", "swin_window_size": "window_size"}
-
-
-def swin_timm_kwargs(swin: dict) -> dict:
-    """The timm constructor arguments of the Swin described by pretraining options (``SWIN``'s keys)."""
-    unknown = sorted(set(swin) - set(SWIN_TIMM))
-    if unknown:
-        raise ValueError(f"--swin: unknown key(s) {unknown}; valid: {sorted(SWIN_TIMM)}")
-    return {SWIN_TIMM[k]: v for k, v in swin.items()}

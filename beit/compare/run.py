@@ -68,7 +68,8 @@ def fit_scratch(cfg: CompareConfig, sdir: Path, seed: int, train: str, test: str
         for f in factors:
             res = finetune(fit_pat, val_pat, sdir / "scratch_fit" / f"val_epochs{epochs_of[f]}", seed, cfg.model,
                            {**base, "epochs": epochs_of[f]})
-            tried.append({"factor": f, "epochs": epochs_of[f], "train_loss": res["train_loss"], "val_top1": res["top1"]})
+            tried.append({"factor": f, "epochs": epochs_of[f], "train_loss": res["train_loss"],
+                          "val_top1": res["top1"]})
         chosen = max(tried, key=lambda t: (t["val_top1"], -t["factor"]))["factor"]
         final = None
         rule = (f"x{factors} epochs chosen by top-1 on {len(val_part)} validation images carved from the label "
@@ -105,10 +106,12 @@ def run_seed(cfg: CompareConfig, seed: int, train: list[dict], test_pat: str, te
             tok_kind, tok_path = "kmeans", tok["path"]
             rec["tokenizer"] = tok
         clock.append(("tokenizer", time.time()))
-        knn = (train_pat, test_pat) if cfg.health_knn and cfg.arch == "beit" else None  # the kNN metric is ViT-only
+        from beit.modeling.backbones import backbone_for
+        knn = (train_pat, test_pat) if cfg.health_knn and backbone_for(cfg.arch).patch_tokens else None
         pre = stages.pretrain(unlabelled, tok_kind, tok_path, sdir / "pretrain", seed, cfg.model, cfg.pretrain,
                               knn, cfg.knn_k, test_pat)
-        rec["pretrain"] = {k: v for k, v in pre.items() if k.startswith(("val/", "knn/")) or k in ("train_seconds", "step", "epoch")}
+        rec["pretrain"] = {k: v for k, v in pre.items() if k.startswith(("val/", "knn/")) or k in ("train_seconds",
+                                                                                                   "step", "epoch")}
         clock.append(("pretrain", time.time()))
     beit = None
     if "beit" in m:
@@ -138,7 +141,8 @@ def run_seed(cfg: CompareConfig, seed: int, train: list[dict], test_pat: str, te
         if "distill" in m:
             teach = {"task": "distill", "teacher": str(sdir / "finetune_beit" / "model.safetensors"),
                      "unlabelled_shards": unlabelled, **DISTILL, **cfg.distill}
-            dist = stages.finetune(train_pat, test_pat, sdir / "distill", seed, smodel, {**ft_shared, **student, **teach})
+            dist = stages.finetune(train_pat, test_pat, sdir / "distill", seed, smodel, {**ft_shared, **student,
+                                                                                         **teach})
             rows["distill"], rec["distill"] = dist["top1"], dist
             clock.append(("distill", time.time()))
         if "student" in m:
@@ -165,7 +169,7 @@ def run_compare(cfg: CompareConfig) -> dict:
 
     from beit.compare.labels import check_disjoint, label_map_of, read_labelled
     from beit.compare.recipe_devices import STUDENT
-    from beit.compare.report import code_version, markdown, method_names, verdict, write_results, NAMES
+    from beit.compare.report import NAMES, code_version, markdown, method_names, verdict, write_results
     from beit.data.storage.shardspec import expand_shards
     from beit.engines.knn import load_views
 
@@ -195,12 +199,14 @@ def run_compare(cfg: CompareConfig) -> dict:
     verdict_md, margins = verdict(rows, names)
     n_labels = sorted({r["labels"] for r in per_seed})
     header = (f"Held-out top-1 (%) on {len(test_views[1])} test images, {'/'.join(map(str, n_labels))} training labels "
-              f"({cfg.label_fraction:.0%} of {len(train)}), seeds {', '.join(map(str, cfg.seeds))} (mean ± std over seeds)")
+              f"({cfg.label_fraction:.0%} of {len(train)}), seeds {', '.join(map(str, cfg.seeds))} "
+              "(mean ± std over seeds)")
     minutes = (time.time() - t0) / 60
     notes = _notes(cfg, per_seed, unlabelled, minutes)
     results = {"rows": rows, "names": {m: names[m] for m in methods}, "margins": margins, "per_seed": per_seed,
                "code": code, "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
-               "recipe": {"model": cfg.model, **_device_recipes(cfg), "tokenizer": {**recipe.TOKENIZER, **cfg.tokenizer_fit},
+               "recipe": {"model": cfg.model, **_device_recipes(cfg), "tokenizer": {**recipe.TOKENIZER,
+                                                                                    **cfg.tokenizer_fit},
                           "pretrain": {**recipe.PRETRAIN, **cfg.pretrain},
                           "finetune": {**recipe.FINETUNE, **cfg.finetune}, "scratch": recipe.SCRATCH,
                           "linear_probe": {**recipe.LINEAR_PROBE, **cfg.linear_probe}},
@@ -295,7 +301,8 @@ def _notes(cfg: CompareConfig, per_seed: list[dict], unlabelled: str, minutes: f
              "the same recipe for BEiT and the same-recipe scratch model (the scratch model without layer decay)."]
     if {"distill", "student"} & set(cfg.methods):
         from beit.compare.recipe_devices import DISTILL, STUDENT
-        parts.append(f"Student: {({**STUDENT, **cfg.student})['model']} from scratch, the shared fine-tune recipe without "
+        parts.append(f"Student: {({**STUDENT, **cfg.student})['model']} from scratch, the shared fine-tune recipe "
+                     "without "
                      "layer decay, the same epochs on the same label subset"
                      + (f"; distilled with {({**DISTILL, **cfg.distill})} from the seed's fine-tuned BEiT model, each "
                         "batch of labelled images beside a batch of the unlabelled shards." if "distill" in cfg.methods
@@ -306,10 +313,12 @@ def _notes(cfg: CompareConfig, per_seed: list[dict], unlabelled: str, minutes: f
                      f"{[f['chosen_epochs'] for f in fitted]}.")
     pre = [r["pretrain"] for r in per_seed if "pretrain" in r]
     if pre and "val/mim_acc" in pre[0]:
-        parts.append(f"Held-out masked-token accuracy after pretraining {statistics.mean(p['val/mim_acc'] for p in pre):.3f} "
+        parts.append("Held-out masked-token accuracy after pretraining "
+                     f"{statistics.mean(p['val/mim_acc'] for p in pre):.3f} "
                      f"vs {statistics.mean(p['val/majority_acc'] for p in pre):.3f} for the majority token.")
     if pre and "knn/acc" in pre[0]:
-        parts.append(f"kNN health metric at the end of pretraining {100 * statistics.mean(p['knn/acc'] for p in pre):.1f}% "
+        parts.append("kNN health metric at the end of pretraining "
+                     f"{100 * statistics.mean(p['knn/acc'] for p in pre):.1f}% "
                      f"(majority class {100 * statistics.mean(p['knn/majority_acc'] for p in pre):.1f}%), costing "
                      f"{100 * statistics.mean(p['knn/cost_fraction'] or 0 for p in pre):.1f}% of the pretraining time.")
     parts.append(f"Total time {minutes:.1f} min; every stage's run folder is under {cfg.output_dir}/seed<N>/.")

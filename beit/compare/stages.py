@@ -10,8 +10,6 @@ import json
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 STAGE_FILE = "stage.json"
 
 
@@ -78,10 +76,12 @@ def pretrain(shards: str, tokenizer: str, tokenizer_path: str, out: Path, seed: 
     """``beit pretrain`` on the unlabelled shards; returns its final summary (weights path, held-out
     masked-token accuracy beside the majority token, the kNN health metric when ``knn`` is set)."""
     from beit.compare import recipe
-    from beit.pretrain import main as pretrain_main
+    from beit.config import parse_config
+    from beit.options.pretrain import PretrainConfig
+    from beit.training.pretraining import run_pretraining
 
     args = {**recipe.PRETRAIN, **overrides}
-    argv = ["--data_shards", shards, "--tokenizer", tokenizer, "--tokenizer_path", tokenizer_path,
+    argv = ["--train_shards", shards, "--tokenizer", tokenizer, "--tokenizer_path", tokenizer_path,
             "--output_dir", str(out), "--seed", str(seed)]
     if val_shards:
         argv += ["--val_shards", val_shards]
@@ -93,7 +93,7 @@ def pretrain(shards: str, tokenizer: str, tokenizer_path: str, out: Path, seed: 
     def run() -> dict:
         _fresh_accelerate()
         try:
-            return pretrain_main(argv)
+            return run_pretraining(parse_config(PretrainConfig, argv))
         finally:
             _fresh_accelerate()
     return cached_stage(out, {"argv": argv, "tokenizer_fingerprint": _file_digest(tokenizer_path)}, run)
@@ -102,8 +102,9 @@ def pretrain(shards: str, tokenizer: str, tokenizer_path: str, out: Path, seed: 
 def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_args: dict, init: str = "") -> dict:
     """``beit finetune`` (classification) on the labelled ``train`` shards, scored on ``test``; returns
     top-1/top-5 and the final epoch's training loss."""
-    from beit.finetune import FinetuneConfig, run_finetune
+    from beit.options.finetune import FinetuneConfig
     from beit.runtime.run_logging import read_metrics
+    from beit.training.finetuning import run_finetuning
 
     kw = dict(train_shards=train, val_shards=test, output_dir=str(out), seed=seed, init=init, resume=False,
               **finetune_model_args(model), **recipe_args)
@@ -113,7 +114,7 @@ def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_ar
         cfg.validate()
         _fresh_accelerate()
         try:
-            res = run_finetune(cfg)
+            res = run_finetuning(cfg)
         finally:
             _fresh_accelerate()
         losses = [r["train_loss"] for r in read_metrics(out) if "train_loss" in r]
@@ -127,14 +128,11 @@ def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_ar
 
 def finetune_model_args(model: dict) -> dict:
     """``beit finetune`` options that build the encoder of ``model`` (a ``CompareConfig.model`` dict): the
-    BEiT ViT's dims, the timm Swin with the same sizes as its pretraining (``model_kwargs``), or a timm
-    model by name alone (``{"arch": "mobilevit_xxs", "image_size": 32}``, the distillation student)."""
-    if model.get("arch", "beit") == "beit":
-        return {"model": "beit", "image_size": model["image_size"],
-                **{k: model[k] for k in ("patch_size", "embed_dim", "depth", "num_heads")}}
-    from beit.compare.recipe_devices import swin_timm_kwargs
-    sizes = {k: v for k, v in model.items() if k not in ("image_size", "patch_size", "arch")}
-    return {"model": model["arch"], "image_size": model["image_size"], "model_kwargs": swin_timm_kwargs(sizes)}
+    backbone's own (the BEiT ViT's dims, a timm Swin with the sizes of its pretraining), or a timm model by
+    name alone (``{"arch": "mobilevit_xxs", "image_size": 32}``, the distillation student)."""
+    from beit.modeling.backbones import backbone_for
+    name = model.get("arch", "beit")
+    return backbone_for(name).finetune_options(name, model)
 
 
 def _file_digest(path: str) -> str | None:

@@ -1,7 +1,6 @@
 """One fine-tuning epoch, evaluation (top-1 / top-5, confusion matrix) and its PNG."""
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -97,7 +96,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
                     progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
                 if on_step is not None:
                     on_step(step, {"epoch": epoch, "step": step, "loss": value, "lr": lr, "wd": wd,
-                                   "grad_norm": grad_norm, "data_wait_fraction": waiting.fraction()})  # of the epoch so far
+                                   # of the epoch so far
+                                   "grad_norm": grad_norm, "data_wait_fraction": waiting.fraction()})
     return step, {"train_loss": sums["loss"] / max(1, sums["n"]), "skipped_steps": sums["skipped"],
                   "data_wait_fraction": waiting.fraction()}
 

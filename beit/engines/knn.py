@@ -31,7 +31,8 @@ class CentreView:
         return {"image": enc, "label": label}
 
 
-def load_views(shards: list[str], image_size: int, accelerator=None, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def load_views(shards: list[str], image_size: int, accelerator=None,
+               batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images [N, 3, S, S], labels [N]) of every decodable image of this process's share of
     ``shards`` (all of them without an accelerator); undecodable ones are left out."""
     from torch.utils.data import DataLoader
@@ -150,3 +151,23 @@ class KnnHealth:
         if self.last is not None:
             out.update({"knn/acc": self.last["knn_acc"], "knn/majority_acc": self.last["knn_majority_acc"]})
         return out
+
+
+def build_knn_health(cfg, accelerator, logger, total_steps: int) -> KnnHealth | None:
+    """The kNN health metric of a pretraining config, or None when no kNN shards are set. ``knn_every`` 0: about
+    ten evaluations a run, on logging steps, so each sits beside a masked-token accuracy record. Shards without
+    labels are bad input (``SetupError``)."""
+    if not cfg.knn_train_shards:
+        return None
+    from beit.data.storage.shardspec import expand_shards
+    from beit.runtime.faults import SetupError
+    try:
+        monitor = KnnMonitor(expand_shards(cfg.knn_train_shards), expand_shards(cfg.knn_val_shards), cfg.image_size,
+                             accelerator, k=cfg.knn_k)
+    except ValueError as e:
+        raise SetupError(str(e)) from None
+    every = cfg.knn_every or max(cfg.log_every, round(total_steps / 10 / cfg.log_every) * cfg.log_every)
+    logger.info(f"kNN health metric: {monitor.n_train} labelled images as memory bank, {monitor.n_val} scored, "
+                f"k={cfg.knn_k}, mean-pooled patch features, every {every} steps (decoded in "
+                f"{monitor.load_seconds:.1f}s)")
+    return KnnHealth(monitor, logger, every, total_steps)

@@ -178,7 +178,8 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
                             f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_steps} in total)")
                 if state.nonfinite_in_a_row >= max_nonfinite_in_a_row:
                     raise NonFiniteLossError(
-                        f"the loss or gradients were non-finite for {state.nonfinite_in_a_row} consecutive optimizer steps "
+                        f"the loss or gradients were non-finite for {state.nonfinite_in_a_row} consecutive optimizer "
+                        "steps "
                         f"(up to step {state.step + 1}, lr {lr:.3g}): training diverged. The weights were not "
                         "updated by those steps, so the last checkpoint is intact. Lower --lr, lengthen "
                         "--warmup_epochs/--warmup_steps, lower --clip_grad, or use --mixed_precision bf16/no "

@@ -51,7 +51,7 @@ class OnnxExportConfig:
 
 def export_main(argv: list[str] | None = None) -> Path:
     """``beit export``: the newest complete checkpoint of a fine-tune run, as timm or transformers weights."""
-    from beit.export.timm_export import export_model, model_of_run
+    from beit.export.classifier import export_model, model_of_run
 
     cfg = parse_config(ExportConfig, argv, description=__doc__)
     model, run_cfg, ckpt = model_of_run(cfg.run_dir, ema=cfg.ema, trust_pickle=cfg.trust_pickle)
@@ -59,7 +59,7 @@ def export_main(argv: list[str] | None = None) -> Path:
     metrics = json.loads(final.read_text()) if final.is_file() else None
     names = (metrics or {}).get("class_names")
     if cfg.format == "hf":
-        from beit.export.hf_export import export_hf
+        from beit.export.classifier import export_hf
         try:
             out = export_hf(model, cfg.out, run_cfg, class_names=names)
         except ValueError as e:
@@ -74,8 +74,8 @@ def export_main(argv: list[str] | None = None) -> Path:
 def onnx_main(argv: list[str] | None = None) -> dict:
     """``beit export-onnx``: an exported classifier as ONNX + its preprocessing, checked with onnxruntime."""
     from beit.checkpoints.checkpointing import load_weights
+    from beit.export.classifier import load_exported
     from beit.export.onnx_export import check_onnx, export_onnx
-    from beit.export.timm_export import load_exported
 
     cfg = parse_config(OnnxExportConfig, argv, description=__doc__)
     if not Path(cfg.model).is_file():

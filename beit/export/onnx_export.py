@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-
 PREPROCESS_SUFFIX = ".preprocess.json"
 _PIL_FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1, "box": 4, "hamming": 5}
 

@@ -30,8 +30,8 @@ class Teacher(nn.Module):
 def load_teacher(path: str | Path, *, num_classes: int, mean, std) -> Teacher:
     """The fine-tuned classifier exported at ``path`` (``model.safetensors`` + JSON) as a frozen ``Teacher``.
     Its classes and input normalisation must be the student's (else a clear error)."""
-    from beit.export.timm_export import load_exported
     from beit.checkpoints.checkpointing import load_weights
+    from beit.export.classifier import load_exported
     p = Path(path)
     if p.is_dir():
         p = p / "model.safetensors"

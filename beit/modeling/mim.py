@@ -201,16 +201,37 @@ class BeitPretrainModel(nn.Module):
         return timm_beit_kwargs(**{k: self.config[k] for k in _ENCODER_ARGS})
 
 
+DIM_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "init_values")
+
+
+def beit_dims(size: str | None = None, found: dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """embed_dim / depth / num_heads / mlp_ratio / init_values of a BEiT encoder: the constructor's defaults <
+    the named size (``BEIT_SIZES``) < ``found`` (read off a checkpoint) < ``overrides`` (0 or None: unset).
+    The one place where a size preset meets its overrides (pretraining, fine-tuning, ``create_pretrain_model``)."""
+    if size is not None and size not in BEIT_SIZES:
+        raise ValueError(f"unknown BEiT size {size!r}; choose one of {sorted(BEIT_SIZES)} or size=None with explicit "
+                         "dims")
+    unknown = sorted(set(overrides) - set(DIM_KEYS))
+    if unknown:
+        raise ValueError(f"unknown BEiT dimension(s) {unknown}; valid: {list(DIM_KEYS)}")
+    defaults = inspect.signature(BeitPretrainModel.__init__).parameters
+    dims = {k: defaults[k].default for k in DIM_KEYS}
+    dims.update(BEIT_SIZES[size] if size else {})
+    dims.update({k: v for k, v in (found or {}).items() if k in DIM_KEYS})
+    dims.update({k: v for k, v in overrides.items() if v})
+    if dims["embed_dim"] % dims["num_heads"]:
+        raise ValueError(f"embed_dim {dims['embed_dim']} is not divisible by num_heads {dims['num_heads']}")
+    return dims
+
+
 def _resolve(size: str | None, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Constructor defaults < named size < overrides; unknown names are an error."""
+    """Constructor defaults < named size < overrides (an explicit 0 kept); unknown names are an error."""
     defaults = {k: p.default for k, p in inspect.signature(BeitPretrainModel.__init__).parameters.items()
                 if k != "self"}
-    if size is not None and size not in BEIT_SIZES:
-        raise ValueError(f"unknown BEiT size {size!r}; choose one of {sorted(BEIT_SIZES)} or size=None with explicit dims")
     unknown = sorted(set(overrides) - set(defaults))
     if unknown:
         raise ValueError(f"unknown model option(s) {unknown}; valid: {sorted(defaults)}")
-    return {**defaults, **(BEIT_SIZES[size] if size else {}), **overrides}
+    return {**defaults, **beit_dims(size, **{k: v for k, v in overrides.items() if k in DIM_KEYS}), **overrides}
 
 
 def create_pretrain_model(size: str | None = "base", **overrides) -> BeitPretrainModel:

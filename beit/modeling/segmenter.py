@@ -14,7 +14,8 @@ from beit.modeling.classifier import BEIT_TIMM_NAME
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
 
 
 def feature_blocks(depth: int) -> list[int]:
@@ -50,7 +51,8 @@ class UperHead(nn.Module):
         dims = [in_dim] * 4 if isinstance(in_dim, int) else list(in_dim)
         if len(dims) < 2:
             raise ValueError(f"UperNet needs at least 2 feature levels, got {len(dims)}")
-        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(dims[-1], channels, 1)) for b in bins)
+        self.ppm = nn.ModuleList(nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(dims[-1], channels,
+                                                                                     1)) for b in bins)
         self.ppm_out = conv_bn_relu(dims[-1] + len(bins) * channels, channels, 3)
         self.lateral = nn.ModuleList(conv_bn_relu(d, channels, 1) for d in dims[:-1])
         self.smooth = nn.ModuleList(conv_bn_relu(channels, channels, 3) for _ in dims[:-1])
@@ -75,7 +77,8 @@ class FCNHead(nn.Module):
 
     def __init__(self, in_dim: int, channels: int, num_classes: int, dropout: float = 0.1):
         super().__init__()
-        self.body = nn.Sequential(conv_bn_relu(in_dim, channels, 3), nn.Dropout2d(dropout), nn.Conv2d(channels, num_classes, 1))
+        self.body = nn.Sequential(conv_bn_relu(in_dim, channels, 3), nn.Dropout2d(dropout), nn.Conv2d(channels,
+                                                                                                      num_classes, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -159,46 +162,3 @@ def seg_layer_decay_groups(model: nn.Module, weight_decay: float, layer_decay: f
                                                "lr_scale": layer_decay ** (depth + 1 - layer)})
         g["params"].append(p)
     return [groups[k] for k in sorted(groups)]
-
-
-def seg_model_kwargs(model: BeitSegmenter) -> dict:
-    """Constructor arguments that rebuild ``model`` (what the export's JSON records)."""
-    bb = model.backbone
-    return dict(num_classes=model.num_classes, img_size=model.img_size, patch_size=bb.patch_embed.patch_size[0],
-                in_chans=bb.patch_embed.proj.in_channels, embed_dim=bb.embed_dim, depth=len(bb.blocks),
-                num_heads=bb.blocks[0].attn.num_heads, mlp_ratio=bb.blocks[0].mlp.fc1.out_features / bb.embed_dim,
-                channels=model.decode.lateral[0][0].out_channels, aux_channels=model.aux.body[0][0].out_channels)
-
-
-BEIT_SEG = "beit.modeling.segmenter.BeitSegmenter"
-SWIN_SEG = "beit.modeling.swin_segmenter.SwinSegmenter"
-
-
-def export_seg_model(model: nn.Module, path, cfg, metrics: dict | None = None):
-    """The fine-tuned segmenter (BEiT or Swin) as safetensors + JSON (``load_seg_model`` rebuilds it)."""
-    from beit.checkpoints.checkpointing import save_weights
-    if isinstance(model, BeitSegmenter):
-        arch, kwargs = BEIT_SEG, seg_model_kwargs(model)
-    else:
-        arch, kwargs = SWIN_SEG, model.constructor_kwargs()
-    config = {"architecture": arch, "model_kwargs": kwargs,
-              "mean": list(cfg.mean), "std": list(cfg.std), "reduce_zero_label": cfg.reduce_zero_label,
-              "eval": f"short side rescaled to {cfg.image_size}, sliding {cfg.image_size} px windows",
-              "metrics": metrics or {}}
-    return save_weights(model.state_dict(), path, config)
-
-
-def load_seg_model(path) -> nn.Module:
-    """Rebuild an exported segmenter (BEiT or Swin; eval mode) from its safetensors file and JSON."""
-    from beit.checkpoints.checkpointing import load_weights
-    sd, config = load_weights(path)
-    arch = (config or {}).get("architecture")
-    if arch == BEIT_SEG:
-        model = BeitSegmenter(**config["model_kwargs"], drop_path_rate=0.0)
-    elif arch == SWIN_SEG:
-        from beit.modeling.swin_segmenter import SwinSegmenter
-        model = SwinSegmenter(**config["model_kwargs"], drop_path_rate=0.0)
-    else:
-        raise ValueError(f"{path} is not an exported segmenter (its JSON is missing or names another model)")
-    model.load_state_dict(sd)
-    return model.eval()

@@ -99,7 +99,8 @@ class SwinMimModel(nn.Module):
         self._init_mim(init_std)
 
     def _geometry(self, patch_grid: tuple[int, int], n_stages: int) -> tuple[int, int, int]:
-        """(Swin patches per token cell along a side, stage index read by a 'stage' head, upsampling of a 'last' head)."""
+        """(Swin patches per token cell along a side, stage index read by a 'stage' head, upsampling of a 'last'
+        head)."""
         (ph, pw), (th, tw) = patch_grid, self.grid_size
         if ph % th or pw % tw or ph // th != pw // tw:
             raise ValueError(f"the token grid {th}x{tw} does not tile Swin's {ph}x{pw} patch grid evenly: choose "
@@ -112,7 +113,8 @@ class SwinMimModel(nn.Module):
         if any(g % (1 << last) for g in patch_grid):
             raise ValueError(f"Swin's {ph}x{pw} patch grid must be divisible by {1 << last} for its {n_stages} stages")
         if stage > last:
-            raise ValueError(f"the token grid {th}x{tw} is coarser than Swin's last stage; use finer tokens or more stages")
+            raise ValueError(f"the token grid {th}x{tw} is coarser than Swin's last stage; use finer tokens or more "
+                             "stages")
         return r, stage, 1 << (last - stage)
 
     @torch.no_grad()

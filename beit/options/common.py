@@ -1,81 +1,125 @@
-"""Option sections every training stage shares, defined once: data, optimisation, precision, run.
+"""Option sections, each defined once: every command's config is built from the ones it uses.
 
-A stage's config inherits the sections (``class PretrainConfig(RunOptions, PrecisionOptions,
-OptimOptions, DataOptions)``: dataclasses collect fields from the last base first, so data comes first),
-so the same option has the same name, unit and help everywhere. A stage with another default
-re-declares the field with ``field(<default>)`` and no help: ``--help`` shows the section's text.
+A config inherits its sections (``class PretrainConfig(RunOptions, ..., DataOptions)``: dataclasses collect
+fields from the last base first), so an option has the same name, unit and help in every command. A command
+with another default re-declares the field with ``field(<default>)`` and no help: ``--help`` shows the
+section's text. Old names a section replaced are in its ``DEPRECATED`` map (they still work, with a warning).
+
+* ``TrainDataOptions``: the training images (shards or a folder); ``HeldOutOptions``: held-out shards;
+  ``LoaderOptions``: loader workers and the bad-sample budget; ``DataOptions``: the training stream of
+  pretraining and fine-tuning (all of the above, plus epoch length, data order, the folder's held-out part);
+* ``TokenizerOptions``: which frozen tokenizer, from where;
+* ``RunOptions``: the run folder, seed, checkpoints, logging; ``TrackerOptions``: where metrics go;
+* ``PrecisionOptions``: mixed precision; ``OptimOptions``: batch, epochs, lr schedule, AdamW.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Literal, Optional
 
-from beit.config import field
+from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
+from beit.config import Options, field
+from beit.tokenizers import TOKENIZER_KINDS
+
+TokenizerKind = Literal[("auto", *TOKENIZER_KINDS)]  # a new registered tokenizer is a choice at once
 
 
 @dataclass
-class DataOptions:
-    data: str = field("", help="a folder of images (flat, recursive; one sub-folder per class for fine-tuning): "
-                               "written once into shards under --data_cache and reused while it is unchanged")
-    val_fraction: float = field(0.0, help="with --data: hold out this fraction of the images (seeded, stratified "
-                                          "by class) for the final evaluation; 0: none")
+class TrainDataOptions(Options):
+    DEPRECATED = {"data_shards": "train_shards", "shards": "train_shards"}  # pretraining's / the tools' old names
+    train_shards: list[str] = field(default_factory=list, help="training shards: paths, brace patterns, globs or "
+                                    "folders of WebDataset tars (a YAML list, or patterns on the command line), e.g. "
+                                    "'/data/train-{000000..000127}.tar'")
+    data: str = field("", help="a folder of images instead of --train_shards (flat, recursive; one sub-folder per "
+                               "class for fine-tuning): written once into shards under --data_cache and reused while "
+                               "it is unchanged")
     data_cache: str = field("", help="folder for the shards written from --data (default: $BEIT_CACHE or "
                                      "~/.cache/beit/shards)")
+
+    def check_train_data(self, other_source: str = "") -> None:
+        """Exactly one source of training images: --data, --train_shards (or ``other_source``, e.g. a token cache)."""
+        given = [name for name, on in (("--data", self.data), ("--train_shards", self.train_shards),
+                                       (other_source, bool(other_source))) if on]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)} both name the training data: give one")
+        if not given:
+            raise ValueError("no training data: pass --data <folder of images> or --train_shards "
+                             "'/data/train-{000000..000099}.tar'")
+
+    def folder_shards(self, *, labelled: bool, val_fraction: float = 0.0, seed: int = 0, log=print):
+        """``--data``'s folder as shards (written once into --data_cache; see beit.data.storage.folder_cache),
+        or None without --data."""
+        if not self.data:
+            return None
+        from beit.data.storage.folder_cache import folder_shards
+
+        return folder_shards(self.data, labelled=labelled, val_fraction=val_fraction, seed=seed, cache=self.data_cache,
+                             log=log)
+
+
+@dataclass
+class HeldOutOptions(Options):
+    val_shards: list[str] = field(default_factory=list, help="held-out shards, never trained on: scored at the end "
+                                  "(empty: no held-out score)")
+
+
+@dataclass
+class LoaderOptions(Options):
     num_workers: int = field(2, help="data loader worker processes per process (fewer when the shards do not allow "
                                      "that many: the log says so)")
+    max_bad_fraction: float = field(0.01, help="stop with an error when more than this fraction of samples fails "
+                                               "to decode")
+
+
+@dataclass
+class DataOptions(LoaderOptions, HeldOutOptions, TrainDataOptions):
+    val_fraction: float = field(0.0, help="with --data: hold out this fraction of the images (seeded, stratified "
+                                          "by class) for the final evaluation; 0: none")
     resampled: bool = field(False, help="draw shards with replacement (per process and worker, seeded) instead of "
                                         "one pass over disjoint shards; for fewer shards than processes, or "
                                         "endless streams")
     batches_per_epoch: int = field(0, help="micro-batches per process per epoch (0: every image once, from the "
                                            "shards' manifest)")
-    max_bad_fraction: float = field(0.01, help="stop with an error when more than this fraction of samples fails "
-                                               "to decode")
-    data_order: str = field("shards", help="shards: disjoint shards per process (scalable default); global: every "
-                                           "process reads one seeded stream and keeps its slice, so any process "
-                                           "count sees the same global batches (exact 1-vs-N equivalence; N x the "
-                                           "read I/O)")
+    data_order: Literal["shards", "global"] = field("shards", help="shards: disjoint shards per process (scalable "
+                                                    "default); global: every process reads one seeded stream and keeps "
+                                                    "its slice, so any process count sees the same global batches "
+                                                    "(exact 1-vs-N equivalence; N x the read I/O)")
 
-    def check_data(self, shards_given: bool, shards_flag: str) -> None:
-        if self.data and shards_given:
-            raise ValueError(f"--data and --{shards_flag} both name the training data: give one")
+    def check_data(self, other_source: str = "") -> None:
+        self.check_train_data(other_source)
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.resampled and self.data_order == "global":
             raise ValueError("--resampled draws shards at random per process; --data_order global reads one fixed "
                              "order: choose one")
-        from beit.runtime.scaling import check_data_order
-        check_data_order(self.data_order)
 
 
 @dataclass
-class OptimOptions:
-    batch_size: int = field(64, help="images per process per micro-step")
-    grad_accum_steps: int = field(1, help="micro-steps per optimizer step (ignored when global_batch_size is set)")
-    global_batch_size: int = field(0, help="images per optimizer step over all processes; sets grad_accum_steps = "
-                                           "global / (batch_size x processes) so the recipe holds for any process "
-                                           "count")
-    epochs: int = field(100, help="passes over the data (every image once per epoch)")
-    lr: float = field(1e-3, help="peak learning rate (for the effective batch; not rescaled)")
-    min_lr: float = field(1e-6, help="final learning rate of the cosine schedule")
-    warmup_epochs: float = field(5.0, help="linear warmup length in epochs (a warmup not shorter than the run is "
-                                           "capped to a tenth of it, with a warning)")
-    warmup_steps: int = field(-1, help="linear warmup length in optimizer steps (>= 0 overrides warmup_epochs)")
-    weight_decay: float = field(0.05, help="AdamW weight decay (none on biases, norms, tokens, position tables)")
-    clip_grad: float = field(0.0, help="max global gradient norm (0: no clipping)")
+class TokenizerOptions(Options):
+    tokenizer: TokenizerKind = field("auto", help=f"visual tokenizer kind: auto | {' | '.join(TOKENIZER_KINDS)} (auto: "
+                                                  "the kind saved beside --tokenizer_path, else dalle)")
+    tokenizer_path: Optional[str] = field(None, help="saved tokenizer (<name>.safetensors + <name>.json), converted "
+                                                     "DALL-E weights or an official checkpoint")
+    trust_pickle: bool = field(False, help=TRUST_PICKLE_HELP)
+
+    def tokenizer_kind(self) -> str:
+        """--tokenizer, with ``auto`` resolved: the kind saved in ``<tokenizer_path>.json`` (a tokenizer trained
+        with ``beit tokenizer train``), else dalle."""
+        if self.tokenizer != "auto":
+            return self.tokenizer
+        if self.tokenizer_path:
+            from beit.tokenizers.base import resolve_stem
+            try:
+                meta = json.loads(resolve_stem(self.tokenizer_path).with_suffix(".json").read_text())
+                return meta.get("kind", "dalle") if isinstance(meta, dict) else "dalle"
+            except (OSError, ValueError):
+                pass  # not one of our saved tokenizers (e.g. DALL-E's converted weights): the loader says more
+        return "dalle"
 
 
 @dataclass
-class PrecisionOptions:
-    mixed_precision: str = field("auto", help="auto | no | fp16 | bf16 (auto: the launcher's fp16/bf16 if set, else "
-                                              "bf16 on GPUs that support it, fp16 on other GPUs, bf16 on CPUs with AMX or "
-                                              "AVX-512-BF16, else no)")
-
-    def check_precision(self) -> None:
-        if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
-            raise ValueError(f"--mixed_precision must be auto, no, fp16 or bf16, got {self.mixed_precision!r}")
-
-
-@dataclass
-class RunOptions:
+class RunOptions(Options):
     output_dir: str = field("runs/run", help="run folder: config, checkpoints, metrics, final weights; a rerun "
                                             "resumes from its newest complete checkpoint")
     seed: int = field(0, help="seed for weights, data order, augmentation")
@@ -83,5 +127,57 @@ class RunOptions:
                                              "run resumes exactly from the newest complete one, mid-epoch included")
     keep_last: int = field(2, help="complete checkpoints to keep (0: all)")
     log_every: int = field(20, help="log metrics every N optimizer steps")
-    tensorboard: bool = field(True, help="also log to TensorBoard (output_dir/tensorboard)")
     dist_timeout_s: int = field(1800, help="seconds a collective may wait for a hung process before the job fails")
+
+    def check_run(self) -> None:
+        for name in ("checkpoint_every", "log_every", "dist_timeout_s"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_last < 0:
+            raise ValueError(f"--keep_last must be >= 0 (0: all), got {self.keep_last}")
+
+
+@dataclass
+class TrackerOptions(Options):
+    tensorboard: bool = field(True, help="also log to TensorBoard (output_dir/tensorboard)")
+
+
+@dataclass
+class PrecisionOptions(Options):
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = field(
+        "auto", help="auto: the launcher's fp16/bf16 if set, else bf16 on GPUs that support it, fp16 on other GPUs, "
+                     "bf16 on CPUs with AMX or AVX-512-BF16, else no")
+
+
+@dataclass
+class OptimOptions(Options):
+    batch_size: int = field(64, help="images per process per micro-step")
+    grad_accum_steps: int = field(1, help="micro-steps per optimizer step (ignored when global_batch_size is set)")
+    global_batch_size: int = field(0, help="images per optimizer step over all processes; sets grad_accum_steps = "
+                                           "global / (batch_size x processes) so the recipe holds for any process "
+                                           "count")
+    epochs: int = field(100, help="passes over the data (every image once per epoch)")
+    lr: float = field(1e-3, help="peak learning rate (for the effective batch; not rescaled)")
+    min_lr: float = field(1e-6, help="final learning rate of the schedule")
+    lr_schedule: str = field("cosine", help="the lr / weight-decay schedule after the warmup, one of "
+                                            "beit.optim.schedules.SCHEDULES (cosine: half-cosine to min_lr)")
+    warmup_epochs: float = field(5.0, help="linear warmup length in epochs (a warmup not shorter than the run is "
+                                           "capped to a tenth of it, with a warning)")
+    warmup_steps: int = field(-1, help="linear warmup length in optimizer steps (>= 0 overrides warmup_epochs)")
+    weight_decay: float = field(0.05, help="AdamW weight decay (none on biases, norms, tokens, position tables)")
+    clip_grad: float = field(0.0, help="max global gradient norm (0: no clipping)")
+
+    def check_optim(self) -> None:
+        from beit.config import check_lr
+        from beit.optim.schedules import SCHEDULES
+
+        for name in ("batch_size", "grad_accum_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
+        if self.global_batch_size < 0:
+            raise ValueError(f"--global_batch_size must be >= 0, got {self.global_batch_size}")
+        check_lr(self.lr)
+        if self.min_lr < 0:
+            raise ValueError(f"--min_lr must be >= 0, got {self.min_lr}")
+        if self.lr_schedule not in SCHEDULES:
+            raise ValueError(f"--lr_schedule {self.lr_schedule!r} is not one of {sorted(SCHEDULES)}")

@@ -3,17 +3,20 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
-from beit.config import check_finite_numbers, check_lr, field
 from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
-from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions
+from beit.config import check_finite_numbers, field
+from beit.data.pipelines.labelled import ClassificationAugmentOptions
+from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions, TrackerOptions
+from beit.tasks import TASKS, describe_tasks
 
-POSITIONS = ("relative", "absolute", "both", "none")
+TaskName = Literal[TASKS]  # a new registered task is a choice at once
 
 
 @dataclasses.dataclass
-class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
+class FinetuneConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions, ClassificationAugmentOptions,
+                     DataOptions):
     """Shared sections (beit.options.common) first, then fine-tuning's own options."""
     RECIPE_PREFIX = "finetune_"
     DEPRECATED = {"img_size": "image_size"}  # the name pretraining and the other stages use
@@ -26,13 +29,8 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     output_dir: str = field("runs/finetune")
     log_every: int = field(10)
 
-    task: str = field("classification", help="classification | segmentation (image + seg.png shards, UperNet head, "
-                                             "mIoU; --image_size is the crop; --model beit or a timm Swin) | distill (--model = a timm student, "
-                                             "e.g. mobilevit_xxs, taught by --teacher)")
+    task: TaskName = field("classification", help=f"what is trained (beit.tasks): {describe_tasks()}")
     # data
-    train_shards: str = field("", help="training shards: path, brace pattern or comma list of WebDataset tars")
-    val_shards: str = field("", help="held-out shards (never trained on) for top-1/top-5 and the confusion matrix "
-                                     "(empty: no held-out evaluation; the final summary has the training loss)")
     num_classes: int = field(0, help="number of classes; 0 = from the label_map in the shards' manifest.json")
     val_data: str = field("", help="held-out class folders (the same class names as --data), instead of "
                                    "--val_fraction")
@@ -42,12 +40,14 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     mean: tuple[float, float, float] = field((0.485, 0.456, 0.406), help="normalisation mean (as in pretraining)")
     std: tuple[float, float, float] = field((0.229, 0.224, 0.225), help="normalisation std (as in pretraining)")
     # model
-    model: str = field("beit", help="'beit' or any timm model name (swin_tiny_patch4_window7_224, mobilevit_s, "
-                                     "deit_small_patch16_224, ...) for a baseline")
+    model: str = field("beit", help="the encoder (beit.modeling.backbones): 'beit' or any timm model name "
+                                     "(swin_tiny_patch4_window7_224, vit_small_patch16_224, mobilevit_s, ...)")
     model_kwargs: dict = field(default_factory=dict, help="--model <timm name>: more timm.create_model arguments, e.g. "
-                               "a small Swin {embed_dim: 32, depths: [2, 2, 2, 2], num_heads: [1, 2, 4, 8], window_size: 4, "
+                               "a small Swin {embed_dim: 32, depths: [2, 2, 2, 2], num_heads: [1, 2, 4, 8], "
+                               "window_size: 4, "
                                "patch_size: 2}; with --init of our Swin pretraining they come from its pretrained.json")
-    model_size: str = field("base", help="BEiT size: tiny | small | base | large (see beit.modeling.mim.BEIT_SIZES)")
+    model_size: Literal["tiny", "small", "base", "large"] = field("base", help="BEiT size "
+                                                                               "(beit.modeling.mim.BEIT_SIZES)")
     embed_dim: int = field(0, help="override the size's embedding dim (0 = from --init's weights, else model_size)")
     depth: int = field(0, help="override the size's depth (0 = from --init's weights, else model_size)")
     num_heads: int = field(0, help="override the size's heads (0 = from --init's rel-pos tables or the config / "
@@ -56,8 +56,9 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     patch_size: int = field(16, help="patch size in px (--init's patch embedding is resampled to it)")
     init_values: float = field(0.1, help="layer-scale init (0.1 base, 1e-5 large, 0 = no layer scale; with --init: "
                                          "layer scale iff the weights have it, values loaded)")
-    position: str = field("", help="position embedding: relative (per-block rel-pos, BEiT) | absolute | both | none; "
-                                   "'' = what --init's weights have, else relative")
+    position: Literal["", "relative", "absolute", "both", "none"] = field(
+        "", help="position embedding: relative (per-block rel-pos, BEiT) | absolute | both | none; '' = what --init's "
+                 "weights have, else relative")
     init: str = field("", help="weights to start from: our pretrained.safetensors / checkpoint dir, an official "
                                "BEiT .pth, timm weights; for --model <timm name> a timm weights file. Empty = scratch")
     init_key: str = field("", help="entry of a wrapping dict holding the weights (default: model/module/state_dict)")
@@ -75,14 +76,6 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     cutmix: float = field(1.0, help="cutmix alpha (0 = off)")
     mixup_prob: float = field(1.0, help="probability of applying mixup or cutmix to a batch")
     mixup_switch_prob: float = field(0.5, help="probability of cutmix instead of mixup when both are on")
-    # augmentation
-    auto_augment: str = field("rand-m9-mstd0.5-inc1", help="timm RandAugment spec ('' = off)")
-    reprob: float = field(0.25, help="random erasing probability")
-    color_jitter: float = field(0.4, help="colour jitter (timm ignores it when RandAugment is on)")
-    crop_scale_min: float = field(0.08, help="RandomResizedCrop minimum area fraction")
-    hflip: float = field(0.5, help="horizontal flip probability (use 0 for digits/text)")
-    crop_pct: float = field(0.875, help="eval: resize to img_size/crop_pct then centre crop")
-    interpolation: str = field("bicubic", help="resize interpolation")
     # EMA
     model_ema: bool = field(False, help="keep an EMA of the weights (evaluated too)")
     model_ema_decay: float = field(0.9999, help="EMA decay per optimizer step")
@@ -93,8 +86,9 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
     # distillation (--task distill, or `beit distill`)
     teacher: str = field("", help="distill: the teacher, a fine-tuned classifier export (<run>/model.safetensors)")
-    unlabelled_shards: str = field("", help="distill: unlabelled shards (e.g. the pretraining shards; labels ignored) "
-                                            "that the teacher labels softly, a batch of them beside each labelled batch")
+    unlabelled_shards: list[str] = field(default_factory=list, help="distill: unlabelled shards (e.g. the "
+                                         "pretraining shards; labels ignored) that the teacher labels softly, a batch "
+                                         "of them beside each labelled batch")
     unlabelled_batch_size: int = field(0, help="distill: unlabelled images per batch (0 = batch_size)")
     distill_temperature: float = field(4.0, help="distill: softmax temperature of the soft (teacher) loss")
     distill_alpha: float = field(0.5, help="distill: weight of the hard-label loss (labelled rows); 1 - alpha for "
@@ -109,81 +103,33 @@ class FinetuneConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     seg_stride: int = field(0, help="segmentation: sliding-window stride for evaluation (0 = 2/3 of img_size)")
 
     def validate(self) -> None:
+        from beit.modeling.backbones import backbone_for
+        from beit.tasks import get_task
+
+        self.check_choices()
         check_finite_numbers(self)
-        check_lr(self.lr)
-        if self.task not in ("classification", "segmentation", "distill"):
-            raise ValueError(f"--task must be classification, segmentation or distill, got {self.task!r}")
-        if self.task == "distill":
-            if self.model == "beit" or self.linear_probe:
-                raise ValueError("--task distill trains a timm student: pass --model mobilevit_xxs (or _xs, _s, any timm name)")
-            if not self.teacher:
-                raise ValueError("--task distill needs --teacher <fine-tuned run>/model.safetensors")
-            if not Path(self.teacher).exists():
-                raise ValueError(f"--teacher {self.teacher} does not exist")
-            if (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0:
-                raise ValueError("--task distill uses the teacher's soft labels, not mixup/cutmix: pass --mixup 0 --cutmix 0")
-            if self.distill_temperature <= 0 or not 0 <= self.distill_alpha <= 1:
-                raise ValueError("need --distill_temperature > 0 and 0 <= --distill_alpha <= 1")
-        if self.task == "segmentation":
-            if self.linear_probe:
-                raise ValueError("--task segmentation fine-tunes the whole encoder: leave --linear_probe out")
-            if self.model != "beit":
-                from beit.modeling.swin_mim import is_swin
-                if not is_swin(self.model):
-                    raise ValueError(f"--task segmentation fine-tunes a BEiT encoder (--model beit) or a timm Swin "
-                                     f"(--model swin_tiny_patch4_window7_224, ...), got --model {self.model}")
-            if self.num_classes < 1:
-                raise ValueError("--task segmentation needs --num_classes (ADE20K: 150 with --reduce_zero_label true)")
-            if self.batch_size < 2:
-                raise ValueError("--task segmentation needs --batch_size >= 2 (the heads use BatchNorm)")
-            if not 0 < self.seg_scale_min <= self.seg_scale_max:
-                raise ValueError(f"need 0 < --seg_scale_min <= --seg_scale_max, got {self.seg_scale_min}, {self.seg_scale_max}")
-            if self.model_ema:
-                raise ValueError("--model_ema is for classification (its BatchNorm statistics are not averaged)")
-        if not self.train_shards and not self.data:
-            raise ValueError("no training data: pass --data <folder with one sub-folder per class> or --train_shards "
-                             "(labelled shards from `beit shards write --layout imagenet`)")
-        self.check_data(bool(self.train_shards), "train_shards")
+        get_task(self.task).check(self)
+        backbone_for(self.model).check_finetune(self)
+        self.check_optim()
+        self.check_run()
+        self.check_data()
+        self.check_augment()
+        if self.epochs < 1:
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
         if self.val_data and not self.data:
             raise ValueError("--val_data goes with --data (class folders); with shards pass --val_shards")
         if self.val_data and self.val_shards:
             raise ValueError("--val_data and --val_shards both name the held-out data: give one")
-        if self.batch_size < 1 or self.grad_accum_steps < 1 or self.epochs < 1 or self.checkpoint_every < 1:
-            raise ValueError("batch_size, grad_accum_steps, epochs and checkpoint_every must be >= 1")
-        if self.task == "classification" and (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0 \
-                and self.batch_size % 2:
-            raise ValueError(f"mixup/cutmix need an even --batch_size, got {self.batch_size}")
         if not 0 < self.layer_decay <= 1:
             raise ValueError(f"--layer_decay must be in (0, 1], got {self.layer_decay}")
-        if self.model_kwargs and self.model == "beit":
-            raise ValueError("--model_kwargs are for --model <timm name>; a BEiT encoder takes --embed_dim/--depth/...")
-        if self.linear_probe and self.model != "beit":
-            raise ValueError("--linear_probe is for BEiT encoders (--model beit)")
         if self.probe_block < 0:
             raise ValueError(f"--probe_block must be >= 0 (0 = last block), got {self.probe_block}")
-        self.check_precision()
-        if self.position and self.position not in POSITIONS:
-            raise ValueError(f"--position must be one of {', '.join(POSITIONS)} (or empty), got {self.position!r}")
         if self.init and not Path(self.init).exists():
             raise ValueError(f"--init {self.init} does not exist")
 
-    def beit_dims(self, init_dims: dict | None = None) -> dict:
-        """embed_dim / depth / num_heads / mlp_ratio: explicit flags > the --init checkpoint's (``init_dims``)
-        > model_size."""
-        keys = ("embed_dim", "depth", "num_heads", "mlp_ratio")
-        dims: dict = {"mlp_ratio": 4.0}
-        if init_dims:
-            dims.update({k: init_dims[k] for k in keys if k in init_dims})
-        if not all(k in dims for k in keys) and not (self.embed_dim and self.depth and self.num_heads):
-            from beit.modeling.mim import BEIT_SIZES
-            if self.model_size not in BEIT_SIZES:
-                raise ValueError(f"--model_size must be one of {sorted(BEIT_SIZES)}, got {self.model_size!r}")
-            dims.update({k: v for k, v in BEIT_SIZES[self.model_size].items() if k in keys and k not in dims})
-        dims.update({k: getattr(self, k) for k in keys if getattr(self, k)})
-        return dims
-
 
 RESUME_KEYS = ("model", "model_kwargs", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size",
-               "image_size", "num_classes", "linear_probe", "probe_block", "init", "epochs", "teacher", "unlabelled_shards",
+               "image_size", "num_classes", "linear_probe", "probe_block", "init", "epochs", "teacher",
+               "unlabelled_shards",
                "unlabelled_batch_size", "distill_temperature", "distill_alpha")
 

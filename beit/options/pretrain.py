@@ -2,10 +2,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, Optional
 
-from beit.config import check_finite_numbers, check_lr, field
-from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
-from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions
+from beit.config import check_finite_numbers, field
+from beit.data.pipelines.transforms import AugmentOptions
+from beit.options.common import (
+    DataOptions,
+    OptimOptions,
+    PrecisionOptions,
+    RunOptions,
+    TokenizerOptions,
+    TrackerOptions,
+)
 
 # Fields that define the model and its targets: a resumed run must not change them. (The tokenizer's
 # weights are compared by fingerprint, so a tokenizer file may move but not change.)
@@ -16,7 +24,8 @@ REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 
 @dataclass
-class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
+class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions, TokenizerOptions, AugmentOptions,
+                     DataOptions):
     """Shared sections (beit.options.common) first, then pretraining's own options."""
     RECIPE_PREFIX = "pretrain_"
     # the shared options with pretraining's defaults (BEiT-B on ImageNet-1k)
@@ -30,25 +39,23 @@ class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     keep_last: int = field(3)
 
     # data
-    data_shards: list[str] = field(default_factory=list, help="training shards: brace patterns / paths (a YAML list, "
-                                   "or one pattern on the command line), e.g. '/data/train-{000000..000127}.tar'")
-    val_shards: list[str] = field(default_factory=list, help="held-out shards for the final masked-token evaluation "
-                                  "(empty: no evaluation)")
     allow_remote_shards: bool = field(False, help="allow pipe:/http(s) shard specs (they run commands / fetch URLs)")
     shuffle_buffer: int = field(1000, help="samples in the streaming shuffle buffer")
-    # augmentation
+    token_cache: Optional[str] = field(None, help="pre-tokenised training data: a folder written by `beit tokenizer "
+                                       "cache` (its cache-*.tar replace train_shards, its stored crops and flips "
+                                       "replace crop_scale_min/hflip; no tokenizer call in training; the tokenizer is "
+                                       "then loaded only for val_shards)")
     image_size: int = field(224, help="encoder input side in px")
-    crop_scale_min: float = field(0.08, help="random-resized-crop minimum area fraction (max is 1)")
-    color_jitter: float = field(0.4, help="brightness/contrast/saturation jitter (0: off)")
-    hflip: float = field(0.5, help="horizontal flip probability")
     # model
-    arch: str = field("beit", help="encoder: beit (the BEiT ViT) or a timm Swin name, e.g. swin_tiny_patch4_window7_224 "
-                      "(then patch_size is the token cell in px, Swin's own patch is swin_patch_size)")
-    model_size: str = field("base", help="tiny | small | base | large; embed_dim/depth/num_heads override it")
+    arch: str = field("beit", help="encoder (beit.modeling.backbones): beit (the BEiT ViT), a timm Swin name, e.g. "
+                      "swin_tiny_patch4_window7_224 (patch_size is then the token cell in px, Swin's own patch is "
+                      "swin_patch_size), or a timm ViT name, e.g. vit_small_patch16_224")
+    model_size: Literal["tiny", "small", "base", "large"] = field(
+        "base", help="tiny | small | base | large (beit); embed_dim/depth/num_heads override it")
     patch_size: int = field(16, help="patch side in px; the patch grid must equal the tokenizer's token grid")
-    embed_dim: int = field(0, help="custom width (0: from model_size)")
-    depth: int = field(0, help="custom number of blocks (0: from model_size)")
-    num_heads: int = field(0, help="custom attention heads (0: from model_size)")
+    embed_dim: int = field(0, help="custom width (0: from model_size, or the timm arch's)")
+    depth: int = field(0, help="custom number of blocks (0: from model_size, or the timm arch's)")
+    num_heads: int = field(0, help="custom attention heads (0: from model_size, or the timm arch's)")
     mlp_ratio: float = field(4.0, help="MLP hidden width / embed_dim")
     init_values: float = field(0.0, help="layer-scale init (0: from model_size: 0.1, large 1e-5)")
     drop_path: float = field(0.1, help="stochastic depth rate")
@@ -59,18 +66,10 @@ class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     swin_window_size: int = field(0, help="--arch swin_*: attention window side (0: the arch's)")
     swin_depths: list[int] = field(default_factory=list, help="--arch swin_*: blocks per stage (empty: the arch's)")
     swin_heads: list[int] = field(default_factory=list, help="--arch swin_*: heads per stage (empty: the arch's)")
-    swin_head: str = field("last", help="--arch swin_*: what the masked-token head reads: last (last stage, upsampled "
-                           "to the token grid; every stage trained) | stage (the stage at the token stride; later "
-                           "stages stay untrained)")
-    # tokenizer
-    tokenizer: str = field("auto", help="visual tokenizer kind: auto | kmeans | dalle | vqkd | dvae (auto: the kind "
-                                        "saved beside --tokenizer_path, else dalle)")
-    tokenizer_path: str | None = field(None, help="saved tokenizer (<name>.safetensors + <name>.json)")
-    trust_pickle: bool = field(False, help=TRUST_PICKLE_HELP)
-    token_cache: str | None = field(None, help="pre-tokenised training data: a folder written by `python -m "
-                                    "beit.tokenizers.cache` (its cache-*.tar replace data_shards, its stored crops and "
-                                    "flips replace crop_scale_min/hflip; no tokenizer call in training; the tokenizer "
-                                    "is then loaded only for val_shards)")
+    swin_head: Literal["last", "stage"] = field("last", help="--arch swin_*: what the masked-token head reads: last "
+                                                "(last stage, upsampled to the token grid; every stage trained) | "
+                                                "stage "
+                                                "(the stage at the token stride; later stages stay untrained)")
     # masking
     num_masking_patches: int = field(0, help="masked patches per image (0: 75 on a 14x14 grid as BEiT, otherwise "
                                      "round(mask_ratio * patches))")
@@ -80,7 +79,7 @@ class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
     min_mask_aspect: float = field(0.3, help="masking block aspect range [a, 1/a]")
     # optimisation
     total_steps: int = field(0, help="optimizer steps in total (0: epochs * steps per epoch)")
-    weight_decay_end: float | None = field(None, help="weight decay at the end of the cosine wd schedule (None: constant)")
+    weight_decay_end: Optional[float] = field(None, help="weight decay at the end of the wd schedule (None: constant)")
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], help="AdamW betas")
     eps: float = field(1e-8, help="AdamW epsilon")
     max_nonfinite_steps: int = field(5, help="abort after this many consecutive optimizer steps with a non-finite loss")
@@ -100,46 +99,37 @@ class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, DataOptions):
 
     def validate(self) -> None:
         """Checks that need no files; raises ValueError naming the option."""
+        from beit.modeling.backbones import backbone_for
+
+        self.check_choices()
         check_finite_numbers(self)
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.log_images_every < 0:
             raise ValueError(f"log_images_every must be >= 0 (0: off), got {self.log_images_every}")
-        for name in ("batch_size", "grad_accum_steps", "checkpoint_every", "log_every", "max_nonfinite_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
         if self.total_steps < 0 or self.epochs < 0 or (self.total_steps == 0 and self.epochs == 0):
             raise ValueError("set epochs >= 1 or total_steps >= 1")
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if not 0 < self.crop_scale_min <= 1:
-            raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        self.check_augment()
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
-        self.check_precision()
-        check_lr(self.lr)
-        if self.min_lr < 0:
-            raise ValueError("min_lr must be >= 0")
-        if self.global_batch_size < 0:
-            raise ValueError("global_batch_size must be >= 0")
-        self.check_data(bool(self.data_shards) or bool(self.token_cache), "data_shards")
+        self.check_optim()
+        self.check_run()
+        self.check_data("--token_cache" if self.token_cache else "")
         if self.val_fraction and not self.data:
             raise ValueError("--val_fraction splits a --data folder; with shards pass --val_shards")
-        if self.dist_timeout_s < 1:
-            raise ValueError(f"dist_timeout_s must be >= 1, got {self.dist_timeout_s}")
         if bool(self.knn_train_shards) != bool(self.knn_val_shards):
             raise ValueError("the kNN health metric needs both knn_train_shards and knn_val_shards (labelled); "
                              "set both or neither")
         if self.knn_every < 0 or self.knn_k < 1:
             raise ValueError(f"knn_every must be >= 0 and knn_k >= 1, got {self.knn_every}, {self.knn_k}")
-        if self.arch != "beit" and self.knn_train_shards:
-            raise ValueError("the kNN health metric reads the ViT's patch tokens: leave knn_train_shards/knn_val_shards "
-                             "empty with --arch swin_*")
-        if self.arch != "beit" and self.swin_head not in ("last", "stage"):
-            raise ValueError(f"swin_head must be last or stage, got {self.swin_head!r}")
-        if not self.data_shards and not self.token_cache and not self.data:
-            raise ValueError("no training data: pass --data <folder of images> or --data_shards "
-                             "'/data/train-{000000..000099}.tar'")
+        backbone = backbone_for(self.arch, pretraining=True)
+        if self.knn_train_shards and not backbone.patch_tokens:
+            raise ValueError(f"the kNN health metric reads a ViT's patch tokens: leave knn_train_shards/knn_val_shards "
+                             f"empty with --arch {self.arch}")
 
     @property
     def grid(self) -> tuple[int, int]:

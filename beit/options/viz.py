@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from beit.config import field
+from beit.config import Options, field
 
 
 @dataclass
-class VizConfig:
+class VizConfig(Options):
     run_dir: str = field("", help="a pretraining or fine-tuning --output_dir (also the first positional argument)")
     checkpoint: str = field("", help="weights to show: empty = the newest complete checkpoint (else the final "
                             "weights), a step number (200), a checkpoint folder or a .safetensors file")
@@ -15,7 +15,8 @@ class VizConfig:
     num_images: int = field(4, help="held-out images in the pictures")
     blocks: str = field("", help="1-based blocks whose attention is drawn, e.g. 1,6,12 (empty: first, middle, last)")
     patch: str = field("", help="row,col (0-based) of the patch whose attention is drawn (empty: the centre patch)")
-    val_shards: str = field("", help="held-out shards to draw from (empty: the run's own val_shards)")
+    val_shards: list[str] = field(default_factory=list, help="held-out shards to draw from (empty: the run's own "
+                                  "val_shards)")
     tokenizer_path: str = field("", help="pretraining runs: the tokenizer, when it has moved since training "
                                 "(empty: the run's tokenizer_path)")
     max_eval_images: int = field(2000, help="fine-tuning: held-out images scored for the confusion matrix")

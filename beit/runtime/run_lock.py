@@ -110,3 +110,36 @@ def end_with_launcher() -> None:
         return
     if os.getppid() == 1:  # the launcher died before the request was in place
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def is_main_process() -> bool:
+    """Rank 0 of the launch (before an Accelerator exists)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def world_size() -> int:
+    """Processes of the launch (before an Accelerator exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def main_print(msg: str) -> None:
+    """Print on the main process only (before the run's logger exists)."""
+    if is_main_process():
+        print(msg, flush=True)
+
+
+@contextlib.contextmanager
+def open_run(output_dir: str | Path, resume: bool = True) -> Iterator[Path | None]:
+    """Hold ``output_dir`` for this run (one writer per folder) and yield the checkpoint to resume: the newest
+    intact one (damaged ones are moved aside, stale temp folders removed, by the main process), or None."""
+    from beit.checkpoints.integrity import remove_stale_temp, select_resume
+
+    rank0 = is_main_process()
+    with hold_output_dir(output_dir, is_main=rank0):
+        latest = None
+        if resume:
+            if rank0:
+                remove_stale_temp(output_dir)
+            warn = (lambda m: print(f"warning: {m}", file=sys.stderr, flush=True)) if rank0 else (lambda m: None)
+            latest = select_resume(output_dir, move_aside=rank0, log=warn)
+        yield latest

@@ -42,8 +42,9 @@ def describe_scaling(batch_size: int, accum: int, processes: int, lr: float, how
 def grad_accum_for(global_batch_size: int, batch_size: int, processes: int) -> int:
     """Accumulation steps that keep ``global_batch_size`` images per optimizer step on ``processes``."""
     if global_batch_size < 1 or global_batch_size % (batch_size * processes):
-        raise ValueError(f"global_batch_size {global_batch_size} is not a positive multiple of batch_size "
-                         f"{batch_size} x {processes} process(es); change batch_size or global_batch_size")
+        raise ValueError(f"global_batch_size {global_batch_size} is not divisible by batch_size {batch_size} x "
+                         f"{processes} process(es) (it must be a positive multiple); change batch_size or "
+                         "global_batch_size")
     return global_batch_size // (batch_size * processes)
 
 

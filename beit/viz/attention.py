@@ -21,7 +21,8 @@ def encoder_blocks(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"{type(model).__name__} has no BEiT transformer blocks to take attention from")
 
 
-def attention_weights(attn: nn.Module, x: torch.Tensor, shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
+def attention_weights(attn: nn.Module, x: torch.Tensor,
+                      shared_rel_pos_bias: torch.Tensor | None = None) -> torch.Tensor:
     """[B, heads, N, N] attention probabilities of a timm BEiT ``Attention`` module for its input ``x``."""
     b, n, _ = x.shape
     if attn.q_bias is not None:

@@ -38,11 +38,11 @@ def _shards(spec, what: str) -> list[str]:
 def pretrain_samples(cfg, tokenizer, n: int, val_shards=None) -> dict:
     """{"image": uint8 encoder views, "tokenizer_image": uint8 tokenizer views, "mask": bool [n,h,w]} of the
     first ``n`` held-out images, with the run's held-out views and seeded masks."""
-    from beit.pretrain import build_loader
+    from beit.data.pipelines.pretraining import build_mim_loader
 
     cfg = replace(cfg, num_workers=0, token_cache=None)
-    shards = _shards(val_shards or cfg.val_shards or cfg.data_shards, "val_shards")
-    loader = build_loader(cfg, shards, tokenizer, ONE_PROCESS, train=False, batch_size=n)
+    shards = _shards(val_shards or cfg.val_shards or cfg.train_shards, "val_shards")
+    loader = build_mim_loader(cfg, shards, tokenizer, ONE_PROCESS, train=False, batch_size=n)
     parts = list(_good(loader, n))
     if not parts:
         raise ValueError(f"no decodable image in {shards[:3]}")

@@ -35,7 +35,7 @@ class RunFolder:
 
 def open_run(path: str | Path) -> RunFolder:
     """Read ``path``'s config and summary; a folder that is not a run is a clear error."""
-    from beit.config import from_dict
+    from beit.config import apply_aliases, from_dict
 
     run = Path(path)
     cfg_file = run / "config.yaml"
@@ -43,7 +43,7 @@ def open_run(path: str | Path) -> RunFolder:
         raise FileNotFoundError(f"{run} is not a run folder (no config.yaml): pass the --output_dir of a "
                                 "`beit pretrain` or `beit finetune` run")
     raw = yaml.safe_load(cfg_file.read_text()) or {}
-    if "tokenizer" in raw and "data_shards" in raw:
+    if "tokenizer" in raw and "task" not in raw:
         from beit.options.pretrain import PretrainConfig as cls
         stage = "pretrain"
     elif "task" in raw:
@@ -52,6 +52,7 @@ def open_run(path: str | Path) -> RunFolder:
     else:
         raise ValueError(f"{cfg_file} is neither a pretraining nor a fine-tuning config")
     known = {f for f in cls.__dataclass_fields__}
+    raw = apply_aliases(cls, raw, str(cfg_file))  # a run of an older version: its options' old names
     cfg = from_dict(cls, {k: v for k, v in raw.items() if k in known}, source=str(cfg_file))
     summary_file = run / SUMMARY_FILES[stage]
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
@@ -91,13 +92,13 @@ def load_model(run: RunFolder, file: Path, device) -> torch.nn.Module:
     """The run's model in eval mode with the weights of ``file``."""
     state = _state(file)
     if run.stage == "pretrain":
-        from beit.pretrain import build_model
+        from beit.modeling.backbones import backbone_for
 
         if "lm_head.weight" not in state:
             raise ValueError(f"{file} holds no lm_head: not the weights of a pretraining run")
-        model = build_model(replace(run.cfg, grad_checkpointing=False), int(state["lm_head.weight"].shape[0]))
+        model = backbone_for(run.cfg.arch, pretraining=True).build_mim(run.cfg, int(state["lm_head.weight"].shape[0]))
     else:
-        from beit.modeling.build import build_model
+        from beit.tasks import build_model
 
         cfg = replace(run.cfg, init="", drop_path=0.0)
         model = build_model(cfg, cfg.num_classes, log=lambda m: None)

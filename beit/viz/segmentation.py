@@ -19,7 +19,8 @@ def predict(model, image: torch.Tensor, crop: int, stride: int, num_classes: int
     from beit.engines.seg import slide_logits
 
     logits = slide_logits(model, image.to(device), crop, stride, num_classes)
-    return F.interpolate(logits[None], size=tuple(size), mode="bilinear", align_corners=False)[0].argmax(0).cpu().numpy()
+    return F.interpolate(logits[None], size=tuple(size), mode="bilinear",
+                         align_corners=False)[0].argmax(0).cpu().numpy()
 
 
 def colour_labels(labels: np.ndarray, colours: np.ndarray) -> np.ndarray:

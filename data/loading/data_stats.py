@@ -100,7 +100,8 @@ class DataStats:
             + ", ".join(f"{r}={c}" for r, c in sorted(v["reasons"].items())) + ")"
             for k, v in self.worst_shards())
         ex = self.data["examples"][0] if self.data["examples"] else None
-        example = f" First bad sample: {ex['key'] or '?'} in {ex['shard']}: {ex['reason']} {ex['detail']}." if ex else ""
+        example = (f" First bad sample: {ex['key'] or '?'} in {ex['shard']}: {ex['reason']} {ex['detail']}."
+                   if ex else "")
         raise DataQualityError(
             f"{self.data['bad']} of {self.total} samples ({self.bad_fraction:.1%}) were bad, above "
             f"max_bad_fraction={max_bad_fraction:g}. By reason: {self.data['bad_by_reason']}. "

@@ -26,8 +26,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from beit.data.loading.data_stats import DataStats
-from beit.data.loading.stream import (MapFn, ShardStream, StreamLoader, build_stream_loader, derive_seed,
-                              plan_quotas)
+from beit.data.loading.stream import MapFn, ShardStream, StreamLoader, build_stream_loader, derive_seed, plan_quotas
 
 MAX_SUBSTITUTES = 64  # consecutive undecodable raw samples before giving up on a slot
 _ORDER_TAG = 0x610BA1

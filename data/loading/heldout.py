@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from beit.data.loading.decode import BadSample
-from beit.data.storage.shard_format import iter_tar_samples
 from beit.data.loading.stream import derive_seed, image_member, map_image
+from beit.data.storage.shard_format import iter_tar_samples
 
 
 class HeldOutStream(IterableDataset):

@@ -47,9 +47,9 @@ from torch.utils.data._utils.collate import default_collate
 
 from beit.data.loading.data_stats import DataStats
 from beit.data.loading.decode import BadSample, is_undecoded, load_pixels, open_image
+from beit.data.pipelines.transforms import seed_everything
 from beit.data.storage.shard_format import image_ext, iter_tar_samples
 from beit.data.storage.shardspec import expand_shards, is_remote, shard_sample_counts
-from beit.data.pipelines.transforms import seed_everything
 
 MapFn = Callable[[Any, dict], dict]
 STATE_VERSION = 1
@@ -559,7 +559,8 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
                              "or manifest=<path to the shards' manifest.json>")
         if sum(counts) == 0:
             empty = [u for u, c in zip(urls, counts) if c == 0]
-            raise ValueError(f"the {len(counts)} shard(s) hold no samples (empty or unreadable tars, e.g. {empty[:3]}): "
+            raise ValueError(f"the {len(counts)} shard(s) hold no samples (empty or unreadable tars, e.g. "
+                             f"{empty[:3]}): "
                              f"write them again with `beit shards write --source <folder of images> --out <folder>`, "
                              f"or check them with `beit shards verify --dir <folder>`")
         batches_per_epoch = (-(-sum(counts) // (world_size * batch_size)) if resampled

@@ -35,7 +35,8 @@ class PairedLoader:
 
     @property
     def notes(self) -> list[str]:
-        return [*getattr(self.labelled, "notes", []), *(f"unlabelled: {n}" for n in getattr(self.unlabelled, "notes", []))]
+        return [*getattr(self.labelled, "notes", []), *("unlabelled: "
+                                                        f"{n}" for n in getattr(self.unlabelled, "notes", []))]
 
     @property
     def coverage(self) -> dict:
@@ -77,7 +78,8 @@ def build_unlabelled_loader(cfg, accelerator, transform):
     from beit.data.loading.global_order import build_loader_for_order
     from beit.data.storage.shardspec import expand_shards
     return build_loader_for_order(getattr(cfg, "data_order", "shards"), expand_shards(cfg.unlabelled_shards),
-                                  map_fn=UnlabelledMap(transform), batch_size=cfg.unlabelled_batch_size or cfg.batch_size,
+                                  map_fn=UnlabelledMap(transform),
+                                  batch_size=cfg.unlabelled_batch_size or cfg.batch_size,
                                   num_workers=cfg.num_workers, rank=accelerator.process_index,
                                   world_size=accelerator.num_processes, seed=cfg.seed + 1,
                                   max_bad_fraction=cfg.max_bad_fraction)

@@ -2,20 +2,20 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import DataLoader
+from beit.config import field
+from beit.data.pipelines.transforms import AugmentOptions
 
 
-def check_shards(cfg) -> None:
-    """Expand both shard specs now so a typo fails at start-up with the data layer's message."""
+def check_shards(cfg, names: tuple[str, ...] = ("train_shards", "val_shards")) -> None:
+    """Expand the shard specs ``names`` now so a typo fails at start-up with the data layer's message
+    (an empty held-out spec means no held-out evaluation)."""
     from beit.data.storage.shardspec import expand_shards
-    names = ("train_shards", "val_shards") + (("unlabelled_shards",) if getattr(cfg, "task", "") == "distill" else ())
-    if "unlabelled_shards" in names and not cfg.unlabelled_shards:
-        raise ValueError("--task distill needs --unlabelled_shards (e.g. the pretraining shards)")
     for name in names:
         if name == "val_shards" and not cfg.val_shards:
-            continue  # no held-out data: no evaluation
+            continue
         try:
             expand_shards(getattr(cfg, name))
         except ValueError as e:
@@ -66,6 +66,15 @@ def resolve_classes(train_spec: str, val_spec: str, num_classes: int) -> tuple[i
     return len(names), names
 
 
+@dataclass
+class ClassificationAugmentOptions(AugmentOptions):
+    """Fine-tuning's augmentation and evaluation preprocessing (timm's classification transforms)."""
+    auto_augment: str = field("rand-m9-mstd0.5-inc1", help="timm RandAugment spec ('' = off)")
+    reprob: float = field(0.25, help="random erasing probability")
+    crop_pct: float = field(0.875, help="eval: resize to image_size / crop_pct, then centre crop")
+    interpolation: str = field("bicubic", help="resize interpolation")
+
+
 def build_transforms(cfg, is_training: bool):
     """timm's classification transform: RandAugment + random erasing for training, resize + centre crop
     for evaluation."""
@@ -89,7 +98,8 @@ def parse_label(sample: dict, num_classes: int) -> int:
     try:
         label = int((raw.decode("ascii") if isinstance(raw, (bytes, bytearray)) else str(raw)).strip())
     except (UnicodeDecodeError, ValueError):
-        raise BadSample("bad_label", f"cls={bytes(raw)[:20] if isinstance(raw, (bytes, bytearray)) else raw!r}") from None
+        raise BadSample("bad_label",
+                        f"cls={bytes(raw)[:20] if isinstance(raw, (bytes, bytearray)) else raw!r}") from None
     if not 0 <= label < num_classes:
         raise BadSample("bad_label", f"label {label} outside 0..{num_classes - 1}")
     return label
@@ -106,23 +116,16 @@ class LabelledMap:
         return {"image": self.transform(image), "label": parse_label(sample, self.num_classes)}
 
 
-def build_loaders(cfg, accelerator, num_classes: int):
-    """(train loader, held-out loader or None without --val_shards). The train stream is shuffled and reshuffled per epoch; the
-    held-out loader reads every sample once, in order, with a partial last batch (batch size 1 for
-    segmentation, whose held-out images keep their own aspect ratio)."""
+def build_loaders(cfg, accelerator, num_classes: int, *, train_map=None, val_map=None, val_batch_size: int = 0):
+    """(train loader, held-out loader or None without --val_shards). The train stream is shuffled and reshuffled
+    per epoch; the held-out loader reads every sample once, in order, with a partial last batch. The maps default
+    to the classification transforms with labels (``LabelledMap``)."""
     from beit.data.loading.global_order import build_loader_for_order
     from beit.data.loading.heldout import heldout_loader
     from beit.data.storage.shardspec import expand_shards
-    if getattr(cfg, "task", "classification") == "segmentation":
-        from beit.data.pipelines.segmentation import SegEvalMap, SegTrainMap
-        norm = dict(reduce_zero_label=cfg.reduce_zero_label, mean=tuple(cfg.mean), std=tuple(cfg.std))
-        train_map = SegTrainMap(num_classes, cfg.image_size, scale=(cfg.seg_scale_min, cfg.seg_scale_max),
-                                cat_max_ratio=cfg.seg_cat_max_ratio, hflip=cfg.hflip, **norm)
-        val_map, val_batch = SegEvalMap(num_classes, cfg.image_size, **norm), 1
-    else:
-        train_map = LabelledMap(build_transforms(cfg, True), num_classes)
-        val_map, val_batch = LabelledMap(build_transforms(cfg, False), num_classes), cfg.batch_size
-    train = build_loader_for_order(getattr(cfg, "data_order", "shards"), expand_shards(cfg.train_shards),
+    train_map = train_map or LabelledMap(build_transforms(cfg, True), num_classes)
+    val_map = val_map or LabelledMap(build_transforms(cfg, False), num_classes)
+    train = build_loader_for_order(cfg.data_order, expand_shards(cfg.train_shards),
                                    map_fn=train_map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                    rank=accelerator.process_index, world_size=accelerator.num_processes,
                                    seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction,
@@ -130,6 +133,7 @@ def build_loaders(cfg, accelerator, num_classes: int):
                                    small_image_size=cfg.image_size,  # counted as data/upscaled
                                    resampled=cfg.resampled, batch_multiple=cfg.grad_accum_steps,
                                    pin_memory=accelerator.device.type == "cuda")
-    val = heldout_loader(expand_shards(cfg.val_shards), val_map, accelerator, batch_size=val_batch,
+    val = heldout_loader(expand_shards(cfg.val_shards), val_map, accelerator,
+                         batch_size=val_batch_size or cfg.batch_size,
                          num_workers=cfg.num_workers, seed=cfg.seed) if cfg.val_shards else None
     return train, val

@@ -50,7 +50,8 @@ def image_labels(img: Image.Image, sample: dict, num_classes: int, reduce_zero_l
     """``decode_labels``, checked to be the image's size (BadSample "corrupt" otherwise)."""
     labels = decode_labels(sample, num_classes, reduce_zero_label)
     if labels.shape != (img.size[1], img.size[0]):
-        raise BadSample("corrupt", f"annotation is {labels.shape[1]}x{labels.shape[0]}, image {img.size[0]}x{img.size[1]}")
+        raise BadSample("corrupt", f"annotation is {labels.shape[1]}x{labels.shape[0]}, image "
+                                   f"{img.size[0]}x{img.size[1]}")
     return labels
 
 

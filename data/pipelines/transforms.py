@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.data.transforms import RandomResizedCropAndInterpolation
 from torchvision.transforms import ColorJitter
 
+from beit.config import Options, field
 from beit.data.loading.decode import is_undecoded, load_pixels, to_rgb
 
 INTERPOLATIONS = {
@@ -81,6 +83,22 @@ def draft_scale(box_w: float, box_h: float, target: int) -> int:
         if box_w / r >= target and box_h / r >= target:
             return r
     return 1
+
+
+@dataclass
+class AugmentOptions(Options):
+    """The training augmentation's options, shared by pretraining and fine-tuning (their configs inherit this
+    section; a new augmentation adds its option here, beside the transform)."""
+    crop_scale_min: float = field(0.08, help="random-resized-crop minimum area fraction (max is 1)")
+    color_jitter: float = field(0.4, help="brightness/contrast/saturation jitter (0: off; fine-tuning: timm ignores it "
+                                          "when RandAugment is on)")
+    hflip: float = field(0.5, help="horizontal flip probability (use 0 for digits/text)")
+
+    def check_augment(self) -> None:
+        if not 0 < self.crop_scale_min <= 1:
+            raise ValueError(f"crop_scale_min must be in (0, 1], got {self.crop_scale_min}")
+        if not 0 <= self.hflip <= 1:
+            raise ValueError(f"hflip is a probability in [0, 1], got {self.hflip}")
 
 
 class TwoViewTransform:

@@ -93,7 +93,8 @@ def verify_folder(folder: str | Path, decode: bool = True, workers: int = 1) -> 
             problems.append(f"tar files not in the manifest: {extra[:5]}")
         for name, w in manifest.get("writes", {}).items():
             if not w.get("complete", True):
-                problems.append(f"the '{name}' write did not finish (resume it: the same write command with --resume true)")
+                problems.append(f"the '{name}' write did not finish (resume it: the same write command with --resume "
+                                "true)")
         jobs = [(str(folder / s["name"]), s, decode) for s in manifest["shards"]]
         if sum(s["samples"] for s in manifest["shards"]) != manifest.get("num_samples"):
             problems.append("manifest num_samples does not equal the sum of its shards")

@@ -12,7 +12,7 @@ import os
 import random
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -20,8 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from beit.data.loading.decode import to_rgb
-from beit.data.storage.shard_format import (MANIFEST_NAME, add_member, read_manifest, sha256_file,
-                                    write_json_atomic)
+from beit.data.storage.shard_format import MANIFEST_NAME, add_member, read_manifest, sha256_file, write_json_atomic
 
 MANIFEST_VERSION = 1
 

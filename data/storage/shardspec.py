@@ -63,7 +63,8 @@ def expand_shards(spec: str | Sequence[str], *, allow_remote: bool = False) -> l
                         kind = "runs a shell command" if url.startswith("pipe:") else "reads from the network"
                         raise ValueError(
                             f"shard spec {url!r} {kind}; remote and pipe: shards are off by default. "
-                            f"Pass --allow_remote_shards true (config: allow_remote_shards: true; Python: allow_remote=True) if you mean it.")
+                            "Pass --allow_remote_shards true (config: allow_remote_shards: true; Python: "
+                            "allow_remote=True) if you mean it.")
                     out.append(url)
                     continue
                 path = url[5:] if url.startswith("file:") else url

@@ -61,7 +61,7 @@ FP32 = "no"
 def pretrain_args(out: Path, **over) -> list[str]:
     """A tiny global-order pretraining run: global batch 16, drop path 0 (its RNG is per rank)."""
     a = assets()
-    cfg = dict(data_shards=f"{a['photos']},{a['flawed']}", val_shards=a["photos_val"], tokenizer="kmeans",
+    cfg = dict(train_shards=f"{a['photos']},{a['flawed']}", val_shards=a["photos_val"], tokenizer="kmeans",
                tokenizer_path=a["tok"],
                image_size=32, patch_size=4, model_size="tiny", embed_dim=32, depth=2, num_heads=2, drop_path=0,
                total_steps=48, warmup_steps=4, lr=2e-3, min_lr=1e-4, num_workers=0, checkpoint_every=8,

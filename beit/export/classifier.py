@@ -1,6 +1,7 @@
-"""Export a fine-tuned classifier for timm: safetensors + a config JSON, and load it back.
+"""Export a fine-tuned classifier for timm (safetensors + a config JSON, loaded back by ``load_exported``) or
+Hugging Face transformers (a folder).
 
-The weights are the timm model's own state dict; the JSON holds the timm entrypoint (a template:
+timm: the weights are the timm model's own state dict; the JSON holds the timm entrypoint (a template:
 ``model_kwargs`` set every dimension, so ``architecture`` names the real size, e.g. ``beit_e192_d4_h3_p8_32``)
 and a timm ``pretrained_cfg`` (input size, mean/std, interpolation, crop_pct, num_classes, label names).
 Loaded like this, ``timm.data.resolve_data_config`` and ``timm.data.create_transform`` give exactly the
@@ -10,17 +11,18 @@ fine-tune run's evaluation preprocessing::
     model = timm.create_model(conf["timm_entrypoint"], pretrained=True, **conf["model_kwargs"],
                               pretrained_cfg_overlay=dict(conf["pretrained_cfg"], file="model.safetensors"))
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
+
+Hugging Face (``export_hf``): a folder with ``config.json`` + ``model.safetensors`` (transformers key names, labels
+in ``id2label``) + ``preprocessor_config.json``; ``BeitForImageClassification.from_pretrained`` loads it and gives
+the same logits.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from beit.checkpoints.checkpointing import load_weights, save_weights
-
 
 
 def beit_kwargs_of(cfg, model: nn.Module) -> dict:
@@ -64,19 +66,15 @@ def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str]
     plain timm Beit is NOT equivalent (the probe reads an intermediate block); its JSON says so and
     :func:`load_exported` rebuilds the probe.
     """
-    from beit.modeling.classifier import BEIT_TIMM_NAME, LinearProbe
+    from beit.modeling.backbones import backbone_for
+    from beit.modeling.classifier import LinearProbe
     probe_block = None
     if isinstance(model, LinearProbe):
         probe_block, model_sd = model.block, model.state_dict()
         model = model.encoder
     else:
         model_sd = model.state_dict()
-    if cfg.model == "beit":
-        entry, kwargs = BEIT_TIMM_NAME, beit_kwargs_of(cfg, model)
-        arch = beit_arch_name(kwargs)
-    else:
-        entry = arch = cfg.model
-        kwargs = dict(getattr(model, "create_kwargs", None) or dict(num_classes=cfg.num_classes, in_chans=cfg.in_chans))
+    entry, arch, kwargs = backbone_for(cfg.model).timm_export(cfg, model)
     pcfg = timm_pretrained_cfg(cfg, class_names, cfg.num_classes)
     config = {
         "architecture": arch,
@@ -100,6 +98,7 @@ def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str]
 def load_exported(path: str | Path) -> nn.Module:
     """Rebuild an exported model from ``path`` and its JSON (through timm; a probe as a LinearProbe)."""
     import timm
+
     from beit.modeling.classifier import LinearProbe
     sd, config = load_weights(path)
     if config is None:
@@ -117,6 +116,57 @@ def load_exported(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+def export_hf(model: nn.Module, out_dir: str | Path, cfg, class_names: list[str] | None = None) -> Path:
+    """Write ``model`` (a fine-tuned BEiT classifier) as a transformers ``BeitForImageClassification`` folder."""
+    from timm.models.beit import Beit
+
+    from beit.checkpoints.formats import reference_to_hf
+    from beit.checkpoints.hf_import import transformers_names
+    if not isinstance(model, Beit):
+        raise ValueError("--format hf exports a fine-tuned BEiT classifier (not a linear probe or a timm baseline); "
+                         "use --format timm")
+    if model.global_pool != "avg":
+        raise ValueError(f"--format hf: transformers' BEiT pools by mean or CLS+final norm; got {model.global_pool!r}")
+    BeitConfig, BeitForImageClassification, BeitImageProcessor = transformers_names(
+        "BeitConfig", "BeitForImageClassification", "BeitImageProcessor")
+    kw = beit_kwargs_of(cfg, model)
+    names = list(class_names) if class_names else [str(i) for i in range(model.num_classes)]
+    config = BeitConfig(
+        image_size=kw["img_size"], patch_size=kw["patch_size"], num_channels=kw["in_chans"],
+        hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"], num_attention_heads=kw["num_heads"],
+        intermediate_size=model.blocks[0].mlp.fc1.out_features, hidden_act="gelu", layer_norm_eps=1e-6,
+        use_absolute_position_embeddings=kw["use_abs_pos_emb"], use_relative_position_bias=kw["use_rel_pos_bias"],
+        use_shared_relative_position_bias=False, use_mean_pooling=True, use_mask_token=False,
+        layer_scale_init_value=kw["init_values"] or 0.0, num_labels=model.num_classes,
+        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    out = Path(out_dir)
+    BeitForImageClassification(config).save_pretrained(out)   # config.json (+ weights, replaced next)
+    from safetensors.torch import save_file
+    for stale in out.glob("model*.safetensors*"):
+        stale.unlink()
+    # transformers' on-disk key names (every version reads them; 5.x renames in memory on load)
+    save_file({k: v.contiguous() for k, v in reference_to_hf(model.state_dict()).items()},
+              str(out / "model.safetensors"), metadata={"format": "pt"})
+    _, info = BeitForImageClassification.from_pretrained(out, output_loading_info=True)
+    missing = [k for k in info["missing_keys"] if not k.endswith("relative_position_index")]
+    if missing or info["unexpected_keys"]:
+        raise ValueError(f"--format hf: transformers' BEiT does not take these weights: missing {missing[:8]}, "
+                         f"unexpected {sorted(info['unexpected_keys'])[:8]}")
+    scale = int(cfg.image_size / cfg.crop_pct)
+    BeitImageProcessor(do_resize=True, size={"height": scale, "width": scale},
+                       resample=_pil_resample(cfg.interpolation),
+                       do_center_crop=True, crop_size={"height": cfg.image_size, "width": cfg.image_size},
+                       do_normalize=True, image_mean=list(cfg.mean), image_std=list(cfg.std),
+                       do_reduce_labels=False).save_pretrained(out)
+    return out
+
+
+def _pil_resample(name: str) -> int:
+    from PIL import Image
+    return {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+            "lanczos": Image.LANCZOS}.get(name, Image.BICUBIC)
+
+
 def model_of_run(run_dir: str | Path, ema: bool = False, trust_pickle: bool = False):
     """(model, config, checkpoint folder): a fine-tune run's model rebuilt from its config.yaml with the weights
     of its newest complete checkpoint (the EMA weights with ``ema``). A missing piece ends with SystemExit."""
@@ -125,8 +175,8 @@ def model_of_run(run_dir: str | Path, ema: bool = False, trust_pickle: bool = Fa
     from beit.checkpoints.checkpointing import find_latest_complete
     from beit.checkpoints.safe_pickle import load_torch_file
     from beit.config import load_yaml
-    from beit.modeling.build import build_model
     from beit.options.finetune import FinetuneConfig
+    from beit.tasks import build_model
     run = Path(run_dir)
     ckpt = find_latest_complete(run)
     if ckpt is None:
