@@ -13,17 +13,18 @@ from dataclasses import dataclass
 from typing import Literal
 
 from beit.config import field, parse_config
+from beit.data.pipelines.transforms import CropOptions
 from beit.options.common import TokenizerOptions, TrainDataOptions
 from beit.tokenizers import load_tokenizer
 from beit.tokenizers.token_cache import write_token_cache
 
 
 @dataclass
-class TokenCacheConfig(TokenizerOptions, TrainDataOptions):
+class TokenCacheConfig(TokenizerOptions, CropOptions, TrainDataOptions):
+    DEPRECATED = {"scale_min": "crop_scale_min"}  # one name for the crop's minimum area everywhere
     out: str = field("data/token_cache", help="output folder for cache-*.tar + manifest.json")
     views_per_image: int = field(4, help="augmented views (crop box + flip) stored per image")
-    scale_min: float = field(0.08, help="random-resized-crop minimum area fraction")
-    hflip: float = field(0.5, help="flip probability")
+    hflip: float = field(0.5, help="flip probability of a stored view")
     batch_size: int = field(64, help="views per tokenizer call")
     samples_per_shard: int = field(1000, help="images per cache shard")
     seed: int = field(0, help="seed of the boxes and flips")
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
         main_print(f"--data {cfg.data}: {found.describe()}")
         cfg = dataclasses.replace(cfg, train_shards=[found.train])
     m = write_token_cache(cfg.train_shards, cfg.out, tok, views_per_image=cfg.views_per_image,
-                          scale=(cfg.scale_min, 1.0), hflip=cfg.hflip, seed=cfg.seed, batch_size=cfg.batch_size,
+                          scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip, seed=cfg.seed, batch_size=cfg.batch_size,
                           samples_per_shard=cfg.samples_per_shard, tokenizer_path=cfg.tokenizer_path)
     print(f"wrote {len(m['shards'])} cache shard(s), {m['num_samples']} images x {cfg.views_per_image} views "
           f"in {m['token_cache']['seconds']}s to {cfg.out} (bad source samples: {m['bad_samples'] or 0})")

@@ -18,6 +18,7 @@ from typing import Literal, Optional
 import torch
 
 from beit.config import field, save_config, to_dict
+from beit.data.pipelines.transforms import CropOptions
 from beit.options.common import HeldOutOptions, LoaderOptions, PrecisionOptions, RunOptions, TrainDataOptions
 from beit.tokenizers.train_data import CropSpec, build_view_loader
 
@@ -39,14 +40,19 @@ def check_grid(kind: str, input_size: int, factor: int, model_grid: int, factor_
 
 
 @dataclass
-class KMeansTrainConfig(LoaderOptions, HeldOutOptions, TrainDataOptions):
-    out: str = field("runs/tokenizer/kmeans", help="output stem: writes OUT.safetensors + OUT.json")
-    vocab_size: int = field(1024, help="number of visual words (codes)")
-    patch_size: int = field(8, help="patch side in px of the tokenizer view (one token per patch)")
-    input_size: int = field(112, help="tokenizer view side in px (grid = input_size / patch_size)")
+class TokenizerViewOptions(CropOptions):
+    """The training view of a tokenizer being fitted (every kind fitted here has one)."""
+    vocab_size: int = field(1024, help="codebook size (tokens)")
+    input_size: int = field(112, help="tokenizer view side in px (the token grid is input_size / the kind's "
+                                      "patch or stride)")
     interpolation: str = field("lanczos", help="resize filter of the tokenizer view")
     model_grid: int = field(0, help="BEiT patch grid side (image_size / patch_size) to check against; 0 = no check")
-    crop_scale_min: float = field(0.08, help="smallest random crop (area fraction), like the pretraining views")
+
+
+@dataclass
+class KMeansTrainConfig(TokenizerViewOptions, LoaderOptions, HeldOutOptions, TrainDataOptions):
+    out: str = field("runs/tokenizer/kmeans", help="output stem: writes OUT.safetensors + OUT.json")
+    patch_size: int = field(8, help="patch side in px of the tokenizer view (one token per patch)")
     epochs: int = field(3, help="mini-batch k-means passes over the shards")
     batch_size: int = field(64, help="images per mini-batch")
     init_patches: int = field(20000, help="patches used for k-means++ seeding")
@@ -64,20 +70,18 @@ class KMeansTrainConfig(LoaderOptions, HeldOutOptions, TrainDataOptions):
 
 
 @dataclass
-class DVAETrainConfig(RunOptions, PrecisionOptions, LoaderOptions, HeldOutOptions, TrainDataOptions):
+class DVAETrainConfig(RunOptions, PrecisionOptions, TokenizerViewOptions, LoaderOptions, HeldOutOptions,
+                      TrainDataOptions):
     # the shared options with the dVAE's defaults
     output_dir: str = field("runs/dvae")
     checkpoint_every: int = field(250)
     log_every: int = field(50)
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = field("no")
+    vocab_size: int = field(512)
+    input_size: int = field(64)
 
-    vocab_size: int = field(512, help="codebook size")
     hidden: int = field(64, help="conv channels")
     downsample: int = field(8, help="encoder stride (power of 2): grid = input_size / downsample")
-    input_size: int = field(64, help="tokenizer view side in px")
-    interpolation: str = field("lanczos", help="resize filter of the tokenizer view")
-    model_grid: int = field(0, help="BEiT patch grid side (image_size / patch_size) to check against; 0 = no check")
-    crop_scale_min: float = field(0.08, help="smallest random crop (area fraction)")
     batch_size: int = field(32, help="images per step per process")
     steps: int = field(2000, help="optimizer steps")
     lr: float = field(1e-3, help="peak learning rate (AdamW), cosine-decayed to a tenth after a warmup of 5 percent of "

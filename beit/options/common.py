@@ -8,7 +8,7 @@ section's text. Old names a section replaced are in its ``DEPRECATED`` map (they
 * ``TrainDataOptions``: the training images (shards or a folder); ``HeldOutOptions``: held-out shards;
   ``LoaderOptions``: loader workers and the bad-sample budget; ``DataOptions``: the training stream of
   pretraining and fine-tuning (all of the above, plus epoch length, data order, the folder's held-out part);
-* ``TokenizerOptions``: which frozen tokenizer, from where;
+* ``ModelOptions``: the encoder's size; ``TokenizerOptions``: which frozen tokenizer, from where;
 * ``RunOptions``: the run folder, seed, checkpoints, logging; ``TrackerOptions``: where metrics go;
 * ``PrecisionOptions``: mixed precision; ``OptimOptions``: batch, epochs, lr schedule, AdamW.
 """
@@ -93,6 +93,24 @@ class DataOptions(LoaderOptions, HeldOutOptions, TrainDataOptions):
         if self.resampled and self.data_order == "global":
             raise ValueError("--resampled draws shards at random per process; --data_order global reads one fixed "
                              "order: choose one")
+
+
+@dataclass
+class ModelOptions(Options):
+    model_size: Literal["tiny", "small", "base", "large"] = field(
+        "base", help="BEiT size preset (beit.modeling.mim.BEIT_SIZES); embed_dim/depth/num_heads override it")
+    patch_size: int = field(16, help="patch side in px (pretraining: the patch grid must equal the tokenizer's token "
+                                     "grid; fine-tuning: --init's patch embedding is resampled to it)")
+    embed_dim: int = field(0, help="custom width (0: from --init's weights when fine-tuning, else from model_size "
+                                   "or the timm arch's)")
+    depth: int = field(0, help="custom number of blocks (0: as embed_dim)")
+    num_heads: int = field(0, help="custom attention heads (0: as embed_dim; --init's head count comes from its "
+                                   "rel-pos tables or the config / args saved beside them)")
+    mlp_ratio: float = field(4.0, help="MLP hidden width / embed_dim (0: from --init's weights when fine-tuning, "
+                                       "else 4)")
+    drop_path: float = field(0.1, help="stochastic depth rate")
+    grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 "
+                                                 "slower)")
 
 
 @dataclass

@@ -8,16 +8,20 @@ from typing import ClassVar, Literal
 from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
 from beit.config import check_finite_numbers, field
 from beit.data.pipelines.labelled import ClassificationAugmentOptions
-from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions, TrackerOptions
+from beit.options.common import DataOptions, ModelOptions, OptimOptions, PrecisionOptions, RunOptions, TrackerOptions
 from beit.tasks import TASKS, describe_tasks
+from beit.tasks.classification import MixupOptions
+from beit.tasks.distillation import DistillOptions
+from beit.tasks.segmentation import SegmentationOptions
 
 TaskName = Literal[TASKS]  # a new registered task is a choice at once
 
 
 @dataclasses.dataclass
-class FinetuneConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions, ClassificationAugmentOptions,
-                     DataOptions):
-    """Shared sections (beit.options.common) first, then fine-tuning's own options."""
+class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptions, TrackerOptions, PrecisionOptions,
+                     OptimOptions, ModelOptions, ClassificationAugmentOptions, DataOptions):
+    """Shared sections (beit.options.common, the augmentation's in beit.data.pipelines, each task's beside it in
+    beit.tasks) first, then fine-tuning's own options."""
     RECIPE_PREFIX = "finetune_"
     DEPRECATED = {"img_size": "image_size"}  # the name pretraining and the other stages use
     RENAMED: ClassVar[dict] = {"save_every": "checkpoint_every, counted in optimizer steps (as in pretraining)"}
@@ -44,16 +48,9 @@ class FinetuneConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions,
                                      "(swin_tiny_patch4_window7_224, vit_small_patch16_224, mobilevit_s, ...)")
     model_kwargs: dict = field(default_factory=dict, help="--model <timm name>: more timm.create_model arguments, e.g. "
                                "a small Swin {embed_dim: 32, depths: [2, 2, 2, 2], num_heads: [1, 2, 4, 8], "
-                               "window_size: 4, "
-                               "patch_size: 2}; with --init of our Swin pretraining they come from its pretrained.json")
-    model_size: Literal["tiny", "small", "base", "large"] = field("base", help="BEiT size "
-                                                                               "(beit.modeling.mim.BEIT_SIZES)")
-    embed_dim: int = field(0, help="override the size's embedding dim (0 = from --init's weights, else model_size)")
-    depth: int = field(0, help="override the size's depth (0 = from --init's weights, else model_size)")
-    num_heads: int = field(0, help="override the size's heads (0 = from --init's rel-pos tables or the config / "
-                                   "args saved beside them, else model_size)")
-    mlp_ratio: float = field(0.0, help="MLP width / embed_dim (0 = from --init's weights, else 4)")
-    patch_size: int = field(16, help="patch size in px (--init's patch embedding is resampled to it)")
+                               "window_size: 4, patch_size: 2}; with --init of our pretraining of a timm model they "
+                               "come from its pretrained.json")
+    mlp_ratio: float = field(0.0)  # the model section's, with fine-tuning's default: from --init's weights
     init_values: float = field(0.1, help="layer-scale init (0.1 base, 1e-5 large, 0 = no layer scale; with --init: "
                                          "layer scale iff the weights have it, values loaded)")
     position: Literal["", "relative", "absolute", "both", "none"] = field(
@@ -65,42 +62,17 @@ class FinetuneConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions,
     strict: bool = field(True, help="every encoder tensor of the model must come from --init and every --init tensor "
                                     "must fit; false: load what fits and report what was skipped or left random")
     trust_pickle: bool = field(False, help=TRUST_PICKLE_HELP)
-    drop_path: float = field(0.1, help="stochastic depth rate")
     head_init_scale: float = field(0.001, help="the new head's weights are scaled by this")
     linear_probe: bool = field(False, help="freeze the encoder; train a linear head on pooled block features")
     probe_block: int = field(0, help="linear probe: features after this block (1-based; 0 = last)")
     # optimisation
     layer_decay: float = field(0.65, help="layer-wise lr decay: scale = layer_decay ** (L + 1 - layer_id)")
-    label_smoothing: float = field(0.1, help="label smoothing")
-    mixup: float = field(0.8, help="mixup alpha (0 = off)")
-    cutmix: float = field(1.0, help="cutmix alpha (0 = off)")
-    mixup_prob: float = field(1.0, help="probability of applying mixup or cutmix to a batch")
-    mixup_switch_prob: float = field(0.5, help="probability of cutmix instead of mixup when both are on")
     # EMA
     model_ema: bool = field(False, help="keep an EMA of the weights (evaluated too)")
     model_ema_decay: float = field(0.9999, help="EMA decay per optimizer step")
     # run
     eval_every: int = field(1, help="evaluate every N epochs (and always at the end)")
     resume: bool = field(True, help="resume from the newest complete checkpoint in output_dir")
-    # scaling out (see launch/accelerate/ and the README's "Scaling out")
-    grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
-    # distillation (--task distill, or `beit distill`)
-    teacher: str = field("", help="distill: the teacher, a fine-tuned classifier export (<run>/model.safetensors)")
-    unlabelled_shards: list[str] = field(default_factory=list, help="distill: unlabelled shards (e.g. the "
-                                         "pretraining shards; labels ignored) that the teacher labels softly, a batch "
-                                         "of them beside each labelled batch")
-    unlabelled_batch_size: int = field(0, help="distill: unlabelled images per batch (0 = batch_size)")
-    distill_temperature: float = field(4.0, help="distill: softmax temperature of the soft (teacher) loss")
-    distill_alpha: float = field(0.5, help="distill: weight of the hard-label loss (labelled rows); 1 - alpha for "
-                                           "the soft loss on every row")
-    # semantic segmentation (--task segmentation; mixup/cutmix/RandAugment/label smoothing are classification only)
-    reduce_zero_label: bool = field(True, help="segmentation: label 0 is 'other' (ignored), v -> v-1 (ADE20K)")
-    seg_channels: int = field(512, help="segmentation: UperNet head channels")
-    seg_aux_weight: float = field(0.4, help="segmentation: weight of the auxiliary FCN head's loss")
-    seg_scale_min: float = field(0.5, help="segmentation: random rescale, short side = img_size x U(min, max)")
-    seg_scale_max: float = field(2.0, help="segmentation: random rescale upper bound")
-    seg_cat_max_ratio: float = field(0.75, help="segmentation: re-draw a crop where one class covers more than this")
-    seg_stride: int = field(0, help="segmentation: sliding-window stride for evaluation (0 = 2/3 of img_size)")
 
     def validate(self) -> None:
         from beit.modeling.backbones import backbone_for

@@ -8,6 +8,7 @@ from beit.config import check_finite_numbers, field
 from beit.data.pipelines.transforms import AugmentOptions
 from beit.options.common import (
     DataOptions,
+    ModelOptions,
     OptimOptions,
     PrecisionOptions,
     RunOptions,
@@ -24,8 +25,8 @@ REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 
 @dataclass
-class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions, TokenizerOptions, AugmentOptions,
-                     DataOptions):
+class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions, TokenizerOptions, ModelOptions,
+                     AugmentOptions, DataOptions):
     """Shared sections (beit.options.common) first, then pretraining's own options."""
     RECIPE_PREFIX = "pretrain_"
     # the shared options with pretraining's defaults (BEiT-B on ImageNet-1k)
@@ -50,16 +51,7 @@ class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions,
     arch: str = field("beit", help="encoder (beit.modeling.backbones): beit (the BEiT ViT), a timm Swin name, e.g. "
                       "swin_tiny_patch4_window7_224 (patch_size is then the token cell in px, Swin's own patch is "
                       "swin_patch_size), or a timm ViT name, e.g. vit_small_patch16_224")
-    model_size: Literal["tiny", "small", "base", "large"] = field(
-        "base", help="tiny | small | base | large (beit); embed_dim/depth/num_heads override it")
-    patch_size: int = field(16, help="patch side in px; the patch grid must equal the tokenizer's token grid")
-    embed_dim: int = field(0, help="custom width (0: from model_size, or the timm arch's)")
-    depth: int = field(0, help="custom number of blocks (0: from model_size, or the timm arch's)")
-    num_heads: int = field(0, help="custom attention heads (0: from model_size, or the timm arch's)")
-    mlp_ratio: float = field(4.0, help="MLP hidden width / embed_dim")
     init_values: float = field(0.0, help="layer-scale init (0: from model_size: 0.1, large 1e-5)")
-    drop_path: float = field(0.1, help="stochastic depth rate")
-    grad_checkpointing: bool = field(False, help="recompute block activations in backward (less memory, ~1/3 slower)")
     compile: bool = field(False, help="torch.compile the transformer blocks (in place: same weights and checkpoints; "
                           "costs compile time at start-up, see `beit bench`)")
     swin_patch_size: int = field(0, help="--arch swin_*: Swin's patch side in px (0: the arch's, 4)")

@@ -2,12 +2,25 @@
 on the held-out shards (also of the EMA weights), the timm export."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from beit.config import Options, field
 from beit.tasks.base import Task
+
+
+@dataclass
+class MixupOptions(Options):
+    """Classification's label mixing (mixup / cutmix) and smoothing."""
+    label_smoothing: float = field(0.1, help="label smoothing")
+    mixup: float = field(0.8, help="mixup alpha (0 = off)")
+    cutmix: float = field(1.0, help="cutmix alpha (0 = off)")
+    mixup_prob: float = field(1.0, help="probability of applying mixup or cutmix to a batch")
+    mixup_switch_prob: float = field(0.5, help="probability of cutmix instead of mixup when both are on")
+
 
 
 class Classification(Task):

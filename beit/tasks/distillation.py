@@ -4,11 +4,27 @@ labelled batch goes out with a batch of unlabelled shards that a frozen fine-tun
 (the student starts from scratch); scored and exported as a classifier."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
+from beit.config import Options, field
 from beit.tasks.classification import Classification
+
+
+@dataclass
+class DistillOptions(Options):
+    """The teacher, the unlabelled stream it labels, and the loss of ``--task distill``."""
+    teacher: str = field("", help="distill: the teacher, a fine-tuned classifier export (<run>/model.safetensors)")
+    unlabelled_shards: list[str] = field(default_factory=list, help="distill: unlabelled shards (e.g. the "
+                                         "pretraining shards; labels ignored) that the teacher labels softly, a batch "
+                                         "of them beside each labelled batch")
+    unlabelled_batch_size: int = field(0, help="distill: unlabelled images per batch (0 = batch_size)")
+    distill_temperature: float = field(4.0, help="distill: softmax temperature of the soft (teacher) loss")
+    distill_alpha: float = field(0.5, help="distill: weight of the hard-label loss (labelled rows); 1 - alpha for "
+                                           "the soft loss on every row")
+
 
 
 class Distillation(Classification):

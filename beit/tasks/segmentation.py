@@ -3,12 +3,28 @@ encoder, cross-entropy with an auxiliary head, sliding-window mIoU; mixup/cutmix
 are classification only."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from beit.config import Options, field
 from beit.tasks.base import Task
+
+
+@dataclass
+class SegmentationOptions(Options):
+    """Annotation labels, the heads, the crop's rescaling and the sliding-window evaluation of ``--task
+    segmentation``."""
+    reduce_zero_label: bool = field(True, help="segmentation: label 0 is 'other' (ignored), v -> v-1 (ADE20K)")
+    seg_channels: int = field(512, help="segmentation: UperNet head channels")
+    seg_aux_weight: float = field(0.4, help="segmentation: weight of the auxiliary FCN head's loss")
+    seg_scale_min: float = field(0.5, help="segmentation: random rescale, short side = img_size x U(min, max)")
+    seg_scale_max: float = field(2.0, help="segmentation: random rescale upper bound")
+    seg_cat_max_ratio: float = field(0.75, help="segmentation: re-draw a crop where one class covers more than this")
+    seg_stride: int = field(0, help="segmentation: sliding-window stride for evaluation (0 = 2/3 of img_size)")
+
 
 
 class Segmentation(Task):

@@ -86,10 +86,15 @@ def draft_scale(box_w: float, box_h: float, target: int) -> int:
 
 
 @dataclass
-class AugmentOptions(Options):
+class CropOptions(Options):
+    """The random-resized crop of every training view (pretraining, fine-tuning, tokenizer fitting, token cache)."""
+    crop_scale_min: float = field(0.08, help="random-resized-crop minimum area fraction (max is 1)")
+
+
+@dataclass
+class AugmentOptions(CropOptions):
     """The training augmentation's options, shared by pretraining and fine-tuning (their configs inherit this
     section; a new augmentation adds its option here, beside the transform)."""
-    crop_scale_min: float = field(0.08, help="random-resized-crop minimum area fraction (max is 1)")
     color_jitter: float = field(0.4, help="brightness/contrast/saturation jitter (0: off; fine-tuning: timm ignores it "
                                           "when RandAugment is on)")
     hflip: float = field(0.5, help="horizontal flip probability (use 0 for digits/text)")
