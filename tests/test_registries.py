@@ -80,6 +80,8 @@ def test_backbones_are_looked_up_by_name():
         backbone_for("mobilevit_xxs", pretraining=True)
     with pytest.raises(ValueError, match="unknown timm model"):
         backbone_for("no_such_model")
+    with pytest.raises(ValueError, match="--compile compiles the blocks of the beit and timm ViT"):
+        PretrainConfig(train_shards="x", arch="swin_tiny_patch4_window7_224", compile=True).validate()
     with pytest.raises(ValueError, match="--linear_probe is for BEiT encoders"):
         FinetuneConfig(train_shards="x", model=VIT, linear_probe=True).validate()
 

@@ -119,6 +119,9 @@ class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions,
         if self.knn_every < 0 or self.knn_k < 1:
             raise ValueError(f"knn_every must be >= 0 and knn_k >= 1, got {self.knn_every}, {self.knn_k}")
         backbone = backbone_for(self.arch, pretraining=True)
+        if self.compile and not backbone.compiles:
+            raise ValueError(f"--compile compiles the blocks of the beit and timm ViT backbones; leave it out with "
+                             f"--arch {self.arch}")
         if self.knn_train_shards and not backbone.patch_tokens:
             raise ValueError(f"the kNN health metric reads a ViT's patch tokens: leave knn_train_shards/knn_val_shards "
                              f"empty with --arch {self.arch}")
