@@ -20,7 +20,7 @@ class DataQualityError(RunFault):
 
 
 def _empty() -> dict[str, Any]:
-    return {"samples": 0, "bad": 0, "bad_by_reason": {}, "converted": {}, "upscaled": 0,
+    return {"samples": 0, "bad": 0, "bad_by_reason": {}, "converted": {}, "upscaled": 0, "remote_retries": 0,
             "shards": {}, "examples": []}
 
 
@@ -29,6 +29,7 @@ class DataStats:
 
         {"samples": good samples delivered, "bad": skipped samples,
          "bad_by_reason": {reason: n}, "converted": {original PIL mode: n}, "upscaled": n,
+         "remote_retries": reconnects after a dropped connection to an http(s) shard,
          "shards": {shard: {"samples": good, "bad": n, "reasons": {reason: n}}},
          "examples": [{"shard", "key", "reason", "detail"}, ...]  (first few bad samples)}
     """
@@ -59,6 +60,9 @@ class DataStats:
     def add_upscaled(self) -> None:
         self.data["upscaled"] += 1
 
+    def add_retry(self) -> None:
+        self.data["remote_retries"] = self.data.get("remote_retries", 0) + 1
+
     def pop_delta(self) -> dict[str, Any]:
         """Return the counts so far and start again from zero (worker side)."""
         out, self.data = self.data, _empty()
@@ -66,8 +70,8 @@ class DataStats:
 
     def merge(self, delta: dict[str, Any]) -> None:
         d = self.data
-        for k in ("samples", "bad", "upscaled"):
-            d[k] += delta.get(k, 0)
+        for k in ("samples", "bad", "upscaled", "remote_retries"):
+            d[k] = d.get(k, 0) + delta.get(k, 0)
         for k in ("bad_by_reason", "converted"):
             d[k] = dict(Counter(d[k]) + Counter(delta.get(k, {})))
         for shard, s in delta.get("shards", {}).items():
@@ -113,6 +117,8 @@ class DataStats:
         """Flat numbers for logging (sum them across ranks before logging)."""
         out = {f"{prefix}samples": self.data["samples"], f"{prefix}bad": self.data["bad"],
                f"{prefix}upscaled": self.data["upscaled"]}
+        if self.data.get("remote_retries"):
+            out[f"{prefix}remote_retries"] = self.data["remote_retries"]
         for r, c in self.data["bad_by_reason"].items():
             out[f"{prefix}bad_{r}"] = c
         for m, c in self.data["converted"].items():

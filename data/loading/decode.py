@@ -15,7 +15,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Reasons a sample is skipped (the keys of the loader's bad-sample counts).
 BAD_REASONS = ("empty", "no_image", "not_image", "truncated", "corrupt", "bad_mode", "too_small",
-               "too_large", "bad_label", "no_label", "tar_error", "missing_shard")
+               "too_large", "bad_label", "no_label", "tar_error", "missing_shard",
+               "connection_lost")
 
 
 class BadSample(Exception):

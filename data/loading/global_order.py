@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -115,6 +116,34 @@ class GlobalOrderLoader(StreamLoader):
         d.quotas = plan_quotas(None, self.num_batches, d.batch_size, d.num_workers)[0]
         d.progress = list(self._progress)
 
+    def _load_resized(self, saved: list[dict[str, Any]]) -> None:
+        """Elastic resume: the saved ranks had trained on slots [0, consumed) of the epoch's global stream
+        (micro-batches 0 .. position x world - 1); this run goes on from slot ``consumed``, cut into its own
+        micro-batches, so every sample of the epoch comes exactly once over the two runs. Needs the same
+        shards and seed, and ``consumed`` a multiple of this run's world x batch (true when the global batch
+        is kept, e.g. by --global_batch_size); otherwise the epoch restarts as in the default order."""
+        layout, me = saved[0]["layout"], self._layout()
+        consumed = int(saved[0]["position"]) * int(layout["world_size"]) * int(layout["batch_size"])
+        per_batch = me["world_size"] * me["batch_size"]
+        problem = ("the checkpoint was not written in data_order global" if layout.get("order") != "global" else
+                   "the shards or the seed changed" if (layout["seed"], layout["num_shards"]) != (me["seed"], me["num_shards"])
+                   else "its processes were at different positions" if len({(s["epoch"], s["position"]) for s in saved}) > 1
+                   else f"{consumed} samples were consumed, not a multiple of {me['world_size']} process(es) x batch "
+                        f"{me['batch_size']} (keep the global batch, e.g. with --global_batch_size)"
+                   if consumed % per_batch else "")
+        if problem:
+            super()._load_resized(saved, why=f"data_order global cannot re-partition the epoch: {problem}")
+            return
+        if self._take_resized(saved):
+            return
+        self.position = min(consumed // per_batch, self.num_batches)
+        nw = self.dataset.num_workers
+        # the loader hands out micro-batch k from worker k % num_workers (round robin over even quotas)
+        self._progress = [(0, len(range(w, self.position, nw))) for w in range(nw)]
+        warnings.warn(f"the checkpoint was written by {len(saved)} process(es), this run has {me['world_size']}: "
+                      f"epoch {self.epoch} goes on from sample {consumed} of its global order, re-partitioned over "
+                      f"{me['world_size']} process(es) (every sample of the epoch once)")
+
 
 def build_global_order_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_size: int,
                               **kw: Any) -> GlobalOrderLoader:
@@ -131,7 +160,7 @@ def build_global_order_loader(shards: str | Sequence[str], *, map_fn: MapFn, bat
     ds = GlobalOrderStream(d.shards, d.counts, d.map_fn, d.batch_size, d.rank, d.world_size,
                            base.num_workers, d.seed, d.shuffle_buffer, False, d.min_image_size,
                            d.small_image_size)
-    ds.labels = d.labels
+    ds.labels, ds.remote_retries = d.labels, d.remote_retries
     loader = GlobalOrderLoader(ds, num_workers=base.num_workers, num_batches=base.num_batches,
                                max_bad_fraction=base.max_bad_fraction, bad_check_after=base.bad_check_after,
                                pin_memory=base.pin_memory, prefetch_factor=base.prefetch_factor,

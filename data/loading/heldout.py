@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from beit.data.loading.decode import BadSample
 from beit.data.loading.stream import derive_seed, image_member, map_image
+from beit.data.storage.remote import RETRIES, RemoteReadError, open_shard
 from beit.data.storage.shard_format import iter_tar_samples
 
 
@@ -32,14 +33,15 @@ class HeldOutStream(IterableDataset):
     and are counted as bad too."""
 
     def __init__(self, shards: list[str], map_fn: Callable[[Any, dict], dict], rank: int = 0,
-                 world_size: int = 1, seed: int = 0, min_image_size: int = 1, lazy_jpeg: bool = False):
+                 world_size: int = 1, seed: int = 0, min_image_size: int = 1, lazy_jpeg: bool = False,
+                 remote_retries: int = RETRIES):
         super().__init__()
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
         self.shards = list(shards)
         self.mine = list(range(rank, len(self.shards), world_size))
         self.map_fn, self.seed = map_fn, seed
-        self.min_image_size, self.lazy_jpeg = min_image_size, lazy_jpeg
+        self.min_image_size, self.lazy_jpeg, self.remote_retries = min_image_size, lazy_jpeg, remote_retries
 
     def _item(self, raw: dict, shard_idx: int, pos: int) -> dict:
         seed = derive_seed(self.seed, shard_idx, pos, 11)
@@ -54,7 +56,7 @@ class HeldOutStream(IterableDataset):
         for shard_idx in mine:
             shard, pos = self.shards[shard_idx], 0
             try:
-                with open(shard, "rb") as f:
+                with open_shard(shard, retries=self.remote_retries) as f:
                     for raw in iter_tar_samples(f):
                         try:
                             out = self._item(raw, shard_idx, pos)
@@ -67,8 +69,8 @@ class HeldOutStream(IterableDataset):
                             yield dict(out, bad="")
                         while template is not None and pending:
                             yield self._bad(template, pending.pop(0))
-            except (tarfile.TarError, EOFError, OSError):
-                pending.append("tar_error")
+            except (tarfile.TarError, EOFError, OSError) as e:
+                pending.append("connection_lost" if isinstance(e, RemoteReadError) else "tar_error")
         if pending and template is None:
             raise RuntimeError(f"held-out data: no decodable sample in {[self.shards[i] for i in mine][:3]} "
                                f"({len(pending)} bad: {sorted(set(pending))}); check them with: "
@@ -83,12 +85,13 @@ class HeldOutStream(IterableDataset):
 
 
 def heldout_loader(shards: list[str], map_fn: Callable[[Any, dict], dict], accelerator, *, batch_size: int,
-                   num_workers: int, seed: int = 0, lazy_jpeg: bool = False) -> DataLoader:
+                   num_workers: int, seed: int = 0, lazy_jpeg: bool = False,
+                   remote_retries: int = RETRIES) -> DataLoader:
     """A ``DataLoader`` over this process's share of ``shards`` (a ``HeldOutStream``; partial last
     batch kept), with at most as many workers as the process has shards."""
     world = accelerator.num_processes
     stream = HeldOutStream(shards, map_fn, rank=accelerator.process_index, world_size=world, seed=seed,
-                           lazy_jpeg=lazy_jpeg)
+                           lazy_jpeg=lazy_jpeg, remote_retries=remote_retries)
     return DataLoader(stream, batch_size=batch_size, num_workers=min(num_workers, max(1, len(shards) // world)))
 
 

@@ -48,8 +48,9 @@ from torch.utils.data._utils.collate import default_collate
 from beit.data.loading.data_stats import DataStats
 from beit.data.loading.decode import BadSample, is_undecoded, load_pixels, open_image
 from beit.data.pipelines.transforms import seed_everything
+from beit.data.storage.remote import RETRIES, RemoteReadError, open_shard
 from beit.data.storage.shard_format import image_ext, iter_tar_samples
-from beit.data.storage.shardspec import expand_shards, is_remote, shard_sample_counts
+from beit.data.storage.shardspec import expand_shards, resolve_sample_counts
 
 MapFn = Callable[[Any, dict], dict]
 STATE_VERSION = 1
@@ -178,6 +179,7 @@ class ShardStream(IterableDataset):
         self.num_workers = max(1, num_workers)
         self.seed, self.shuffle_buffer, self.resampled = seed, shuffle_buffer, resampled
         self.min_image_size, self.small_image_size = min_image_size, small_image_size
+        self.remote_retries = RETRIES
         # set by the loader before each epoch
         self.epoch, self.quotas, self.assign, self.progress = 0, [0], [[]], [(0, 0)]
 
@@ -198,11 +200,7 @@ class ShardStream(IterableDataset):
         url = self.shards[idx]
         n = 0
         try:
-            if is_remote(url):
-                from webdataset import gopen
-                stream = gopen(url)
-            else:
-                stream = open(url, "rb")
+            stream = open_shard(url, retries=self.remote_retries, on_retry=lambda *_: stats.add_retry())
         except OSError as e:
             self._dead.add(idx)
             exp = self._expected(idx)
@@ -220,7 +218,8 @@ class ShardStream(IterableDataset):
             self._damaged.add(idx)
             exp = self._expected(idx)
             lost = max((exp - n) if exp is not None else 1, 1)
-            stats.add_bad(url, "tar_error", n=lost,
+            reason = "connection_lost" if isinstance(e, RemoteReadError) else "tar_error"
+            stats.add_bad(url, reason, n=lost,
                           detail=f"{lost} sample(s) lost: read {n} of {exp if exp is not None else '?'} expected "
                                  f"(manifest, else the tar index: then a lower bound), {type(e).__name__}: {e}")
 
@@ -350,7 +349,7 @@ class ShardStream(IterableDataset):
 def _warn_damaged_shards(delta: dict) -> None:
     """Name a truncated / unreadable / missing shard on the main process (once per shard and detail)."""
     for ex in delta.get("examples", []):
-        if ex["reason"] in ("tar_error", "missing_shard"):
+        if ex["reason"] in ("tar_error", "missing_shard", "connection_lost"):
             warnings.warn(f"shard {ex['shard']}: {ex['reason']}: {ex['detail']}", stacklevel=2)
 
 
@@ -407,6 +406,11 @@ class StreamLoader:
                 "stats": self._stats.data}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()``, or from ``{"saved_ranks": [state of rank 0, ...]}`` written by another
+        number of processes (``resized_state``)."""
+        if "saved_ranks" in state:
+            self._load_resized(state["saved_ranks"])
+            return
         self.epoch = int(state["epoch"])
         self._stats = DataStats(state.get("stats"))
         if state.get("layout") != self._layout():
@@ -422,6 +426,30 @@ class StreamLoader:
             return
         self.position = int(state["position"])
         self._progress = [tuple(p) for p in state["workers"]]
+
+    def _take_resized(self, saved: list[dict[str, Any]]) -> bool:
+        """Epoch and counts from the states of a run with another process count (this rank takes the counts
+        of saved ranks rank, rank + world, ... so the totals over ranks carry on); True when the saved
+        epoch was complete (then the position is the epoch's end, as a same-size resume would have it)."""
+        d = self.dataset
+        self.epoch = int(saved[0]["epoch"])
+        self._stats = DataStats()
+        for s in saved[d.rank::d.world_size]:
+            self._stats.merge(s.get("stats") or {})
+        complete = all(int(s["position"]) >= int(s["layout"]["num_batches"]) for s in saved)
+        self.position = self.num_batches if complete else 0
+        self._progress = [(0, 0)] * d.num_workers
+        return complete
+
+    def _load_resized(self, saved: list[dict[str, Any]], why: str = "") -> None:
+        """Another process count: per-process shard positions do not map, so the saved epoch restarts
+        (unless it was complete); ``data_order global`` re-partitions instead (``GlobalOrderLoader``)."""
+        if not self._take_resized(saved):
+            why = why or ("with data_order shards the processes' places in their own shards do not carry over "
+                          "(--data_order global resumes an epoch exactly once on any process count)")
+            warnings.warn(f"the checkpoint was written by {len(saved)} process(es), this run has "
+                          f"{self.dataset.world_size}: {why}; epoch {self.epoch} restarts from its first batch "
+                          "(samples already seen in it come again)")
 
     def _configure(self) -> None:
         d = self.dataset
@@ -479,6 +507,13 @@ class StreamLoader:
         self._stats.check(self.max_bad_fraction)
 
 
+def state_part(state: dict[str, Any], key: str) -> dict[str, Any]:
+    """``state[key]`` of a composite loader state, also for ``{"saved_ranks": [...]}`` (another process count)."""
+    if "saved_ranks" in state:
+        return {"saved_ranks": [s[key] for s in state["saved_ranks"]]}
+    return state[key]
+
+
 def describe_epoch(images: int | None, shards: int, batches: int, batch_size: int, world_size: int,
                    resampled: bool, explicit: bool, order: str = "shards") -> str:
     """'37 images in 5 shards; an epoch = 5 batches x 8 x 1 process = 40 samples: every image once,
@@ -512,7 +547,7 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
                         min_image_size: int = 8, small_image_size: int | None = None,
                         manifest: str | None = None, pin_memory: bool = False,
                         prefetch_factor: int = 2, timeout: float = 0, batch_multiple: int = 1,
-                        labels: bool = True) -> StreamLoader:
+                        labels: bool = True, remote_retries: int = RETRIES) -> StreamLoader:
     """Build the streaming loader for ``shards`` (path, brace pattern, glob, folder, list or
     comma-separated string; URLs and ``pipe:`` only with ``allow_remote``).
 
@@ -523,7 +558,10 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
     labelled and unlabelled shards mix, as pretraining needs). Images with a side below
     ``min_image_size`` are skipped as "too_small"; below ``small_image_size`` they are used and
     counted as "upscaled". The bad fraction is checked once ``bad_check_after`` samples were seen
-    and at the end of each epoch. Every start-up problem raises ValueError before any work.
+    and at the end of each epoch. Sample counts come from ``manifest`` (a path or URL) or the
+    manifest.json beside the shards (fetched for http(s) shards); a dropped connection is retried
+    ``remote_retries`` times in a row (``beit.data.storage.remote``). Every start-up problem raises ValueError
+    before any work.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -550,13 +588,14 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
         notes.append(f"data loader workers clamped from {num_workers} to {fit} per process: {len(urls)} shard(s) "
                      f"over {world_size} process(es) give each worker at least one shard of its own only so")
         num_workers = fit
-    counts = shard_sample_counts(urls, manifest)
+    counts, unknown_why = resolve_sample_counts(urls, manifest, retries=remote_retries)
     multiple = max(1, int(batch_multiple))
     explicit = batches_per_epoch is not None
     if batches_per_epoch is None:
         if counts is None:
-            raise ValueError("the number of samples in the remote shards is unknown: pass batches_per_epoch, "
-                             "or manifest=<path to the shards' manifest.json>")
+            raise ValueError(f"the number of samples in the remote shards is unknown ({unknown_why}): pass "
+                             f"--manifest <path or URL of the shards' manifest.json> (Python: manifest=...), or "
+                             f"--batches_per_epoch N (micro-batches per process per epoch)")
         if sum(counts) == 0:
             empty = [u for u, c in zip(urls, counts) if c == 0]
             raise ValueError(f"the {len(counts)} shard(s) hold no samples (empty or unreadable tars, e.g. "
@@ -570,7 +609,7 @@ def build_stream_loader(shards: str | Sequence[str], *, map_fn: MapFn, batch_siz
         raise ValueError(f"batches_per_epoch must be >= 1, got {batches_per_epoch}")
     ds = ShardStream(urls, counts, map_fn, batch_size, rank, world_size, num_workers, seed, shuffle_buffer,
                      resampled, min_image_size, small_image_size)
-    ds.labels = labels
+    ds.labels, ds.remote_retries = labels, int(remote_retries)
     loader = StreamLoader(ds, num_workers=num_workers, num_batches=batches_per_epoch,
                           max_bad_fraction=max_bad_fraction, bad_check_after=bad_check_after,
                           pin_memory=pin_memory, prefetch_factor=prefetch_factor, timeout=timeout)
