@@ -209,9 +209,10 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, train_state:
 def load_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict | None]:
     """Restore model/optimizer/scaler/RNG from ``path`` (a complete checkpoint) on every rank.
 
-    Returns (train_state, rank_state). ``rank_state`` is None when the checkpoint was written by a
-    different number of processes: per-rank data positions cannot be mapped, so the caller restarts
-    the saved epoch's data from its beginning (a warning says so).
+    Returns (train_state, rank_state). When the checkpoint was written by another number of processes,
+    ``rank_state`` holds every saved rank's part instead, ``{key: {"saved_ranks": [part of rank 0, ...]}}``:
+    the loaders' ``load_state_dict`` re-partitions what is left of the epoch (``data_order global``) or
+    restarts it, and says which. ``rank_state`` is None when the per-rank files are missing.
     """
     path = Path(path)
     if not (path / COMPLETE).is_file():
@@ -223,13 +224,16 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict | None]:
         raise RunFault(f"cannot load checkpoint {path}: {type(e).__name__}: {e}. Move it aside (to "
                        f"{path.parent / 'damaged'}) to resume from an older one, or use a new --output_dir") from e
     saved_world = int(train_state.get("world_size", 1))
-    rank_file = path / f"rank_{accelerator.process_index}.json"
-    if saved_world != accelerator.num_processes or not rank_file.is_file():
-        warnings.warn(f"checkpoint {path} was written by {saved_world} process(es), this run has "
-                      f"{accelerator.num_processes}: model/optimizer resume exactly, the data stream "
-                      f"restarts epoch {train_state.get('epoch')} from its beginning")
+    files = [path / f"rank_{r}.json" for r in range(saved_world)]
+    if not all(f.is_file() for f in files):
+        warnings.warn(f"checkpoint {path} has no data position for every one of its {saved_world} process(es): "
+                      f"model/optimizer resume exactly, the data stream restarts epoch {train_state.get('epoch')} "
+                      "from its beginning")
         return train_state, None
-    return train_state, json.loads(rank_file.read_text())["state"]
+    if saved_world == accelerator.num_processes:
+        return train_state, json.loads(files[accelerator.process_index].read_text())["state"]
+    parts = [json.loads(f.read_text())["state"] or {} for f in files]
+    return train_state, ({k: {"saved_ranks": [p.get(k) for p in parts]} for k in parts[0]} or None)
 
 
 def config_fingerprint(cfg: dict, keys: Iterable[str]) -> str:

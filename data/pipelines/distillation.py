@@ -62,8 +62,9 @@ class PairedLoader:
         return {"labelled": self.labelled.state_dict(), "unlabelled": self.unlabelled.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.labelled.load_state_dict(state["labelled"])
-        self.unlabelled.load_state_dict(state["unlabelled"])
+        from beit.data.loading.stream import state_part
+        self.labelled.load_state_dict(state_part(state, "labelled"))
+        self.unlabelled.load_state_dict(state_part(state, "unlabelled"))
         self._u_iter = None
 
     def metrics(self, prefix: str = "data/") -> dict:
@@ -76,8 +77,8 @@ class PairedLoader:
 def build_unlabelled_loader(cfg, accelerator, transform):
     """The unlabelled training stream (``cfg.unlabelled_shards``), ``cfg.unlabelled_batch_size`` per batch."""
     from beit.data.loading.global_order import build_loader_for_order
-    from beit.data.storage.shardspec import expand_shards
-    return build_loader_for_order(getattr(cfg, "data_order", "shards"), expand_shards(cfg.unlabelled_shards),
+    return build_loader_for_order(getattr(cfg, "data_order", "shards"), cfg.unlabelled_shards,
+                                  allow_remote=cfg.allow_remote_shards, remote_retries=cfg.remote_retries,
                                   map_fn=UnlabelledMap(transform),
                                   batch_size=cfg.unlabelled_batch_size or cfg.batch_size,
                                   num_workers=cfg.num_workers, rank=accelerator.process_index,
