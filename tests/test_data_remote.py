@@ -5,16 +5,15 @@ shard that cannot be finished counted like a truncated tar."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-
-from beit.data.storage.remote import HttpShardReader, RemoteReadError, open_shard
-from beit.data.storage.shardspec import expand_shards, resolve_sample_counts, shard_manifest
-from beit.data.loading.stream import build_stream_loader
-from beit.data.pipelines.transforms import pil_to_tensor
 from data_testutil import good_shards
 from http_testutil import ShardServer
+
+from beit.data.loading.stream import build_stream_loader
+from beit.data.pipelines.transforms import pil_to_tensor
+from beit.data.storage.remote import HttpShardReader, RemoteReadError, open_shard
+from beit.data.storage.shardspec import expand_shards, resolve_sample_counts, shard_manifest
 
 N_SHARDS, PER_SHARD = 4, 6
 
@@ -84,8 +83,10 @@ def test_other_schemes_are_refused_with_what_works():
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumed_remote_loader_continues_with_the_same_batches(served, workers):
     srv, spec, _ = served
-    make = lambda: build_stream_loader(spec, map_fn=small_map, batch_size=4, num_workers=workers, seed=2,
-                                       allow_remote=True, shuffle_buffer=5)
+    def make():
+        return build_stream_loader(spec, map_fn=small_map, batch_size=4, num_workers=workers, seed=2,
+                                   allow_remote=True, shuffle_buffer=5)
+
     full = list(make())
     ld = make()
     it = iter(ld)

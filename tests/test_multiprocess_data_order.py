@@ -162,7 +162,10 @@ def test_elastic_resume_counts_and_fallbacks(tmp_path):
     for ld in lds:
         list(ld)                                                             # a whole epoch
     saved = [json.loads(json.dumps(ld.state_dict())) for ld in lds]
-    total = lambda lds, k: sum(ld.stats[k] for ld in lds)
+
+    def total(lds, k):
+        return sum(ld.stats[k] for ld in lds)
+
     # 2 -> 3 processes: the counts carry on (summed over ranks), the complete epoch is not redone
     new = [build_global_order_loader(spec, map_fn=draw, batch_size=2, rank=r, world_size=3, num_workers=0,
                                      seed=3, shuffle_buffer=7, max_bad_fraction=0.5) for r in range(3)]

@@ -3,15 +3,15 @@ project's real checkpoints: checkpointed on N processes mid-epoch, resumed on M 
 sample of the epoch is trained on exactly once and the global batches are those of the uninterrupted run."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
-import json
 import pytest
+from data_testutil import good_shards
+from mp.common import PRETRAIN, pretrain_args, pretrain_reference, run, step_records
 
 from beit.data.loading.global_order import build_global_order_loader
-from data_testutil import good_shards
-from mp.common import run
 
 WORKER = Path(__file__).parent / "mp" / "elastic_worker.py"
 GLOBAL_BATCH, N_IMAGES, FIRST_STEPS = 6, 36, 2          # 6 steps per epoch; checkpoint after 2
@@ -54,3 +54,23 @@ def test_elastic_resume_every_sample_once(tmp_path):
             assert len(seen) == len(set(seen)) == N_IMAGES, f"{before} -> {after}: a sample repeated or skipped"
             assert any(f"written by {before} process(es), this run has {after}" in w and "re-partitioned" in w
                        for w in said), said
+
+
+@pytest.mark.slow
+def test_pretraining_checkpointed_on_two_processes_resumes_on_one(tmp_path):
+    """The real entry point: the 2-process global-order run (tests/mp/common.py), stopped after its checkpoint at
+    step 40 (mid-epoch: 21 steps an epoch), resumed on 1 process, trains steps 41-48 on the uninterrupted
+    run's batches: its losses match the 1-process reference (a restarted epoch would not)."""
+    ref1, _, _ = pretrain_reference(1)
+    ref2, _, _ = pretrain_reference(2)
+    out = tmp_path / "run"
+    shutil.copytree(ref2, out)
+    shutil.rmtree(out / "checkpoints" / "step_0000048")
+    text = run(PRETRAIN, pretrain_args(out), 1, tmp_path / "logs")
+    assert "resumed from" in text and "step_0000040" in text
+    assert "written by 2 process(es), this run has 1: epoch 1 goes on from sample 304" in text   # 19 steps x 16
+    one, resumed = step_records(ref1), step_records(out)
+    assert sorted(resumed) == list(range(1, 49))
+    for s in range(41, 49):
+        assert resumed[s]["loss"] == pytest.approx(one[s]["loss"], rel=1e-4), f"step {s}"
+        assert resumed[s]["data/samples"] == one[s]["data/samples"] == 16 * s    # counts carried over

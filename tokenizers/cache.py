@@ -54,7 +54,8 @@ def main(argv=None) -> int:
         cfg = dataclasses.replace(cfg, train_shards=[found.train])
     m = write_token_cache(cfg.train_shards, cfg.out, tok, views_per_image=cfg.views_per_image,
                           scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip, seed=cfg.seed, batch_size=cfg.batch_size,
-                          samples_per_shard=cfg.samples_per_shard, tokenizer_path=cfg.tokenizer_path)
+                          samples_per_shard=cfg.samples_per_shard, tokenizer_path=cfg.tokenizer_path,
+                          allow_remote=cfg.allow_remote_shards, remote_retries=cfg.remote_retries)
     print(f"wrote {len(m['shards'])} cache shard(s), {m['num_samples']} images x {cfg.views_per_image} views "
           f"in {m['token_cache']['seconds']}s to {cfg.out} (bad source samples: {m['bad_samples'] or 0})")
     return 0

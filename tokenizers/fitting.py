@@ -107,13 +107,14 @@ class DVAETrainConfig(RunOptions, PrecisionOptions, TokenizerViewOptions, Loader
             raise ValueError("temperatures must be > 0")
 
 
-def _val_report(tok, val_shards: list[str], size: int, interpolation: str) -> Optional[dict]:
-    if not val_shards:
+def _val_report(tok, cfg) -> Optional[dict]:
+    if not cfg.val_shards:
         return None
     from beit.tokenizers.images import shard_image_batches
     from beit.tokenizers.metrics import measure
 
-    return measure(tok, shard_image_batches(val_shards, size, 64, interpolation))
+    return measure(tok, shard_image_batches(cfg.val_shards, cfg.input_size, 64, cfg.interpolation,
+                                            allow_remote=cfg.allow_remote_shards, remote_retries=cfg.remote_retries))
 
 
 def train_kmeans(cfg: KMeansTrainConfig):
@@ -122,7 +123,7 @@ def train_kmeans(cfg: KMeansTrainConfig):
 
     loader = build_view_loader(cfg.train_shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
                                cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
-                               max_bad_fraction=cfg.max_bad_fraction)
+                               max_bad_fraction=cfg.max_bad_fraction, **cfg.shard_source())
     epochs = iter(range(10 ** 9))
 
     def one_epoch():
@@ -140,7 +141,7 @@ def train_kmeans(cfg: KMeansTrainConfig):
     bad = loader.metrics().get("data/bad", 0)
     print(f"[kmeans] fit in {time.time() - t0:.1f}s ({len(loader)} batches/epoch, bad samples: {bad}); "
           f"{tok.fit_stats}; wrote {stem}.safetensors/.json")
-    val = _val_report(tok, cfg.val_shards, cfg.input_size, cfg.interpolation)
+    val = _val_report(tok, cfg)
     if val:
         print("[kmeans] held-out: " + json.dumps({k: round(v, 4) for k, v in val.items()}))
     return tok
@@ -176,7 +177,8 @@ def train_dvae(cfg: DVAETrainConfig):
     set_seed(cfg.seed)
     loader = build_view_loader(cfg.train_shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
                                cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
-                               num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction)
+                               num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction,
+                               **cfg.shard_source())
     if acc.is_main_process:
         print(f"[dvae] training data: {loader.describe()}" + "".join(f"\n[dvae] note: {n}" for n in loader.notes))
     model = DiscreteVAE(cfg.vocab_size, cfg.hidden, cfg.downsample)
@@ -246,7 +248,7 @@ def train_dvae(cfg: DVAETrainConfig):
     tok.vae.load_state_dict(acc.unwrap_model(model).state_dict())
     stem = tok.freeze().save(out / "dvae")
     print(f"[dvae] {step} steps; wrote {stem}.safetensors/.json (bad samples: {loader.metrics().get('data/bad', 0)})")
-    val = _val_report(tok, cfg.val_shards, cfg.input_size, cfg.interpolation)
+    val = _val_report(tok, cfg)
     if val:
         (out / "val_metrics.json").write_text(json.dumps(val, indent=2))
         print("[dvae] held-out: " + json.dumps({k: round(v, 4) for k, v in val.items()}))

@@ -17,6 +17,7 @@ from PIL import Image
 
 from beit.data.loading.decode import BadSample, load_pixels, open_image, to_rgb
 from beit.data.pipelines.transforms import INTERPOLATIONS, pil_to_tensor
+from beit.data.storage.remote import RETRIES, RemoteReadError, open_shard
 from beit.data.storage.shard_format import image_ext, iter_tar_samples
 from beit.data.storage.shardspec import expand_shards
 
@@ -65,13 +66,13 @@ class ShardReadStats:
         return sum(self.bad.values())
 
 
-def iter_shard_samples(shards: Sequence[str], stats: ShardReadStats
+def iter_shard_samples(shards: Sequence[str], stats: ShardReadStats, remote_retries: int = RETRIES
                        ) -> Iterator[tuple[dict, str, Image.Image]]:
-    """(raw sample, image extension, RGB PIL image) for every usable sample of the shards, in order;
-    bad samples and unreadable shards are counted in ``stats``."""
+    """(raw sample, image extension, RGB PIL image) for every usable sample of the shards (paths, http(s)
+    URLs, ``pipe:`` commands), in order; bad samples and unreadable shards are counted in ``stats``."""
     for shard in shards:
         try:
-            with open(shard, "rb") as f:
+            with open_shard(shard, retries=remote_retries) as f:
                 for sample in iter_tar_samples(f):
                     ext = image_ext(sample)
                     if ext is None:
@@ -86,25 +87,27 @@ def iter_shard_samples(shards: Sequence[str], stats: ShardReadStats
                         continue
                     stats.samples += 1
                     yield sample, ext, img
-        except (tarfile.TarError, OSError, EOFError):
-            stats.add_bad("truncated_shard", shard)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            stats.add_bad("connection_lost" if isinstance(e, RemoteReadError) else "truncated_shard", shard)
 
 
-def iter_shard_images(shards: Sequence[str], stats: ShardReadStats) -> Iterator[tuple[str, Image.Image]]:
+def iter_shard_images(shards: Sequence[str], stats: ShardReadStats, remote_retries: int = RETRIES
+                      ) -> Iterator[tuple[str, Image.Image]]:
     """(key, RGB PIL image) for every usable sample of the shards, in order."""
-    for sample, _, img in iter_shard_samples(shards, stats):
+    for sample, _, img in iter_shard_samples(shards, stats, remote_retries):
         yield sample["__key__"], img
 
 
 def shard_image_batches(shards: str | Sequence[str], size: int, batch_size: int = 64,
                         interpolation: str = "bicubic", max_images: int | None = None,
-                        stats: ShardReadStats | None = None, max_bad_fraction: float = 0.01) -> Iterator[torch.Tensor]:
+                        stats: ShardReadStats | None = None, max_bad_fraction: float = 0.01,
+                        allow_remote: bool = False, remote_retries: int = RETRIES) -> Iterator[torch.Tensor]:
     """Batches [B,3,size,size] in [0,1] of centre-cropped images read in order from the shards."""
-    paths = expand_shards(shards)
+    paths = expand_shards(shards, allow_remote=allow_remote)
     stats = stats if stats is not None else ShardReadStats()
     buf: list[torch.Tensor] = []
     n = 0
-    for _, img in iter_shard_images(paths, stats):
+    for _, img in iter_shard_images(paths, stats, remote_retries):
         buf.append(pil_to_tensor(resize_square(img, size, interpolation)))
         n += 1
         if len(buf) == batch_size:

@@ -31,6 +31,7 @@ from PIL import Image
 
 from beit.data.loading.decode import BadSample
 from beit.data.pipelines.transforms import INTERPOLATIONS, pil_to_tensor
+from beit.data.storage.remote import RETRIES
 from beit.data.storage.shard_format import MANIFEST_NAME, add_member, sha256_file, write_json_atomic
 from beit.data.storage.shardspec import expand_shards
 from beit.tokenizers import VisualTokenizer
@@ -94,14 +95,15 @@ class _CacheShardWriter:
 def write_token_cache(shards, out_dir, tok: VisualTokenizer, *, views_per_image: int = 4,
                       scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip: float = 0.5, seed: int = 0,
                       batch_size: int = 64, samples_per_shard: int = 1000, progress: bool = True,
-                      tokenizer_path: Optional[str] = None, max_bad_fraction: float = 0.01) -> dict[str, Any]:
-    """Tokenize ``views_per_image`` random views of every image of ``shards`` into cache shards; returns the
-    manifest."""
+                      tokenizer_path: Optional[str] = None, max_bad_fraction: float = 0.01,
+                      allow_remote: bool = False, remote_retries: int = RETRIES) -> dict[str, Any]:
+    """Tokenize ``views_per_image`` random views of every image of ``shards`` (paths; http(s) URLs and ``pipe:``
+    with ``allow_remote``) into cache shards; returns the manifest."""
     from tqdm.auto import tqdm
 
     if views_per_image < 1:
         raise ValueError("views_per_image must be >= 1")
-    paths = expand_shards(shards)
+    paths = expand_shards(shards, allow_remote=allow_remote)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     writer = _CacheShardWriter(out, samples_per_shard)
@@ -123,7 +125,7 @@ def write_token_cache(shards, out_dir, tok: VisualTokenizer, *, views_per_image:
 
     bar = tqdm(desc="token cache", unit="img", disable=not progress)
     t0 = time.time()
-    for sample, ext, img in iter_shard_samples(paths, stats):
+    for sample, ext, img in iter_shard_samples(paths, stats, remote_retries):
         key = sample["__key__"]
         boxes, flips = [], []
         for k in range(views_per_image):

@@ -45,10 +45,11 @@ class CropMapFn:
 
 
 def build_view_loader(shards, spec: CropSpec, batch_size: int, *, seed: int = 0, rank: int = 0,
-                      world_size: int = 1, num_workers: int = 2, max_bad_fraction: float = 0.01):
-    """A StreamLoader of {"images": [B,3,S,S] in [0,1]} batches (one epoch per iteration)."""
+                      world_size: int = 1, num_workers: int = 2, max_bad_fraction: float = 0.01, **source):
+    """A StreamLoader of {"images": [B,3,S,S] in [0,1]} batches (one epoch per iteration); ``source``:
+    ``allow_remote``, ``manifest``, ``remote_retries`` of ``build_stream_loader``."""
     from beit.data.loading.stream import build_stream_loader
 
     return build_stream_loader(shards, map_fn=CropMapFn(spec), batch_size=batch_size, num_workers=num_workers,
                                rank=rank, world_size=world_size, seed=seed, max_bad_fraction=max_bad_fraction,
-                               small_image_size=spec.size)  # counted as data/upscaled
+                               small_image_size=spec.size, **source)  # small images counted as data/upscaled

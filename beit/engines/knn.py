@@ -162,8 +162,10 @@ def build_knn_health(cfg, accelerator, logger, total_steps: int) -> KnnHealth | 
     from beit.data.storage.shardspec import expand_shards
     from beit.runtime.faults import SetupError
     try:
-        monitor = KnnMonitor(expand_shards(cfg.knn_train_shards), expand_shards(cfg.knn_val_shards), cfg.image_size,
-                             accelerator, k=cfg.knn_k)
+        remote = cfg.allow_remote_shards
+        monitor = KnnMonitor(expand_shards(cfg.knn_train_shards, allow_remote=remote),
+                             expand_shards(cfg.knn_val_shards, allow_remote=remote), cfg.image_size, accelerator,
+                             k=cfg.knn_k)
     except ValueError as e:
         raise SetupError(str(e)) from None
     every = cfg.knn_every or max(cfg.log_every, round(total_steps / 10 / cfg.log_every) * cfg.log_every)

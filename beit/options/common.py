@@ -5,7 +5,8 @@ fields from the last base first), so an option has the same name, unit and help 
 with another default re-declares the field with ``field(<default>)`` and no help: ``--help`` shows the
 section's text. Old names a section replaced are in its ``DEPRECATED`` map (they still work, with a warning).
 
-* ``TrainDataOptions``: the training images (shards or a folder); ``HeldOutOptions``: held-out shards;
+* ``TrainDataOptions``: the training images (shards or a folder) and, from ``ShardSourceOptions``, where shards
+  may come from (http(s), ``pipe:``), their manifest and the reconnects; ``HeldOutOptions``: held-out shards;
   ``LoaderOptions``: loader workers and the bad-sample budget; ``DataOptions``: the training stream of
   pretraining and fine-tuning (all of the above, plus epoch length, data order, the folder's held-out part);
 * ``ModelOptions``: the encoder's size; ``TokenizerOptions``: which frozen tokenizer, from where;
@@ -26,7 +27,32 @@ TokenizerKind = Literal[("auto", *TOKENIZER_KINDS)]  # a new registered tokenize
 
 
 @dataclass
-class TrainDataOptions(Options):
+class ShardSourceOptions(Options):
+    """Where shards may come from; every command that reads training shards has these (pretraining, fine-tuning,
+    tokenizer training, the token cache)."""
+    allow_remote_shards: bool = field(False, help="allow http(s):// and pipe: shard specs (they fetch URLs / run "
+                                                  "commands); gs:// and s3:// go through pipe: or https")
+    manifest: str = field("", help="the training shards' manifest.json (a path or http(s) URL) for their sample "
+                                   "counts (and label map); default: the manifest.json beside the shards, fetched "
+                                   "for http(s) shards")
+    remote_retries: int = field(5, help="reconnects in a row without a new byte before an http(s) shard whose "
+                                        "connection dropped counts as lost (its remaining samples are counted as "
+                                        "connection_lost); a reconnect resumes the shard with an HTTP Range request")
+
+    def shard_source(self) -> dict:
+        """Keyword arguments of the data layer's training loaders (``build_stream_loader`` and its wrappers)."""
+        return {"allow_remote": self.allow_remote_shards, "manifest": self.manifest or None,
+                "remote_retries": self.remote_retries}
+
+    def check_sources(self) -> None:
+        if self.remote_retries < 0:
+            raise ValueError(f"--remote_retries must be >= 0, got {self.remote_retries}")
+        if self.manifest and not self.allow_remote_shards and "://" in self.manifest:
+            raise ValueError(f"--manifest {self.manifest} is a URL: pass --allow_remote_shards true as well")
+
+
+@dataclass
+class TrainDataOptions(ShardSourceOptions):
     DEPRECATED = {"data_shards": "train_shards", "shards": "train_shards"}  # pretraining's / the tools' old names
     train_shards: list[str] = field(default_factory=list, help="training shards: paths, brace patterns, globs or "
                                     "folders of WebDataset tars (a YAML list, or patterns on the command line), e.g. "
@@ -46,6 +72,10 @@ class TrainDataOptions(Options):
         if not given:
             raise ValueError("no training data: pass --data <folder of images> or --train_shards "
                              "'/data/train-{000000..000099}.tar'")
+        self.check_sources()
+        if self.manifest and not self.train_shards:
+            raise ValueError(f"--manifest describes --train_shards; {given[0]} brings its own shards and manifest: "
+                             "leave --manifest out")
 
     def folder_shards(self, *, labelled: bool, val_fraction: float = 0.0, seed: int = 0, log=print):
         """``--data``'s folder as shards (written once into --data_cache; see beit.data.storage.folder_cache),

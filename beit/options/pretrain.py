@@ -40,7 +40,6 @@ class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions,
     keep_last: int = field(3)
 
     # data
-    allow_remote_shards: bool = field(False, help="allow pipe:/http(s) shard specs (they run commands / fetch URLs)")
     shuffle_buffer: int = field(1000, help="samples in the streaming shuffle buffer")
     token_cache: Optional[str] = field(None, help="pre-tokenised training data: a folder written by `beit tokenizer "
                                        "cache` (its cache-*.tar replace train_shards, its stored crops and flips "

@@ -107,7 +107,9 @@ class FinetuneRun:
         set_seed(cfg.seed)
         cfg = resolve_folders(cfg, log=lambda m: print(m, flush=True) if acc.is_main_process else None)
         check_shards(cfg, ("train_shards", "val_shards", *self.task.shard_options(cfg)))  # before any model
-        self.num_classes, self.class_names = resolve_classes(cfg.train_shards, cfg.val_shards, cfg.num_classes)
+        self.num_classes, self.class_names = resolve_classes(cfg.train_shards, cfg.val_shards, cfg.num_classes,
+                                                             manifest=cfg.manifest,
+                                                             allow_remote=cfg.allow_remote_shards)
         cfg = dataclasses.replace(cfg, num_classes=self.num_classes)
         self.saved = json.loads((latest / TRAIN_STATE).read_text()) if latest else None
         self.early_log: list[str] = []  # build messages, logged once the logger exists (after the resume checks)

@@ -77,7 +77,7 @@ def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
         for name in ("knn_train_shards", "knn_val_shards"):
             if getattr(cfg, name):
                 try:
-                    expand_shards(getattr(cfg, name))
+                    expand_shards(getattr(cfg, name), allow_remote=cfg.allow_remote_shards)
                 except ValueError as e:
                     raise ValueError(f"--{name}: {e}") from None
         if val_shards and len(val_shards) < world:

@@ -1,7 +1,6 @@
 """Labelled WebDataset shards for fine-tuning: timm transforms, label parsing, the two loaders."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,19 +16,18 @@ def check_shards(cfg, names: tuple[str, ...] = ("train_shards", "val_shards")) -
         if name == "val_shards" and not cfg.val_shards:
             continue
         try:
-            expand_shards(getattr(cfg, name))
+            expand_shards(getattr(cfg, name), allow_remote=cfg.allow_remote_shards)
         except ValueError as e:
             raise ValueError(f"--{name}: {e}") from None
 
 
-def manifest_label_map(spec: str) -> tuple[dict[str, int] | None, Path | None]:
-    """(label_map or None, manifest path or None) of the manifest beside the first shard of ``spec``."""
-    from beit.data.storage.shardspec import expand_shards
-    shards = expand_shards(spec)
-    manifest = Path(shards[0]).parent / "manifest.json" if shards else None
-    if manifest is None or not manifest.is_file():
-        return None, None
-    return json.loads(manifest.read_text()).get("label_map") or None, manifest
+def manifest_label_map(spec: str, manifest: str = "", allow_remote: bool = False
+                       ) -> tuple[dict[str, int] | None, str | None]:
+    """(label_map or None, where the manifest is or None): ``manifest`` if given, else the manifest.json beside
+    the first shard of ``spec`` (fetched for an http(s) shard)."""
+    from beit.data.storage.shardspec import expand_shards, shard_manifest
+    m, where = shard_manifest(expand_shards(spec, allow_remote=allow_remote), manifest or None)
+    return ((m.get("label_map") or None) if m else None), where
 
 
 def class_names_of(label_map: dict[str, int]) -> list[str]:
@@ -38,13 +36,14 @@ def class_names_of(label_map: dict[str, int]) -> list[str]:
     return [by_label.get(i, str(i)) for i in range(max(label_map.values()) + 1)]
 
 
-def resolve_classes(train_spec: str, val_spec: str, num_classes: int) -> tuple[int, list[str] | None]:
+def resolve_classes(train_spec: str, val_spec: str, num_classes: int, *, manifest: str = "",
+                    allow_remote: bool = False) -> tuple[int, list[str] | None]:
     """(number of classes, class names) from the training shards' manifest label map.
 
     ``num_classes`` 0 means "from the data"; a non-zero value that disagrees with the label map is
     refused with both numbers, as are held-out shards written with another label map. Without a
     label map (e.g. ADE20K, or hand-made tars) ``num_classes`` must be given."""
-    label_map, manifest = manifest_label_map(train_spec)
+    label_map, manifest = manifest_label_map(train_spec, manifest, allow_remote)
     if label_map is None:
         if num_classes:
             return num_classes, None
@@ -58,11 +57,11 @@ def resolve_classes(train_spec: str, val_spec: str, num_classes: int) -> tuple[i
                          f"{manifest} ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''}); set "
                          f"--num_classes 0 (from the data) or {len(names)}")
     if val_spec:
-        val_map, val_manifest = manifest_label_map(val_spec)
+        val_map, val_manifest = manifest_label_map(val_spec, allow_remote=allow_remote)
         if val_map is not None and val_map != label_map:
             raise ValueError(f"the held-out shards' label map ({val_manifest}, {len(val_map)} classes) differs from "
                              f"the training shards' ({manifest}, {len(label_map)} classes): write the held-out split "
-                             f"with --label_map {manifest.parent / 'class_index.json'} (or with --val_fraction)")
+                             f"with --label_map {Path(manifest).parent / 'class_index.json'} (or with --val_fraction)")
     return len(names), names
 
 
@@ -125,7 +124,7 @@ def build_loaders(cfg, accelerator, num_classes: int, *, train_map=None, val_map
     from beit.data.storage.shardspec import expand_shards
     train_map = train_map or LabelledMap(build_transforms(cfg, True), num_classes)
     val_map = val_map or LabelledMap(build_transforms(cfg, False), num_classes)
-    train = build_loader_for_order(cfg.data_order, expand_shards(cfg.train_shards),
+    train = build_loader_for_order(cfg.data_order, cfg.train_shards, **cfg.shard_source(),
                                    map_fn=train_map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                    rank=accelerator.process_index, world_size=accelerator.num_processes,
                                    seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction,
@@ -133,7 +132,7 @@ def build_loaders(cfg, accelerator, num_classes: int, *, train_map=None, val_map
                                    small_image_size=cfg.image_size,  # counted as data/upscaled
                                    resampled=cfg.resampled, batch_multiple=cfg.grad_accum_steps,
                                    pin_memory=accelerator.device.type == "cuda")
-    val = heldout_loader(expand_shards(cfg.val_shards), val_map, accelerator,
-                         batch_size=val_batch_size or cfg.batch_size,
-                         num_workers=cfg.num_workers, seed=cfg.seed) if cfg.val_shards else None
+    val = heldout_loader(expand_shards(cfg.val_shards, allow_remote=cfg.allow_remote_shards), val_map, accelerator,
+                         batch_size=val_batch_size or cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                         remote_retries=cfg.remote_retries) if cfg.val_shards else None
     return train, val

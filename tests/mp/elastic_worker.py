@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
+from beit.checkpoints.checkpointing import find_latest_complete, load_checkpoint, save_checkpoint
 from beit.data.loading.global_order import build_global_order_loader
 from beit.data.loading.stream import to_device
 from beit.data.pipelines.transforms import pil_to_tensor
-from beit.checkpoints.checkpointing import find_latest_complete, load_checkpoint, save_checkpoint
 
 spec, out, phase = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
 global_batch, steps, workers = map(int, sys.argv[4:7])
