@@ -58,6 +58,21 @@ def run(cfg: dict) -> dict:
         GradientState._reset_state()
 
 
+def crash_after_step(monkeypatch, at: int, cfg: dict) -> None:
+    """Run ``cfg`` and let it die (KeyboardInterrupt) right after logging step ``at``."""
+    real_log = RunLogger.log
+
+    def crash(self, metrics, step):
+        real_log(self, metrics, step)
+        if step == at:
+            raise KeyboardInterrupt("simulated crash")
+
+    monkeypatch.setattr(RunLogger, "log", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(RunLogger, "log", real_log)
+
+
 def losses(out) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
 
@@ -104,17 +119,7 @@ def test_same_config_same_numbers_and_exact_resume(assets, tmp_path, monkeypatch
     assert c != a
 
     # crash after step 5 (the checkpoint is at 3), then rerun: steps 4.. must repeat exactly
-    real_log = RunLogger.log
-
-    def crash_at_5(self, metrics, step):
-        real_log(self, metrics, step)
-        if step == 5:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(RunLogger, "log", crash_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        run(tiny_cfg(assets, tmp_path / "d", batches_per_epoch=3))
-    monkeypatch.setattr(RunLogger, "log", real_log)
+    crash_after_step(monkeypatch, 5, tiny_cfg(assets, tmp_path / "d", batches_per_epoch=3))
     assert find_latest_complete(tmp_path / "d").name == "step_0000003"
     summary = run(tiny_cfg(assets, tmp_path / "d", batches_per_epoch=3))
     assert summary["epoch"] == 1

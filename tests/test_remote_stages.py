@@ -10,12 +10,11 @@ from pathlib import Path
 
 import pytest
 from http_testutil import ShardServer
-from test_pretrain import assets, losses, run, tiny_cfg  # noqa: F401  (assets: the shared module fixture)
+from test_pretrain import assets, crash_after_step, losses, run, tiny_cfg  # noqa: F401  (assets: shared fixture)
 
 from beit.checkpoints.checkpointing import find_latest_complete
 from beit.data.storage.shardspec import expand_shards, shard_sample_counts
 from beit.runtime.faults import SetupError
-from beit.runtime.run_logging import RunLogger
 
 
 @pytest.fixture(scope="module")
@@ -37,17 +36,7 @@ def test_pretraining_over_http_counts_from_the_manifest_and_resumes_exactly(asse
     local = losses(run(tiny_cfg(assets, tmp_path / "local"))["output_dir"])
     for i in range(14):                                          # every shard's first response is cut
         srv.cut[f"photos/train-{i:06d}.tar"] = (5000, 1, "close")
-    real_log = RunLogger.log
-
-    def crash_at_5(self, metrics, step):
-        real_log(self, metrics, step)
-        if step == 5:
-            raise KeyboardInterrupt("simulated crash")
-
-    monkeypatch.setattr(RunLogger, "log", crash_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        run(remote_cfg(assets, site, tmp_path / "remote"))
-    monkeypatch.setattr(RunLogger, "log", real_log)
+    crash_after_step(monkeypatch, 5, remote_cfg(assets, site, tmp_path / "remote"))
     assert find_latest_complete(tmp_path / "remote").name == "step_0000003"
     summary = run(remote_cfg(assets, site, tmp_path / "remote"))
     # the same batches as the uninterrupted local run, through a dropped connection and a crash
