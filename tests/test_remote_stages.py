@@ -67,6 +67,9 @@ def test_pretraining_names_the_flags_when_the_count_is_unknown(assets, tmp_path)
     from beit.options.pretrain import PretrainConfig
     with pytest.raises(ValueError, match="--manifest http://x/m.json is a URL: pass --allow_remote_shards true"):
         PretrainConfig(train_shards=["a.tar"], manifest="http://x/m.json").validate()
+    for other in (dict(data="photos/"), dict(token_cache="cache/")):
+        with pytest.raises(ValueError, match="leave --manifest out"):
+            PretrainConfig(manifest="m.json", **other).validate()
 
 
 def test_finetune_over_http_takes_the_label_map_from_the_fetched_manifest(digits, tmp_path):

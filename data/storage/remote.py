@@ -126,7 +126,7 @@ class HttpShardReader:
                 if self._resp is None:
                     self._connect()
                 return attempt()
-            except BaseException as e:  # noqa: BLE001 - filtered just below
+            except Exception as e:  # noqa: BLE001 - filtered just below
                 if isinstance(e, RemoteReadError) or not _transient(e):
                     self._close_response()
                     raise
