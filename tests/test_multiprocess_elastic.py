@@ -41,7 +41,8 @@ def test_elastic_resume_every_sample_once(tmp_path):
     for before, afters in ((2, (1, 3)), (1, (2,))):
         first = tmp_path / f"x{before}"
         first.mkdir()
-        run(WORKER, [spec, str(first), "first", str(GLOBAL_BATCH), str(FIRST_STEPS), "0"], before, tmp_path / f"l{before}")
+        run(WORKER, [spec, str(first), "first", str(GLOBAL_BATCH), str(FIRST_STEPS), "0"], before,
+            tmp_path / f"l{before}")
         head, _ = steps_of(first, "first", before)
         assert head == full[:FIRST_STEPS]
         for after in afters:

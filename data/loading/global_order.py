@@ -125,12 +125,17 @@ class GlobalOrderLoader(StreamLoader):
         layout, me = saved[0]["layout"], self._layout()
         consumed = int(saved[0]["position"]) * int(layout["world_size"]) * int(layout["batch_size"])
         per_batch = me["world_size"] * me["batch_size"]
-        problem = ("the checkpoint was not written in data_order global" if layout.get("order") != "global" else
-                   "the shards or the seed changed" if (layout["seed"], layout["num_shards"]) != (me["seed"], me["num_shards"])
-                   else "its processes were at different positions" if len({(s["epoch"], s["position"]) for s in saved}) > 1
-                   else f"{consumed} samples were consumed, not a multiple of {me['world_size']} process(es) x batch "
-                        f"{me['batch_size']} (keep the global batch, e.g. with --global_batch_size)"
-                   if consumed % per_batch else "")
+        if layout.get("order") != "global":
+            problem = "the checkpoint was not written in data_order global"
+        elif (layout["seed"], layout["num_shards"]) != (me["seed"], me["num_shards"]):
+            problem = "the shards or the seed changed"
+        elif len({(s["epoch"], s["position"]) for s in saved}) > 1:
+            problem = "its processes were at different positions"
+        elif consumed % per_batch:
+            problem = (f"{consumed} samples were consumed, not a multiple of {me['world_size']} process(es) x batch "
+                       f"{me['batch_size']} (keep the global batch, e.g. with --global_batch_size)")
+        else:
+            problem = ""
         if problem:
             super()._load_resized(saved, why=f"data_order global cannot re-partition the epoch: {problem}")
             return

@@ -68,8 +68,9 @@ def expand_shards(spec: str | Sequence[str], *, allow_remote: bool = False) -> l
                         scheme = url.split(":", 1)[0]
                         raise ValueError(
                             f"shard spec {url!r}: {scheme}:// is not read directly. Read it through its provider's "
-                            f"command line ('pipe:gsutil cat gs://bucket/x.tar', 'pipe:aws s3 cp s3://bucket/x.tar -') or "
-                            f"as an https:// URL (public or presigned objects); both need --allow_remote_shards true")
+                            f"command line ('pipe:gsutil cat gs://bucket/x.tar', 'pipe:aws s3 cp s3://bucket/x.tar -') "
+                            f"or as an https:// URL (public or presigned objects); both need "
+                            f"--allow_remote_shards true")
                     if is_http(url) and any(c in url.split("?", 1)[0] for c in "*["):
                         raise ValueError(f"shard spec {url!r}: a glob cannot be listed over http(s); name the shards "
                                          f"with a brace pattern, e.g. '.../train-{{000000..000099}}.tar'")
