@@ -75,14 +75,16 @@ class ClassificationAugmentOptions(AugmentOptions):
 
 
 def build_transforms(cfg, is_training: bool):
-    """timm's classification transform: RandAugment + random erasing for training, resize + centre crop
-    for evaluation."""
+    """timm's classification transform: RandAugment + random erasing for training (posterize made safe on
+    Pillow >= 13, see beit.data.rand_augment), resize + centre crop for evaluation."""
     from timm.data import create_transform
+
+    from beit.data.rand_augment import patch_posterize
     if is_training:
-        return create_transform(
+        return patch_posterize(create_transform(
             cfg.image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
             color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment or None, interpolation=cfg.interpolation,
-            re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=tuple(cfg.mean), std=tuple(cfg.std))
+            re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=tuple(cfg.mean), std=tuple(cfg.std)))
     return create_transform(cfg.image_size, is_training=False, interpolation=cfg.interpolation,
                             crop_pct=cfg.crop_pct, mean=tuple(cfg.mean), std=tuple(cfg.std))
 
