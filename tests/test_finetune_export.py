@@ -119,7 +119,8 @@ def test_timm_data_config_of_the_export_is_the_runs_preprocessing(tmp_path):
     assert resolve_data_config(model=load_exported(path))["crop_pct"] == 1.0
 
 
-@pytest.mark.parametrize("layout", [dict(), dict(use_abs_pos_emb=True, use_rel_pos_bias=False, init_values=0.0)])
+@pytest.mark.parametrize("layout", [dict(), dict(use_abs_pos_emb=True, use_rel_pos_bias=False, init_values=0.0),
+                                    dict(layer_norm_eps=1e-12, global_pool="token")])
 def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, layout):
     pytest.importorskip("transformers")
     from beit.checkpoints.hf_import import transformers_names
@@ -134,8 +135,43 @@ def test_hf_export_loads_in_transformers_with_the_same_logits(tmp_path, layout):
                     class_names=[f"c{i}" for i in range(10)])
     hf = BeitForImageClassification.from_pretrained(out).eval()
     assert hf.config.id2label[3] == "c3"
+    # the model's own settings, not transformers' defaults (1e-12, mean pooling) nor ours (1e-6)
+    assert hf.config.layer_norm_eps == layout.get("layer_norm_eps", 1e-6)
+    assert hf.config.use_mean_pooling == (layout.get("global_pool", "avg") == "avg")
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
-        assert (hf(pixel_values=x).logits - m(x)).abs().max() < 1e-4
+        assert (hf(pixel_values=x).logits - m(x)).abs().max() < 2e-6
     proc = BeitImageProcessor.from_pretrained(out)
     assert list(proc.image_mean) == [0.5, 0.5, 0.5] and proc.crop_size == {"height": 32, "width": 32}
+
+
+def test_finetune_from_a_transformers_classifier_keeps_and_exports_its_settings(digits, tmp_path):
+    """--init a transformers classifier (layer_norm_eps 1e-12, CLS pooling): the run builds with them, records them
+    in config.yaml, and both exports (re-made from the run folder) write them, so the exported model computes
+    what the run's model computes."""
+    pytest.importorskip("transformers")
+    from reference_fixtures import checkpoint
+
+    from beit.checkpoints.hf_import import transformers_names
+    from beit.export.commands import export_main
+    from beit.finetune import FinetuneConfig, run_finetune
+    out = tmp_path / "run"
+    run_finetune(FinetuneConfig(
+        init=str(checkpoint("hf_beit_classifier_cls_abs")), train_shards=str(digits / "train-*.tar"), image_size=32,
+        patch_size=8, epochs=1, batches_per_epoch=2, batch_size=8, num_workers=0, auto_augment="", reprob=0.0,
+        mixup=0.0, cutmix=0.0, tensorboard=False, warmup_epochs=0.0, output_dir=str(out)))
+    import yaml
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["layer_norm_eps"] == 1e-12 and saved["global_pool"] == "token"
+    (BeitForImageClassification,) = transformers_names("BeitForImageClassification")
+    hf = BeitForImageClassification.from_pretrained(export_main(["--run_dir", str(out), "--out", str(tmp_path / "hf"),
+                                                                 "--format", "hf"])).eval()
+    assert hf.config.layer_norm_eps == 1e-12 and hf.config.use_mean_pooling is False
+    timm_path = export_main(["--run_dir", str(out), "--out", str(tmp_path / "timm" / "model.safetensors")])
+    conf = json.loads(timm_path.with_suffix(".json").read_text())
+    assert conf["layer_norm_eps"] == 1e-12 and "eps to 1e-12" in conf["timm_load"]
+    ours = load_exported(timm_path)
+    assert ours.global_pool == "token" and ours.blocks[0].norm1.eps == 1e-12
+    x = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        assert (hf(pixel_values=x).logits - ours(x)).abs().max() < 2e-6

@@ -64,7 +64,7 @@ def test_every_recipe_is_covered():
     full = {augmentation(name) for name in FULL_EPOCH}
     for name in RECIPES:
         if stage_of(name) == "finetune" and recipe(name).get("auto_augment", "rand"):
-            assert augmentation(name) in full, f"launch/{name} augments differently from {FULL_EPOCH}: add it to FULL_EPOCH"
+            assert augmentation(name) in full, f"launch/{name} augments unlike {FULL_EPOCH}: add it to FULL_EPOCH"
 
 
 @pytest.fixture(scope="module")

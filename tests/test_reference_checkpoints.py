@@ -2,17 +2,28 @@
 
 Fixtures: tests/fixtures/reference/ (see make_reference_fixtures.py): unilm BEiT v1/v2 training
 checkpoints (``utils.save_model``: model + optimizer + args Namespace), transformers ``save_pretrained``
-folders, a timm ``save_for_hf`` folder. Features are the last block's output (our timm ``Beit`` with
-mean pooling has no final norm: the reference's final norm is dropped, a fresh ``fc_norm`` is used).
+folders (transformers' own defaults: layer_norm_eps 1e-12), a timm ``save_for_hf`` folder. Features are the
+last block's output (our timm ``Beit`` with mean pooling has no final norm: the reference's final norm is
+dropped, a fresh ``fc_norm`` is used).
+
+Tolerances: float32 rounding gives at most 4e-7 on the logits and 1.5e-6 on the features here; building a
+transformers checkpoint with 1e-6 instead of its 1e-12 moves them by 5e-6 to 1e-4 (checked below), so the
+tolerances are set between the two.
 """
+import json
+import shutil
+
 import pytest
 import torch
 from reference_fixtures import case, checkpoint, max_abs_diff
 
+from beit.modeling.classifier import set_layer_norm_eps
 from beit.options.finetune import FinetuneConfig
 from beit.tasks import build_model
 
-TOL = 1e-4
+TOL = 3e-6         # features (last block output, values up to ~10)
+TOL_LOGITS = 1e-6  # logits (values up to ~2.5)
+HF_CASES = ("hf_beit_model", "hf_beit_mim", "hf_beit_classifier", "hf_beit_classifier_cls_abs")
 
 
 def init_model(init, num_classes=5, **kw):
@@ -64,14 +75,50 @@ def test_absolute_position_checkpoints_need_and_take_the_head_count(name, layer_
         assert max_abs_diff(model.forward_features(io["images"]), io["features"]) < TOL
 
 
-@pytest.mark.parametrize("name", ["unilm_v1_finetuned_block_relpos", "timm_beit", "hf_beit_classifier"])
-def test_classifier_checkpoints_give_reference_logits(name):
+@pytest.mark.parametrize("name,pool", [("unilm_v1_finetuned_block_relpos", "avg"), ("timm_beit", "avg"),
+                                       ("hf_beit_classifier", "avg"), ("hf_beit_classifier_cls_abs", "token")])
+def test_classifier_checkpoints_give_reference_logits(name, pool):
     d, meta, io = case(name)
     model, log = init_model(checkpoint(name))
     with torch.no_grad():
         logits = model(io["images"])
-    assert max_abs_diff(logits, io["logits"]) < TOL
-    assert "missing" not in log   # fc_norm and head came from the checkpoint too
+    assert max_abs_diff(logits, io["logits"]) < TOL_LOGITS
+    assert "missing" not in log   # fc_norm (or the final norm) and head came from the checkpoint too
+    assert model.global_pool == pool   # a CLS-pooled transformers classifier (use_mean_pooling false) stays one
+
+
+@pytest.mark.parametrize("name", HF_CASES)
+def test_transformers_layer_norm_eps_is_honoured_and_the_tolerance_sees_it(name):
+    """The fixtures keep transformers' default 1e-12; the model is built with it, and building it with
+    BEiT's 1e-6 instead moves the outputs by more than the tolerances."""
+    d, meta, io = case(name)
+    assert json.loads((d / "hf" / "config.json").read_text())["layer_norm_eps"] == 1e-12
+    model, log = init_model(checkpoint(name))
+    assert {m.eps for m in model.modules() if isinstance(m, torch.nn.LayerNorm)} == {1e-12}
+    assert "layer_norm_eps 1e-12 from" in log and "config.json" in log
+    key, tol = ("logits", TOL_LOGITS) if "logits" in io else ("features", TOL)
+    with torch.no_grad():
+        out = (lambda: model(io["images"])) if key == "logits" else (lambda: model.forward_features(io["images"]))
+        assert max_abs_diff(out(), io[key]) < tol
+        set_layer_norm_eps(model, 1e-6)
+        assert max_abs_diff(out(), io[key]) > 2 * tol
+
+
+def test_flag_overrides_the_files_eps_and_unsupported_settings_are_refused(tmp_path):
+    model, log = init_model(checkpoint("hf_beit_classifier"), layer_norm_eps=1e-6)
+    assert model.blocks[0].norm1.eps == 1e-6 and "layer_norm_eps" not in log
+    folder = shutil.copytree(case("hf_beit_classifier")[0] / "hf", tmp_path / "hf")
+    conf = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(conf, hidden_act="relu")))
+    with pytest.raises(ValueError, match=r"config.json: hidden_act 'relu'.*exact GELU"):
+        init_model(folder)
+    (folder / "config.json").write_text(json.dumps(dict(conf, head_dim=4)))
+    with pytest.raises(ValueError, match=r"head_dim 4 x 4 heads != hidden_size 32"):
+        init_model(folder)
+    # weights without their config.json: transformers' defaults, said so
+    (folder / "config.json").unlink()
+    model, log = init_model(folder / "model.safetensors", num_heads=4)
+    assert model.blocks[0].norm1.eps == 1e-12 and "no config.json beside" in log
 
 
 def test_timm_and_hf_folders_give_the_head_count_when_tensors_cannot():

@@ -9,7 +9,8 @@ Accepted sources (always local files, never unpickled objects):
   ``model_ema``) with a shared or per-block relative position table;
 * timm BEiT weights: per-block ``blocks.i.attn.relative_position_bias_table``, ``fc_norm``, ``head``;
 * Hugging Face transformers BEiT (``save_pretrained`` folders or their ``model.safetensors``): key names
-  mapped by :mod:`beit.checkpoints.formats`.
+  mapped by :mod:`beit.checkpoints.formats`; the settings of its ``config.json`` that change the
+  math (``layer_norm_eps``, a classifier's pooling, ...) read by :mod:`beit.checkpoints.hf_config`.
 
 Pickled ``.pth`` files are read under the one policy of :mod:`beit.checkpoints.safe_pickle` (weights-only
 plus plain data records; anything else only with ``trust_pickle``). :func:`read_checkpoint` also
@@ -108,6 +109,9 @@ class Checkpoint:
     num_heads: int | None = None
     heads_source: str = ""
     hf: bool = False
+    layer_norm_eps: float | None = None   # None: not recorded, the BEiT / timm value (1e-6) is the weights'
+    pooling: str | None = None            # a classifier's pooling (avg | token) when its config says so
+    settings_source: str = ""
 
 
 def read_checkpoint(path: str | Path, key: str | None = None, use_ema: bool = False,
@@ -138,11 +142,18 @@ def read_checkpoint(path: str | Path, key: str | None = None, use_ema: bool = Fa
         if all(k.startswith(prefix) for k in tensors):
             tensors = {k[len(prefix):]: v for k, v in tensors.items()}
     hf = is_hf_beit(tensors)
+    settings: dict = {}
     if hf:
+        from beit.checkpoints.hf_config import hf_settings
         tensors = hf_to_reference(tensors)
+        try:
+            settings = hf_settings(path, has_classifier="head.weight" in tensors)
+        except ValueError as e:
+            raise CheckpointMismatchError(str(e)) from None
     width = tensors["cls_token"].shape[-1] if "cls_token" in tensors else 0
     heads, source = recorded_num_heads(path, raw, int(width))
-    return Checkpoint(tensors, path, heads, source, hf)
+    return Checkpoint(tensors, path, heads, source, hf, layer_norm_eps=settings.get("layer_norm_eps"),
+                      pooling=settings.get("pooling"), settings_source=settings.get("source", ""))
 
 
 def read_state_dict(path: str | Path, key: str | None = None, use_ema: bool = False,

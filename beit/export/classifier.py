@@ -2,17 +2,20 @@
 Hugging Face transformers (a folder).
 
 timm: the weights are the timm model's own state dict; the JSON holds the timm entrypoint (a template:
-``model_kwargs`` set every dimension, so ``architecture`` names the real size, e.g. ``beit_e192_d4_h3_p8_32``)
-and a timm ``pretrained_cfg`` (input size, mean/std, interpolation, crop_pct, num_classes, label names).
-Loaded like this, ``timm.data.resolve_data_config`` and ``timm.data.create_transform`` give exactly the
-fine-tune run's evaluation preprocessing::
+``model_kwargs`` set every dimension, so ``architecture`` names the real size, e.g. ``beit_e192_d4_h3_p8_32``),
+a timm ``pretrained_cfg`` (input size, mean/std, interpolation, crop_pct, num_classes, label names) and a BEiT
+encoder's ``layer_norm_eps`` (timm's BEiT builds 1e-6 and takes no argument for it: a model fine-tuned from a
+transformers checkpoint keeps that file's 1e-12, which ``load_exported`` sets again). Loaded like this,
+``timm.data.resolve_data_config`` and ``timm.data.create_transform`` give exactly the fine-tune run's evaluation
+preprocessing::
 
     conf = json.load(open("model.json"))
     model = timm.create_model(conf["timm_entrypoint"], pretrained=True, **conf["model_kwargs"],
                               pretrained_cfg_overlay=dict(conf["pretrained_cfg"], file="model.safetensors"))
     transform = timm.data.create_transform(**timm.data.resolve_data_config(model=model))
 
-Hugging Face (``export_hf``): a folder with ``config.json`` + ``model.safetensors`` (transformers key names, labels
+Hugging Face (``export_hf``): a folder with ``config.json`` (the model's own ``layer_norm_eps`` and pooling, never
+transformers' defaults) + ``model.safetensors`` (transformers key names, labels
 in ``id2label``) + ``preprocessor_config.json``; ``BeitForImageClassification.from_pretrained`` loads it and gives
 the same logits.
 """
@@ -67,7 +70,7 @@ def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str]
     :func:`load_exported` rebuilds the probe.
     """
     from beit.modeling.backbones import backbone_for
-    from beit.modeling.classifier import LinearProbe
+    from beit.modeling.classifier import LinearProbe, layer_norm_eps_of
     probe_block = None
     if isinstance(model, LinearProbe):
         probe_block, model_sd = model.block, model.state_dict()
@@ -75,6 +78,7 @@ def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str]
     else:
         model_sd = model.state_dict()
     entry, arch, kwargs = backbone_for(cfg.model).timm_export(cfg, model)
+    eps = layer_norm_eps_of(model) if cfg.model == "beit" else None
     pcfg = timm_pretrained_cfg(cfg, class_names, cfg.num_classes)
     config = {
         "architecture": arch,
@@ -87,9 +91,12 @@ def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str]
         "mean": list(cfg.mean), "std": list(cfg.std),
         "interpolation": cfg.interpolation, "crop_pct": cfg.crop_pct,
         "linear_probe_block": probe_block,
+        "layer_norm_eps": eps,
         "metrics": metrics or {},
         "timm_load": (f"timm.create_model({entry!r}, pretrained=True, **model_kwargs, "
                       "pretrained_cfg_overlay=dict(pretrained_cfg, file=<this file>))"
+                      + (f", then set every LayerNorm's eps to {eps:g} (or beit.export.load_exported(<this file>))"
+                         if eps not in (None, 1e-6) else "")
                       if probe_block is None else "beit.export.load_exported(<this file>)"),
     }
     return save_weights(model_sd, path, config)
@@ -99,18 +106,23 @@ def load_exported(path: str | Path) -> nn.Module:
     """Rebuild an exported model from ``path`` and its JSON (through timm; a probe as a LinearProbe)."""
     import timm
 
-    from beit.modeling.classifier import LinearProbe
+    from beit.modeling.classifier import LinearProbe, set_layer_norm_eps
     sd, config = load_weights(path)
     if config is None:
         raise FileNotFoundError(f"{Path(path).with_suffix('.json')} (the export's config) is missing")
     kwargs = dict(config["model_kwargs"])
     entry = config.get("timm_entrypoint", config["architecture"])
+    eps = config.get("layer_norm_eps")
     if config.get("linear_probe_block"):
         enc = timm.create_model(entry, pretrained=False, **kwargs)
+        if eps:
+            set_layer_norm_eps(enc, eps)
         model = LinearProbe(enc, config["num_classes"], config["linear_probe_block"])
         model.load_state_dict(sd)
         return model.eval()
     model = timm.create_model(entry, pretrained=False, checkpoint_path=str(path), **kwargs)
+    if eps:
+        set_layer_norm_eps(model, eps)
     if config.get("pretrained_cfg"):
         model.pretrained_cfg = dict(model.pretrained_cfg, **config["pretrained_cfg"])
     return model.eval()
@@ -122,10 +134,11 @@ def export_hf(model: nn.Module, out_dir: str | Path, cfg, class_names: list[str]
 
     from beit.checkpoints.formats import reference_to_hf
     from beit.checkpoints.hf_import import transformers_names
+    from beit.modeling.classifier import layer_norm_eps_of
     if not isinstance(model, Beit):
         raise ValueError("--format hf exports a fine-tuned BEiT classifier (not a linear probe or a timm baseline); "
                          "use --format timm")
-    if model.global_pool != "avg":
+    if model.global_pool not in ("avg", "token"):
         raise ValueError(f"--format hf: transformers' BEiT pools by mean or CLS+final norm; got {model.global_pool!r}")
     BeitConfig, BeitForImageClassification, BeitImageProcessor = transformers_names(
         "BeitConfig", "BeitForImageClassification", "BeitImageProcessor")
@@ -134,9 +147,10 @@ def export_hf(model: nn.Module, out_dir: str | Path, cfg, class_names: list[str]
     config = BeitConfig(
         image_size=kw["img_size"], patch_size=kw["patch_size"], num_channels=kw["in_chans"],
         hidden_size=kw["embed_dim"], num_hidden_layers=kw["depth"], num_attention_heads=kw["num_heads"],
-        intermediate_size=model.blocks[0].mlp.fc1.out_features, hidden_act="gelu", layer_norm_eps=1e-6,
+        intermediate_size=model.blocks[0].mlp.fc1.out_features, hidden_act="gelu",
+        layer_norm_eps=layer_norm_eps_of(model),
         use_absolute_position_embeddings=kw["use_abs_pos_emb"], use_relative_position_bias=kw["use_rel_pos_bias"],
-        use_shared_relative_position_bias=False, use_mean_pooling=True, use_mask_token=False,
+        use_shared_relative_position_bias=False, use_mean_pooling=model.global_pool == "avg", use_mask_token=False,
         layer_scale_init_value=kw["init_values"] or 0.0, num_labels=model.num_classes,
         id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
     out = Path(out_dir)

@@ -15,16 +15,31 @@ def build_beit_classifier(num_classes: int, *, img_size: int = 224, patch_size: 
                           embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                           init_values: float | None = 0.1, drop_path_rate: float = 0.1,
                           head_init_scale: float = 0.001, global_pool: str = "avg", use_abs_pos_emb: bool = False,
-                          use_rel_pos_bias: bool = True) -> nn.Module:
+                          use_rel_pos_bias: bool = True, layer_norm_eps: float = 1e-6) -> nn.Module:
     """A timm ``Beit`` as BEiT fine-tunes it: per-block relative position tables, no absolute
     position embedding (by default; a checkpoint's layout may ask otherwise), mean pooling + ``fc_norm``
-    (``global_pool="avg"``), head scaled by ``head_init_scale``; ``init_values=0``: no layer scale."""
-    return timm.create_model(
+    (``global_pool="avg"``; ``"token"``: the CLS token after the final norm), head scaled by
+    ``head_init_scale``; ``init_values=0``: no layer scale; ``layer_norm_eps``: every LayerNorm's epsilon."""
+    model = timm.create_model(
         BEIT_TIMM_NAME, pretrained=False, num_classes=num_classes, img_size=img_size, patch_size=patch_size,
         in_chans=in_chans, embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
         init_values=init_values, drop_path_rate=drop_path_rate, head_init_scale=head_init_scale,
         use_abs_pos_emb=use_abs_pos_emb, use_rel_pos_bias=use_rel_pos_bias, use_shared_rel_pos_bias=False,
         global_pool=global_pool)
+    return set_layer_norm_eps(model, layer_norm_eps)
+
+
+def set_layer_norm_eps(model: nn.Module, eps: float) -> nn.Module:
+    """Every LayerNorm of ``model`` computes with ``eps`` (timm's ``Beit`` takes no eps argument; 1e-6 built in)."""
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = float(eps)
+    return model
+
+
+def layer_norm_eps_of(model: nn.Module) -> float:
+    """The epsilon of ``model``'s LayerNorms (the first one's)."""
+    return float(next(m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)))
 
 
 def build_timm_model(name: str, num_classes: int, *, weights: str | None = None, img_size: int | None = None,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from beit.modeling.classifier import BEIT_TIMM_NAME
+from beit.modeling.classifier import BEIT_TIMM_NAME, set_layer_norm_eps
 
 
 def conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
@@ -90,7 +90,8 @@ class BeitSegmenter(nn.Module):
     def __init__(self, num_classes: int, *, img_size: int = 640, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  init_values: float | None = 0.1, drop_path_rate: float = 0.1, channels: int = 512,
-                 aux_channels: int = 256, use_abs_pos_emb: bool = False, use_rel_pos_bias: bool = True):
+                 aux_channels: int = 256, use_abs_pos_emb: bool = False, use_rel_pos_bias: bool = True,
+                 layer_norm_eps: float = 1e-6):
         super().__init__()
         import timm
         self.backbone = timm.create_model(
@@ -101,6 +102,7 @@ class BeitSegmenter(nn.Module):
         # the final norms serve classification; left in, they would be parameters without gradients,
         # which DDP refuses
         self.backbone.norm, self.backbone.fc_norm = nn.Identity(), nn.Identity()
+        set_layer_norm_eps(self.backbone, layer_norm_eps)
         self.blocks_used = feature_blocks(depth)
         self.pyramid = Pyramid(embed_dim)
         self.decode = UperHead(embed_dim, channels, num_classes)

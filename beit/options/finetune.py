@@ -56,6 +56,13 @@ class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptio
     position: Literal["", "relative", "absolute", "both", "none"] = field(
         "", help="position embedding: relative (per-block rel-pos, BEiT) | absolute | both | none; '' = what --init's "
                  "weights have, else relative")
+    layer_norm_eps: float = field(0.0, help="LayerNorm epsilon of the BEiT encoder; 0 = --init's (a transformers "
+                                            "config.json's layer_norm_eps, transformers' 1e-12 if absent), else 1e-6 "
+                                            "(BEiT, unilm and timm)")
+    global_pool: Literal["", "avg", "token"] = field(
+        "", help="BEiT classifier pooling: avg (mean of the patch tokens + fc_norm, BEiT's recipe) | token (the CLS "
+                 "token after the final norm); '' = avg, or token when --init is a transformers classifier with "
+                 "use_mean_pooling false")
     init: str = field("", help="weights to start from: our pretrained.safetensors / checkpoint dir, an official "
                                "BEiT .pth, timm weights; for --model <timm name> a timm weights file. Empty = scratch")
     init_key: str = field("", help="entry of a wrapping dict holding the weights (default: model/module/state_dict)")
@@ -98,6 +105,11 @@ class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptio
             raise ValueError(f"--probe_block must be >= 0 (0 = last block), got {self.probe_block}")
         if self.init and not Path(self.init).exists():
             raise ValueError(f"--init {self.init} does not exist")
+        if self.layer_norm_eps < 0:
+            raise ValueError(f"--layer_norm_eps must be > 0 (or 0: from --init), got {self.layer_norm_eps}")
+        if (self.global_pool or self.layer_norm_eps) and self.model != "beit":
+            raise ValueError("--global_pool and --layer_norm_eps are BEiT encoder settings (--model beit); a timm "
+                             "model keeps its own")
 
 
 RESUME_KEYS = ("model", "model_kwargs", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size",

@@ -61,7 +61,23 @@ class BeitBackbone(Backbone):
         dims.pop("init_values")
         return dict(dims, use_abs_pos_emb=position in ("absolute", "both"),
                     use_rel_pos_bias=position in ("relative", "both"),
-                    init_values=(cfg.init_values or 0.1) if layer_scale else 0.0)  # 0, not None: timm drops None
+                    init_values=(cfg.init_values or 0.1) if layer_scale else 0.0,  # 0, not None: timm drops None
+                    **self._numerics(cfg, ckpt, log))
+
+    @staticmethod
+    def _numerics(cfg, ckpt, log=print) -> dict:
+        """layer_norm_eps and global_pool: the flags, else what a transformers checkpoint's config.json says
+        (beit.checkpoints.hf_config), else BEiT's 1e-6 and mean pooling."""
+        eps, pool = cfg.layer_norm_eps, cfg.global_pool
+        if ckpt is not None and ckpt.layer_norm_eps is not None and not eps:
+            eps = ckpt.layer_norm_eps
+            log(f"layer_norm_eps {eps:g} from {ckpt.settings_source}" + (
+                " (transformers' default; BEiT and timm use 1e-6)" if eps == 1e-12 else ""))
+        if ckpt is not None and ckpt.pooling and not pool:
+            pool = ckpt.pooling
+            what = "mean of the patch tokens" if pool == "avg" else "CLS token"
+            log(f"pooling {pool} ({what}) from {ckpt.settings_source}")
+        return dict(layer_norm_eps=eps or 1e-6, global_pool=pool or "avg")
 
     def _init(self, cfg):
         from beit.checkpoints.loading import read_checkpoint
@@ -88,9 +104,11 @@ class BeitBackbone(Backbone):
         from beit.checkpoints.loading import load_beit_weights
         from beit.modeling.segmenter import BeitSegmenter
         ckpt = self._init(cfg)
+        arch = self.architecture(cfg, ckpt, log)
+        arch.pop("global_pool")  # the UperNet head reads the blocks, not a pooled feature
         model = BeitSegmenter(num_classes, img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.in_chans,
                               drop_path_rate=cfg.drop_path, channels=cfg.seg_channels,
-                              aux_channels=max(1, cfg.seg_channels // 2), **self.architecture(cfg, ckpt, log))
+                              aux_channels=max(1, cfg.seg_channels // 2), **arch)
         if ckpt is not None:
             log(load_beit_weights(model.backbone, ckpt, strict=cfg.strict).summary())
         return model
@@ -101,7 +119,8 @@ class BeitBackbone(Backbone):
         return dict(embed_dim=enc.embed_dim, depth=len(enc.blocks), num_heads=attn.num_heads,
                     mlp_ratio=enc.blocks[0].mlp.fc1.out_features / enc.embed_dim,
                     position=POSITIONS[(enc.pos_embed is not None, attn.relative_position_bias_table is not None)],
-                    init_values=cfg.init_values if enc.blocks[0].gamma_1 is not None else 0.0)
+                    init_values=cfg.init_values if enc.blocks[0].gamma_1 is not None else 0.0,
+                    layer_norm_eps=enc.blocks[0].norm1.eps, global_pool=enc.global_pool)
 
     def timm_export(self, cfg, model: nn.Module) -> tuple[str, str, dict]:
         from beit.export.classifier import beit_arch_name, beit_kwargs_of
