@@ -10,6 +10,11 @@
 # to import), so only when no working pair is found is one installed, before the project
 # (`pip install -e ".[dev]"`, which keeps the torch it finds). The python it chose is written to
 # .beit_python for launch/demo.sh and launch/test.sh.
+#
+# Versions: every other package is installed at the exact version the test suite passed with,
+# launch/constraints.txt (written by launch/freeze_constraints.py; its "# python:" line names the Python it
+# was tested on, and on another Python it is left out with a message). BEIT_CONSTRAINTS=none installs the
+# newest versions the project allows instead; BEIT_CONSTRAINTS=path uses another constraints file (always).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -46,7 +51,25 @@ else
   echo "no working torch + torchvision found: installing $PAIR ($SIZE)"
   "$ENV_PY" -m pip install -q $PAIR
 fi
+CONSTRAINTS=${BEIT_CONSTRAINTS:-launch/constraints.txt}
+PIN=()
+if [ "$CONSTRAINTS" = none ]; then
+  echo "BEIT_CONSTRAINTS=none: the newest versions the project allows, not the tested ones"
+elif [ ! -f "$CONSTRAINTS" ]; then
+  echo "BEIT_CONSTRAINTS=$CONSTRAINTS: no such file (a pip constraints file, or none for the newest versions)" >&2
+  exit 1
+else
+  TESTED=$(sed -n 's/^# python: //p' "$CONSTRAINTS")
+  HAVE=$("$ENV_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+  if [ -z "${BEIT_CONSTRAINTS:-}" ] && [ -n "$TESTED" ] && [ "$TESTED" != "$HAVE" ]; then
+    echo "$CONSTRAINTS was tested on Python $TESTED, this is $HAVE: installing the newest versions instead" \
+         "(BEIT_CONSTRAINTS=$CONSTRAINTS forces them)"
+  else
+    PIN=(-c "$CONSTRAINTS")
+    echo "versions: as tested, from $CONSTRAINTS (BEIT_CONSTRAINTS=none for the newest)"
+  fi
+fi
 echo "installing this project and its remaining dependencies (timm, webdataset, accelerate, scikit-learn, ...; about 1 GB in a fresh environment)"
-"$ENV_PY" -m pip install -q -e ".[dev]"
+"$ENV_PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[dev]"
 "$ENV_PY" -c "import sys; print(sys.executable)" > .beit_python
 echo "environment ready: $("$ENV_PY" -c 'import sys; print(sys.prefix)') ($(describe "$ENV_PY"); the beit command is $(dirname "$ENV_PY")/beit)"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Install (launch/install.sh: .venv, or VENV=..., or the active environment with a working torch) and
-# run the whole test suite.
+# Install (launch/install.sh: .venv, or VENV=..., or the active environment with a working torch; the tested
+# versions of launch/constraints.txt unless BEIT_CONSTRAINTS=none), print the versions under test, and run
+# the whole test suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/install.sh
@@ -15,6 +16,11 @@ if ! command -v chromium >/dev/null 2>&1 && ! command -v chromium-browser >/dev/
     echo "   chromium not found and not root: tests/test_viz_browser.py will be skipped"
   fi
 fi
+PY="$(cat .beit_python)"
+echo "== versions under test"
+PINS=${BEIT_CONSTRAINTS:-launch/constraints.txt}
+[ "$PINS" = none ] && PINS=launch/constraints.txt   # show how the newest versions differ from the tested ones
+"$PY" launch/freeze_constraints.py --versions "$PINS"
 echo "== ruff (pyproject.toml [tool.ruff]: pycodestyle, pyflakes, import order; lines up to 120 characters)"
-"$(cat .beit_python)" -m ruff check .
-exec "$(cat .beit_python)" -m pytest -q "$@"
+"$PY" -m ruff check .
+exec "$PY" -m pytest -q "$@"
