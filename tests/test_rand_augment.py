@@ -147,3 +147,12 @@ def test_only_posterize_differs_from_timm(spec, real_images):
                     assert np.array_equal(got, np.asarray(at_level(timm_op, level)(img))), (mine.name, level)
                 else:
                     assert got.max() == 0, (mine.name, level)
+
+
+@pytest.mark.parametrize("spec", ["original-mstd0.5", "v0", "augmix-m5-w4-d2"])
+def test_other_timm_policies_get_the_safe_posterize_too(spec):
+    """AutoAugment policies and AugMix hold their ops elsewhere than RandAugment; the loader pickles the transform."""
+    import pickle
+    ops = augment_ops(pickle.loads(pickle.dumps(train_transform(spec))))
+    posterize = [op for op in ops if op.name in POSTERIZE_OPS]
+    assert ops and posterize and all(op.aug_fn is safe_posterize for op in posterize)
