@@ -70,6 +70,12 @@ else
   fi
 fi
 echo "installing this project and its remaining dependencies (timm, webdataset, accelerate, scikit-learn, ...; about 1 GB in a fresh environment)"
-"$ENV_PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[dev]"
+if ! "$ENV_PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[dev]"; then
+  if [ ${#PIN[@]} -gt 0 ]; then
+    echo "pip could not install the tested versions of $CONSTRAINTS here (see above);" \
+         "BEIT_CONSTRAINTS=none installs the newest versions the project allows instead" >&2
+  fi
+  exit 1
+fi
 "$ENV_PY" -c "import sys; print(sys.executable)" > .beit_python
 echo "environment ready: $("$ENV_PY" -c 'import sys; print(sys.prefix)') ($(describe "$ENV_PY"); the beit command is $(dirname "$ENV_PY")/beit)"
