@@ -12,8 +12,8 @@ import torch
 import yaml
 from PIL import Image
 
+from beit.data.pipelines.labelled import build_transforms
 from beit.data.rand_augment import POSTERIZE_OPS, augment_ops, safe_posterize
-from beit.finetune_data import build_transforms
 from beit.options.finetune import FinetuneConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def real_images() -> list[Image.Image]:
     """Real photographs (skimage / scikit-learn) and a real hand-written digit, 48 px crops, RGB."""
     from sklearn.datasets import load_digits
 
-    from beit.data.samples import load_photos
+    from beit.data.sample_sets import load_photos
     photos = load_photos()
     out = []
     for name in ("astronaut", "coffee", "camera", "sklearn_china"):

@@ -74,7 +74,7 @@ def assets(tmp_path_factory):
     import dall_e
     import torch
 
-    from beit.data.samples import build_sample_shards
+    from beit.data.sample_sets import build_sample_shards
     from beit.tokenizers.dalle import tokenizer_from_modules
     from beit.tokenizers.images import shard_image_batches
     from beit.tokenizers.kmeans import KMeansTokenizer
