@@ -240,12 +240,14 @@ def test_layout_change_on_resume_restarts_or_moves_on(tmp_path):
     mid = a.state_dict()
     list(it)
     done = a.state_dict()
-    for state, epoch, msg in ((mid, 3, "restarting epoch 3"), (done, 4, "epoch 3 was complete")):
+    for state, at_end, msg in ((mid, False, "restarting epoch 3"), (done, True, "epoch 3 was complete; epoch 4")):
         b = build_stream_loader(shards, map_fn=fn, batch_size=2, num_workers=0, seed=1)  # another layout
         with pytest.warns(UserWarning, match=msg):
             b.load_state_dict(state)
-        assert b.epoch == epoch and b.state_dict()["position"] == 0
+        # a complete epoch stays at its end (as with an unchanged layout), so the run moves on to epoch 4
+        assert b.epoch == 3 and b.state_dict()["position"] == (len(b) if at_end else 0)
         assert len(list(b)) == len(b)
+        assert b.epoch == (4 if at_end else 3)
 
 
 def random_map(img, sample):

@@ -128,6 +128,17 @@ def test_same_config_same_numbers_and_exact_resume(assets, tmp_path, monkeypatch
     assert d == pytest.approx(a, rel=1e-6, abs=1e-7)
 
 
+def test_epoch_end_checkpoint_with_another_loader_layout_moves_on(assets, tmp_path, monkeypatch):
+    """A checkpoint right at an epoch's end, resumed with another loader layout (num_workers 0 -> 2): the
+    finished epoch is not replayed, the run goes on in the next epoch (it replayed epoch 0 before)."""
+    cfg = tiny_cfg(assets, tmp_path / "e", batches_per_epoch=3)
+    crash_after_step(monkeypatch, 4, cfg)  # the checkpoint is at step 3, the end of epoch 0
+    with pytest.warns(UserWarning, match="epoch 0 was complete; epoch 1 starts"):
+        summary = run({**cfg, "num_workers": 2})
+    assert summary["epoch"] == 1 and summary["step"] == 6  # the bug ran steps 4-6 on epoch 0 again (epoch 0)
+    assert list(losses(tmp_path / "e")) == [1, 2, 3, 4, 5, 6]
+
+
 def test_resume_refuses_changed_model(assets, tmp_path):
     run(tiny_cfg(assets, tmp_path / "r", total_steps=3))
     with pytest.raises(ValueError, match=r"embed_dim: saved 32, now 64"):

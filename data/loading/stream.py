@@ -415,14 +415,15 @@ class StreamLoader:
         self._stats = DataStats(state.get("stats"))
         if state.get("layout") != self._layout():
             saved_batches = (state.get("layout") or {}).get("num_batches")
-            if saved_batches is not None and int(state["position"]) >= int(saved_batches):
-                self.epoch += 1  # the saved epoch was complete: nothing to redo
-                what = f"epoch {self.epoch - 1} was complete; epoch {self.epoch} starts from its first batch"
-            else:
-                what = f"restarting epoch {self.epoch} from its first batch"
+            complete = saved_batches is not None and int(state["position"]) >= int(saved_batches)
+            # a complete epoch keeps its number at its end, as a same-layout resume has it: the caller's
+            # "saved right at the end of an epoch" check then moves on instead of replaying it
+            self.position = self.num_batches if complete else 0
+            self._progress = [(0, 0)] * self.dataset.num_workers
+            what = (f"epoch {self.epoch} was complete; epoch {self.epoch + 1} starts from its first batch" if complete
+                    else f"restarting epoch {self.epoch} from its first batch")
             warnings.warn(f"data loader layout changed since the checkpoint ({state.get('layout')} -> "
                           f"{self._layout()}); {what}")
-            self.position, self._progress = 0, [(0, 0)] * self.dataset.num_workers
             return
         self.position = int(state["position"])
         self._progress = [tuple(p) for p in state["workers"]]
