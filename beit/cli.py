@@ -16,7 +16,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "shards write": ("beit.data.shards:write", "write WebDataset shards + manifest from a folder of images"),
     "shards verify": ("beit.data.shards:verify", "read every shard back and check it against its manifest"),
-    "tokenizer train": ("beit.tokenizers.train", "fit a k-means or dVAE tokenizer on your shards"),
+    "tokenizer train": ("beit.tokenizers.train", "fit a k-means, dVAE or VQ-KD (BEiT v2) tokenizer on your shards"),
     "tokenizer report": ("beit.tokenizers.report", "codebook usage, perplexity and pictures of a tokenizer"),
     "tokenizer convert-dalle": ("beit.tokenizers.convert_dalle", "convert DALL-E's pickled dVAE once to safetensors"),
     "tokenizer cache": ("beit.tokenizers.cache", "pre-tokenise shards into a token cache"),

@@ -16,7 +16,8 @@ from beit.tokenizers.base import VisualTokenizer
 _REGISTRY: dict[str, tuple[str, str, str]] = {
     "kmeans": ("beit.tokenizers.kmeans", "load_kmeans", "k-means visual words fit on your own shards (offline)"),
     "dalle": ("beit.tokenizers.dalle", "load_dalle", "OpenAI DALL-E dVAE encoder (8192 codes), converted weights"),
-    "vqkd": ("beit.tokenizers.vqkd", "load_vqkd", "BEiT v2 VQ-KD tokenizer (official vqkd_encoder_*.pth)"),
+    "vqkd": ("beit.tokenizers.vqkd", "load_vqkd", "BEiT v2 VQ-KD tokenizer (official vqkd_encoder_*.pth, or trained "
+             "with `beit tokenizer train vqkd`)"),
     "dvae": ("beit.tokenizers.dvae", "load_dvae", "small discrete VAE trained on your shards"),
 }
 TOKENIZER_KINDS: tuple[str, ...] = tuple(_REGISTRY)

@@ -3,13 +3,14 @@
     beit tokenizer train kmeans --data my_photos/ --out runs/tok/kmeans        # a folder of images (cached shards)
     python -m beit.tokenizers.train kmeans --train_shards 'data/train-*.tar' --out runs/tok/kmeans [--vocab_size ...]
     python -m beit.tokenizers.train dvae   --train_shards 'data/train-*.tar' --output_dir runs/dvae [--steps 3000 ...]
+    python -m beit.tokenizers.train vqkd   --train_shards 'data/train-*.tar' --teacher_path clip/ ...   (BEiT v2)
     accelerate launch -m beit.tokenizers.train dvae ...        (several GPUs)
 
-Both write ``<name>.safetensors`` + ``<name>.json`` for ``load_tokenizer(kind, path)`` (the fitting itself is
-in beit.tokenizers.fitting). The dVAE run checkpoints atomically every ``checkpoint_every`` steps and
-resumes from the latest complete checkpoint when the same command is run again. ``--model_grid`` (the
-BEiT image_size / patch_size) makes sure the token grid equals the model's patch grid before any compute
-is spent.
+All write ``<name>.safetensors`` + ``<name>.json`` for ``load_tokenizer(kind, path)`` (k-means and the dVAE are
+fitted in beit.tokenizers.fitting, VQ-KD is trained in beit.tokenizers.vqkd_train). The dVAE and VQ-KD runs
+checkpoint atomically every ``checkpoint_every`` steps and resume from the latest complete checkpoint when the
+same command is run again. ``--model_grid`` (the BEiT image_size / patch_size) makes sure the token grid equals
+the model's patch grid before any compute is spent.
 """
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ import sys
 
 from beit.config import parse_config
 from beit.tokenizers.fitting import DVAETrainConfig, KMeansTrainConfig, train_dvae, train_kmeans
+from beit.tokenizers.vqkd_train import VQKDTrainConfig, run_vqkd
 
-COMMANDS = {"kmeans": (KMeansTrainConfig, train_kmeans), "dvae": (DVAETrainConfig, train_dvae)}
+COMMANDS = {"kmeans": (KMeansTrainConfig, train_kmeans), "dvae": (DVAETrainConfig, train_dvae),
+            "vqkd": (VQKDTrainConfig, run_vqkd)}
 
 
 def main(argv=None) -> int:
@@ -31,7 +34,7 @@ def main(argv=None) -> int:
         return 0 if asked else 2
     cls, fn = COMMANDS[argv[0]]
     cfg = parse_config(cls, argv[1:], description=__doc__)
-    if cfg.data:
+    if cfg.data and not hasattr(cfg, "val_fraction"):  # vqkd reads --data itself (with its --val_fraction)
         import dataclasses
 
         from beit.runtime.run_lock import main_print

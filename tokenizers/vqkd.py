@@ -14,6 +14,7 @@ The official names map onto timm's as follows: ``attn.q_bias``/``attn.v_bias`` -
 """
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -163,6 +164,22 @@ def read_state_dict(path: Path, trust_pickle: bool = False) -> tuple[dict[str, t
     return _unwrap(obj), recorded
 
 
+def _written_beside(p: Path, num_heads: int | None) -> dict[str, Any]:
+    """What ``beit tokenizer train vqkd`` wrote beside its unilm-layout file (``<stem>.json``): the head count
+    (not readable from the tensors), process type and interpolation."""
+    side = p.with_suffix(".json")
+    if p.suffix == ".json" or not side.is_file():
+        return {}
+    try:
+        meta = json.loads(side.read_text())
+    except ValueError:
+        return {}
+    if not isinstance(meta, dict) or meta.get("kind") != "vqkd" or not isinstance(meta.get("config"), dict):
+        return {}
+    keep = ("process_type", "interpolation") + (() if num_heads else ("num_heads",))
+    return {k: meta["config"][k] for k in keep if k in meta["config"]}
+
+
 def load_vqkd(path: str | Path | None = None, *, num_heads: int | None = None, trust_pickle: bool = False,
               **overrides: Any) -> VQKDTokenizer:
     """``load_tokenizer("vqkd", path)``: an official ``vqkd_encoder_*.pth`` (or its safetensors), or our saved pair."""
@@ -172,14 +189,15 @@ def load_vqkd(path: str | Path | None = None, *, num_heads: int | None = None, t
                          ".pth path: load_tokenizer('vqkd', 'vqkd_encoder_base_decoder_1x768x12_clip-d93179da.pth')")
     p = Path(path)
     stem = resolve_stem(p)
-    if stem.with_suffix(".json").is_file() and stem.with_suffix(".safetensors").is_file():
+    pair = stem.with_suffix(".json").is_file() and stem.with_suffix(".safetensors").is_file()
+    if pair and not (p.is_file() and p.suffix not in (".json", ".safetensors")):
         if overrides or num_heads:
             raise TypeError("options cannot change a saved VQ-KD tokenizer; edit its JSON instead")
         return VQKDTokenizer.load(stem)
     if not p.is_file():
         raise FileNotFoundError(f"VQ-KD weights {p} do not exist")
     sd, recorded = read_state_dict(p, trust_pickle)
-    cfg = {**infer_config(sd, num_heads), **recorded, **overrides}
+    cfg = {**infer_config(sd, num_heads), **recorded, **_written_beside(p, num_heads), **overrides}
     tok = VQKDTokenizer(**cfg)
     converted = convert_official_state_dict(sd)
     missing, unexpected = tok.load_state_dict(converted, strict=False)

@@ -236,6 +236,18 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict | None]:
     return train_state, ({k: {"saved_ranks": [p.get(k) for p in parts]} for k in parts[0]} or None)
 
 
+def resume_run(accelerator, path: str | Path, schedule, loader) -> tuple[dict, bool]:
+    """``load_checkpoint`` for a run whose train state holds ``{"train": {..., "epoch"}, "schedule": ...}``: also
+    restores the schedule and this rank's data position. Returns (train_state, epoch_done); epoch_done is True
+    when the checkpoint was saved right at the end of its epoch (the run then goes on with the next one)."""
+    train_state, rank_state = load_checkpoint(accelerator, path)
+    schedule.load_state_dict(train_state["schedule"])
+    if rank_state is None:
+        return train_state, False
+    loader.load_state_dict(rank_state["loader"])
+    return train_state, loader.epoch == int(train_state["train"]["epoch"]) and loader.position >= len(loader)
+
+
 def config_fingerprint(cfg: dict, keys: Iterable[str]) -> str:
     """Short hash of the config fields that must not change across a resume."""
     sub = {k: cfg.get(k) for k in sorted(keys)}

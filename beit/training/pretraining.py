@@ -235,19 +235,15 @@ class PretrainRun:
 
     def restore(self, latest: Path | None) -> None:
         """The saved state of ``latest`` (weights, optimizer, schedule, data position), the logger, the start-up log."""
-        from beit.checkpoints.checkpointing import load_checkpoint
+        from beit.checkpoints.checkpointing import resume_run
         from beit.engines.pretrain import TrainState
         from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger
 
         self.state = TrainState()
         if latest is not None:
-            saved_state, rank_state = load_checkpoint(self.accelerator, latest)
+            saved_state, epoch_done = resume_run(self.accelerator, latest, self.schedule, self.loader)
             self.state = TrainState(**saved_state["train"])
-            self.schedule.load_state_dict(saved_state["schedule"])
-            if rank_state is not None:
-                self.loader.load_state_dict(rank_state["loader"])
-                if self.loader.epoch == self.state.epoch and self.loader.position >= len(self.loader):
-                    self.state.epoch += 1  # saved right at the end of an epoch
+            self.state.epoch += epoch_done
         self.logger = RunLogger(self.accelerator, self.out, resume_step=self.state.step if latest else None)
         if self.trackers:
             self.accelerator.init_trackers(TENSORBOARD_RUN, config={k: v for k, v in to_dict(self.cfg).items()
