@@ -9,7 +9,7 @@ from beit.tokenizers.dvae import DVAETokenizer
 from beit.tokenizers.images import sample_photo_crops
 from beit.tokenizers.kmeans import KMeansTokenizer
 from beit.tokenizers.metrics import measure
-from beit.tokenizers.report import ReportConfig, run_report
+from beit.tokenizers.report import ReportConfig, format_table, run_report
 from beit.tokenizers.vqkd import VQKDTokenizer
 
 S = 32
@@ -100,8 +100,17 @@ def test_report_writes_png_and_json(saved, tmp_path):
     build_sample_shards(tmp_path / "photos", "photos")
     cfg = ReportConfig(tokenizer="kmeans", tokenizer_path=str(saved["kmeans"]),
                        val_shards=str(tmp_path / "photos/val-*.tar"),
-                       out_dir=str(tmp_path / "rep"), max_images=64, num_show=3)
+                       out_dir=str(tmp_path / "rep"), max_images=64, num_show=3,
+                       compare=[f"vq=vqkd:{saved['vqkd']}", f"dv=dvae:{saved['dvae']}"])
     res = run_report(cfg)
+    # other tokenizers on the same 64 held-out images, one column each
+    assert list(res["compare"]) == ["vq", "dv"] and res["compare"]["vq"]["vocab_size"] == 64
+    assert all(m["num_images"] == 64 and 0 < m["usage"] <= 1 for m in res["compare"].values())
+    header, vocab = format_table(res).splitlines()[:2]
+    assert header.split() == ["metric", "trained", "random_weights", "vq", "dv"] and vocab.split()[1:] == \
+        ["32.0000", "32.0000", "64.0000", "32.0000"]
+    with pytest.raises(ValueError, match="NAME=KIND:PATH"):
+        ReportConfig(val_shards="x", compare=["vqkd:path"]).validate()
     png = tmp_path / "rep" / "tokenizer_report.png"
     assert png.is_file() and png.read_bytes()[:4] == b"\x89PNG"
     saved_json = json.loads((tmp_path / "rep" / "tokenizer_report.json").read_text())
@@ -111,6 +120,7 @@ def test_report_writes_png_and_json(saved, tmp_path):
 
 
 @pytest.mark.parametrize("module,argv", [("train", ["kmeans", "--help"]), ("train", ["dvae", "--help"]),
+                                         ("train", ["vqkd", "--help"]),
                                          ("report", ["--help"]), ("cache", ["--help"]),
                                          ("convert_dalle", ["--help"])])
 def test_every_cli_has_help(module, argv, capsys):

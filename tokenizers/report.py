@@ -9,7 +9,9 @@ stability (fraction of tokens unchanged by a 1-pixel shift, and by flip-tokenize
 the information that survives them (mutual information, bits per token: agreement alone rewards a
 tokenizer that outputs one token everywhere),
 reconstruction PSNR when the tokenizer has a decoder, the same numbers for the same architecture
-with random weights, and writes ``tokenizer_report.json`` + ``tokenizer_report.png`` (images,
+with random weights and for any other tokenizers named with ``--compare`` (e.g. a VQ-KD trained
+without dead-code restarts, or k-means / dVAE / DALL-E, each at its own view of the same images), and
+writes ``tokenizer_report.json`` + ``tokenizer_report.png`` (images,
 reconstructions, token maps) into ``out_dir``.
 """
 from __future__ import annotations
@@ -22,7 +24,7 @@ import torch
 
 from beit.config import field, parse_config
 from beit.options.common import HeldOutOptions, TokenizerKind, TokenizerOptions
-from beit.tokenizers import VisualTokenizer, load_tokenizer
+from beit.tokenizers import TOKENIZER_KINDS, VisualTokenizer, load_tokenizer
 from beit.tokenizers.images import ShardReadStats, shard_image_batches
 from beit.tokenizers.metrics import measure
 
@@ -36,12 +38,28 @@ class ReportConfig(TokenizerOptions, HeldOutOptions):
     batch_size: int = field(32, help="images per tokenizer call")
     num_show: int = field(6, help="images in the PNG")
     compare_random: bool = field(True, help="also measure the same architecture with random weights")
+    compare: list[str] = field(default_factory=list, help="more tokenizers measured on the same held-out images, "
+                               "one column each: NAME=KIND:PATH, e.g. kmeans=kmeans:runs/tok/kmeans")
     seed: int = field(0, help="seed of the random-weights baseline")
 
     def validate(self) -> None:
         self.check_choices()
         if not self.val_shards:
             raise ValueError("--val_shards (held-out shards to measure on) is required")
+        parse_compare(self.compare)
+
+
+def parse_compare(entries: list[str]) -> list[tuple[str, str, str]]:
+    """``NAME=KIND:PATH`` entries -> (name, kind, path); a bad one is an error naming the format."""
+    out = []
+    for e in entries:
+        name, eq, rest = e.partition("=")
+        kind, colon, path = rest.partition(":")
+        if not (eq and colon and name and path) or kind not in TOKENIZER_KINDS:
+            raise ValueError(f"--compare {e!r}: expected NAME=KIND:PATH with KIND one of {list(TOKENIZER_KINDS)}, "
+                             "e.g. kmeans=kmeans:runs/tok/kmeans")
+        out.append((name, kind, path))
+    return out
 
 
 def token_colors(tokens: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -84,6 +102,8 @@ def run_report(cfg: ReportConfig, tok: VisualTokenizer | None = None) -> dict:
     """Measure ``tok`` (or the one named by cfg) on cfg.val_shards; write JSON + PNG; return the numbers."""
     tok = tok if tok is not None else load_tokenizer(cfg.tokenizer_kind(), cfg.tokenizer_path,
                                                      trust_pickle=cfg.trust_pickle)
+    others = [(name, load_tokenizer(kind, path, trust_pickle=cfg.trust_pickle))
+              for name, kind, path in parse_compare(cfg.compare)]
     stats = ShardReadStats()
     images = torch.cat(list(shard_image_batches(cfg.val_shards, tok.input_size, cfg.batch_size, tok.interpolation,
                                                 max_images=cfg.max_images, stats=stats)))
@@ -93,6 +113,11 @@ def run_report(cfg: ReportConfig, tok: VisualTokenizer | None = None) -> dict:
                                                                               "bad": stats.bad}}
     if cfg.compare_random:
         result["random_weights"] = measure(tok.random_like(cfg.seed), images.split(cfg.batch_size))
+    for name, other in others:  # the same images (same order and count) at the other tokenizer's view
+        views = shard_image_batches(cfg.val_shards, other.input_size, cfg.batch_size, other.interpolation,
+                                    max_images=cfg.max_images)
+        result.setdefault("compare", {})[name] = {"tokenizer": other.kind, "vocab_size": other.vocab_size,
+                                                  **measure(other, views)}
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     m = result["trained"]
@@ -106,13 +131,14 @@ def run_report(cfg: ReportConfig, tok: VisualTokenizer | None = None) -> dict:
 
 
 def format_table(result: dict) -> str:
-    keys = ["usage", "perplexity", "entropy_bits", "majority_share", "shift_stability", "shift_info_bits",
+    keys = ["vocab_size", "usage", "perplexity", "entropy_bits", "majority_share", "shift_stability", "shift_info_bits",
             "flip_stability", "flip_info_bits", "psnr"]
-    cols = [c for c in ("trained", "random_weights") if c in result]
-    lines = [f"{'metric':<16}" + "".join(f"{c:>16}" for c in cols)]
+    cols = {c: {**result[c], "vocab_size": result["vocab_size"]} for c in ("trained", "random_weights") if c in result}
+    cols.update(result.get("compare", {}))
+    lines = [f"{'metric':<16}" + "".join(f"{c[:15]:>16}" for c in cols)]
     for k in keys:
-        if k in result["trained"]:
-            lines.append(f"{k:<16}" + "".join(f"{result[c].get(k, float('nan')):>16.4f}" for c in cols))
+        if any(k in m for m in cols.values()):
+            lines.append(f"{k:<16}" + "".join(f"{m.get(k, float('nan')):>16.4f}" for m in cols.values()))
     return "\n".join(lines)
 
 
