@@ -24,11 +24,7 @@ import torch
 from beit.data.loading.heldout import good_rows
 from beit.data.pipelines.transforms import tokenizer_input
 from beit.runtime.data_wait import DataWait
-from beit.runtime.faults import RunFault
-
-
-class NonFiniteLossError(RunFault):
-    """The VQ-KD loss was NaN or Inf."""
+from beit.runtime.faults import NonFiniteLossError
 
 
 @dataclass

@@ -23,11 +23,7 @@ import torch.nn.functional as F
 from beit.data.loading.heldout import good_rows
 from beit.data.pipelines.transforms import encoder_input, tokenizer_input
 from beit.runtime.data_wait import DataWait
-from beit.runtime.faults import RunFault
-
-
-class NonFiniteLossError(RunFault):
-    """Raised after too many consecutive optimizer steps with a non-finite loss."""
+from beit.runtime.faults import NonFiniteLossError
 
 
 @dataclass

@@ -11,3 +11,7 @@ class RunFault(RuntimeError):
     """A fault the run cannot recover from by itself (non-finite state, no intact checkpoint, a full
     disk, a second run on the same output_dir, too many bad samples); the message says what happened and
     what to do (exit code 1)."""
+
+
+class NonFiniteLossError(RunFault):
+    """A training loss was NaN or Inf (pretraining: for too many consecutive steps; VQ-KD: once)."""
