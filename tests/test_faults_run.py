@@ -33,9 +33,11 @@ def reference(assets, tmp_path_factory):
 def assert_same_as(reference, out):
     ref_w, got_w = load_file(str(reference / "pretrained.safetensors")), load_file(str(out / "pretrained.safetensors"))
     assert ref_w.keys() == got_w.keys()
+    # float32 rounding only: on some CPUs (seen on an AVX2-only EPYC) kernels fed from a reloaded checkpoint
+    # differ from the uninterrupted run's in the last bits (<= 1e-8 after 3 steps); a wrong resume differs by far more
     for k in ref_w:
-        assert torch.equal(ref_w[k], got_w[k]), k
-    assert losses(out) == losses(reference)
+        torch.testing.assert_close(got_w[k], ref_w[k], rtol=1e-6, atol=1e-7, msg=k)
+    assert losses(out) == pytest.approx(losses(reference), rel=1e-6, abs=1e-7)
 
 
 def test_non_finite_weights_are_never_saved_and_the_rerun_resumes_the_last_good_one(assets, reference, tmp_path,
