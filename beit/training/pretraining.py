@@ -292,7 +292,7 @@ class PretrainRun:
     def train(self) -> None:
         """Epochs of the engine until ``total_steps`` optimizer steps are done (kNN health and pictures beside)."""
         from beit.engines.knn import build_knn_health
-        from beit.engines.pretrain import MimMeter, train_one_epoch
+        from beit.engines.pretrain import MimMeter, prediction_branches, train_one_epoch
         from beit.runtime.run_logging import data_error_metrics
 
         cfg, acc, state, loader = self.cfg, self.accelerator, self.state, self.loader
@@ -303,7 +303,7 @@ class PretrainRun:
                 health(acc.unwrap_model(self.model), st.step)
             self.checkpoint(st)
 
-        meter = MimMeter(self.inputs.vocab_size, acc.device)
+        meter = MimMeter(self.inputs.vocab_size, acc.device, prediction_branches(acc.unwrap_model(self.model)))
         if health is not None and state.step == 0:
             health(acc.unwrap_model(self.model), 0)  # the random encoder: what the metric must rise above
         pictures = None
@@ -353,15 +353,19 @@ class PretrainRun:
             summary.update({f"val/{k}": v for k, v in ev.items()})
             self.logger.log({f"val/{k}": v for k, v in ev.items()}, step=state.step)
             if "mim_acc" in ev:
-                self.logger.info(f"held-out masked-token accuracy {ev['mim_acc']:.4f} vs majority-token baseline "
-                                 f"{ev['majority_acc']:.4f} ({ev['tokens']} masked tokens in {ev['images']} images"
+                cls_pt = f" (CLS-pretraining branch {ev['cls_pt_mim_acc']:.4f})" if "cls_pt_mim_acc" in ev else ""
+                self.logger.info(f"held-out masked-token accuracy {ev['mim_acc']:.4f}{cls_pt} vs majority-token "
+                                 f"baseline {ev['majority_acc']:.4f} ({ev['tokens']} masked tokens in {ev['images']} "
+                                 "images"
                                  + (f"; {ev['bad_images']} undecodable images left out)" if ev["bad_images"] else ")"))
         last = self.logger.last_logged
-        summary.update({f"train/{k}": last[k] for k in ("loss", "mim_acc", "majority_acc") if k in last})
+        summary.update({f"train/{k}": last[k] for k in ("loss", "mim_acc", "majority_acc", "cls_pt_loss",
+                                                         "cls_pt_mim_acc") if k in last})
         if acc.is_main_process:
             (out / "final_metrics.json").write_text(json.dumps(summary, indent=1))
-        train = (f"last logged training loss {last['loss']:.4f}, masked-token accuracy {last['mim_acc']:.3f} vs "
-                 f"majority {last['majority_acc']:.3f}" if "mim_acc" in last else "no training metrics logged")
+        cls_pt = f" (CLS-pretraining branch {last['cls_pt_mim_acc']:.3f})" if "cls_pt_mim_acc" in last else ""
+        train = (f"last logged training loss {last['loss']:.4f}, masked-token accuracy {last['mim_acc']:.3f}{cls_pt} "
+                 f"vs majority {last['majority_acc']:.3f}" if "mim_acc" in last else "no training metrics logged")
         self.logger.info(f"finished: {state.step} steps, {state.epoch + 1} epoch(s), {summary['train_seconds']:.0f} s "
                          f"training; {train}; held-out: "
                          + (f"{summary['val/mim_acc']:.4f}" if "val/mim_acc" in summary else "none")

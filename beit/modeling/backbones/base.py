@@ -2,7 +2,8 @@
 
 Every method has a default here, so a family overrides only what it supports. The pretraining model
 (``build_mim``) takes images and a block mask on the token grid and returns logits for the masked cells
-(``forward(images, bool_masked_pos) -> [M, vocab]``), with ``encoder_state_dict()``, ``no_weight_decay()``,
+(``forward(images, bool_masked_pos) -> [M, vocab]``, or ``{branch: [M, vocab]}`` when it predicts them several
+ways, each branch's loss added: BEiT v2's ``mim`` and ``cls_pt``), with ``encoder_state_dict()``, ``no_weight_decay()``,
 ``set_grad_checkpointing()`` and a ``config`` dict that is saved beside the weights.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Backbone:
     linear_probe = False   # a frozen-encoder linear probe reads its blocks
     compiles = False       # ``--compile`` compiles its blocks
     segments = False       # it has a UperNet segmenter (``--task segmentation``)
+    cls_pretraining = False  # its MIM model has BEiT v2's CLS-pretraining branch (``--cls_pretraining``)
     label = ""             # how reports name it ("": by its name)
 
     def claims(self, name: str) -> bool:
