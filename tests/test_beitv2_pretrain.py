@@ -175,3 +175,78 @@ def test_v2_recipe_runs_shrunk(tmp_path, one_thread):
     assert summary["step"] == 2 and "val/cls_pt_mim_acc" in summary
     recs = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2] and all(math.isfinite(r["cls_pt_loss"]) for r in recs)
+
+
+@pytest.fixture(scope="module")
+def tok64(assets, tmp_path_factory):  # noqa: F811
+    """A k-means tokenizer with the unilm fixtures' targets: 64 tokens on a 4x4 grid of 32 px images."""
+    from beit.tokenizers.images import shard_image_batches
+    from beit.tokenizers.kmeans import KMeansTokenizer
+    path = tmp_path_factory.mktemp("tok64") / "kmeans"
+    KMeansTokenizer.fit(lambda: shard_image_batches(assets["train"], size=32, batch_size=64, max_images=256),
+                        epochs=1, seed=0, init_patches=2000, progress=False, vocab_size=64, patch_size=8,
+                        input_size=32).save(path)
+    return str(path)
+
+
+def test_init_continues_unilms_v2_checkpoint_with_the_branch(assets, tok64, tmp_path, capsys):  # noqa: F811
+    """--init with unilm's own BEiT v2 checkpoint (12 blocks, early_layers 9 from its args, shared LM head): every
+    weight, the branch included, is the run's start (a 1e-9 lr step later they are still the file's); a resume
+    keeps the run's own weights and says --init was not used."""
+    from reference_fixtures import checkpoint
+    unilm = checkpoint("unilm_v2_cls_pt")
+    out = tmp_path / "cont"
+    cfg = tiny_cfg(assets, out, tokenizer_path=tok64, patch_size=8, embed_dim=32, depth=12, num_heads=4,
+                   cls_pretraining=True, init=str(unilm), total_steps=1, warmup_steps=0, lr=1e-9, min_lr=1e-9,
+                   checkpoint_every=1, val_shards=[])
+    run(cfg)
+    log = capsys.readouterr().out
+    assert f"starting a new run in {out} from --init:" in log and "loaded 219 tensors from" in log
+    from safetensors.torch import load_file
+    ours = load_file(out / "pretrained.safetensors")
+    theirs = torch.load(unilm, map_location="cpu", weights_only=False)["model"]
+    assert set(ours) == set(theirs) - {"rel_pos_bias.relative_position_index"}
+    assert any(k.startswith("cls_pt_layers.1.") for k in ours)
+    assert max(float((ours[k] - theirs[k]).abs().max()) for k in ours) < 1e-6
+    run({**cfg, "total_steps": 2})
+    assert f"--init {unilm} not used (the run's own checkpoint is newer)" in capsys.readouterr().out
+
+
+def test_init_that_does_not_fit_is_refused_before_anything_is_written(assets, tok64, tmp_path):  # noqa: F811
+    from reference_fixtures import checkpoint
+    out = tmp_path / "refused"
+    base = tiny_cfg(assets, out, tokenizer_path=tok64, patch_size=8, embed_dim=32, depth=12, num_heads=4,
+                    cls_pretraining=True, init=str(checkpoint("unilm_v2_cls_pt")))
+    with pytest.raises(SetupError, match="continue it with --cls_pretraining true --early_layers 9 --head_layers 2 "
+                                         "--shared_lm_head true"):
+        run({**base, "cls_pretraining": False})
+    with pytest.raises(SetupError, match=r"depth 12 \(this run: 6; --model_size / --depth\)"):
+        run({**base, "depth": 6})
+    with pytest.raises(SetupError, match=r"shared_lm_head True \(this run: False; --shared_lm_head\)"):
+        run({**base, "shared_lm_head": False})
+    with pytest.raises(SetupError, match=r"vocab_size 64 \(this run: 32; the tokenizer"):
+        run({**base, "tokenizer_path": assets["tok"], "patch_size": 4})
+    with pytest.raises(SetupError, match="pretrained with early_layers 9 .its args., not 5"):
+        run({**base, "early_layers": 5})
+    with pytest.raises(SetupError, match="--init continues the pretraining of a BEiT ViT"):
+        run({**base, "arch": "swin_tiny_patch4_window7_224", "cls_pretraining": False})
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_init_from_a_v1_checkpoint_starts_the_branch_fresh():
+    """unilm's BEiT v1 pretraining checkpoint into a model with the branch: the encoder, mask token and LM head
+    are the file's, the branch keeps its own initialisation, and the report says so."""
+    from reference_fixtures import checkpoint
+
+    from beit.checkpoints.mim_loading import read_init
+    kw = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, vocab_size=64, init_values=0.1,
+              cls_pretraining=True, early_layers=1, head_layers=2)
+    init = read_init(checkpoint("unilm_v1_shared_relpos"), kw)
+    torch.manual_seed(0)
+    model = create_pretrain_model(None, **kw)
+    fresh = {k: v.clone() for k, v in model.state_dict().items() if k.startswith("cls_pt_")}
+    report = init.load_into(model)
+    sd = model.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in fresh.items()) and report.missing == sorted(fresh)
+    assert all(torch.equal(sd[k], v) for k, v in init.state_dict.items())
+    assert "the branch starts from its initialisation" in report.summary()

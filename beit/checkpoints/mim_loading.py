@@ -6,14 +6,19 @@ weights-only) or a run folder holding either. For unilm's files the architecture
 CLS branch's ``head_layers`` and ``shared_lm_head`` from its keys, and ``early_layers`` (the one thing the
 tensors cannot tell) from the saved ``args``, else ``early_layers=``, else depth - 3 (the reference's 9 of 12 for
 base and 21 of 24 for large) with a note. Every tensor must fit: the load is strict.
+
+``read_init`` is pretraining's ``--init``: such a checkpoint checked against the model a run's options build,
+whose weights the run starts from (BEiT v2's branch kept, or started fresh on a checkpoint without it).
 """
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from timm.models.beit import gen_relative_position_index
 
 from beit.checkpoints.loading import Checkpoint, CheckpointMismatchError, LoadReport, describe_format, read_checkpoint
 
@@ -23,6 +28,20 @@ _TABLE = "rel_pos_bias.relative_position_bias_table"
 
 def load_pretrain_model(source: str | Path, *, early_layers: int = 0, trust_pickle: bool = False):
     """(``BeitPretrainModel`` in eval mode with every weight of ``source``, ``LoadReport``); see the module doc."""
+    from beit.modeling.mim import BeitPretrainModel
+
+    config, sd, report = read_pretrain_checkpoint(source, early_layers=early_layers, trust_pickle=trust_pickle)
+    model = BeitPretrainModel(**config)
+    load_pretrain_weights(model, sd, report)
+    return model.eval(), report
+
+
+def read_pretrain_checkpoint(source: str | Path, *, early_layers: int = 0,
+                             trust_pickle: bool = False) -> tuple[dict, dict[str, torch.Tensor], LoadReport]:
+    """(``BeitPretrainModel`` arguments, its state dict, ``LoadReport``) of a pretraining checkpoint; the relative
+    position index unilm saves is checked against the patch grid and left out (timm derives it)."""
+    import inspect
+
     from beit.modeling.backbones.base import pretraining_config
     from beit.modeling.mim import BeitPretrainModel
 
@@ -32,23 +51,36 @@ def load_pretrain_model(source: str | Path, *, early_layers: int = 0, trust_pick
     config = pretraining_config(ckpt.file)
     if config is None:
         config = unilm_mim_config(ckpt, early_layers, report)
-    elif early_layers and config.get("early_layers") != early_layers:
-        raise CheckpointMismatchError(f"{ckpt.file} was pretrained with early_layers {config.get('early_layers')} "
-                                      f"(its .json), not {early_layers}")
-    model = BeitPretrainModel(**config)
+    else:
+        unknown = set(config) - set(inspect.signature(BeitPretrainModel).parameters)
+        if unknown:
+            raise CheckpointMismatchError(f"{ckpt.file} is not a BEiT ViT (--arch beit) pretraining model: its .json "
+                                          f"records {sorted(unknown)}")
+        if early_layers and config.get("early_layers", early_layers) != early_layers:
+            raise CheckpointMismatchError(f"{ckpt.file} was pretrained with early_layers {config['early_layers']} "
+                                          f"(its .json), not {early_layers}")
     index = sd.pop(_INDEX, None)
     if index is not None:
-        if not torch.equal(index.long(), model.rel_pos_bias.relative_position_index.cpu()):
-            raise CheckpointMismatchError(f"{ckpt.file}: its {_INDEX} is not the one of a "
-                                          f"{model.grid_size[0]}x{model.grid_size[1]} patch grid")
+        grid = (config["img_size"] // config["patch_size"],) * 2
+        if not torch.equal(index.long(), gen_relative_position_index(grid)):
+            raise CheckpointMismatchError(f"{ckpt.file}: its {_INDEX} is not the one of a {grid[0]}x{grid[1]} patch "
+                                          "grid")
         report.dropped.append(_INDEX)
+    return config, sd, report
+
+
+def load_pretrain_weights(model, sd: dict[str, torch.Tensor], report: LoadReport, *,
+                          fresh: tuple[str, ...] = ()) -> None:
+    """Load ``sd`` into ``model`` strictly: every tensor must fit and every weight must come from it, except
+    parameters under the prefixes ``fresh``, which keep their initialisation (listed in ``report.missing``)."""
     result = model.load_state_dict(sd, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    missing = [k for k in result.missing_keys if not k.startswith(fresh)] if fresh else result.missing_keys
+    if missing or result.unexpected_keys:
         raise CheckpointMismatchError(
-            f"{ckpt.file} ({report.kind}) does not fit the pretraining model built for it: missing "
-            f"{sorted(result.missing_keys)[:6]}, unexpected {sorted(result.unexpected_keys)[:6]}")
+            f"{report.source} ({report.kind}) does not fit the pretraining model built for it: missing "
+            f"{sorted(missing)[:6]}, unexpected {sorted(result.unexpected_keys)[:6]}")
+    report.missing = sorted(set(result.missing_keys) - set(missing))
     report.loaded = sorted(sd)
-    return model.eval(), report
 
 
 def unilm_mim_config(ckpt: Checkpoint, early_layers: int, report: LoadReport) -> dict:
@@ -90,3 +122,66 @@ def unilm_mim_config(ckpt: Checkpoint, early_layers: int, report: LoadReport) ->
         config.update(cls_pretraining=True, early_layers=early, head_layers=1 + max(heads),
                       shared_lm_head="cls_pt_lm_head.weight" not in sd)
     return config
+
+
+# --------------------------------------------------------------------------- --init of a pretraining run
+# what a checkpoint must share with the model the run's options build, and the option that sets each
+_MUST_MATCH = {"img_size": "--image_size", "patch_size": "--patch_size", "in_chans": "", "embed_dim":
+               "--model_size / --embed_dim", "depth": "--model_size / --depth", "num_heads": "--num_heads",
+               "mlp_ratio": "--mlp_ratio", "vocab_size": "the tokenizer (the checkpoint's targets)",
+               "early_layers": "--early_layers", "head_layers": "--head_layers", "shared_lm_head": "--shared_lm_head"}
+_BRANCH = "cls_pt_"
+
+
+@dataclass
+class PretrainInit:
+    """A checked ``--init``: its state dict and report; ``fresh`` are prefixes that keep their initialisation (BEiT
+    v2's branch when continuing a checkpoint without it)."""
+    state_dict: dict[str, torch.Tensor]
+    report: LoadReport
+    fresh: tuple[str, ...] = ()
+
+    def load_into(self, model) -> LoadReport:
+        load_pretrain_weights(model, self.state_dict, self.report, fresh=self.fresh)
+        return self.report
+
+
+def read_init(source: str | Path, expected: dict, *, trust_pickle: bool = False) -> PretrainInit:
+    """``source`` (ours or unilm's BEiT v1 / v2 pretraining checkpoint) checked against ``expected``, the
+    ``BeitPretrainModel`` arguments of the run: every size, the vocabulary, layer scale and the CLS-pretraining
+    branch must agree (a mismatch names the option to set). A checkpoint without the branch may start a run with
+    it: the branch then keeps its initialisation, with a note."""
+    import inspect
+
+    from beit.modeling.mim import BeitPretrainModel
+    defaults = {k: v.default for k, v in inspect.signature(BeitPretrainModel).parameters.items()}
+    want = {**defaults, **expected}
+    branch = bool(want.get("cls_pretraining"))
+    try:  # an early_layers set explicitly is the one an unrecorded checkpoint was pretrained with
+        config, sd, report = read_pretrain_checkpoint(source, early_layers=want.get("early_layers") or 0,
+                                                      trust_pickle=trust_pickle)
+    except CheckpointMismatchError as e:
+        raise CheckpointMismatchError(f"--init: {e}") from None
+    has = {**defaults, **config}
+    if branch:
+        want["early_layers"] = want.get("early_layers") or want["depth"] - 3
+    if has.get("cls_pretraining") and not branch:
+        raise CheckpointMismatchError(
+            f"--init {source} has BEiT v2's CLS-pretraining branch: continue it with --cls_pretraining true "
+            f"--early_layers {has['early_layers']} --head_layers {has['head_layers']} --shared_lm_head "
+            f"{str(has['shared_lm_head']).lower()} (beit finetune --init takes its encoder without it)")
+    keys = [k for k in _MUST_MATCH if k not in ("early_layers", "head_layers", "shared_lm_head")
+            or (branch and has.get("cls_pretraining"))]
+    differ = [f"{k} {has.get(k)} (this run: {want.get(k)}; {_MUST_MATCH[k] or k})" for k in keys
+              if has.get(k) != want.get(k)]
+    if bool(has.get("init_values")) != bool(want.get("init_values")):
+        differ.append(f"layer scale {'on' if has.get('init_values') else 'off'} (this run: "
+                      f"{'on' if want.get('init_values') else 'off'}; --init_values)")
+    if differ:
+        raise CheckpointMismatchError(f"--init {source} does not fit the model these options build: "
+                                      + "; ".join(differ))
+    fresh = ()
+    if branch and not has.get("cls_pretraining"):
+        fresh = (_BRANCH,)
+        report.notes.append("the checkpoint has no CLS-pretraining branch: the branch starts from its initialisation")
+    return PretrainInit(sd, report, fresh)

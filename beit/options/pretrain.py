@@ -61,6 +61,10 @@ class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions,
                                                 "(last stage, upsampled to the token grid; every stage trained) | "
                                                 "stage "
                                                 "(the stage at the token stride; later stages stay untrained)")
+    init: str = field("", help="continue pretraining from these weights (step 0, a new optimizer and schedule): our "
+                      "pretrained.safetensors or a unilm BEiT / BEiT v2 pretraining .pth, mask token, LM head and "
+                      "the CLS-pretraining branch included; its sizes, vocabulary and branch must be those the "
+                      "options build (--arch beit). Not used when output_dir holds a checkpoint to resume")
     # BEiT v2's CLS pretraining ("patch aggregation"; unilm beit2's *_cls_pt models and their option names)
     cls_pretraining: bool = field(False, help="BEiT v2's CLS-pretraining branch (--arch beit): the last block's CLS "
                                   "token joined with the patch tokens after block early_layers goes through "

@@ -35,6 +35,12 @@ class Backbone:
     def build_mim(self, cfg, vocab_size: int) -> nn.Module:
         raise ValueError(f"--arch {cfg.arch}: this backbone has no masked-image-modelling model")
 
+    def read_mim_init(self, cfg, vocab_size: int):
+        """The pretraining checkpoint ``--init`` names, checked against the MIM model these options build (before
+        compute); its ``load_into(model)`` puts the weights in."""
+        raise ValueError(f"--init continues the pretraining of a BEiT ViT (--arch beit); --arch {cfg.arch} starts "
+                         "from scratch: leave --init empty")
+
     def check_mim(self, cfg, vocab_size: int) -> None:
         """Build the pretraining model on the meta device: sizes, windows and grids are checked before any
         compute, without allocating weights (the library's own checks raise ValueError with their message)."""
