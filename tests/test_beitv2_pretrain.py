@@ -1,10 +1,10 @@
 """BEiT v2 pretraining: the CLS-pretraining branch in the model, its loss and metrics in the run, its options,
-its checkpoints through export and fine-tuning, and the shipped recipe run shrunk."""
+its checkpoints through export, fine-tuning and --init (launch/pretrain_beit_v2_base_in1k.yaml runs shrunk in
+tests/test_recipes.py)."""
 import math
 
 import pytest
 import torch
-import yaml
 from test_pretrain import assets, run, tiny_cfg  # noqa: F401  (assets is a fixture)
 
 import beit.modeling.mim as mim
@@ -145,36 +145,6 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
         export_main(["--run_dir", str(tmp_path), "--format", "unilm", "--out", str(tmp_path / "x.safetensors")])
     with pytest.raises(FileNotFoundError, match="not a run folder"):
         export_main(["--run_dir", str(tmp_path), "--format", "unilm", "--out", str(tmp_path / "x.pth")])
-
-
-@pytest.mark.slow
-def test_v2_recipe_runs_shrunk(tmp_path, one_thread):
-    """launch/pretrain_beit_v2_base_in1k.yaml with only its scale shrunk (width, batch, run length, workers) on the
-    real sample photos, with a tiny random VQ-KD tokenizer at the recipe's 224 px / 16 px grid: the base model's
-    12 blocks, the branch from block 9 through 2 head blocks into the shared LM head, gradient accumulation."""
-    from beit.config import from_dict
-    from beit.data.sample_sets import build_sample_shards
-    from beit.options.pretrain import PretrainConfig
-    from beit.tokenizers.vqkd import VQKDTokenizer
-    recipe = yaml.safe_load(open("launch/pretrain_beit_v2_base_in1k.yaml"))
-    build_sample_shards(tmp_path / "photos", "photos")
-    tok = VQKDTokenizer(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, n_code=512).save(
-        tmp_path / "vqkd")
-    shrink = dict(embed_dim=32, num_heads=2, batch_size=4, global_batch_size=8, total_steps=2, warmup_steps=1,
-                  num_workers=0, checkpoint_every=2, log_every=1, tensorboard=False, eval_batches=1,
-                  shuffle_buffer=16, train_shards=[str(tmp_path / "photos" / "train-*.tar")],
-                  val_shards=[str(tmp_path / "photos" / "val-*.tar")], tokenizer_path=str(tok),
-                  output_dir=str(tmp_path / "run"))
-    cfg = from_dict(PretrainConfig, {**recipe, **shrink}, source="pretrain_beit_v2_base_in1k.yaml")
-    assert (cfg.cls_pretraining, cfg.early_layers, cfg.head_layers, cfg.shared_lm_head) == (True, 9, 2, True)
-    summary = run(vars(cfg))
-    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
-    for key, value in recipe.items():
-        if key not in shrink:
-            assert saved[key] == pytest.approx(value), key
-    assert summary["step"] == 2 and "val/cls_pt_mim_acc" in summary
-    recs = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
-    assert [r["step"] for r in recs] == [1, 2] and all(math.isfinite(r["cls_pt_loss"]) for r in recs)
 
 
 @pytest.fixture(scope="module")
