@@ -98,7 +98,7 @@ def test_meter_accuracy_and_majority_baseline():
     m = MimMeter(vocab_size=4, device="cpu")
     labels = torch.tensor([0, 0, 0, 1, 2, 3])
     logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 1, 3, 3]), 4).float()
-    m.update(torch.tensor(2.0), logits, labels)
+    m.update({"mim": (torch.tensor(2.0), logits)}, labels)
 
     class Acc:
         num_processes = 1

@@ -78,6 +78,7 @@ def assets(tmp_path_factory):
     from beit.tokenizers.dalle import tokenizer_from_modules
     from beit.tokenizers.images import shard_image_batches
     from beit.tokenizers.kmeans import KMeansTokenizer
+    from beit.tokenizers.vqkd import VQKDTokenizer
     root = tmp_path_factory.mktemp("recipe_assets")
     for kind in ("digits", "photos"):
         build_sample_shards(root / kind, kind)
@@ -91,7 +92,10 @@ def assets(tmp_path_factory):
     photos = str(root / "photos" / "train-*.tar")
     kmeans = KMeansTokenizer.fit(lambda: shard_image_batches(photos, size=64, batch_size=64, max_images=256), epochs=1,
                                  seed=0, init_patches=2000, progress=False, vocab_size=32, patch_size=8, input_size=64)
-    return dict(root=root, dalle=str(dalle), kmeans=str(kmeans.save(root / "kmeans")))
+    # a tiny random VQ-KD at the released tokenizers' 224 px / 16 px grid (BEiT v2 recipes)
+    vqkd = VQKDTokenizer(img_size=224, patch_size=16, embed_dim=32, depth=1, num_heads=2, n_code=512)
+    return dict(root=root, dalle=str(dalle), kmeans=str(kmeans.save(root / "kmeans")),
+                vqkd=str(vqkd.save(root / "vqkd")))
 
 
 def shrunk(name: str, assets: dict, out: Path, init: str = "") -> dict:

@@ -3,6 +3,9 @@
 * Hugging Face transformers (``BeitModel`` / ``BeitForMaskedImageModeling`` / ``BeitForImageClassification``)
   names are mapped to the reference (unilm / timm ``Beit``) names by :func:`hf_to_reference` and back by
   :func:`reference_to_hf`; q/k/v are separate Linear layers there (no k bias), one fused ``qkv`` here.
+* unilm's pretraining models (beit ``VisionTransformerForMaskedImageModeling``, beit2's ``...CLS`` with the
+  CLS-pretraining branch) use our key names plus the derived ``rel_pos_bias.relative_position_index``:
+  :func:`unilm_mim_state_dict` writes that layout, :func:`unilm_mim_kwargs` the constructor arguments.
 * :func:`recorded_num_heads` reads the head count -- the one dimension a state dict without relative
   position tables cannot tell -- from a transformers ``config.json``, a timm ``config.json``
   (``model_args`` or a registered architecture) or unilm's saved ``args`` (its model name's size).
@@ -106,6 +109,34 @@ def reference_to_hf(sd: dict[str, torch.Tensor], prefix: str = "beit.") -> dict[
         else:
             raise ValueError(f"{k}: no transformers equivalent")
     return out
+
+
+# ------------------------------------------------------------------------------ unilm pretraining
+UNILM_MIM_CLASSES = ("VisionTransformerForMaskedImageModeling", "VisionTransformerForMaskedImageModelingCLS")
+
+
+def unilm_mim_state_dict(model) -> dict[str, torch.Tensor]:
+    """A ``BeitPretrainModel``'s weights in unilm's pretraining layout: every key of ours (the same names) and the
+    relative position index buffer unilm saves (timm keeps it out of the state dict)."""
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    sd["rel_pos_bias.relative_position_index"] = model.rel_pos_bias.relative_position_index.detach().cpu().clone()
+    return sd
+
+
+def unilm_mim_kwargs(config: dict) -> tuple[str, dict]:
+    """(unilm class name, its constructor arguments but ``norm_layer``: LayerNorm with eps 1e-6) that build the
+    pretraining model of our ``BeitPretrainModel.config``: BEiT v1's, or beit2's with the CLS-pretraining branch."""
+    kw = dict(img_size=config["img_size"], patch_size=config["patch_size"], in_chans=config.get("in_chans", 3),
+              vocab_size=config["vocab_size"], embed_dim=config["embed_dim"], depth=config["depth"],
+              num_heads=config["num_heads"], mlp_ratio=config["mlp_ratio"], qkv_bias=True,
+              drop_path_rate=config["drop_path_rate"], init_values=config["init_values"] or None,
+              use_abs_pos_emb=False, use_rel_pos_bias=False, use_shared_rel_pos_bias=True,
+              init_std=config.get("init_std", 0.02))
+    if not config.get("cls_pretraining"):
+        return UNILM_MIM_CLASSES[0], kw
+    kw.update(early_layers=config["early_layers"], head_layers=config["head_layers"],
+              shared_lm_head=config["shared_lm_head"])
+    return UNILM_MIM_CLASSES[1], kw
 
 
 # ------------------------------------------------------------------------------------ head counts

@@ -26,6 +26,7 @@ to fit raise :class:`CheckpointMismatchError` saying why and how to fix it.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from pathlib import Path
@@ -112,6 +113,7 @@ class Checkpoint:
     layer_norm_eps: float | None = None   # None: not recorded, the BEiT / timm value (1e-6) is the weights'
     pooling: str | None = None            # a classifier's pooling (avg | token) when its config says so
     settings_source: str = ""
+    args: dict = dataclasses.field(default_factory=dict)   # the plain values unilm saves as ``args``
 
 
 def read_checkpoint(path: str | Path, key: str | None = None, use_ema: bool = False,
@@ -152,8 +154,10 @@ def read_checkpoint(path: str | Path, key: str | None = None, use_ema: bool = Fa
             raise CheckpointMismatchError(str(e)) from None
     width = tensors["cls_token"].shape[-1] if "cls_token" in tensors else 0
     heads, source = recorded_num_heads(path, raw, int(width))
+    args = raw.get("args")
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
     return Checkpoint(tensors, path, heads, source, hf, layer_norm_eps=settings.get("layer_norm_eps"),
-                      pooling=settings.get("pooling"), settings_source=settings.get("source", ""))
+                      pooling=settings.get("pooling"), settings_source=settings.get("source", ""), args=args)
 
 
 def read_state_dict(path: str | Path, key: str | None = None, use_ema: bool = False,
@@ -311,6 +315,12 @@ def load_beit_weights(model: nn.Module, source: str | Path | dict[str, torch.Ten
         sd, name = ckpt.tensors, name or str(ckpt.file)
     report = LoadReport(source=name, kind=describe_format(sd))
     sd = adapt_state_dict(sd, model, report, interpolation=interpolation, source_grid=source_grid)
+    head = {int(m.group(1)) for k in report.dropped if (m := re.match(r"cls_pt_layers\.(\d+)\.", k))}
+    if head:
+        report.notes.append(f"BEiT v2's CLS-pretraining branch ({len(head)} head block(s)"
+                            + (", its own norm and LM head" if "cls_pt_lm_head.weight" in report.dropped else "")
+                            + ") serves pretraining only, it is not part of the encoder: dropped (unilm's "
+                            "fine-tuning leaves it unused too)")
     if not sd:
         raise CheckpointMismatchError(
             f"{name}: none of its {len(report.unexpected)} tensors match the model (first: "

@@ -3,7 +3,8 @@
 Per micro-batch: the frozen tokenizer turns the tokenizer view into token ids (float32, no grad,
 outside autocast), unless the batch already carries them (``--token_cache``); the labels are the ids
 at the masked positions; the model predicts them from the corrupted encoder view under autocast;
-cross-entropy. Gradient accumulation is Accelerate's; lr and weight decay are set per optimizer step.
+cross-entropy (``mim_losses``: summed over the model's predictions when it makes several, as BEiT v2's
+CLS-pretraining branch does). Gradient accumulation is Accelerate's; lr and weight decay are set per optimizer step.
 A non-finite loss or gradient (decided jointly by all ranks) skips the whole optimizer step without
 touching the weights; K in a row abort the run.
 
@@ -14,6 +15,8 @@ loader.
 """
 from __future__ import annotations
 
+import functools
+import operator
 import time
 from dataclasses import asdict, dataclass
 
@@ -64,27 +67,45 @@ def masked_labels(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return tokens.flatten(1)[mask.flatten(1)]
 
 
+def prediction_branches(model) -> tuple[str, ...]:
+    """The names of the predictions an (unwrapped) MIM model makes: ``("mim",)``, or its own ``branches``."""
+    return tuple(getattr(model, "branches", ("mim",)))
+
+
+def as_branches(outputs) -> dict[str, torch.Tensor]:
+    """A MIM model's output as ``{branch: logits}``: a plain tensor is the one ``mim`` prediction."""
+    return outputs if isinstance(outputs, dict) else {"mim": outputs}
+
+
+def mim_losses(outputs, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """(training loss, {branch: (cross-entropy, logits)}): ``outputs`` is the model's, the logits of the masked
+    positions, or ``{branch: logits}`` when it predicts them several ways (BEiT v2: ``mim`` and ``cls_pt``);
+    every branch predicts the same labels and the loss is the sum of their cross-entropies, as in the reference."""
+    per = {name: (F.cross_entropy(logits.float(), labels), logits) for name, logits in as_branches(outputs).items()}
+    return functools.reduce(operator.add, (loss for loss, _ in per.values())), per
+
+
 class MimMeter:
-    """Sums of loss, hits and the label histogram on this rank; ``reduce`` sums over ranks in one
-    collective. The majority baseline is the hit rate of always predicting the most frequent masked
+    """Sums of each branch's loss and hits, and the label histogram, on this rank; ``reduce`` sums over ranks in
+    one collective. The majority baseline is the hit rate of always predicting the most frequent masked
     token of the window (a constant predictor that even knows the window's label counts)."""
 
-    def __init__(self, vocab_size: int, device):
-        self.vocab_size, self.device = vocab_size, device
+    def __init__(self, vocab_size: int, device, branches: tuple[str, ...] = ("mim",)):
+        self.vocab_size, self.device, self.branches = vocab_size, device, tuple(branches)
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)   # loss*n, hits, n
+        self.sums = torch.zeros(len(self.branches), 3, dtype=torch.float64, device=self.device)  # loss*n, hits, n
         self.hist = torch.zeros(self.vocab_size, dtype=torch.float64, device=self.device)
 
     @torch.no_grad()
-    def update(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor,
+    def update(self, per_branch: dict[str, tuple[torch.Tensor, torch.Tensor]], labels: torch.Tensor,
                keep: torch.Tensor | None = None) -> None:
-        """Add a micro-batch; ``keep`` (a 0-d bool tensor, on the device) drops it without a host sync."""
-        n = labels.numel()
-        hits = (logits.argmax(-1) == labels).sum()
-        sums = torch.stack([loss.detach().double() * n, hits.double(),
-                            torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+        """Add a micro-batch (``per_branch`` as ``mim_losses`` returns it); ``keep`` (a 0-d bool tensor, on the
+        device) drops it without a host sync."""
+        n = torch.tensor(float(labels.numel()), dtype=torch.float64, device=self.device)
+        sums = torch.stack([torch.stack([loss.detach().double() * n, (logits.argmax(-1) == labels).sum().double(), n])
+                            for loss, logits in (per_branch[b] for b in self.branches)])
         hist = torch.bincount(labels, minlength=self.vocab_size).double()
         if keep is not None:
             w = keep.to(torch.float64)
@@ -93,16 +114,21 @@ class MimMeter:
         self.hist += hist
 
     def reduce(self, accelerator) -> dict:
-        """Sum over ranks (every rank must call it) and return loss, mim_acc, majority_acc, tokens."""
-        flat = torch.cat([self.sums, self.hist])
+        """Sum over ranks (every rank must call it) and return loss, mim_acc, majority_acc, tokens (and
+        ``<branch>_loss``, ``<branch>_mim_acc`` of every other branch)."""
+        flat = torch.cat([self.sums.flatten(), self.hist])
         if accelerator.num_processes > 1:
             flat = accelerator.reduce(flat, reduction="sum")
-        loss_sum, hits, n = flat[:3].tolist()
-        hist = flat[3:]
+        sums = flat[:self.sums.numel()].view_as(self.sums).tolist()
+        hist = flat[self.sums.numel():]
+        n = sums[0][2]
         if n == 0:
             return {"tokens": 0}
-        return {"loss": loss_sum / n, "mim_acc": hits / n, "majority_acc": float(hist.max()) / n,
-                "tokens": int(n), "token_perplexity": _perplexity(hist)}
+        out = {}
+        for branch, (loss_sum, hits, _) in zip(self.branches, sums):
+            prefix = "" if branch == "mim" else f"{branch}_"
+            out.update({f"{prefix}loss": loss_sum / n, f"{prefix}mim_acc": hits / n})
+        return {**out, "majority_acc": float(hist.max()) / n, "tokens": int(n), "token_perplexity": _perplexity(hist)}
 
 
 def _perplexity(hist: torch.Tensor) -> float:
@@ -133,7 +159,8 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
     """
     model.train()
     if meter is None:
-        meter = MimMeter(accelerator.unwrap_model(model).lm_head.out_features, accelerator.device)
+        unwrapped = accelerator.unwrap_model(model)
+        meter = MimMeter(unwrapped.lm_head.out_features, accelerator.device, prediction_branches(unwrapped))
     window_ok = torch.ones((), dtype=torch.bool, device=accelerator.device)
     last_grad_norm = None
     t0, samples0 = time.time(), state.samples_seen
@@ -147,13 +174,13 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
         state.samples_seen += images.shape[0]
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                logits = model(images, mask)
-            loss = F.cross_entropy(logits.float(), labels)
+                outputs = model(images, mask)
+            loss, per_branch = mim_losses(outputs, labels)
             finite = torch.isfinite(loss.detach())
             # always backward (every rank takes part in the gradient all-reduce); a non-finite loss
             # makes the window's gradients non-finite and the step is then dropped as a whole
             accelerator.backward(loss)
-            meter.update(loss, logits, labels, keep=finite)
+            meter.update(per_branch, labels, keep=finite)
             window_ok = window_ok & finite
             if not accelerator.sync_gradients:
                 continue
@@ -209,20 +236,21 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
                     progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['mim_acc']:.3f}",
                                          base=f"{metrics['majority_acc']:.3f}", refresh=False)
             if pictures is not None and step_ok and pictures.due(state.step):
-                pictures(state.step, images, mask, tokens, logits)
+                pictures(state.step, images, mask, tokens, per_branch["mim"][1])
             if after_step is not None:
                 after_step(state)
 
 
 @torch.no_grad()
 def evaluate_mim(model, tokenizer, loader, accelerator, max_batches: int = 0) -> dict:
-    """Masked-token accuracy on held-out data beside the majority-token baseline (summed over ranks).
+    """Masked-token accuracy (of every prediction branch) on held-out data beside the majority-token baseline
+    (summed over ranks).
 
     The baseline predicts the single most frequent masked token of the held-out set itself, which
     is the best any constant prediction can do there. With a ``HeldOutStream`` loader, samples that
     did not decode are left out and counted (``bad_images``); ``images`` counts the scored ones."""
     model.eval()
-    meter = MimMeter(tokenizer.vocab_size, accelerator.device)
+    meter = MimMeter(tokenizer.vocab_size, accelerator.device, prediction_branches(model))
     counts = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # images scored, images bad
     for i, batch in enumerate(loader):
         if max_batches and i >= max_batches:
@@ -237,9 +265,9 @@ def evaluate_mim(model, tokenizer, loader, accelerator, max_batches: int = 0) ->
         images, mask = batch_to_device(batch, accelerator.device)
         labels = masked_labels(batch_tokens(batch, tokenizer, accelerator.device), mask)
         with accelerator.autocast():
-            logits = model(images, mask)
-        loss = F.cross_entropy(logits.float(), labels)
-        meter.update(loss, logits, labels, keep=torch.isfinite(loss))
+            outputs = model(images, mask)
+        loss, per_branch = mim_losses(outputs, labels)
+        meter.update(per_branch, labels, keep=torch.isfinite(loss))
     model.train()
     if accelerator.num_processes > 1:
         counts = accelerator.reduce(counts, reduction="sum")

@@ -2,12 +2,14 @@
 
     beit export --run_dir runs/ft --out exported/model.safetensors [--ema]     # timm: + model.json
     beit export --run_dir runs/ft --out exported/hf_model --format hf           # a transformers folder
+    beit export --run_dir runs/pretrain --out exported/beit_unilm.pth --format unilm   # a pretraining run, unilm
     python -m beit.export ...                                                   # the same as beit export
     beit export-onnx --model runs/ft/model.safetensors --out exported/model.onnx \
         [--val_shards 'digits/test-*.tar'] [--batch_size 1]
 
 ``beit export`` rebuilds the run's model from its config.yaml and loads its newest complete checkpoint
-(its EMA weights with ``--ema``). ``beit export-onnx`` converts an export and checks it at once:
+(its EMA weights with ``--ema``); ``--format unilm`` writes a BEiT pretraining run (BEiT v2's CLS-pretraining
+branch included) in unilm's layout. ``beit export-onnx`` converts an export and checks it at once:
 onnxruntime and PyTorch run the same inputs and their logits must agree.
 """
 from __future__ import annotations
@@ -23,11 +25,14 @@ from beit.config import field, parse_config
 
 @dataclass
 class ExportConfig:
-    run_dir: str = field("", help="a beit finetune --output_dir")
-    out: str = field("", help="output .safetensors path (a .json is written beside it); a folder for --format hf")
+    run_dir: str = field("", help="a beit finetune --output_dir (--format unilm: a beit pretrain --output_dir)")
+    out: str = field("", help="output .safetensors path (a .json is written beside it); a folder for --format hf; "
+                              "a .pth for --format unilm")
     ema: bool = field(False, help="export the EMA weights of the newest checkpoint")
-    format: Literal["timm", "hf"] = field("timm", help="timm: OUT.safetensors + OUT.json (timm pretrained_cfg); hf: "
-                                                       "a transformers folder at OUT")
+    format: Literal["timm", "hf", "unilm"] = field(
+        "timm", help="timm: OUT.safetensors + OUT.json (timm pretrained_cfg); hf: a transformers folder at OUT; "
+                     "unilm: a pretraining run as OUT.pth ({'model': ...}, unilm's layout, BEiT v2's CLS branch "
+                     "included) + OUT.json (unilm's class and arguments)")
     trust_pickle: bool = field(False, help=TRUST_PICKLE_HELP)
 
     def validate(self) -> None:
@@ -54,6 +59,13 @@ def export_main(argv: list[str] | None = None) -> Path:
     from beit.export.classifier import export_model, model_of_run
 
     cfg = parse_config(ExportConfig, argv, description=__doc__)
+    if cfg.format == "unilm":
+        from beit.export.unilm import export_pretraining_run
+        if cfg.ema:
+            raise ValueError("--ema: a pretraining run keeps no EMA weights; leave it out with --format unilm")
+        out, what = export_pretraining_run(cfg.run_dir, cfg.out)
+        print(f"exported {what} -> {out} (+ {out.with_suffix('.json').name}: unilm's class and arguments)")
+        return out
     model, run_cfg, ckpt = model_of_run(cfg.run_dir, ema=cfg.ema, trust_pickle=cfg.trust_pickle)
     final = Path(cfg.run_dir) / "final.json"
     metrics = json.loads(final.read_text()) if final.is_file() else None

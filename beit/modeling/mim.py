@@ -5,6 +5,11 @@ relative position bias) but no mask token and no masked-token head. ``BeitPretra
 those around timm's own ``PatchEmbed``, ``Block`` and ``RelativePositionBias`` and initialises
 everything as the BEiT reference does. Parameter names match the reference checkpoints and timm,
 so ``encoder_state_dict()`` loads into ``timm.models.beit.Beit(**timm_beit_kwargs(...))``.
+
+BEiT v2's CLS-pretraining ("patch aggregation") branch is optional (``cls_pretraining``): the last block's CLS
+token joined with the patch tokens after block ``early_layers`` goes through ``head_layers`` more blocks and
+predicts the same masked tokens, through the main norm and ``lm_head`` (``shared_lm_head``) or its own
+``cls_pt_norm`` / ``cls_pt_lm_head``; unilm beit2's ``VisionTransformerForMaskedImageModelingCLS`` key names.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import LayerNorm, PatchEmbed, to_2tuple
 from timm.models.beit import RelativePositionBias
 from torch.utils.checkpoint import checkpoint
@@ -53,15 +59,37 @@ def flat_mask(bool_masked_pos, batch: int, grid_size, device, grid_name: str) ->
                          f"{grid_name.format(h=h, w=w)}, got {tuple(m.shape)}")
     return m.reshape(batch, h * w).to(device, non_blocking=True)
 
+
+def check_cls_pretraining(depth: int, early_layers: int, head_layers: int) -> None:
+    """The CLS branch reads an intermediate block (1 <= early_layers < depth) through at least one head block."""
+    if not 1 <= early_layers < depth:
+        raise ValueError(f"early_layers {early_layers} must name an intermediate block, 1 to depth - 1 = {depth - 1} "
+                         "(0: depth - 3, the reference's 9 of 12 for base and 21 of 24 for large, which needs depth "
+                         ">= 4)")
+    if head_layers < 1:
+        raise ValueError(f"head_layers must be >= 1 (the CLS branch's blocks; the reference uses 2), got {head_layers}")
+
+
+def _masked_rows(m: torch.Tensor) -> torch.Tensor | None:
+    """[B, K] token indices (after the cls token) of each sample's masked patches in ascending order when every
+    sample has the same count K, else None; the step's one host sync (the output size depends on the mask)."""
+    counts = m.sum(1).tolist()
+    if min(counts) != max(counts):
+        return None
+    return torch.argsort((~m).to(torch.uint8), dim=1, stable=True)[:, :counts[0]] + 1
+
+
 class BeitPretrainModel(nn.Module):
     """ViT encoder + mask token + ``lm_head`` over the masked positions (BEiT pretraining).
 
     forward(images, bool_masked_pos) -> logits [M, vocab_size], M = number of masked patches in the
-    batch, ordered like ``tokens.flatten(1)[bool_masked_pos.flatten(1)]``.
+    batch, ordered like ``tokens.flatten(1)[bool_masked_pos.flatten(1)]``. With ``cls_pretraining`` (BEiT v2)
+    it returns ``{"mim": logits, "cls_pt": the CLS branch's logits}``, both [M, vocab_size] in that order.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
-                 mlp_ratio=4.0, vocab_size=8192, init_values=0.1, drop_path_rate=0.1, init_std=0.02):
+                 mlp_ratio=4.0, vocab_size=8192, init_values=0.1, drop_path_rate=0.1, init_std=0.02,
+                 cls_pretraining=False, early_layers=0, head_layers=2, shared_lm_head=True):
         super().__init__()
         img_hw, patch_hw = to_2tuple(img_size), to_2tuple(patch_size)
         if any(int(v) != v or v < 1 for v in (*img_hw, *patch_hw)):
@@ -78,6 +106,12 @@ class BeitPretrainModel(nn.Module):
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
                            depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio, vocab_size=vocab_size,
                            init_values=init_values, drop_path_rate=drop_path_rate, init_std=init_std)
+        if cls_pretraining:
+            early_layers = early_layers or depth - 3
+            check_cls_pretraining(depth, early_layers, head_layers)
+            self.config.update(cls_pretraining=True, early_layers=early_layers, head_layers=head_layers,
+                               shared_lm_head=bool(shared_lm_head))
+        self.early_layers = early_layers if cls_pretraining else 0
         self.embed_dim, self.vocab_size, self.in_chans = embed_dim, vocab_size, in_chans
         self.grad_checkpointing = False
 
@@ -95,6 +129,9 @@ class BeitPretrainModel(nn.Module):
         self.norm = LayerNorm(embed_dim)  # eps 1e-6
         self.lm_head = nn.Linear(embed_dim, vocab_size)
         self._init_weights(init_std)
+        self.cls_pt_layers = None
+        if cls_pretraining:
+            self._build_cls_pt(head_layers, shared_lm_head, drop_path_rate, init_std)
 
     @torch.no_grad()
     def _init_weights(self, std: float) -> None:
@@ -112,6 +149,32 @@ class BeitPretrainModel(nn.Module):
         for layer_id, blk in enumerate(self.blocks, start=1):
             blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
             blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+
+    @torch.no_grad()
+    def _build_cls_pt(self, head_layers: int, shared_lm_head: bool, drop_path_rate: float, init_std: float) -> None:
+        """The CLS-pretraining head, initialised as unilm beit2 does: its blocks are built after the encoder's
+        trunc-normal init and keep PyTorch's default Linear init (only proj/fc2 rescaled, by their depth counted
+        on from ``early_layers``); drop path continues the encoder's schedule from ``early_layers``."""
+        cfg = self.config
+        depth, early = cfg["depth"], self.early_layers
+        dpr = torch.linspace(0, drop_path_rate, max(depth, early + head_layers)).tolist()
+        self.cls_pt_layers = nn.ModuleList([
+            BeitBlock(dim=cfg["embed_dim"], num_heads=cfg["num_heads"], qkv_bias=True, mlp_ratio=cfg["mlp_ratio"],
+                      drop_path=dpr[i], init_values=cfg["init_values"], norm_layer=LayerNorm, window_size=None)
+            for i in range(early, early + head_layers)])
+        for layer_id, blk in enumerate(self.cls_pt_layers, start=early + 1):
+            blk.attn.proj.weight.div_(math.sqrt(2.0 * layer_id))
+            blk.mlp.fc2.weight.div_(math.sqrt(2.0 * layer_id))
+        if not shared_lm_head:
+            self.cls_pt_norm = LayerNorm(cfg["embed_dim"])
+            self.cls_pt_lm_head = nn.Linear(cfg["embed_dim"], cfg["vocab_size"])
+            _trunc_normal(self.cls_pt_lm_head.weight, init_std)
+            nn.init.zeros_(self.cls_pt_lm_head.bias)
+
+    @property
+    def branches(self) -> tuple[str, ...]:
+        """Names of the predictions ``forward`` returns (one per loss): ``mim``, and ``cls_pt`` with the CLS branch."""
+        return ("mim",) if self.cls_pt_layers is None else ("mim", "cls_pt")
 
     def _check_images(self, images: torch.Tensor) -> None:
         expect = (self.in_chans, *self.patch_embed.img_size)
@@ -156,18 +219,47 @@ class BeitPretrainModel(nn.Module):
         mask, up to float rounding, for about half the last block's work."""
         b = images.shape[0]
         m = self._flat_mask(bool_masked_pos, b, images.device)
+        if self.cls_pt_layers is not None:
+            return self._forward_with_cls_pt(images, m)
         x, rel_pos_bias = self._embed(images, m)
         *body, last = self.blocks
         for blk in body:
             x = self._run_block(blk, x, rel_pos_bias)
-        counts = m.sum(1).tolist()  # the step's one host sync (the output size depends on the mask)
-        if min(counts) == max(counts):
-            # masked positions of each sample in ascending order (+1: after the cls token)
-            rows = torch.argsort((~m).to(torch.uint8), dim=1, stable=True)[:, :counts[0]] + 1
+        rows = _masked_rows(m)
+        if rows is not None:
             x = self.norm(self._run_block(last, x, rel_pos_bias, rows)).flatten(0, 1)
         else:
             x = self.norm(self._run_block(last, x, rel_pos_bias))[:, 1:][m]
         return self.lm_head(x)
+
+    def _forward_with_cls_pt(self, images: torch.Tensor, m: torch.Tensor) -> dict[str, torch.Tensor]:
+        """BEiT v2: the main prediction as ``forward``, and the CLS branch's (the last block's CLS token + the
+        patch tokens after block ``early_layers``, through ``cls_pt_layers``) at the same masked positions. With
+        equal mask counts the last block of each path runs on the rows it must output only."""
+        x, rel_pos_bias = self._embed(images, m)
+        *body, last = self.blocks
+        for i, blk in enumerate(body, start=1):
+            x = self._run_block(blk, x, rel_pos_bias)
+            if i == self.early_layers:
+                early = x[:, 1:]
+        rows = _masked_rows(m)
+        if rows is not None:  # the cls token (row 0) and the masked rows
+            x = self._run_block(last, x, rel_pos_bias, F.pad(rows, (1, 0)))
+            main = x[:, 1:].flatten(0, 1)
+        else:
+            x = self._run_block(last, x, rel_pos_bias)
+            main = x[:, 1:][m]
+        h = torch.cat((x[:, :1], early), dim=1)
+        *head, head_last = self.cls_pt_layers
+        for blk in head:
+            h = self._run_block(blk, h, rel_pos_bias)
+        if rows is not None:
+            h = self._run_block(head_last, h, rel_pos_bias, rows).flatten(0, 1)
+        else:
+            h = self._run_block(head_last, h, rel_pos_bias)[:, 1:][m]
+        norm, lm_head = (self.norm, self.lm_head) if self.config["shared_lm_head"] else \
+            (self.cls_pt_norm, self.cls_pt_lm_head)
+        return {"mim": self.lm_head(self.norm(main)), "cls_pt": lm_head(norm(h))}
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -183,8 +275,9 @@ class BeitPretrainModel(nn.Module):
         Each block is its own compiled frame (their drop-path rates differ), so dynamo's
         recompile limit (8 by default) is raised to the depth: past it the rest would run eager."""
         import torch._dynamo.config as dynamo_config
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(self.blocks) + 1)
-        for blk in self.blocks:
+        blocks = [*self.blocks, *(self.cls_pt_layers or ())]
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, len(blocks) + 1)
+        for blk in blocks:
             blk.compile(**kw)
 
     @torch.jit.ignore
@@ -193,8 +286,10 @@ class BeitPretrainModel(nn.Module):
         self.grad_checkpointing = bool(enable)
 
     def encoder_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict without the pretraining-only ``mask_token`` and ``lm_head`` (reference/timm key names)."""
-        return {k: v for k, v in self.state_dict().items() if k != "mask_token" and not k.startswith("lm_head.")}
+        """State dict without the pretraining-only ``mask_token``, ``lm_head`` and CLS-pretraining branch
+        (reference/timm key names)."""
+        return {k: v for k, v in self.state_dict().items()
+                if k != "mask_token" and not k.startswith(("lm_head.", "cls_pt_"))}
 
     def timm_beit_kwargs(self) -> dict[str, Any]:
         """kwargs for ``timm.models.beit.Beit`` with this encoder's architecture (see module function)."""

@@ -20,7 +20,7 @@ from beit.options.common import (
 # weights are compared by fingerprint, so a tokenizer file may move but not change.)
 RESUME_KEYS = ("image_size", "patch_size", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio",
                "init_values", "tokenizer", "arch", "swin_patch_size", "swin_window_size", "swin_depths", "swin_heads",
-               "swin_head")
+               "swin_head", "cls_pretraining", "early_layers", "head_layers", "shared_lm_head")
 REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 
@@ -61,6 +61,19 @@ class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions,
                                                 "(last stage, upsampled to the token grid; every stage trained) | "
                                                 "stage "
                                                 "(the stage at the token stride; later stages stay untrained)")
+    init: str = field("", help="continue pretraining from these weights (step 0, a new optimizer and schedule): our "
+                      "pretrained.safetensors or a unilm BEiT / BEiT v2 pretraining .pth, mask token, LM head and "
+                      "the CLS-pretraining branch included; its sizes, vocabulary and branch must be those the "
+                      "options build (--arch beit). Not used when output_dir holds a checkpoint to resume")
+    # BEiT v2's CLS pretraining ("patch aggregation"; unilm beit2's *_cls_pt models and their option names)
+    cls_pretraining: bool = field(False, help="BEiT v2's CLS-pretraining branch (--arch beit): the last block's CLS "
+                                  "token joined with the patch tokens after block early_layers goes through "
+                                  "head_layers more blocks and predicts the same masked tokens; its loss is added")
+    early_layers: int = field(0, help="with cls_pretraining: the block whose patch tokens the CLS branch reads (0: "
+                              "depth - 3, the reference's 9 for base and 21 for large)")
+    head_layers: int = field(2, help="with cls_pretraining: transformer blocks of the CLS branch's head")
+    shared_lm_head: bool = field(True, help="with cls_pretraining: the CLS branch predicts through the encoder's "
+                                 "final norm and lm_head (false: its own cls_pt_norm and cls_pt_lm_head)")
     # masking
     num_masking_patches: int = field(0, help="masked patches per image (0: 75 on a 14x14 grid as BEiT, otherwise "
                                      "round(mask_ratio * patches))")
@@ -121,6 +134,9 @@ class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions,
         if self.compile and not backbone.compiles:
             raise ValueError(f"--compile compiles the blocks of the beit and timm ViT backbones; leave it out with "
                              f"--arch {self.arch}")
+        if self.cls_pretraining and not backbone.cls_pretraining:
+            raise ValueError(f"--cls_pretraining is BEiT v2's branch of the BEiT ViT (--arch beit); --arch {self.arch} "
+                             "has none: leave it false")
         if self.knn_train_shards and not backbone.patch_tokens:
             raise ValueError(f"the kNN health metric reads a ViT's patch tokens: leave knn_train_shards/knn_val_shards "
                              f"empty with --arch {self.arch}")

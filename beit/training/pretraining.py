@@ -26,7 +26,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     inputs = check_inputs(cfg, world_size())         # every input checked, nothing written, no compute
     with open_run(cfg.output_dir) as latest:          # one run per folder; the newest intact checkpoint
         check_resume(cfg, latest, inputs)
-        run = PretrainRun(cfg, inputs)                # accelerator, model, optimizer, schedule, loader
+        run = PretrainRun(cfg, inputs, init=None if latest else inputs.init)  # accelerator, model, optimizer...
         run.restore(latest)
         run.train()                                   # the engine, epoch after epoch, checkpoints
         return run.finish()                           # weights, held-out evaluation, final_metrics.json
@@ -35,13 +35,15 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
 @dataclass
 class PretrainInputs:
     """What ``check_inputs`` found: the shards, the tokenizer (None when a token cache replaces it and nothing
-    else needs it), the token cache's description, the gradient accumulation and the masking generator."""
+    else needs it), the token cache's description, the gradient accumulation, the masking generator and the
+    checked ``--init``."""
     shards: list[str]
     val_shards: list[str]
     tokenizer: object | None
     cache: dict | None
     grad_accum_steps: int
     masker: object
+    init: object | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -95,7 +97,10 @@ def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
         accum = grad_accum_for(cfg.global_batch_size, cfg.batch_size, world) if cfg.global_batch_size \
             else cfg.grad_accum_steps
         inputs = PretrainInputs(shards, val_shards, tokenizer, cache, accum, masker)
-        backbone_for(cfg.arch, pretraining=True).check_mim(cfg, inputs.vocab_size)
+        backbone = backbone_for(cfg.arch, pretraining=True)
+        backbone.check_mim(cfg, inputs.vocab_size)
+        if cfg.init:
+            inputs.init = backbone.read_mim_init(cfg, inputs.vocab_size)
     except (ValueError, FileNotFoundError, PermissionError) as e:
         raise SetupError(str(e)) from e
     return inputs
@@ -183,7 +188,7 @@ def resolve_steps(cfg: PretrainConfig, batches_per_epoch: int, accum: int, log=p
 class PretrainRun:
     """The pieces of one pretraining run, built from its checked inputs."""
 
-    def __init__(self, cfg: PretrainConfig, inputs: PretrainInputs):
+    def __init__(self, cfg: PretrainConfig, inputs: PretrainInputs, init=None):
         from accelerate import Accelerator
         from accelerate.utils import set_seed
 
@@ -213,6 +218,7 @@ class PretrainRun:
 
         set_seed(cfg.seed)
         model = build_model(cfg, inputs.vocab_size)
+        self.init_report = init.load_into(model) if init is not None else None  # before prepare: every rank
         self.tokenizer = inputs.tokenizer.to(acc.device) if inputs.tokenizer is not None else None
         optimizer = create_adamw(param_groups_weight_decay(model, cfg.weight_decay), lr=cfg.lr,
                                  betas=tuple(cfg.betas), eps=cfg.eps)
@@ -271,8 +277,13 @@ class PretrainRun:
             "held-out: none (no masked-token score at the end; pass --val_shards, or --data with --val_fraction)")
         log(f"outputs: {self.out}/ (config.yaml, metrics.jsonl, checkpoints/ every {cfg.checkpoint_every} steps, "
             "final_metrics.json, pretrained.safetensors)")
-        log(f"resumed from {latest} at step {self.state.step} (epoch {self.state.epoch})" if latest else
-            f"starting a new run in {self.out}")
+        if latest:
+            log(f"resumed from {latest} at step {self.state.step} (epoch {self.state.epoch})"
+                + (f"; --init {cfg.init} not used (the run's own checkpoint is newer)" if cfg.init else ""))
+        else:
+            log(f"starting a new run in {self.out}" + (" from --init:" if self.init_report else ""))
+        for line in self.init_report.summary().splitlines() if self.init_report else ():
+            log(f"  {line}")
 
     def checkpoint(self, st) -> None:
         """A checkpoint every ``checkpoint_every`` optimizer steps and at the last."""
@@ -292,7 +303,7 @@ class PretrainRun:
     def train(self) -> None:
         """Epochs of the engine until ``total_steps`` optimizer steps are done (kNN health and pictures beside)."""
         from beit.engines.knn import build_knn_health
-        from beit.engines.pretrain import MimMeter, train_one_epoch
+        from beit.engines.pretrain import MimMeter, prediction_branches, train_one_epoch
         from beit.runtime.run_logging import data_error_metrics
 
         cfg, acc, state, loader = self.cfg, self.accelerator, self.state, self.loader
@@ -303,7 +314,7 @@ class PretrainRun:
                 health(acc.unwrap_model(self.model), st.step)
             self.checkpoint(st)
 
-        meter = MimMeter(self.inputs.vocab_size, acc.device)
+        meter = MimMeter(self.inputs.vocab_size, acc.device, prediction_branches(acc.unwrap_model(self.model)))
         if health is not None and state.step == 0:
             health(acc.unwrap_model(self.model), 0)  # the random encoder: what the metric must rise above
         pictures = None
@@ -353,15 +364,19 @@ class PretrainRun:
             summary.update({f"val/{k}": v for k, v in ev.items()})
             self.logger.log({f"val/{k}": v for k, v in ev.items()}, step=state.step)
             if "mim_acc" in ev:
-                self.logger.info(f"held-out masked-token accuracy {ev['mim_acc']:.4f} vs majority-token baseline "
-                                 f"{ev['majority_acc']:.4f} ({ev['tokens']} masked tokens in {ev['images']} images"
+                cls_pt = f" (CLS-pretraining branch {ev['cls_pt_mim_acc']:.4f})" if "cls_pt_mim_acc" in ev else ""
+                self.logger.info(f"held-out masked-token accuracy {ev['mim_acc']:.4f}{cls_pt} vs majority-token "
+                                 f"baseline {ev['majority_acc']:.4f} ({ev['tokens']} masked tokens in {ev['images']} "
+                                 "images"
                                  + (f"; {ev['bad_images']} undecodable images left out)" if ev["bad_images"] else ")"))
         last = self.logger.last_logged
-        summary.update({f"train/{k}": last[k] for k in ("loss", "mim_acc", "majority_acc") if k in last})
+        summary.update({f"train/{k}": last[k] for k in ("loss", "mim_acc", "majority_acc", "cls_pt_loss",
+                                                         "cls_pt_mim_acc") if k in last})
         if acc.is_main_process:
             (out / "final_metrics.json").write_text(json.dumps(summary, indent=1))
-        train = (f"last logged training loss {last['loss']:.4f}, masked-token accuracy {last['mim_acc']:.3f} vs "
-                 f"majority {last['majority_acc']:.3f}" if "mim_acc" in last else "no training metrics logged")
+        cls_pt = f" (CLS-pretraining branch {last['cls_pt_mim_acc']:.3f})" if "cls_pt_mim_acc" in last else ""
+        train = (f"last logged training loss {last['loss']:.4f}, masked-token accuracy {last['mim_acc']:.3f}{cls_pt} "
+                 f"vs majority {last['majority_acc']:.3f}" if "mim_acc" in last else "no training metrics logged")
         self.logger.info(f"finished: {state.step} steps, {state.epoch + 1} epoch(s), {summary['train_seconds']:.0f} s "
                          f"training; {train}; held-out: "
                          + (f"{summary['val/mim_acc']:.4f}" if "val/mim_acc" in summary else "none")

@@ -45,6 +45,7 @@ def _attention_section(model, forward, images_hwc, grid_hw, cfg, out: Path, dept
 
 def pretrain_sections(run: RunFolder, model, cfg, out: Path, device) -> tuple[list[Section], dict]:
     from beit.data.pipelines.transforms import encoder_input, tokenizer_input
+    from beit.engines.pretrain import as_branches
     from beit.tokenizers import load_tokenizer
     from beit.viz.figures import hwc
     from beit.viz.heldout_samples import pretrain_samples
@@ -62,18 +63,20 @@ def pretrain_sections(run: RunFolder, model, cfg, out: Path, device) -> tuple[li
     mask = batch["mask"].to(device).bool()
     with torch.no_grad():
         target = tokenizer.tokenize(tokenizer_input(batch["tokenizer_image"].to(device)))
-        logits = model(images, mask)
+        branches = as_branches(model(images, mask))
     predicted = target.clone().flatten(1)
-    predicted[mask.flatten(1)] = logits.argmax(-1)
+    predicted[mask.flatten(1)] = branches["mim"].argmax(-1)
     predicted = predicted.view_as(target)
     hits = int((predicted[mask] == target[mask]).sum())
+    cls_pt = (f"; the CLS-pretraining branch {int((branches['cls_pt'].argmax(-1) == target[mask]).sum())}"
+              if "cls_pt" in branches else "")
     sections = [
         Section("Masks", draw_masks(batch["image"], mask, out / "masks.png"),
                 "Held-out images (the run's held-out view: the whole image, no jitter or flip) and the seeded "
                 "block masks of its evaluation."),
         Section("Tokens", draw_tokens(batch["tokenizer_image"], target, predicted, mask, tokenizer.vocab_size,
                                       out / "tokens.png"),
-                f"{hits} of {int(mask.sum())} masked tokens predicted exactly ({tokenizer.kind} tokenizer, "
+                f"{hits} of {int(mask.sum())} masked tokens predicted exactly{cls_pt} ({tokenizer.kind} tokenizer, "
                 f"{tokenizer.vocab_size} tokens; one colour per token id)."),
     ]
     reason = cannot_decode(tokenizer)

@@ -2,7 +2,8 @@
 
 Every method has a default here, so a family overrides only what it supports. The pretraining model
 (``build_mim``) takes images and a block mask on the token grid and returns logits for the masked cells
-(``forward(images, bool_masked_pos) -> [M, vocab]``), with ``encoder_state_dict()``, ``no_weight_decay()``,
+(``forward(images, bool_masked_pos) -> [M, vocab]``, or ``{branch: [M, vocab]}`` when it predicts them several
+ways, each branch's loss added: BEiT v2's ``mim`` and ``cls_pt``), with ``encoder_state_dict()``, ``no_weight_decay()``,
 ``set_grad_checkpointing()`` and a ``config`` dict that is saved beside the weights.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Backbone:
     linear_probe = False   # a frozen-encoder linear probe reads its blocks
     compiles = False       # ``--compile`` compiles its blocks
     segments = False       # it has a UperNet segmenter (``--task segmentation``)
+    cls_pretraining = False  # its MIM model has BEiT v2's CLS-pretraining branch (``--cls_pretraining``)
     label = ""             # how reports name it ("": by its name)
 
     def claims(self, name: str) -> bool:
@@ -32,6 +34,12 @@ class Backbone:
     # ------------------------------------------------------------------------------- pretraining
     def build_mim(self, cfg, vocab_size: int) -> nn.Module:
         raise ValueError(f"--arch {cfg.arch}: this backbone has no masked-image-modelling model")
+
+    def read_mim_init(self, cfg, vocab_size: int):
+        """The pretraining checkpoint ``--init`` names, checked against the MIM model these options build (before
+        compute); its ``load_into(model)`` puts the weights in."""
+        raise ValueError(f"--init continues the pretraining of a BEiT ViT (--arch beit); --arch {cfg.arch} starts "
+                         "from scratch: leave --init empty")
 
     def check_mim(self, cfg, vocab_size: int) -> None:
         """Build the pretraining model on the meta device: sizes, windows and grids are checked before any

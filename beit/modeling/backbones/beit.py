@@ -10,24 +10,44 @@ from beit.modeling.backbones.base import Backbone
 POSITIONS = {(False, True): "relative", (True, False): "absolute", (True, True): "both", (False, False): "none"}
 
 
+def cls_pretraining_options(cfg) -> dict:
+    """BEiT v2's CLS-pretraining options of a pretraining config (none when it is off: BEiT v1's model)."""
+    if not cfg.cls_pretraining:
+        return {}
+    return dict(cls_pretraining=True, early_layers=cfg.early_layers, head_layers=cfg.head_layers,
+                shared_lm_head=cfg.shared_lm_head)
+
+
+def mim_kwargs(cfg, vocab_size: int) -> dict:
+    """``BeitPretrainModel`` arguments of a pretraining config."""
+    from beit.modeling.mim import beit_dims
+
+    dims = beit_dims(cfg.model_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
+                     mlp_ratio=cfg.mlp_ratio, init_values=cfg.init_values)
+    return dict(img_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=vocab_size,
+                drop_path_rate=cfg.drop_path, **dims, **cls_pretraining_options(cfg))
+
+
 class BeitBackbone(Backbone):
-    pretrains = patch_tokens = linear_probe = compiles = segments = True
+    pretrains = patch_tokens = linear_probe = compiles = segments = cls_pretraining = True
     label = "ViT"
 
     def claims(self, name: str) -> bool:
         return name == "beit"
 
     def build_mim(self, cfg, vocab_size: int) -> nn.Module:
-        from beit.modeling.mim import BeitPretrainModel, beit_dims
+        from beit.modeling.mim import BeitPretrainModel
+        return BeitPretrainModel(**mim_kwargs(cfg, vocab_size))
 
-        dims = beit_dims(cfg.model_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads,
-                         mlp_ratio=cfg.mlp_ratio, init_values=cfg.init_values)
-        return BeitPretrainModel(img_size=cfg.image_size, patch_size=cfg.patch_size, vocab_size=vocab_size,
-                                 drop_path_rate=cfg.drop_path, **dims)
+    def read_mim_init(self, cfg, vocab_size: int):
+        from beit.checkpoints.mim_loading import read_init
+        return read_init(cfg.init, mim_kwargs(cfg, vocab_size), trust_pickle=cfg.trust_pickle)
 
     def check_mim(self, cfg, vocab_size: int) -> None:
-        from beit.modeling.mim import beit_dims
-        beit_dims(cfg.model_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+        from beit.modeling.mim import beit_dims, check_cls_pretraining
+        dims = beit_dims(cfg.model_size, embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads)
+        if cfg.cls_pretraining:
+            check_cls_pretraining(dims["depth"], cfg.early_layers or dims["depth"] - 3, cfg.head_layers)
 
     # ------------------------------------------------------------------------------- fine-tuning
     def check_finetune(self, cfg) -> None:
