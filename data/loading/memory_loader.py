@@ -1,0 +1,164 @@
+"""The training loader over a decoded-image store (``memory_store``): batches augmented on the device.
+
+Order (every process computes it from the seed alone, with no communication): epoch e shows the store's N
+images in one seeded permutation (``derive_seed(seed, e, pass)``), cut into micro-batches of
+``batch_size`` slots; micro-batch m belongs to process m % world_size. An epoch has
+ceil(N / (world_size x batch_size)) micro-batches per process (rounded up to ``batch_multiple``) unless
+``batches_per_epoch`` is given; the slots after the N-th are filled from the next seeded permutation (the
+repeats are counted in ``describe``). So every image comes once per epoch, every process makes the same
+number of steps, the batches do not depend on the process count, and the position (epoch, micro-batches
+consumed) is the whole resume state: a resumed run continues with exactly the batches it would have had,
+on the same or (when the consumed samples split evenly) another number of processes.
+
+The augmentation (``augment.draw(generator, n)`` then ``augment(store, indices, draws, batch_size)``) draws
+the random numbers of micro-batch m from a CPU generator seeded with (seed, epoch, m) and runs on several
+micro-batches at once (``chunk``: fixed stretches of the epoch), so the batches do not depend on the
+chunking, and a resumed run, which starts from the chunk of its position, computes the same ones.
+"""
+from __future__ import annotations
+
+import collections
+import warnings
+from typing import Any
+
+import torch
+
+from beit.data.loading.data_stats import DataStats
+from beit.data.loading.memory_store import DecodedStore
+from beit.data.loading.stream import EpochLoader, derive_seed
+
+STATE_VERSION = 1
+_PERM, _AUG = 0x3E30, 0x3E31
+
+
+class MemoryLoader(EpochLoader):
+    """Same interface as ``StreamLoader`` (len, set_epoch, state_dict / load_state_dict, stats, metrics,
+    describe, notes, coverage); batches are dicts of tensors on the store's device plus ``__key__``."""
+
+    num_workers = 0
+
+    def __init__(self, store: DecodedStore, augment, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, batches_per_epoch: int | None = None, batch_multiple: int = 1,
+                 max_bad_fraction: float = 0.01):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.store, self.augment = store, augment
+        self.batch_size, self.rank, self.world_size, self.seed = batch_size, rank, world_size, seed
+        n = len(store)
+        explicit = bool(batches_per_epoch)
+        if not explicit:
+            batches_per_epoch = -(-n // (world_size * batch_size))
+            batches_per_epoch = -(-batches_per_epoch // max(1, batch_multiple)) * max(1, batch_multiple)
+        self.num_batches = int(batches_per_epoch)
+        self.epoch, self.position = 0, 0
+        self._stats = DataStats(store.stats.data)
+        self._stats.check(max_bad_fraction)
+        self.max_bad_fraction = max_bad_fraction
+        self._perms: dict[tuple[int, int], torch.Tensor] = {}
+        self.notes: list[str] = []
+        self.coverage = {"images": n, "shards": len(store.shards), "batches": self.num_batches,
+                         "batch_size": batch_size, "world_size": world_size, "resampled": False,
+                         "explicit": explicit, "order": "memory"}
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.position = int(epoch), 0
+
+    # ---- the order ----
+    def _perm(self, epoch: int, cycle: int) -> torch.Tensor:
+        key = (epoch, cycle)
+        if key not in self._perms:
+            if len(self._perms) > 4:
+                self._perms.clear()
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _PERM, cycle))
+            self._perms[key] = torch.randperm(len(self.store), generator=gen)
+        return self._perms[key]
+
+    def slots(self, epoch: int, m: int) -> torch.Tensor:
+        """Store indices of global micro-batch ``m`` of ``epoch``."""
+        n, b = len(self.store), self.batch_size
+        first, last = m * b, (m + 1) * b
+        parts = [self._perm(epoch, c)[max(first, c * n) - c * n:min(last, (c + 1) * n) - c * n]
+                 for c in range(first // n, (last - 1) // n + 1)]
+        return torch.cat(parts)
+
+    def chunk(self) -> int:
+        """Micro-batches augmented together: up to 1024 images and ~64 MiB of outputs and intermediates.
+        Chunks start at fixed positions of the epoch, so a resumed run augments the same chunks."""
+        _, c, h, w = self.store.images.shape
+        per_image = max(getattr(self.augment, "out_pixels", 3 * h * w), 4 * c * h * 64)
+        images = max(1, min(1024, (64 << 20) // per_image))
+        return max(1, images // self.batch_size)
+
+    def _augmented(self, start: int, stop: int) -> dict:
+        """The augmented micro-batches ``start`` .. ``stop`` - 1 of this process in this epoch, concatenated."""
+        idx, draws = [], []
+        for p in range(start, stop):
+            m = p * self.world_size + self.rank
+            idx.append(self.slots(self.epoch, m))
+            draws.append(self.augment.draw(torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, _AUG,
+                                                                                      m)), self.batch_size))
+        idx = torch.cat(idx)
+        u = {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
+        out = self.augment(self.store, idx.to(self.store.images.device), u, self.batch_size)
+        out["__index__"] = idx
+        return out
+
+    def __iter__(self):
+        if self.position >= self.num_batches:
+            self.set_epoch(self.epoch + 1)
+        store, b, k = self.store, self.batch_size, self.chunk()
+        while self.position < self.num_batches:
+            start = self.position // k * k
+            stop = min(start + k, self.num_batches)
+            part = self._augmented(start, stop)
+            for p in range(self.position, stop):
+                lo, hi = (p - start) * b, (p - start + 1) * b
+                batch = {key: v[lo:hi] for key, v in part.items() if key != "__index__"}
+                idx = part["__index__"][lo:hi].tolist()
+                batch["__key__"] = [store.keys[i] for i in idx]
+                for shard, n in collections.Counter(store.shard_of[i] for i in idx).items():
+                    self._stats.add_good(store.shards[shard], n)
+                self.position += 1
+                yield batch
+
+    # ---- resume ----
+    def _layout(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "batch_size": self.batch_size, "seed": self.seed,
+                "num_images": len(self.store), "num_batches": self.num_batches, "order": "memory"}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "epoch": self.epoch, "position": self.position, "workers": [],
+                "layout": self._layout(), "stats": self._stats.data}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()``, or from ``{"saved_ranks": [...]}`` of another process count: the
+        epoch goes on from the first sample not consumed when the consumed samples split evenly over this
+        run's processes, else it restarts (warned). A checkpoint of the streaming loader restarts its epoch."""
+        saved = state["saved_ranks"] if "saved_ranks" in state else [state]
+        first, me = saved[0], self._layout()
+        layout = first.get("layout") or {}
+        self.epoch = int(first["epoch"])
+        self._stats = DataStats()
+        for s in (saved[self.rank::self.world_size] if "saved_ranks" in state else saved):
+            self._stats.merge(s.get("stats") or {})
+        self.position = 0
+        if layout == me:
+            self.position = int(first["position"])
+            return
+        complete = all(int(s["position"]) >= int((s.get("layout") or {}).get("num_batches", 1 << 62))
+                       for s in saved)
+        if complete:
+            self.position = self.num_batches
+            return
+        same = {k: layout.get(k) for k in ("seed", "num_images", "order")} == \
+            {k: me[k] for k in ("seed", "num_images", "order")}
+        consumed = int(first["position"]) * int(layout.get("world_size", 1)) * int(layout.get("batch_size", 0))
+        per_batch = self.world_size * self.batch_size
+        if same and len({(s["epoch"], s["position"]) for s in saved}) == 1 and consumed % per_batch == 0:
+            self.position = min(consumed // per_batch, self.num_batches)
+            warnings.warn(f"the checkpoint's data layout {layout} differs from this run's {me}: epoch {self.epoch} "
+                          f"goes on from sample {consumed} of its order (every sample of the epoch once)")
+            return
+        warnings.warn(f"data loader layout changed since the checkpoint ({layout} -> {me}); epoch {self.epoch} "
+                      "restarts from its first batch (samples already seen in it come again)")
