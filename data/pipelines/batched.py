@@ -10,7 +10,9 @@ Used by the memory cache (``beit.data.loading.memory_loader``); the per-image tr
   (``precompute_coeffs``: filter support widened by the down-scale factor, weights normalised per output
   pixel, clipped to the image). A flip reverses the rows of ``Wx``. Like Pillow's uint8 path, the horizontal
   pass is rounded to uint8 before the vertical one, so the output matches ``Image.resize(box=...)`` to
-  within one level (Pillow's fixed-point coefficients). Bicubic, bilinear, lanczos, box, hamming and
+  within one level (Pillow's fixed-point coefficients) when the box is scaled down or by little up (the
+  crops of the recipes); on a strong up-scale (e.g. a 50 px box to 90 px) Pillow 13 may run its vertical pass
+  first, and single values then differ by up to a few percent. Bicubic, bilinear, lanczos, box, hamming and
   nearest are supported.
 * **Colour jitter** (brightness, contrast, saturation; hue 0) with torchvision's factor ranges and a
   random order per image, rounded to uint8 after every operation as PIL does; contrast blends towards
