@@ -83,7 +83,7 @@ def test_batched_boxes_follow_timm():
     assert strip.tolist() == [[43.0, 0.0, 56.0, 10.0]]
 
 
-def _loader(spec, rank=0, world=1, batch=3, multiple=1, per_image=False):
+def _loader(spec, rank=0, world=1, batch=3, multiple=1, per_image=False, max_bad=0.01):
     from timm.data import create_transform
     store, why = decoded_store(expand_shards(spec), num_classes=0, budget_mb=64, device="cpu")
     assert store is not None, why
@@ -91,7 +91,7 @@ def _loader(spec, rank=0, world=1, batch=3, multiple=1, per_image=False):
                          auto_augment="rand-m5-mstd0.5-inc1" if per_image else None, re_prob=0.5, re_mode="pixel")
     store.labels = torch.zeros(len(store), dtype=torch.long)
     return MemoryLoader(store, ClassifyBatch(t), batch_size=batch, rank=rank, world_size=world, seed=5,
-                        batch_multiple=multiple)
+                        batch_multiple=multiple, max_bad_fraction=max_bad)
 
 
 @pytest.mark.parametrize("world,batch,multiple", [(1, 5, 2), (2, 3, 2)])
@@ -196,3 +196,20 @@ def test_finetuning_on_the_cache_resumes_exactly(digits, tmp_path, capsys):
     recs2 = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in recs2 if "loss" in r][3:] == pytest.approx([r["loss"] for r in recs if "loss" in r][3:],
                                                                            abs=1e-5)
+
+
+def test_bad_samples_are_counted_per_epoch_and_too_many_refused_before_compute(tmp_path):
+    from data_testutil import good_shards, jpeg, write_tar
+
+    from beit.data.loading.data_stats import DataQualityError
+    good_shards(tmp_path, 2, 10)
+    write_tar(tmp_path / "train-000002.tar", [("bad0", {"jpg": b"not an image"}), ("ok", {"jpg": jpeg(99)})])
+    spec = str(tmp_path / "train-*.tar")
+    loader = _loader(spec, batch=4, max_bad=0.1)
+    for epoch in range(2):
+        _epoch_batches(loader, epoch)
+    st = loader.stats
+    assert st["bad_by_reason"] == {"not_image": 2} and st["samples"] == 2 * len(loader) * 4  # once per epoch
+    store, _ = decoded_store(expand_shards(spec), num_classes=0, budget_mb=64, device="cpu")
+    with pytest.raises(DataQualityError, match="1 of 22 samples"):
+        MemoryLoader(store, loader.augment, batch_size=4, max_bad_fraction=0.01)

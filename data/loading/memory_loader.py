@@ -51,8 +51,10 @@ class MemoryLoader(EpochLoader):
             batches_per_epoch = -(-batches_per_epoch // max(1, batch_multiple)) * max(1, batch_multiple)
         self.num_batches = int(batches_per_epoch)
         self.epoch, self.position = 0, 0
-        self._stats = DataStats(store.stats.data)
-        self._stats.check(max_bad_fraction)
+        upfront = DataStats(store.bad.data)  # every bad sample is known now: refuse before any compute
+        upfront.data["samples"] = n
+        upfront.check(max_bad_fraction)
+        self._stats = DataStats()
         self.max_bad_fraction = max_bad_fraction
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
         self.notes: list[str] = []
@@ -108,6 +110,8 @@ class MemoryLoader(EpochLoader):
         if self.position >= self.num_batches:
             self.set_epoch(self.epoch + 1)
         store, b, k = self.store, self.batch_size, self.chunk()
+        if self.position == 0:  # the stream meets its bad samples once per pass
+            self._stats.merge(store.bad.data)
         while self.position < self.num_batches:
             start = self.position // k * k
             stop = min(start + k, self.num_batches)
@@ -117,10 +121,20 @@ class MemoryLoader(EpochLoader):
                 batch = {key: v[lo:hi] for key, v in part.items() if key != "__index__"}
                 idx = part["__index__"][lo:hi].tolist()
                 batch["__key__"] = [store.keys[i] for i in idx]
-                for shard, n in collections.Counter(store.shard_of[i] for i in idx).items():
-                    self._stats.add_good(store.shards[shard], n)
+                self._count(idx)
                 self.position += 1
                 yield batch
+        self._stats.check(self.max_bad_fraction)
+
+    def _count(self, idx: list[int]) -> None:
+        store = self.store
+        for shard, n in collections.Counter(store.shard_of[i] for i in idx).items():
+            self._stats.add_good(store.shards[shard], n)
+        for i in idx:
+            if store.converted[i]:
+                self._stats.add_converted(store.converted[i])
+            if store.upscaled[i]:
+                self._stats.add_upscaled()
 
     # ---- resume ----
     def _layout(self) -> dict[str, Any]:

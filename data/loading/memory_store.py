@@ -3,7 +3,8 @@
 ``decoded_store`` reads the shards in the order given (samples in tar order), decodes every image the way
 the stream does (``open_image``: any mode to RGB, EXIF upright, bad samples counted by reason) and keeps
 them as ``images`` uint8 [N, 3, H, W] on the training device, each image in the top-left corner of the
-largest image's frame (``sizes`` holds each image's own (h, w)). Labels are parsed as the fine-tuning
+largest image's frame (``sizes`` holds each image's own (h, w)). The loader counts as the stream does: the bad
+samples once per epoch, conversions and upscaled images per delivered sample. Labels are parsed as the fine-tuning
 stream parses them (``parse_label``). The encoded bytes are read first and the store is built only when
 the decoded frame fits the budget; otherwise ``decoded_store`` says why and returns None.
 
@@ -35,7 +36,9 @@ class DecodedStore:
     keys: list[str]
     shard_of: list[int]           # index into ``shards`` of each image
     shards: list[str]
-    stats: DataStats              # the decoding's counts (bad samples by reason, conversions, upscaled)
+    bad: DataStats                # the samples that could not be used, by reason and shard
+    converted: list[str | None]   # each image's original mode when it was converted to RGB
+    upscaled: list[bool]          # each image's side below the model input (counted as data/upscaled)
     reused: bool = False
 
     def __len__(self) -> int:
@@ -88,22 +91,20 @@ def decoded_store(urls: list[str], *, num_classes: int, budget_mb: float, device
                 if encoded > budget:
                     return None, (f"the shards' encoded images alone exceed --memory_cache_mb {budget_mb:g} "
                                   f"(after {len(raw)} samples)")
-    stats, images, labels, keys, shard_of = DataStats(), [], [], [], []
+    stats, images, labels, keys, shard_of, converted, upscaled = DataStats(), [], [], [], [], [], []
     from beit.data.loading.stream import image_member
     from beit.data.pipelines.labelled import parse_label
     from beit.data.pipelines.transforms import _uint8_tensor
     for i, s in raw:
         shard = urls[i]
         try:
-            img, converted = open_image(s[image_member(s)], min_size=min_image_size, lazy_jpeg=False)
+            img, mode = open_image(s[image_member(s)], min_size=min_image_size, lazy_jpeg=False)
             label = parse_label(s, num_classes) if num_classes else -1
         except BadSample as e:
             stats.add_bad(shard, e.reason, key=s["__key__"], detail=e.detail)
             continue
-        if converted:
-            stats.add_converted(converted)
-        if small_image_size and min(img.size) < small_image_size:
-            stats.add_upscaled()
+        converted.append(mode)
+        upscaled.append(bool(small_image_size) and min(img.size) < small_image_size)
         images.append(_uint8_tensor(img))
         labels.append(label)
         keys.append(s["__key__"])
@@ -121,7 +122,7 @@ def decoded_store(urls: list[str], *, num_classes: int, budget_mb: float, device
     sizes = torch.tensor([[x.shape[1], x.shape[2]] for x in images], dtype=torch.long)
     store = DecodedStore(frame.to(device), sizes.to(device),
                          torch.tensor(labels, dtype=torch.long).to(device) if num_classes else None,
-                         keys, shard_of, list(urls), stats)
+                         keys, shard_of, list(urls), stats, converted, upscaled)
     while _STORES and sum(s.nbytes for s in _STORES.values()) + need > budget:
         _STORES.popitem(last=False)
     _STORES[key] = store
