@@ -110,7 +110,7 @@ class MemoryLoader(EpochLoader):
         if self.position >= self.num_batches:
             self.set_epoch(self.epoch + 1)
         store, b, k = self.store, self.batch_size, self.chunk()
-        if self.position == 0:  # the stream meets its bad samples once per pass
+        if self.position == 0 and self.rank == 0:  # once per epoch (as a pass of the stream), on one process
             self._stats.merge(store.bad.data)
         while self.position < self.num_batches:
             start = self.position // k * k
@@ -171,8 +171,9 @@ class MemoryLoader(EpochLoader):
         per_batch = self.world_size * self.batch_size
         if same and len({(s["epoch"], s["position"]) for s in saved}) == 1 and consumed % per_batch == 0:
             self.position = min(consumed // per_batch, self.num_batches)
-            warnings.warn(f"the checkpoint's data layout {layout} differs from this run's {me}: epoch {self.epoch} "
-                          f"goes on from sample {consumed} of its order (every sample of the epoch once)")
+            warnings.warn(f"the checkpoint was written by {len(saved)} process(es), this run has {self.world_size}: "
+                          f"epoch {self.epoch} goes on from sample {consumed} of its order, re-partitioned over "
+                          f"{self.world_size} process(es) (every sample of the epoch once)")
             return
         warnings.warn(f"data loader layout changed since the checkpoint ({layout} -> {me}); epoch {self.epoch} "
                       "restarts from its first batch (samples already seen in it come again)")

@@ -195,6 +195,8 @@ def choose_loader(cfg, shards, accelerator, augment, *, batch_size: int, num_cla
         why = "--memory_cache_mb 0"
     elif cfg.resampled:
         why = "--resampled draws shards at random"
+    elif cfg.data_order != "shards":  # its order and resume are the stream's own (the cache's are invariant too)
+        why = f"--data_order {cfg.data_order} keeps the stream's order"
     if not why:
         try:
             batched = augment()
