@@ -83,12 +83,12 @@ def test_batched_boxes_follow_timm():
     assert strip.tolist() == [[43.0, 0.0, 56.0, 10.0]]
 
 
-def _loader(spec, rank=0, world=1, batch=3, multiple=1, per_image=False, max_bad=0.01):
+def _loader(spec, rank=0, world=1, batch=3, multiple=1, per_image=False, max_bad=0.01, erase=0.5):
     from timm.data import create_transform
     store, why = decoded_store(expand_shards(spec), num_classes=0, budget_mb=64, device="cpu")
     assert store is not None, why
     t = create_transform(16, is_training=True, scale=(0.5, 1.0), hflip=0.5, color_jitter=0.3,
-                         auto_augment="rand-m5-mstd0.5-inc1" if per_image else None, re_prob=0.5, re_mode="pixel")
+                         auto_augment="rand-m5-mstd0.5-inc1" if per_image else None, re_prob=erase, re_mode="pixel")
     store.labels = torch.zeros(len(store), dtype=torch.long)
     return MemoryLoader(store, ClassifyBatch(t), batch_size=batch, rank=rank, world_size=world, seed=5,
                         batch_multiple=multiple, max_bad_fraction=max_bad)
@@ -120,17 +120,22 @@ def _epoch_batches(loader, epoch):
     return [b for b in loader]
 
 
-def test_resume_gives_the_same_batches(tmp_path):
+@pytest.mark.parametrize("per_image,erase", [(True, 0.5), (False, 0.0)])  # the 2nd: prepared in a thread
+def test_resume_gives_the_same_batches(tmp_path, per_image, erase):
     spec = uneven_shards(tmp_path / "shards")
-    full = _loader(spec, per_image=True)
-    ref = _epoch_batches(full, 1)
-    part = _loader(spec, per_image=True)
+    kw = dict(per_image=per_image, erase=erase, batch=2)
+    full = _loader(spec, **kw)
+    full.chunk = lambda: 4  # chunks of 4 micro-batches: the resume below starts inside one
+    assert full.augment.thread_safe == (not per_image)
+    _epoch_batches(full, 0)
+    ref = _epoch_batches(full, 1)  # the first chunk of epoch 1 came from the background thread
+    part = _loader(spec, **kw)
     part.set_epoch(1)
     it = iter(part)
     for _ in range(5):
         next(it)
     state = json.loads(json.dumps(part.state_dict()))
-    again = _loader(spec, per_image=True)
+    again = _loader(spec, **kw)
     again.load_state_dict(state)
     rest = list(again)
     assert len(rest) == len(ref) - 5

@@ -13,7 +13,9 @@ on the same or (when the consumed samples split evenly) another number of proces
 The augmentation (``augment.draw(generator, n)`` then ``augment(store, indices, draws, batch_size)``) draws
 the random numbers of micro-batch m from a CPU generator seeded with (seed, epoch, m) and runs on several
 micro-batches at once (``chunk``: fixed stretches of the epoch), so the batches do not depend on the
-chunking, and a resumed run, which starts from the chunk of its position, computes the same ones.
+chunking, and a resumed run, which starts from the chunk of its position, computes the same ones. When the
+augmentation's randomness is all in its draws (``augment.thread_safe``), the next chunk (at an epoch's end: the
+next epoch's first) is augmented in a background thread while the caller trains on this one.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class MemoryLoader(EpochLoader):
         self._stats = DataStats()
         self.max_bad_fraction = max_bad_fraction
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
+        self._pool, self._ahead = None, None  # the background thread and the chunk it prepares
         self.notes: list[str] = []
         self.coverage = {"images": n, "shards": len(store.shards), "batches": self.num_batches,
                          "batch_size": batch_size, "world_size": world_size, "resampled": False,
@@ -92,30 +95,50 @@ class MemoryLoader(EpochLoader):
         images = max(1, min(1024, (64 << 20) // per_image))
         return max(1, images // self.batch_size)
 
-    def _augmented(self, start: int, stop: int) -> dict:
-        """The augmented micro-batches ``start`` .. ``stop`` - 1 of this process in this epoch, concatenated."""
+    def _augmented(self, epoch: int, start: int) -> dict:
+        """The augmented micro-batches from position ``start`` of ``epoch`` (one chunk) of this process."""
         idx, draws = [], []
-        for p in range(start, stop):
+        for p in range(start, min(start + self.chunk(), self.num_batches)):
             m = p * self.world_size + self.rank
-            idx.append(self.slots(self.epoch, m))
-            draws.append(self.augment.draw(torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, _AUG,
-                                                                                      m)), self.batch_size))
+            idx.append(self.slots(epoch, m))
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _AUG, m))
+            draws.append(self.augment.draw(gen, self.batch_size))
         idx = torch.cat(idx)
         u = {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
         out = self.augment(self.store, idx.to(self.store.images.device), u, self.batch_size)
         out["__index__"] = idx
         return out
 
+    def _chunk_at(self, epoch: int, start: int) -> dict:
+        """A chunk, from the background thread when it prepared this one, else computed now."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None:
+            done = ahead[1].result()  # also when it is not this chunk: one thread augments at a time
+            if ahead[0] == (epoch, start):
+                return done
+        return self._augmented(epoch, start)
+
+    def _prepare(self, epoch: int, start: int) -> None:
+        """Augment the chunk at ``start`` of ``epoch`` in a background thread while the caller trains (only for
+        an augmentation whose randomness is all in its draws: ``augment.thread_safe``)."""
+        if not getattr(self.augment, "thread_safe", False):
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="memory-cache")
+        self._ahead = ((epoch, start), self._pool.submit(self._augmented, epoch, start))
+
     def __iter__(self):
         if self.position >= self.num_batches:
             self.set_epoch(self.epoch + 1)
-        store, b, k = self.store, self.batch_size, self.chunk()
+        store, b, k, epoch = self.store, self.batch_size, self.chunk(), self.epoch
         if self.position == 0 and self.rank == 0:  # once per epoch (as a pass of the stream), on one process
             self._stats.merge(store.bad.data)
         while self.position < self.num_batches:
             start = self.position // k * k
+            part = self._chunk_at(epoch, start)
             stop = min(start + k, self.num_batches)
-            part = self._augmented(start, stop)
+            self._prepare(*((epoch, stop) if stop < self.num_batches else (epoch + 1, 0)))  # the next epoch's first
             for p in range(self.position, stop):
                 lo, hi = (p - start) * b, (p - start + 1) * b
                 batch = {key: v[lo:hi] for key, v in part.items() if key != "__index__"}

@@ -82,8 +82,10 @@ class MimBatch:
         d = _draw_crop(gen, n, self.hflip)
         if self.jitter is not None:
             d["jitter"] = self.jitter.draw(gen, n)
-        d["seed"] = torch.randint(1 << 62, (n,), generator=gen)
+        d["seed"] = torch.randint(1 << 62, (n,), generator=gen)  # the first of a micro-batch seeds its masks
         return d
+
+    thread_safe = True  # its random numbers come from ``draw`` and the masker's own generator
 
     def __call__(self, store, idx, u: dict, batch: int) -> dict:
         enc, tok = _crop(store, idx, u, self.scale, self.ratio, self.outputs)
@@ -92,8 +94,9 @@ class MimBatch:
             a, b = self.jitter(small_last, u["jitter"].to(enc.device))
             enc, tok = (a, b) if small_last[0] is enc else (b, a)
         masks = []
-        for s in u["seed"].tolist():
-            self.masker.reseed(s)
+        for i, s in enumerate(u["seed"].tolist()):
+            if i % batch == 0:
+                self.masker.reseed(s)
             masks.append(torch.from_numpy(self.masker()))
         return {"image": enc, "tokenizer_image": tok, "mask": torch.stack(masks).to(enc.device)}
 
@@ -156,6 +159,11 @@ class ClassifyBatch:
         if self.erase is not None:
             d["erase"] = torch.randint(1 << 62, (1,), generator=gen)
         return d
+
+    @property
+    def thread_safe(self) -> bool:
+        """RandAugment and random erasing draw from the process-wide RNGs (seeded around each call)."""
+        return not self.per_image and self.erase is None
 
     def _pil_ops(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
         out = []
