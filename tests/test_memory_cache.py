@@ -197,6 +197,7 @@ def test_finetuning_on_the_cache_resumes_exactly(digits, tmp_path, capsys):
     assert all(r["data/bad"] == 0 and r["data/samples"] > 0 for r in recs if "data/samples" in r)
     shutil.rmtree(sorted((out / "checkpoints").glob("step_*"))[-1])
     res2 = run_finetune(c)
+    assert "reused from an earlier run in this process" in capsys.readouterr().out  # decoded once per process
     assert res2["top1"] == res["top1"] and res2["loss"] == pytest.approx(res["loss"], abs=1e-5)
     recs2 = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in recs2 if "loss" in r][3:] == pytest.approx([r["loss"] for r in recs if "loss" in r][3:],
