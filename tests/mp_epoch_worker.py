@@ -28,7 +28,7 @@ class MeanColour:
     def draw(self, gen, n):
         return {"none": torch.zeros(n)}
 
-    def __call__(self, store, idx, u, batch):
+    def __call__(self, store, idx, u):
         return {"x": store.images[idx].float().mean(dim=(2, 3)) / 255}
 
 

@@ -10,8 +10,10 @@ number of steps, the batches do not depend on the process count, and the positio
 consumed) is the whole resume state: a resumed run continues with exactly the batches it would have had,
 on the same or (when the consumed samples split evenly) another number of processes.
 
-The augmentation (``augment.draw(generator, n)`` then ``augment(store, indices, draws, batch_size)``) draws
-the random numbers of micro-batch m from a CPU generator seeded with (seed, epoch, m) and runs on several
+The augmentation (``augment.draw(generator, n)`` then ``augment(store, indices, draws)``) draws the random
+numbers of every ``BLOCK`` slots from a CPU generator seeded with (seed, epoch, block), so a slot's views do not
+depend on the batch size or the process count (a resume with another micro-batch split of the same global
+batch continues the same run), and it runs on several
 micro-batches at once (``chunk``: fixed stretches of the epoch), so the batches do not depend on the
 chunking, and a resumed run, which starts from the chunk of its position, computes the same ones. When the
 augmentation's randomness is all in its draws (``augment.thread_safe``), the next chunk (at an epoch's end: the
@@ -31,6 +33,7 @@ from beit.data.loading.stream import EpochLoader, derive_seed
 
 STATE_VERSION = 1
 _PERM, _AUG = 0x3E30, 0x3E31
+BLOCK = 8  # slots whose random numbers come from one generator
 
 
 class MemoryLoader(EpochLoader):
@@ -95,17 +98,29 @@ class MemoryLoader(EpochLoader):
         images = max(1, min(1024, (64 << 20) // per_image))
         return max(1, images // self.batch_size)
 
+    def _draws(self, epoch: int, first: int, last: int, blocks: dict) -> dict:
+        """The random numbers of slots [first, last) of ``epoch``: those of each block of ``BLOCK`` slots come
+        from one generator seeded with (seed, epoch, block), so they do not depend on the batch size, the
+        process count or the chunking."""
+        parts = []
+        for g in range(first // BLOCK, (last - 1) // BLOCK + 1):
+            if g not in blocks:
+                gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _AUG, g))
+                blocks[g] = self.augment.draw(gen, BLOCK)
+            lo, hi = max(first, g * BLOCK) - g * BLOCK, min(last, (g + 1) * BLOCK) - g * BLOCK
+            parts.append({k: v[lo:hi] for k, v in blocks[g].items()})
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
     def _augmented(self, epoch: int, start: int) -> dict:
         """The augmented micro-batches from position ``start`` of ``epoch`` (one chunk) of this process."""
-        idx, draws = [], []
+        idx, draws, blocks = [], [], {}
         for p in range(start, min(start + self.chunk(), self.num_batches)):
             m = p * self.world_size + self.rank
             idx.append(self.slots(epoch, m))
-            gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch, _AUG, m))
-            draws.append(self.augment.draw(gen, self.batch_size))
+            draws.append(self._draws(epoch, m * self.batch_size, (m + 1) * self.batch_size, blocks))
         idx = torch.cat(idx)
         u = {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
-        out = self.augment(self.store, idx.to(self.store.images.device), u, self.batch_size)
+        out = self.augment(self.store, idx.to(self.store.images.device), u)
         out["__index__"] = idx
         return out
 
@@ -187,6 +202,8 @@ class MemoryLoader(EpochLoader):
                        for s in saved)
         if complete:
             self.position = self.num_batches
+            warnings.warn(f"data loader layout changed since the checkpoint ({layout} -> {me}); epoch {self.epoch} "
+                          "was complete")
             return
         same = {k: layout.get(k) for k in ("seed", "num_images", "order")} == \
             {k: me[k] for k in ("seed", "num_images", "order")}
@@ -194,9 +211,11 @@ class MemoryLoader(EpochLoader):
         per_batch = self.world_size * self.batch_size
         if same and len({(s["epoch"], s["position"]) for s in saved}) == 1 and consumed % per_batch == 0:
             self.position = min(consumed // per_batch, self.num_batches)
-            warnings.warn(f"the checkpoint was written by {len(saved)} process(es), this run has {self.world_size}: "
-                          f"epoch {self.epoch} goes on from sample {consumed} of its order, re-partitioned over "
-                          f"{self.world_size} process(es) (every sample of the epoch once)")
+            head = (f"the checkpoint was written by {len(saved)} process(es), this run has {self.world_size}"
+                    if len(saved) != self.world_size else f"data loader layout changed since the checkpoint "
+                    f"({layout} -> {me})")
+            warnings.warn(f"{head}: epoch {self.epoch} goes on from sample {consumed} of its order, re-partitioned "
+                          f"over {self.world_size} process(es) (every sample of the epoch once)")
             return
         warnings.warn(f"data loader layout changed since the checkpoint ({layout} -> {me}); epoch {self.epoch} "
                       "restarts from its first batch (samples already seen in it come again)")

@@ -2,11 +2,14 @@
 between it and the per-image stream (the start-up summary's "data path" line says which runs and why).
 
 * pretraining (``MimBatch``): ``TwoViewTransform``'s crop box, both resizes, flip and colour jitter on the
-  batch, the block mask per slot (seeded as the stream seeds it);
+  batch, a block mask per slot;
 * fine-tuning (``ClassifyBatch``): timm's classification training transform, read op by op: random resized
-  crop, flip, colour jitter, normalisation and random erasing run on the batch; RandAugment / AutoAugment /
-  AugMix run per image on PIL images (timm's ops; seeded per slot) between the flip and the normalisation;
-  any other op sends the recipe to the stream, named in the summary.
+  crop, flip, colour jitter and normalisation run on the batch; RandAugment / AutoAugment / AugMix (on PIL
+  images, between the flip and the normalisation) and random erasing run per image (timm's own ops, with
+  random/numpy/torch seeded per slot); any other op sends the recipe to the stream, named in the summary.
+
+``draw(generator, n)`` takes the random numbers of n slots (the loader calls it per block of slots);
+``__call__(store, indices, draws)`` augments any number of micro-batches at once.
 """
 from __future__ import annotations
 
@@ -26,17 +29,6 @@ def _filter_name(mode) -> str:
     if name not in INTERPOLATIONS:
         raise NotImplementedError(f"interpolation {mode}")
     return name
-
-
-def _seeded_call(fn, seed: int, *args):
-    """``fn(*args)`` with random/numpy/torch seeded from ``seed``; the caller's RNG states are kept."""
-    from beit.data.loading.stream import rng_states, set_rng_states
-    saved = rng_states()
-    seed_everything(seed)
-    try:
-        return fn(*args)
-    finally:
-        set_rng_states(saved)
 
 
 def _draw_crop(gen: torch.Generator, n: int, hflip: float) -> dict:
@@ -62,8 +54,7 @@ def _crop(store, idx, u: dict, scale, ratio, outputs):
 
 
 class MimBatch:
-    """Pretraining's two views + block masks for store images (``TwoViewTransform`` + ``MimSample``).
-    ``draw(gen, n)``: the random numbers of one micro-batch; ``__call__``: any number of micro-batches at once."""
+    """Pretraining's two views + block masks for store images (``TwoViewTransform`` + ``MimSample``)."""
 
     def __init__(self, transform, masker):
         t = transform
@@ -82,23 +73,19 @@ class MimBatch:
         d = _draw_crop(gen, n, self.hflip)
         if self.jitter is not None:
             d["jitter"] = self.jitter.draw(gen, n)
-        d["seed"] = torch.randint(1 << 62, (n,), generator=gen)  # the first of a micro-batch seeds its masks
+        self.masker.reseed(int(torch.randint(1 << 62, (1,), generator=gen)))
+        d["mask"] = torch.stack([torch.from_numpy(self.masker()) for _ in range(n)])
         return d
 
     thread_safe = True  # its random numbers come from ``draw`` and the masker's own generator
 
-    def __call__(self, store, idx, u: dict, batch: int) -> dict:
+    def __call__(self, store, idx, u: dict) -> dict:
         enc, tok = _crop(store, idx, u, self.scale, self.ratio, self.outputs)
         if self.jitter is not None:
             small_last = [enc, tok] if tok.shape[-1] <= enc.shape[-1] else [tok, enc]
             a, b = self.jitter(small_last, u["jitter"].to(enc.device))
             enc, tok = (a, b) if small_last[0] is enc else (b, a)
-        masks = []
-        for i, s in enumerate(u["seed"].tolist()):
-            if i % batch == 0:
-                self.masker.reseed(s)
-            masks.append(torch.from_numpy(self.masker()))
-        return {"image": enc, "tokenizer_image": tok, "mask": torch.stack(masks).to(enc.device)}
+        return {"image": enc, "tokenizer_image": tok, "mask": u["mask"].to(enc.device)}
 
 
 class ClassifyBatch:
@@ -142,22 +129,20 @@ class ClassifyBatch:
     def describe(self) -> str:
         size, _, _, filt = self.crop
         ops = [f"random resized crop ({size} px {filt})"] + ["flip"] * (self.hflip > 0)
-        ops += ["colour jitter"] * (self.jitter is not None) + ["normalise"] + ["random erasing"] * bool(self.erase)
+        ops += ["colour jitter"] * (self.jitter is not None) + ["normalise"]
         line = ", ".join(ops)
-        if self.per_image:
-            names = ", ".join(type(t).__name__ for t in self.per_image)
-            line += (f"; per image: {names} (timm's PIL operations, no batched version; the other ops stay "
-                     "batched)")
+        per_image = [type(t).__name__ for t in self.per_image] + ["random erasing"] * (self.erase is not None)
+        if per_image:
+            line += (f"; per image: {', '.join(per_image)} (timm's own operations, no batched version; the other "
+                     "ops stay batched)")
         return line
 
     def draw(self, gen: torch.Generator, n: int) -> dict:
         d = _draw_crop(gen, n, self.hflip)
         if self.jitter is not None:
             d["jitter"] = self.jitter.draw(gen, n)
-        if self.per_image:
+        if self.per_image or self.erase is not None:
             d["seed"] = torch.randint(1 << 62, (n,), generator=gen)
-        if self.erase is not None:
-            d["erase"] = torch.randint(1 << 62, (1,), generator=gen)
         return d
 
     @property
@@ -165,26 +150,34 @@ class ClassifyBatch:
         """RandAugment and random erasing draw from the process-wide RNGs (seeded around each call)."""
         return not self.per_image and self.erase is None
 
-    def _pil_ops(self, views: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        out = []
-        for x, s in zip(views.cpu(), seeds):
-            img = Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).numpy()), "RGB")
-            for t in self.per_image:
-                img = _seeded_call(t, s, img)
-            out.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
-        return torch.stack(out).to(views.device)
+    def _per_image(self, x: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """RandAugment & co. on PIL images, then normalisation and random erasing, each image with random/numpy/
+        torch seeded from its own seed (the caller's RNG states are kept)."""
+        from beit.data.loading.stream import rng_states, set_rng_states
+        saved, out = rng_states(), []
+        try:
+            for view, s in zip(x.cpu(), seeds):
+                seed_everything(s)
+                if self.per_image:
+                    img = Image.fromarray(np.ascontiguousarray(view.permute(1, 2, 0).numpy()), "RGB")
+                    for t in self.per_image:
+                        img = t(img)
+                    view = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)
+                view = encoder_input(view, self.mean, self.std)
+                out.append(self.erase(view) if self.erase is not None else view)
+        finally:
+            set_rng_states(saved)
+        return torch.stack(out).to(x.device)
 
-    def __call__(self, store, idx, u: dict, batch: int) -> dict:
+    def __call__(self, store, idx, u: dict) -> dict:
         size, scale, ratio, filt = self.crop
         (x,) = _crop(store, idx, u, scale, ratio, [(size, filt)])
         if self.jitter is not None:
             (x,) = self.jitter([x], u["jitter"].to(x.device))
-        if self.per_image:
-            x = self._pil_ops(x, u["seed"].tolist())
-        x = encoder_input(x, self.mean, self.std)
-        if self.erase is not None:  # timm's erasing on each micro-batch, seeded by it
-            x = torch.cat([_seeded_call(self.erase, int(seed), x[i * batch:(i + 1) * batch])
-                           for i, seed in enumerate(u["erase"].tolist())])
+        if self.per_image or self.erase is not None:
+            x = self._per_image(x, u["seed"].tolist())
+        else:
+            x = encoder_input(x, self.mean, self.std)
         return {"image": x, "label": store.labels[idx]}
 
 
