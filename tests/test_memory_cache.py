@@ -219,3 +219,54 @@ def test_bad_samples_are_counted_per_epoch_and_too_many_refused_before_compute(t
     store, _ = decoded_store(expand_shards(spec), num_classes=0, budget_mb=64, device="cpu")
     with pytest.raises(DataQualityError, match="1 of 22 samples"):
         MemoryLoader(store, loader.augment, batch_size=4, max_bad_fraction=0.01)
+
+
+def test_batched_jitter_matches_the_per_image_jitter(monkeypatch):
+    """Same factors and order as TwoViewTransform.jitter_views (PIL lookup tables and blends): within 2 levels."""
+    from torchvision.transforms import ColorJitter
+
+    from beit.data.pipelines.batched import BatchedJitter
+    from beit.data.pipelines.transforms import TwoViewTransform
+    rng = np.random.default_rng(3)
+    big = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    small = [np.asarray(Image.fromarray(a).resize((16, 16), Image.Resampling.BICUBIC)) for a in big]
+    orders = [[2, 0, 1, 3], [1, 2, 0, 3], [0, 1, 2, 3]]
+    factors = [(1.3, 0.7, 1.2), (0.8, 1.25, 0.65), (1.0, 1.0, 1.0)]
+    t = TwoViewTransform(image_size=32, tokenizer_size=16, color_jitter=0.4)
+    u = torch.zeros(3, 6, dtype=torch.float64)
+    for i, ((b, c, s), order) in enumerate(zip(factors, orders)):
+        u[i, :3] = (torch.tensor([b, c, s], dtype=torch.float64) - 0.6) / 0.8   # factor = 0.6 + 0.8 u
+        u[i, 3 + torch.tensor(order[:3])] = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)  # argsort -> order
+    out_big, out_small = BatchedJitter(0.4)([torch.from_numpy(np.stack(big)).permute(0, 3, 1, 2),
+                                             torch.from_numpy(np.stack(small)).permute(0, 3, 1, 2)], u)
+    for i in range(3):
+        b, c, s = factors[i]
+        monkeypatch.setattr(ColorJitter, "get_params", staticmethod(lambda *a, i=i, b=b, c=c, s=s: (
+            torch.tensor(orders[i]), b, c, s, None)))
+        ref_big, ref_small = t.jitter_views([Image.fromarray(big[i]), Image.fromarray(small[i])])
+        for got, ref in ((out_big[i], ref_big), (out_small[i], ref_small)):
+            diff = np.abs(got.permute(1, 2, 0).numpy().astype(int) - np.asarray(ref).astype(int))
+            assert diff.max() <= 2, (i, diff.max())
+    assert torch.equal(out_big[2], torch.from_numpy(big[2]).permute(2, 0, 1))  # factors of 1: unchanged
+
+
+def test_pretraining_views_with_jitter_flip_and_two_sizes(tmp_path):
+    from data_testutil import good_shards
+
+    from beit.data.pipelines.memory_path import MimBatch
+    from beit.data.pipelines.transforms import TwoViewTransform
+    from beit.masking import MaskingGenerator
+    good_shards(tmp_path, 2, 6)
+    store, _ = decoded_store(expand_shards(str(tmp_path / "train-*.tar")), num_classes=0, budget_mb=64, device="cpu")
+    t = TwoViewTransform(image_size=32, tokenizer_size=16, tokenizer_interpolation="lanczos", color_jitter=0.4,
+                         hflip=0.5, scale=(0.3, 1.0))
+    loader = MemoryLoader(store, MimBatch(t, MaskingGenerator((4, 4), 6, min_num_patches=2)), batch_size=4)
+    batches = _epoch_batches(loader, 0)
+    assert len(batches) == 3 and "colour jitter" in loader.augment.describe()
+    for b in batches:
+        assert b["image"].shape == (4, 3, 32, 32) and b["tokenizer_image"].shape == (4, 3, 16, 16)
+        assert b["image"].dtype == b["tokenizer_image"].dtype == torch.uint8
+        assert b["mask"].shape == (4, 4, 4) and (b["mask"].flatten(1).sum(1) == 6).all()
+    # the two views come from the same box, flip and jitter: the small one is close to the big one shrunk
+    big = torch.nn.functional.interpolate(batches[0]["image"].float(), size=16, mode="area")
+    assert (big - batches[0]["tokenizer_image"].float()).abs().mean() < 12
