@@ -16,8 +16,10 @@ depend on the batch size or the process count (a resume with another micro-batch
 batch continues the same run), and it runs on several
 micro-batches at once (``chunk``: fixed stretches of the epoch), so the batches do not depend on the
 chunking, and a resumed run, which starts from the chunk of its position, computes the same ones. When the
-augmentation's randomness is all in its draws (``augment.thread_safe``), the next chunk (at an epoch's end: the
-next epoch's first) is augmented in a background thread while the caller trains on this one.
+augmentation's randomness is all in its draws (``augment.thread_safe``) and torch runs one intra-op thread (the
+compare recipes), the next chunk (at an epoch's end: the next epoch's first) is augmented in a background thread
+while the caller trains on this one; beside a multi-threaded step the thread would change how its kernels split
+their sums (two identical runs then differ in the last bits), so there the chunks are augmented in turn.
 """
 from __future__ import annotations
 
@@ -136,8 +138,8 @@ class MemoryLoader(EpochLoader):
     def _prepare(self, epoch: int, start: int) -> None:
         """Augment the chunk at ``start`` of ``epoch`` in a background thread while the caller trains (only for
         an augmentation whose randomness is all in its draws: ``augment.thread_safe``)."""
-        if not getattr(self.augment, "thread_safe", False):
-            return
+        if not getattr(self.augment, "thread_safe", False) or torch.get_num_threads() > 1:
+            return  # beside a multi-threaded step, MKL splits the step's work differently: runs stop being bit-equal
         if self._pool is None:
             from concurrent.futures import ThreadPoolExecutor
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="memory-cache")
