@@ -1,5 +1,6 @@
 """Run under ``ACCELERATE_USE_CPU=1 torchrun --nproc_per_node N`` (or as one plain process): a tiny
-model trained with DDP (gloo) and gradient accumulation on the streaming loader, 2 epochs. Every
+model trained with DDP (gloo) and gradient accumulation on the streaming loader (or, with a 6th argument
+``memory``, the memory cache's loader), 2 epochs. Every
 micro-batch is a real forward/backward through the DDP-wrapped model, so a rank with fewer batches
 or optimizer steps would hang the job. Writes ``rank<r>.json``: keys per epoch, optimizer steps,
 the loader's length and its start-up description."""
@@ -21,9 +22,27 @@ def map_fn(img, sample):
     return {"x": pil_to_tensor(img.resize((8, 8))).float().mean(dim=(1, 2))}
 
 
-loader = build_stream_loader(shard_spec, map_fn=map_fn, batch_size=batch, num_workers=workers,
-                             rank=acc.process_index, world_size=acc.num_processes, seed=3,
-                             batch_multiple=accum)
+class MeanColour:
+    """The memory cache's augmentation interface: no random numbers, each image's mean colour."""
+
+    def draw(self, gen, n):
+        return {"none": torch.zeros(n)}
+
+    def __call__(self, store, idx, u):
+        return {"x": store.images[idx].float().mean(dim=(2, 3)) / 255}
+
+
+if sys.argv[6:] == ["memory"]:  # the memory cache's loader over the decoded images
+    from beit.data.loading.memory_loader import MemoryLoader
+    from beit.data.loading.memory_store import decoded_store
+    from beit.data.storage.shardspec import expand_shards
+    store, why = decoded_store(expand_shards(shard_spec), num_classes=0, budget_mb=64, device=acc.device)
+    loader = MemoryLoader(store, MeanColour(), batch_size=batch, rank=acc.process_index,
+                          world_size=acc.num_processes, seed=3, batch_multiple=accum)
+else:
+    loader = build_stream_loader(shard_spec, map_fn=map_fn, batch_size=batch, num_workers=workers,
+                                 rank=acc.process_index, world_size=acc.num_processes, seed=3,
+                                 batch_multiple=accum)
 model = torch.nn.Linear(3, 1)
 opt = torch.optim.SGD(model.parameters(), lr=1e-3)
 model, opt = acc.prepare(model, opt)

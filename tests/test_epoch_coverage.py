@@ -32,10 +32,10 @@ def uneven_shards(root: Path) -> str:
     return str(root / "train*-*.tar")
 
 
-def run(spec: str, out: Path, procs: int, batch: int, accum: int, workers: int) -> list[dict]:
+def run(spec: str, out: Path, procs: int, batch: int, accum: int, workers: int, *extra: str) -> list[dict]:
     out.mkdir()
     env = dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
-    args = [str(WORKER), spec, str(out), str(batch), str(accum), str(workers)]
+    args = [str(WORKER), spec, str(out), str(batch), str(accum), str(workers), *extra]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)] + args
            if procs > 1 else [sys.executable] + args)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -65,3 +65,17 @@ def test_every_image_seen_every_epoch(tmp_path, procs, batch, accum, workers):
         assert res[0]["notes"] and "clamped from 8 to 6" in res[0]["notes"][0]
     else:  # 6 shards allow 2 workers on each of 2 processes
         assert not res[0]["notes"]
+
+
+def test_memory_cache_every_image_once_on_two_processes(tmp_path):
+    """The memory cache's loader on 2 real processes: every image once an epoch, the same step count on both
+    (a DDP model would hang otherwise), the repeats only fill the last global batch."""
+    spec = uneven_shards(tmp_path / "shards")
+    res = run(spec, tmp_path / "out", 2, 3, 2, 0, "memory")
+    everything = {f"img{i:03d}" for i in range(N_IMAGES)}
+    assert res[0]["len"] == res[1]["len"] == 8  # ceil(37 / (2 x 3)) = 7, rounded up to the accumulation
+    for e in range(2):
+        assert res[0]["epochs"][e]["optimizer_steps"] == res[1]["epochs"][e]["optimizer_steps"] == 4
+        seen = collections.Counter(k for r in res for k in r["epochs"][e]["keys"])
+        assert set(seen) == everything and sum(seen.values()) == 8 * 3 * 2
+    assert "37 images" in res[0]["describe"] and "every image once, 11 repeat(s)" in res[0]["describe"]

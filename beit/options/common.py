@@ -8,7 +8,8 @@ section's text. Old names a section replaced are in its ``DEPRECATED`` map (they
 * ``TrainDataOptions``: the training images (shards or a folder) and, from ``ShardSourceOptions``, where shards
   may come from (http(s), ``pipe:``), their manifest and the reconnects; ``HeldOutOptions``: held-out shards;
   ``LoaderOptions``: loader workers and the bad-sample budget; ``DataOptions``: the training stream of
-  pretraining and fine-tuning (all of the above, plus epoch length, data order, the folder's held-out part);
+  pretraining and fine-tuning (all of the above, plus epoch length, data order, the memory cache, the folder's
+  held-out part);
 * ``ModelOptions``: the encoder's size; ``TokenizerOptions``: which frozen tokenizer, from where;
 * ``RunOptions``: the run folder, seed, checkpoints, logging; ``TrackerOptions``: where metrics go;
 * ``PrecisionOptions``: mixed precision; ``OptimOptions``: batch, epochs, lr schedule, AdamW.
@@ -111,6 +112,11 @@ class DataOptions(LoaderOptions, HeldOutOptions, TrainDataOptions):
                                         "endless streams")
     batches_per_epoch: int = field(0, help="micro-batches per process per epoch (0: every image once, from the "
                                            "shards' manifest)")
+    memory_cache_mb: float = field(2048, help="decode the training set once into a uint8 tensor per process and "
+                                              "augment whole batches on the device, when the decoded set fits in "
+                                              "this many MiB (kept for the next run in the same process, e.g. the "
+                                              "stages of beit compare); 0: always the per-image stream. The start-up "
+                                              "summary's 'data path' line says which runs and why")
     data_order: Literal["shards", "global"] = field("shards", help="shards: disjoint shards per process (scalable "
                                                     "default); global: every process reads one seeded stream and keeps "
                                                     "its slice, so any process count sees the same global batches "
@@ -120,6 +126,8 @@ class DataOptions(LoaderOptions, HeldOutOptions, TrainDataOptions):
         self.check_train_data(other_source)
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.memory_cache_mb < 0:
+            raise ValueError(f"--memory_cache_mb must be >= 0 (0: off), got {self.memory_cache_mb}")
         if self.resampled and self.data_order == "global":
             raise ValueError("--resampled draws shards at random per process; --data_order global reads one fixed "
                              "order: choose one")

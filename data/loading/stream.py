@@ -353,22 +353,13 @@ def _warn_damaged_shards(delta: dict) -> None:
             warnings.warn(f"shard {ex['shard']}: {ex['reason']}: {ex['detail']}", stacklevel=2)
 
 
-class StreamLoader:
-    """One epoch of dict batches per iteration; see the module docstring."""
+class EpochLoader:
+    """What the training loops see of a loader besides its batches: length, counts, start-up lines."""
 
-    def __init__(self, dataset: ShardStream, *, num_workers: int, num_batches: int,
-                 max_bad_fraction: float, bad_check_after: int, pin_memory: bool = False,
-                 prefetch_factor: int = 2, timeout: float = 0):
-        self.dataset = dataset
-        self.num_workers = num_workers
-        self.num_batches = num_batches
-        self.max_bad_fraction, self.bad_check_after = max_bad_fraction, bad_check_after
-        self.pin_memory, self.prefetch_factor, self.timeout = pin_memory, prefetch_factor, timeout
-        self._stats = DataStats()
-        self.epoch, self.position = 0, 0
-        self._progress = [(0, 0)] * dataset.num_workers
-        self.notes: list[str] = []      # start-up remarks for the run's log (e.g. clamped workers)
-        self.coverage: dict[str, Any] = {}
+    num_batches: int
+    _stats: DataStats
+    notes: list[str]
+    coverage: dict[str, Any]
 
     def describe(self) -> str:
         """One line for the start-up summary: what an epoch covers."""
@@ -385,6 +376,24 @@ class StreamLoader:
     def metrics(self, prefix: str = "data/") -> dict[str, float]:
         """Flat counts for logging; sum them across ranks (e.g. accelerator.reduce) first."""
         return self._stats.metrics(prefix)
+
+
+class StreamLoader(EpochLoader):
+    """One epoch of dict batches per iteration; see the module docstring."""
+
+    def __init__(self, dataset: ShardStream, *, num_workers: int, num_batches: int,
+                 max_bad_fraction: float, bad_check_after: int, pin_memory: bool = False,
+                 prefetch_factor: int = 2, timeout: float = 0):
+        self.dataset = dataset
+        self.num_workers = num_workers
+        self.num_batches = num_batches
+        self.max_bad_fraction, self.bad_check_after = max_bad_fraction, bad_check_after
+        self.pin_memory, self.prefetch_factor, self.timeout = pin_memory, prefetch_factor, timeout
+        self._stats = DataStats()
+        self.epoch, self.position = 0, 0
+        self._progress = [(0, 0)] * dataset.num_workers
+        self.notes: list[str] = []      # start-up remarks for the run's log (e.g. clamped workers)
+        self.coverage: dict[str, Any] = {}
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (shard order and shuffling); a saved mid-epoch position is kept only

@@ -55,8 +55,9 @@ class PairedLoader:
     def __iter__(self):
         for lb in self.labelled:
             ub = self._next_unlabelled()
-            yield {"image": torch.cat([lb["image"], ub["image"]]),
-                   "label": torch.cat([torch.as_tensor(lb["label"]), torch.as_tensor(ub["label"])])}
+            dev = lb["image"].device  # the memory cache's batches are on the device already
+            yield {"image": torch.cat([lb["image"], ub["image"].to(dev)]),
+                   "label": torch.cat([torch.as_tensor(lb["label"]), torch.as_tensor(ub["label"]).to(dev)])}
 
     def state_dict(self) -> dict:
         return {"labelled": self.labelled.state_dict(), "unlabelled": self.unlabelled.state_dict()}

@@ -123,17 +123,25 @@ def build_loaders(cfg, accelerator, num_classes: int, *, train_map=None, val_map
     to the classification transforms with labels (``LabelledMap``)."""
     from beit.data.loading.global_order import build_loader_for_order
     from beit.data.loading.heldout import heldout_loader
+    from beit.data.pipelines.memory_path import ClassifyBatch, choose_loader
     from beit.data.storage.shardspec import expand_shards
-    train_map = train_map or LabelledMap(build_transforms(cfg, True), num_classes)
+    custom = train_map is not None
+    transform = None if custom else build_transforms(cfg, True)
+    train_map = train_map or LabelledMap(transform, num_classes)
     val_map = val_map or LabelledMap(build_transforms(cfg, False), num_classes)
-    train = build_loader_for_order(cfg.data_order, cfg.train_shards, **cfg.shard_source(),
-                                   map_fn=train_map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
-                                   rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                   seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction,
-                                   batches_per_epoch=cfg.batches_per_epoch or None,
-                                   small_image_size=cfg.image_size,  # counted as data/upscaled
-                                   resampled=cfg.resampled, batch_multiple=cfg.grad_accum_steps,
-                                   pin_memory=accelerator.device.type == "cuda")
+
+    def stream():
+        return build_loader_for_order(cfg.data_order, cfg.train_shards, **cfg.shard_source(),
+                                      map_fn=train_map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                      rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                      seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction,
+                                      batches_per_epoch=cfg.batches_per_epoch or None,
+                                      small_image_size=cfg.image_size,  # counted as data/upscaled
+                                      resampled=cfg.resampled, batch_multiple=cfg.grad_accum_steps,
+                                      pin_memory=accelerator.device.type == "cuda")
+    train = choose_loader(cfg, cfg.train_shards, accelerator, lambda: ClassifyBatch(transform),
+                          batch_size=cfg.batch_size, num_classes=num_classes, batch_multiple=cfg.grad_accum_steps,
+                          stream=stream, why=f"the {type(train_map).__name__} samples are not cached" if custom else "")
     val = heldout_loader(expand_shards(cfg.val_shards, allow_remote=cfg.allow_remote_shards), val_map, accelerator,
                          batch_size=val_batch_size or cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
                          remote_retries=cfg.remote_retries) if cfg.val_shards else None

@@ -63,12 +63,18 @@ def build_mim_loader(cfg, shards, tokenizer, accelerator, *, train: bool, batch_
     if not train:
         return heldout_loader(shards, map_fn, accelerator, batch_size=batch_size, num_workers=cfg.num_workers,
                               seed=cfg.seed, lazy_jpeg=True, remote_retries=cfg.remote_retries)
-    return build_loader_for_order(
-        cfg.data_order, shards, map_fn=map_fn, batch_size=batch_size, num_workers=cfg.num_workers,
-        rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
-        shuffle_buffer=cfg.shuffle_buffer, batches_per_epoch=cfg.batches_per_epoch or None,
-        **dict(cfg.shard_source(), manifest=None if cfg.token_cache else cfg.manifest or None),
-        max_bad_fraction=cfg.max_bad_fraction,
-        small_image_size=cfg.image_size, labels=False,  # upscaled images counted as data/upscaled
-        resampled=cfg.resampled, batch_multiple=accum,
-        pin_memory=accelerator.device.type == "cuda")  # page-locked batches: the non_blocking copies overlap
+    from beit.data.pipelines.memory_path import MimBatch, choose_loader
+
+    def stream():
+        return build_loader_for_order(
+            cfg.data_order, shards, map_fn=map_fn, batch_size=batch_size, num_workers=cfg.num_workers,
+            rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
+            shuffle_buffer=cfg.shuffle_buffer, batches_per_epoch=cfg.batches_per_epoch or None,
+            **dict(cfg.shard_source(), manifest=None if cfg.token_cache else cfg.manifest or None),
+            max_bad_fraction=cfg.max_bad_fraction,
+            small_image_size=cfg.image_size, labels=False,  # upscaled images counted as data/upscaled
+            resampled=cfg.resampled, batch_multiple=accum,
+            pin_memory=accelerator.device.type == "cuda")  # page-locked batches: the non_blocking copies overlap
+    return choose_loader(cfg, shards, accelerator, lambda: MimBatch(transform, map_fn.masker), batch_size=batch_size,
+                         num_classes=0, batch_multiple=accum, stream=stream,
+                         why="a token cache stores its views" if cfg.token_cache else "")
