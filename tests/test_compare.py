@@ -66,6 +66,7 @@ def test_compare_tiny_run(digits, tmp_path, capsys):
     # the fitted scratch recipe was chosen on the training loss, against BEiT's
     fit = seed["scratch_fitted"]
     assert fit["chosen_epochs"] in (2, 4) and fit["tried"][0]["train_loss"] == seed["scratch"]["train_loss"]
+    assert fit["decision"] in ("reached", "under_fitted", "val") and fit["decision_note"]
     # logistic regression on pixels: the same number as an independent computation from the PNGs
     from beit.data.storage.shard_format import iter_tar_samples
     keys = set()
@@ -77,6 +78,8 @@ def test_compare_tiny_run(digits, tmp_path, capsys):
     assert re.fullmatch(r"[0-9a-f]{40}", res["code"]["commit"]) and isinstance(res["code"]["dirty"], bool)
     md = (out / "compare.md").read_text()
     assert "| logistic regression on pixels |" in md and " wins with " in md and "vs same ViT from scratch" in md
+    assert f"What the rule did: seed 0: {fit['decision_note']}" in md
+    assert ("under-fitted at 4 epochs on seed 0" in md) == (fit["decision"] == "under_fitted")
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a rerun with the same inputs reuses every stage (no retraining) and gives the same table
     marker = out / "seed0" / "pretrain" / "stage.json"
