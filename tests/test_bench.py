@@ -47,6 +47,30 @@ def test_train_step_beside_transformers(smoke):
     assert row["ours"]["gflop_per_img"] < row["transformers"]["gflop_per_img"]
     assert _positive(row["ratio"])
     assert ("bf16" in ts) == smoke["fast_bf16"]
+    # the matmul peak is an upper bound of the step's own FLOP rate (its best round), so MFU <= 1: it is the best
+    # of the squares and of every matmul shape the two steps run, in the step's dtype and thread count
+    peak = row["matmul_peak"]
+    assert peak["threads"] == 1 and peak["dtype"] == "float32" and peak["shapes_timed"] > 1 + 4
+    for side in ("ours", "transformers"):
+        assert row[side]["best_round_tflops"] <= peak["tflops"] and row[side]["mfu"] <= 1
+
+
+def test_matmul_peak_times_the_steps_own_shapes():
+    from beit.bench.machine import MatmulPeak, step_matmul_shapes
+    lin = torch.nn.Linear(48, 80)
+    x = torch.randn(20, 48, requires_grad=True)
+
+    def step():
+        lin(x).square().sum().backward()
+    shapes = step_matmul_shapes(step)
+    # forward addmm 20x48 @ 48x80 (weight transposed), backward: grad_x 20x80 @ 80x48, grad_w 80x20 @ 20x48
+    assert {s[1:4] for s in shapes} == {(20, 48, 80), (20, 80, 48), (80, 20, 48)}
+    assert (1, 20, 48, 80, False, True) in shapes
+    peak = MatmulPeak(torch.float32, torch.device("cpu"), shapes, squares=(64,))
+    assert len(peak.operands) == 4 and peak.measure(0.02) > 0 and peak.best_shape in peak.operands
+    with torch.no_grad():
+        for shape, (a, b) in peak.operands.items():  # each operand has the recorded layout
+            assert (not a.is_contiguous()) == shape[4] and (not b.is_contiguous()) == shape[5]
 
 
 def test_tokenizer_rows(smoke):
