@@ -122,3 +122,23 @@ def test_end_to_end_logs_data_wait(tmp_path):
         assert _positive(res[kind]["img_per_s"]) and res[kind]["steps"] == 2
         assert 0 <= res[kind]["data_wait_fraction"] < 1
     assert _positive(res["token_cache"]["cache_build_s_per_img"])
+
+
+@pytest.mark.slow
+def test_step_phases_child_splits_a_real_step(tmp_path):
+    """The step_phases section's child, as it runs in either checkout: a real fine-tune and pretraining run of the
+    compare recipe, its ms per step, and the profiled phases (they cover the loop: none negative, the model's
+    forward and backward and the data among them)."""
+    import json
+
+    from beit.bench.step_phases import _child, prepare
+    data = prepare(tmp_path)
+    assert data["n_labels"] == 144
+    for stage, steps in (("finetune", 9), ("pretrain", 4)):
+        res = _child(sys.executable, {"stage": stage, "steps": steps, "labels": data["n_labels"], "test": data["test"],
+                                      "train": data["labels"] if stage == "finetune" else data["unlabelled"],
+                                      "tokenizer": data["tokenizer"], "profile": True, "out": str(tmp_path / stage)})
+        phases = res["profiled_ms_per_step"]
+        assert res["steps"] == steps and res["ms_per_step"] > 0 and res["beit"] == str(ROOT)
+        assert {"data", "forward", "backward", "clip", "optimizer", "loop"} <= set(phases), json.dumps(phases)
+        assert all(v >= 0 for v in phases.values()) and phases["backward"] > 0 and phases["forward"] > 0
