@@ -3,7 +3,7 @@
 Accelerate's wrappers serve every backend, and pay for it on every step: ``clip_grad_norm_`` walks
 ``model.parameters()`` and groups the gradients by device mesh, ``AcceleratedOptimizer.step`` looks the LOMO
 package up (an import-metadata search, twice) and ``zero_grad`` inspects the optimizer's signature. On the
-small models of ``beit compare`` that was ~5 ms of a ~40 ms step (docs/performance.md). Where those wrappers
+small models of ``beit compare`` that was a few ms a step (profiled: docs/performance.md). Where those wrappers
 would do nothing torch does not (no grad scaler; no FSDP, DeepSpeed or XLA), the same torch calls run here on a
 parameter list built once; elsewhere the wrappers run. The norm and the update are bit-identical either way.
 """
