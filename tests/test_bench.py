@@ -47,6 +47,30 @@ def test_train_step_beside_transformers(smoke):
     assert row["ours"]["gflop_per_img"] < row["transformers"]["gflop_per_img"]
     assert _positive(row["ratio"])
     assert ("bf16" in ts) == smoke["fast_bf16"]
+    # the matmul peak is an upper bound of the step's own FLOP rate (its best round), so MFU <= 1: it is the best
+    # of the squares and of every matmul shape the two steps run, in the step's dtype and thread count
+    peak = row["matmul_peak"]
+    assert peak["threads"] == 1 and peak["dtype"] == "float32" and peak["shapes_timed"] > 1 + 4
+    for side in ("ours", "transformers"):
+        assert row[side]["best_round_tflops"] <= peak["tflops"] and row[side]["mfu"] <= 1
+
+
+def test_matmul_peak_times_the_steps_own_shapes():
+    from beit.bench.machine import MatmulPeak, step_matmul_shapes
+    lin = torch.nn.Linear(48, 80)
+    x = torch.randn(20, 48, requires_grad=True)
+
+    def step():
+        lin(x).square().sum().backward()
+    shapes = step_matmul_shapes(step)
+    # forward addmm 20x48 @ 48x80 (weight transposed), backward: grad_x 20x80 @ 80x48, grad_w 80x20 @ 20x48
+    assert {s[1:4] for s in shapes} == {(20, 48, 80), (20, 80, 48), (80, 20, 48)}
+    assert (1, 20, 48, 80, False, True) in shapes
+    peak = MatmulPeak(torch.float32, torch.device("cpu"), shapes, squares=(64,))
+    assert len(peak.operands) == 4 and peak.measure(0.02) > 0 and peak.best_shape in peak.operands
+    with torch.no_grad():
+        for shape, (a, b) in peak.operands.items():  # each operand has the recorded layout
+            assert (not a.is_contiguous()) == shape[4] and (not b.is_contiguous()) == shape[5]
 
 
 def test_tokenizer_rows(smoke):
@@ -98,3 +122,23 @@ def test_end_to_end_logs_data_wait(tmp_path):
         assert _positive(res[kind]["img_per_s"]) and res[kind]["steps"] == 2
         assert 0 <= res[kind]["data_wait_fraction"] < 1
     assert _positive(res["token_cache"]["cache_build_s_per_img"])
+
+
+@pytest.mark.slow
+def test_step_phases_child_splits_a_real_step(tmp_path):
+    """The step_phases section's child, as it runs in either checkout: a real fine-tune and pretraining run of the
+    compare recipe, its ms per step, and the profiled phases (they cover the loop: none negative, the model's
+    forward and backward and the data among them)."""
+    import json
+
+    from beit.bench.step_phases import _child, prepare
+    data = prepare(tmp_path)
+    assert data["n_labels"] == 144
+    for stage, steps in (("finetune", 9), ("pretrain", 4)):
+        res = _child(sys.executable, {"stage": stage, "steps": steps, "labels": data["n_labels"], "test": data["test"],
+                                      "train": data["labels"] if stage == "finetune" else data["unlabelled"],
+                                      "tokenizer": data["tokenizer"], "profile": True, "out": str(tmp_path / stage)})
+        phases = res["profiled_ms_per_step"]
+        assert res["steps"] == steps and res["ms_per_step"] > 0 and res["beit"] == str(ROOT)
+        assert {"data", "forward", "backward", "clip", "optimizer", "loop"} <= set(phases), json.dumps(phases)
+        assert all(v >= 0 for v in phases.values()) and phases["backward"] > 0 and phases["forward"] > 0

@@ -57,7 +57,7 @@ def test_compare_tiny_run(digits, tmp_path, capsys):
                                  "logreg_pixels"]
     assert all(len(v) == 1 and 0 <= v[0] <= 100 for v in res["rows"].values())
     seed = res["per_seed"][0]
-    assert seed["labels"] == 142 and res["data"]["test"] == 360
+    assert seed["labels"] == 144 and res["data"]["test"] == 360
     # every stage is a run folder that stays
     for stage in ("pretrain/pretrained.safetensors", "finetune_beit/final.json", "finetune_scratch/final.json",
                   "linear_probe/final.json", "tokenizer/kmeans.safetensors", "labels/manifest.json"):
@@ -66,6 +66,7 @@ def test_compare_tiny_run(digits, tmp_path, capsys):
     # the fitted scratch recipe was chosen on the training loss, against BEiT's
     fit = seed["scratch_fitted"]
     assert fit["chosen_epochs"] in (2, 4) and fit["tried"][0]["train_loss"] == seed["scratch"]["train_loss"]
+    assert fit["decision"] in ("reached", "under_fitted", "val") and fit["decision_note"]
     # logistic regression on pixels: the same number as an independent computation from the PNGs
     from beit.data.storage.shard_format import iter_tar_samples
     keys = set()
@@ -77,6 +78,8 @@ def test_compare_tiny_run(digits, tmp_path, capsys):
     assert re.fullmatch(r"[0-9a-f]{40}", res["code"]["commit"]) and isinstance(res["code"]["dirty"], bool)
     md = (out / "compare.md").read_text()
     assert "| logistic regression on pixels |" in md and " wins with " in md and "vs same ViT from scratch" in md
+    assert f"What the rule did: seed 0: {fit['decision_note']}" in md
+    assert ("under-fitted at 4 epochs on seed 0" in md) == (fit["decision"] == "under_fitted")
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a rerun with the same inputs reuses every stage (no retraining) and gives the same table
     marker = out / "seed0" / "pretrain" / "stage.json"
@@ -282,4 +285,26 @@ def test_readme_evidence_command_runs(command, tmp_path):
     res = json.loads((Path(argv[out]) / "compare.json").read_text())
     assert list(res["rows"]) == ["beit", "logreg_pixels"] and all(len(v) == 1 for v in res["rows"].values())
     assert res["data"]["test"] == (222 if "--set photos" in command else 360)
-    assert res["per_seed"][0]["labels"] == (133 if "--set photos" in command else 142)
+    assert res["per_seed"][0]["labels"] == (133 if "--set photos" in command else 144)
+
+
+def test_label_subset_is_the_fraction_of_the_whole():
+    """10% of 4,000 images is 400 whatever the class sizes (rounding each class alone gave 399), every class
+    keeps at least one image, each class's share is within one image of its exact share, and it is seeded."""
+    from beit.compare.labels import stratified_subset
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        sizes = rng.integers(80, 800, size=int(rng.integers(2, 12)))
+        sizes[-1] += 4000 - sizes.sum() if sizes.sum() < 4000 else 0
+        samples = [{"key": f"{c}_{i}", "label": int(c)} for c, n in enumerate(sizes) for i in range(n)]
+        for frac in (0.1, 0.05, 0.013):
+            chosen, rest = stratified_subset(samples, frac, trial)
+            assert len(chosen) == round(frac * len(samples)) and len(chosen) + len(rest) == len(samples)
+            for c, n in enumerate(sizes):
+                k = sum(s["label"] == c for s in chosen)
+                assert k >= 1 and abs(k - frac * n) < 1
+    four_k = [{"key": str(i), "label": i % 3} for i in range(4000)]  # 1,334 / 1,333 / 1,333: 133 x 3 = 399 before
+    assert len(stratified_subset(four_k, 0.1, 0)[0]) == 400
+    assert stratified_subset(four_k, 0.1, 1)[0] == stratified_subset(four_k, 0.1, 1)[0]
+    tiny = [{"key": str(i), "label": i % 5} for i in range(20)]
+    assert len(stratified_subset(tiny, 0.01, 0)[0]) == 5  # at least one image per class

@@ -80,3 +80,19 @@ def test_knn_health_refuses_bad_settings(assets, tmp_path):
         run(cfg_for(assets, tmp_path / "b", knn_val_shards=[str(assets / "photos" / "val-*.tar")]))
     with pytest.raises(pretrain.SetupError, match="--knn_val_shards"):
         run(cfg_for(assets, tmp_path / "c", knn_val_shards=[str(assets / "nowhere-*.tar")]))
+
+
+def test_knn_majority_class_is_the_scored_sets(assets, tmp_path):
+    """The majority-class baseline answers the scored set's most frequent class: with a memory bank of mostly
+    0s and a scored set of mostly 1s it is the share of 1s there, not the share of 0s."""
+    from types import SimpleNamespace
+
+    from beit.compare.labels import read_labelled, write_labelled
+    from beit.engines.knn import KnnMonitor
+    digits = read_labelled(str(assets / "digits" / "train-*.tar"), "train_shards")
+    zeros, ones, twos = ([s for s in digits if s["label"] == c] for c in (0, 1, 2))
+    bank = write_labelled(zeros[:30] + ones[:5] + twos[:5], tmp_path / "bank", "train", {}, "test", 0)
+    scored = write_labelled(zeros[30:34] + ones[5:21] + twos[5:10], tmp_path / "scored", "test", {}, "test", 0)
+    acc = SimpleNamespace(process_index=0, num_processes=1, device=torch.device("cpu"))
+    monitor = KnnMonitor([bank.replace("*", "000000")], [scored.replace("*", "000000")], 32, acc)
+    assert monitor.n_val == 25 and monitor.majority_acc == pytest.approx(16 / 25)

@@ -25,7 +25,7 @@ from typing import Literal
 from beit.config import Options, field, parse_config
 
 SECTIONS = ("train_step", "tokenizer", "end_to_end", "masking", "data", "memory", "onnx")
-EXTRA_SECTIONS = ("small_data", "tb_images")  # run only when named
+EXTRA_SECTIONS = ("small_data", "tb_images", "step_phases")  # run only when named
 Section = Literal[SECTIONS + EXTRA_SECTIONS]
 
 
@@ -65,7 +65,11 @@ class BenchConfig(Options):
     small_data_steps: int = field(300, help="small_data: pretraining steps of 64 images")
     tb_steps: int = field(100, help="tb_images: optimizer steps per run (>= the default picture interval)")
     tb_rounds: int = field(2, help="tb_images: alternating rounds of (off, default, dense)")
-    work_dir: str = field("", help="small_data / tb_images: where shards and runs go (default: a temporary folder)")
+    step_phases_steps: int = field(300, help="step_phases: optimizer steps per stage run")
+    baseline_python: str = field("", help="step_phases: the Python of another checkout (its beit installed "
+                                 "editable) to time beside this one")
+    work_dir: str = field("", help="small_data / tb_images / step_phases: where shards and runs go (default: a "
+                          "temporary folder)")
     out: str = field("", help="also write the JSON here")
 
     def validate(self) -> None:
@@ -113,6 +117,10 @@ def _section(section: str, a, device, dev_name: str, dtypes) -> dict:
     elif section == "small_data":
         from beit.bench import small_data
         res = small_data.run(steps=20 if s else a.small_data_steps, work_dir=a.work_dir)
+    elif section == "step_phases":
+        from beit.bench import step_phases
+        res = step_phases.run(steps=20 if s else a.step_phases_steps, rounds=1 if s else max(2, a.rounds // 2),
+                              baseline_python=a.baseline_python, work_dir=a.work_dir)
     elif section == "tb_images":
         from beit.bench import tb_images
         res = tb_images.run(steps=4 if s else a.tb_steps, rounds=1 if s else a.tb_rounds, work_dir=a.work_dir)

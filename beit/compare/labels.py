@@ -46,16 +46,35 @@ def label_map_of(spec: str) -> dict[str, int]:
     return {}
 
 
+def class_quotas(counts: dict[int, int], fraction: float) -> dict[int, int]:
+    """Images per class for a ``fraction`` of the whole: ``round(fraction * total)`` in all (at least one per
+    class), shared out by largest remainder: rounding each class on its own drifts from the total (10% of
+    4,000 digits came out as 399)."""
+    total = max(len(counts), round(fraction * sum(counts.values())))
+    exact = {c: fraction * n for c, n in counts.items()}
+    quota = {c: min(n, max(1, int(exact[c]))) for c, n in counts.items()}
+    # one more image each for the largest remainders; ties to the larger class, then the smaller label
+    for c in sorted(counts, key=lambda c: (quota[c] - exact[c], -counts[c], c)):
+        if sum(quota.values()) >= total:
+            break
+        if quota[c] < counts[c] and exact[c] > quota[c]:
+            quota[c] += 1
+    return quota
+
+
 def stratified_subset(samples: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(chosen, rest): a seeded ``fraction`` of each class (at least one image per class), in input order."""
+    """(chosen, rest): a seeded ``fraction`` of each class (at least one image per class, ``class_quotas``), in
+    input order."""
     if fraction >= 1:
         return list(samples), []
     rng = np.random.default_rng(seed)
     labels = np.array([s["label"] for s in samples])
+    classes = sorted(set(labels.tolist()))
+    quota = class_quotas({c: int((labels == c).sum()) for c in classes}, fraction)
     chosen: list[int] = []
-    for c in sorted(set(labels.tolist())):
+    for c in classes:
         idx = np.flatnonzero(labels == c)
-        chosen += rng.choice(idx, size=max(1, round(fraction * len(idx))), replace=False).tolist()
+        chosen += rng.choice(idx, size=quota[c], replace=False).tolist()
     keep = set(chosen)
     return [samples[i] for i in sorted(keep)], [s for i, s in enumerate(samples) if i not in keep]
 

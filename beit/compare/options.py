@@ -53,14 +53,18 @@ class CompareConfig:
     # the fitted scratch recipe
     scratch_fit: str = field("train_loss", help="how the scratch model's own recipe is chosen among the epoch "
                              "factors: train_loss (the shortest whose final training loss reaches the BEiT "
-                             "fine-tune's) "
-                             "or val (best top-1 on a validation split carved from the label subset, then retrained "
-                             "on all of it). Never on the test split")
+                             "fine-tune's; the validation split instead when that loss is within noise of the "
+                             "label-smoothing floor) or val (best top-1 on a validation split carved from the label "
+                             "subset, then retrained on all of it). Never on the test split")
     scratch_epoch_factors: list[float] = field(default_factory=lambda: list(SCRATCH_EPOCH_FACTORS),
                                                help="candidate fine-tune lengths for scratch_fitted, x the shared "
                                                "epochs (by default " + " and ".join(
                                                    str(round(recipe.FINETUNE["epochs"] * f))
                                                    for f in SCRATCH_EPOCH_FACTORS) + " epochs)")
+    scratch_max_factor: float = field(0.0, help="scratch_fitted: the ladder's budget, x the shared epochs. When no "
+                                      "length of scratch_epoch_factors reaches BEiT's training loss, the length "
+                                      "doubles up to this (0: no further lengths); a row that still reaches none is "
+                                      "marked under-fitted at its longest length in compare.md")
     val_fraction: float = field(0.2, help="scratch_fit val: fraction of the label subset held out for the choice")
     # features
     knn_k: int = field(20, help="neighbours of the kNN classifier (and of the pretraining health metric)")
@@ -105,6 +109,9 @@ class CompareConfig:
             raise ValueError(f"scratch_fit must be train_loss or val, got {self.scratch_fit!r}")
         if not self.scratch_epoch_factors or min(self.scratch_epoch_factors) <= 0:
             raise ValueError(f"scratch_epoch_factors must be positive numbers, got {self.scratch_epoch_factors}")
+        if self.scratch_max_factor < 0:
+            raise ValueError(f"scratch_max_factor must be 0 (no further lengths) or a budget in x the shared epochs, "
+                             f"got {self.scratch_max_factor}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.image_size % self.patch_size:

@@ -38,47 +38,6 @@ def _digest(samples: list[dict]) -> str:
     return h.hexdigest()[:16]
 
 
-def fit_scratch(cfg: CompareConfig, sdir: Path, seed: int, train: str, test: str, subset: list[dict],
-                label_map: dict, base: dict, same_recipe: dict | None, target_loss: float | None) -> dict:
-    """The scratch model with its own fine-tune length, chosen among ``scratch_epoch_factors`` on the
-    training loss (shortest reaching ``target_loss``) or on a validation split of the label subset."""
-    from beit.compare.labels import stratified_subset, write_labelled
-    from beit.compare.stages import finetune
-    factors = sorted(cfg.scratch_epoch_factors)
-    epochs_of = {f: max(1, round(base["epochs"] * f)) for f in factors}
-    tried = []
-    if cfg.scratch_fit == "train_loss" and target_loss is not None:
-        chosen = factors[-1]
-        for f in factors:
-            if f == 1.0 and same_recipe is not None:
-                res = same_recipe
-            else:
-                res = finetune(train, test, sdir / "scratch_fit" / f"epochs{epochs_of[f]}", seed, cfg.model,
-                               {**base, "epochs": epochs_of[f]})
-            tried.append({"factor": f, "epochs": epochs_of[f], "train_loss": res["train_loss"], "top1": res["top1"]})
-            if res["train_loss"] is not None and res["train_loss"] <= target_loss:
-                chosen = f
-                break
-        final = res  # the loop stopped at the chosen length (or ran out at the longest)
-        rule = f"shortest of x{factors} epochs whose final training loss reaches BEiT's ({target_loss:.3f})"
-    else:
-        val_part, fit_part = stratified_subset(subset, cfg.val_fraction, seed + 1000)
-        fit_pat = write_labelled(fit_part, sdir / "scratch_fit" / "labels", "fit", label_map, "compare:fit", seed)
-        val_pat = write_labelled(val_part, sdir / "scratch_fit" / "labels", "val", label_map, "compare:val", seed)
-        for f in factors:
-            res = finetune(fit_pat, val_pat, sdir / "scratch_fit" / f"val_epochs{epochs_of[f]}", seed, cfg.model,
-                           {**base, "epochs": epochs_of[f]})
-            tried.append({"factor": f, "epochs": epochs_of[f], "train_loss": res["train_loss"],
-                          "val_top1": res["top1"]})
-        chosen = max(tried, key=lambda t: (t["val_top1"], -t["factor"]))["factor"]
-        final = None
-        rule = (f"x{factors} epochs chosen by top-1 on {len(val_part)} validation images carved from the label "
-                "subset, then retrained on all of it")
-    if final is None:
-        final = finetune(train, test, sdir / "scratch_fitted", seed, cfg.model, {**base, "epochs": epochs_of[chosen]})
-    return {**final, "chosen_factor": chosen, "chosen_epochs": epochs_of[chosen], "tried": tried, "rule": rule}
-
-
 def run_seed(cfg: CompareConfig, seed: int, train: list[dict], test_pat: str, test_views, label_map: dict,
              unlabelled: str) -> dict:
     from beit.compare import stages
@@ -125,8 +84,8 @@ def run_seed(cfg: CompareConfig, seed: int, train: list[dict], test_pat: str, te
         rows["scratch"], rec["scratch"] = scratch["top1"], scratch
         clock.append(("finetune_scratch", time.time()))
     if "scratch_fitted" in m:
-        fitted = fit_scratch(cfg, sdir, seed, train_pat, test_pat, subset, label_map, ft_scratch, scratch,
-                             beit["train_loss"] if beit else None)
+        from beit.compare.fitted import fit_scratch
+        fitted = fit_scratch(cfg, sdir, seed, train_pat, test_pat, subset, label_map, ft_scratch, scratch, beit)
         rows["scratch_fitted"], rec["scratch_fitted"] = fitted["top1"], fitted
         clock.append(("scratch_fitted", time.time()))
     if "linear_probe" in m:
@@ -196,6 +155,10 @@ def run_compare(cfg: CompareConfig) -> dict:
     methods = [m for m in NAMES if m in per_seed[0]["top1"]]
     rows = {m: [r["top1"][m] for r in per_seed] for m in methods}
     names = method_names(cfg.arch, {**STUDENT, **cfg.student}["model"])
+    if "scratch_fitted" in methods:
+        from beit.compare.fitted import row_mark
+        mark = row_mark([r["scratch_fitted"] for r in per_seed], [r["seed"] for r in per_seed])
+        names["scratch_fitted"] += f" ({mark})" if mark else ""
     verdict_md, margins = verdict(rows, names)
     n_labels = sorted({r["labels"] for r in per_seed})
     header = (f"Held-out top-1 (%) on {len(test_views[1])} test images, {'/'.join(map(str, n_labels))} training labels "
@@ -309,8 +272,10 @@ def _notes(cfg: CompareConfig, per_seed: list[dict], unlabelled: str, minutes: f
                         else "."))
     fitted = [r["scratch_fitted"] for r in per_seed if "scratch_fitted" in r]
     if fitted:
-        parts.append(f"Fitted scratch recipe: {fitted[0]['rule']}; chosen epochs per seed "
-                     f"{[f['chosen_epochs'] for f in fitted]}.")
+        seeds = [r["seed"] for r in per_seed if "scratch_fitted" in r]
+        said = "; ".join(f"seed {s}: {f.get('decision_note') or str(f['chosen_epochs']) + ' epochs'}"
+                         for s, f in zip(seeds, fitted))
+        parts.append(f"Fitted scratch recipe: {fitted[0]['rule']}. What the rule did: {said}.")
     pre = [r["pretrain"] for r in per_seed if "pretrain" in r]
     if pre and "val/mim_acc" in pre[0]:
         parts.append("Held-out masked-token accuracy after pretraining "

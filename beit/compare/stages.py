@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Callable
 
 STAGE_FILE = "stage.json"
+LOSS_TAIL_EPOCHS = 10
 
 
 def cached_stage(out: Path, inputs: dict, run: Callable[[], dict]) -> dict:
@@ -101,7 +102,7 @@ def pretrain(shards: str, tokenizer: str, tokenizer_path: str, out: Path, seed: 
 
 def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_args: dict, init: str = "") -> dict:
     """``beit finetune`` (classification) on the labelled ``train`` shards, scored on ``test``; returns
-    top-1/top-5 and the final epoch's training loss."""
+    top-1/top-5, the final epoch's training loss and the last ``LOSS_TAIL_EPOCHS`` epochs' (its noise)."""
     from beit.options.finetune import FinetuneConfig
     from beit.runtime.run_logging import read_metrics
     from beit.training.finetuning import run_finetuning
@@ -119,7 +120,7 @@ def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_ar
             _fresh_accelerate()
         losses = [r["train_loss"] for r in read_metrics(out) if "train_loss" in r]
         return {"top1": res["top1"], "top5": res["top5"], "train_loss": losses[-1] if losses else None,
-                "epochs": cfg.epochs}
+                "train_loss_tail": losses[-LOSS_TAIL_EPOCHS:], "epochs": cfg.epochs}
     key = {**kw, "init_digest": _file_digest(init)}
     if kw.get("teacher"):
         key["teacher_digest"] = _file_digest(kw["teacher"])

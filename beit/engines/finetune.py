@@ -38,8 +38,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
     ``sums`` (updated in place) holds the epoch's running loss sum and step counts, so a checkpoint taken
     mid-epoch can record them and a resumed epoch reports the same means as an uninterrupted one.
     """
+    from beit.optim.step_work import OptimizerStep
     model.train()
     dev = accelerator.device
+    opt = OptimizerStep(accelerator, model, optimizer)
     sums = new_epoch_sums() if sums is None else sums
     window = torch.zeros(2, device=dev)  # over the current accumulation window: sum of losses, non-finite count
     n_micro = 0
@@ -68,7 +70,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
             if accelerator.sync_gradients:
                 lr, wd = schedule.step()
                 # the norm is logged as in pretraining (train/grad_norm); clipped only if asked
-                norm = accelerator.clip_grad_norm_(model.parameters(), clip_grad if clip_grad > 0 else float("inf"))
+                norm = opt.clip(clip_grad if clip_grad > 0 else float("inf"))
                 norm = norm.detach().float() if torch.is_tensor(norm) else torch.tensor(float("nan"), device=dev)
                 if accelerator.scaler is None:
                     window[1] += (~torch.isfinite(norm)).float()
@@ -78,10 +80,10 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
                 grad_norm /= accelerator.num_processes  # the same all-reduced gradients on every rank
                 finite = bad == 0
                 if finite:
-                    optimizer.step()
+                    opt.step()
                 else:
                     sums["skipped"] += 1
-                optimizer.zero_grad(set_to_none=True)
+                opt.zero_grad()
                 window, n_micro = torch.zeros(2, device=dev), 0
                 step += 1
                 if ema is not None:
@@ -93,7 +95,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
                     sums["n"] += 1
                 if progress is not None:
                     progress.update(1)
-                    progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
+                    progress.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}", refresh=False)  # drawn by update
                 if on_step is not None:
                     on_step(step, {"epoch": epoch, "step": step, "loss": value, "lr": lr, "wd": wd,
                                    # of the epoch so far

@@ -157,7 +157,9 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
     ``pictures(step, images, mask, tokens, logits)`` draws the step's last micro-batch when
     ``pictures.due(step)`` (TensorBoard images, beit.runtime.train_pictures).
     """
+    from beit.optim.step_work import OptimizerStep
     model.train()
+    opt = OptimizerStep(accelerator, model, optimizer)
     if meter is None:
         unwrapped = accelerator.unwrap_model(model)
         meter = MimMeter(unwrapped.lm_head.out_features, accelerator.device, prediction_branches(unwrapped))
@@ -186,7 +188,7 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
                 continue
             lr, wd = schedule.step()
             max_norm = clip_grad if clip_grad > 0 else float("inf")
-            norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            norm = opt.clip(max_norm)
             # DeepSpeed clips inside its engine (config gradient_clipping) and may return None here
             last_grad_norm = norm.detach() if torch.is_tensor(norm) else norm
             # a finite loss can still give inf/nan gradients; without a grad scaler (which skips
@@ -209,10 +211,10 @@ def train_one_epoch(model, tokenizer, loader, optimizer, schedule, accelerator, 
                         "instead of fp16, then rerun the same command to resume.")
             else:
                 state.nonfinite_in_a_row = 0
-                optimizer.step()
+                opt.step()
                 if accelerator.optimizer_step_was_skipped:  # fp16 grad scaler found inf/nan gradients
                     state.scaler_skipped_steps += 1
-            optimizer.zero_grad(set_to_none=True)
+            opt.zero_grad()
             step_ok = not window_bad
             window_ok = torch.ones((), dtype=torch.bool, device=accelerator.device)
             state.step += 1

@@ -136,12 +136,17 @@ class ImageBar:
 
     def update(self, steps: int = 1) -> None:
         self.step += steps
+        if self.bar.disable:
+            return
+        if time.time() - self.bar.last_print_t >= self.bar.mininterval:  # this update draws: give it the postfix
+            self.bar.set_postfix(step=f"{self.step}/{self.total}", refresh=False, **self._postfix)
         self.bar.update(steps * self.per_step)
-        self.set_postfix(refresh=False, **self._postfix)
 
     def set_postfix(self, refresh: bool = True, **kw) -> None:
+        """Keep ``kw`` for the next drawing (every ``mininterval``); ``refresh`` draws now."""
         self._postfix = kw
-        self.bar.set_postfix(step=f"{self.step}/{self.total}", refresh=refresh, **kw)
+        if refresh and not self.bar.disable:
+            self.bar.set_postfix(step=f"{self.step}/{self.total}", refresh=True, **kw)
 
     def close(self) -> None:
         self.bar.close()
