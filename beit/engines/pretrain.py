@@ -92,6 +92,19 @@ class MimMeter:
         self.sums += sums
         self.hist += hist
 
+    def state_dict(self) -> dict | None:
+        """This rank's open logging window (None when empty), saved with a checkpoint taken inside a window
+        (a stop at any step) so the resumed run logs the same window."""
+        if float(self.sums[2]) == 0:
+            return None
+        return {"sums": self.sums.tolist(), "hist": self.hist.tolist()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        self.reset()
+        if state:
+            self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.device)
+            self.hist = torch.tensor(state["hist"], dtype=torch.float64, device=self.device)
+
     def reduce(self, accelerator) -> dict:
         """Sum over ranks (every rank must call it) and return loss, mim_acc, majority_acc, tokens."""
         flat = torch.cat([self.sums, self.hist])
