@@ -127,7 +127,10 @@ def call(entry, argv: list[str] | None = None) -> int:
         return 1
     except RunStopped as e:  # stopped on a signal, with its checkpoint: rerun to resume
         if os.environ.get("RANK", "0") == "0":
-            print(e, file=sys.stderr, flush=True)
+            try:
+                print(e, file=sys.stderr, flush=True)
+            except OSError:  # stderr gone with a killed launcher: the checkpoint is written all the same
+                pass
         return EXIT_STOPPED
     return result if isinstance(result, int) else 0
 

@@ -11,7 +11,8 @@
 6. prints where everything is, the held-out masked-token accuracy beside the majority baseline, and top-1.
 
 Each stage is a separate process; finished stages are reused and a killed run resumes from its last
-complete checkpoint when the same command is run again.
+complete checkpoint when the same command is run again. Ctrl-C or SIGTERM is passed to the running stage: a
+training stage finishes its step, writes a checkpoint there and says so, and the demo ends with its status (75).
 """
 from __future__ import annotations
 
