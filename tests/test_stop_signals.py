@@ -33,7 +33,7 @@ from beit.runtime.stopping import EXIT_STOPPED, StopSignals
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 # one intra-op thread in and out of process: with two, this CPU's float sums differ in the last bit between
 # identical runs (resumed or not), and these tests compare weights bit for bit
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "terminal_signals")  # conftest.py
 
 
 def signal_at(monkeypatch, step: int, sig=signal.SIGTERM) -> None:
@@ -267,3 +267,89 @@ def test_data_loader_workers_ignore_the_stop_signals():
             "worker_init_fn=ignore_stop_signals)))\n")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == str(sum(range(40))), r.stderr[-2000:]
+
+
+# --- every other training command from its command line: the one line, status 75, the resume -------------------
+
+def command_cases(digits, teacher, seg_shards, assets, root: Path) -> dict:  # noqa: F811
+    """Per command: (argv after ``python -m beit.cli``, its config, the folder its checkpoints go to)."""
+    from beit.tokenizers.fitting import DVAETrainConfig, KMeansTrainConfig
+    kmeans_out = root / "kmeans" / "tok"
+    return {
+        "distill": (["distill"], distill_cfg(digits, teacher, root / "distill", epochs=2, batches_per_epoch=8,
+                                             checkpoint_every=1000), root / "distill"),
+        "segmentation": (["finetune"], seg_cfg(seg_shards, root / "seg", batches_per_epoch=8), root / "seg"),
+        "tokenizer dvae": (["tokenizer", "train", "dvae"],
+                           DVAETrainConfig(train_shards=[assets["train"]], output_dir=str(root / "dvae"),
+                                           vocab_size=16, hidden=8, downsample=4, input_size=16, batch_size=16,
+                                           steps=60, log_every=1, checkpoint_every=1000, num_workers=1,
+                                           progress=False, lr=1e-3), root / "dvae"),
+        "tokenizer kmeans": (["tokenizer", "train", "kmeans"],
+                             KMeansTrainConfig(train_shards=[assets["train"].replace("000013", "000002")],
+                                               out=str(kmeans_out), vocab_size=16, patch_size=4, input_size=32,
+                                               epochs=4, batch_size=32, init_patches=2000, num_workers=1),
+                             Path(f"{kmeans_out}.fit")),
+    }
+
+
+def started(folder: Path, err: Path) -> bool:
+    """The command is inside its training loop: a step logged, or (k-means, which logs no steps) its bar shown."""
+    if (folder / "metrics.jsonl").is_file() and any("loss" in r for r in read_metrics(folder)):
+        return True
+    return err.is_file() and "k-means epoch" in err.read_text(errors="replace")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, sig, group", [("distill", signal.SIGTERM, False),
+                                              ("segmentation", signal.SIGUSR1, False),
+                                              ("tokenizer dvae", signal.SIGINT, True),
+                                              ("tokenizer kmeans", signal.SIGTERM, False)])
+def test_every_training_command_stops_on_a_real_signal_with_one_line_and_status_75_and_resumes(
+        name, sig, group, digits, teacher, seg_shards, assets, tmp_path):  # noqa: F811
+    """``beit distill``, ``beit finetune`` (segmentation), ``beit tokenizer train dvae|kmeans`` as real processes:
+    the signal once the training loop runs -> status 75, no traceback, the last line names the step and its
+    verified checkpoint; the same command again resumes there and finishes (exactness: the in-process tests)."""
+    from beit.config import save_config
+    argv, cfg, folder = command_cases(digits, teacher, seg_shards, assets, tmp_path)[name]
+    config = save_config(cfg, tmp_path / "config.yaml")
+    cmd = [sys.executable, "-m", "beit.cli", *argv, "--config", str(config)]
+    err_log = tmp_path / "stop.err"
+    with open(tmp_path / "stop.out", "w") as out, open(err_log, "w") as err:
+        p = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=out, stderr=err, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not started(folder, err_log):
+            assert p.poll() is None, f"{name} ended before it was signalled: {err_log.read_text()[-3000:]}"
+            assert time.time() < deadline, "no progress in 240 s"
+            time.sleep(0.02)
+        (os.killpg if group else os.kill)(p.pid, sig)
+        p.wait(timeout=240)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    step = check_stop_line(p.returncode, err_log.read_text(), folder, sig)
+    assert_stopped_at(folder, step)
+    if (folder / "metrics.jsonl").is_file():
+        assert max(step_losses(folder)) <= step                 # nothing trained after the stop's step
+    rerun = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed from {checkpoint_path(folder, step)}" in rerun.stdout + rerun.stderr
+    if (folder / "metrics.jsonl").is_file():
+        steps = sorted(step_losses(folder))
+        assert steps == list(range(steps[0], steps[-1] + 1))    # every step once: none lost, none repeated
+
+
+def test_a_signal_the_process_was_started_with_ignored_stays_ignored():
+    """A shell script's background job (``beit pretrain ... &``) starts with SIGINT ignored, so that a Ctrl-C meant
+    for the script leaves it running: the stop handlers keep that (as Python does), the other signals still stop."""
+    code = ("import os, signal\n"
+            "from beit.runtime.stopping import stop_signals\n"
+            "with stop_signals() as stop:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    assert not stop.requested\n"
+            "    os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "    print(stop.name)\n"
+            "print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120,
+                       preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert r.returncode == 0 and r.stdout.split() == ["SIGUSR1", "True"], r.stderr[-2000:]

@@ -73,12 +73,15 @@ class StopSignals:
                 os.kill(pid, signum)
 
     def install(self) -> None:
-        """Catch the stop signals in this process (nested: the outermost install decides; main thread only)."""
+        """Catch the stop signals in this process (nested: the outermost install decides; main thread only). A signal
+        this process was started with ignored stays ignored, as Python itself does for SIGINT (a shell script's
+        background job ignores Ctrl-C; ``ignore_stop_signals``)."""
         if self._depth == 0:
             if threading.current_thread() is not threading.main_thread():
                 return  # signal handlers live in the main thread; a run in another thread is stopped by its owner
             self.signum, self.repeats, self.forward = None, 0, None
-            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+            self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS
+                              if signal.getsignal(s) is not signal.SIG_IGN}
         self._depth += 1
 
     def uninstall(self) -> None:
