@@ -99,8 +99,14 @@ class MimMeter:
             return None
         return {"sums": self.sums.tolist(), "hist": self.hist.tolist()}
 
-    def load_state_dict(self, state: dict | None) -> None:
+    def load_state_dict(self, state: dict | None, rank: int = 0) -> None:
+        """Continue the saved window; from ``{"saved_ranks": [...]}`` (another process count) rank 0 takes the sum of
+        the saved ranks' windows, the other ranks none: the logged window is the sum over ranks either way."""
         self.reset()
+        if state and "saved_ranks" in state:
+            parts = [p for p in state["saved_ranks"] if p] if rank == 0 else []
+            state = {"sums": [sum(x) for x in zip(*(p["sums"] for p in parts))],
+                     "hist": [sum(x) for x in zip(*(p["hist"] for p in parts))]} if parts else None
         if state:
             self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.device)
             self.hist = torch.tensor(state["hist"], dtype=torch.float64, device=self.device)

@@ -246,7 +246,7 @@ class PretrainRun:
         self.saved_step = None
         if latest is not None:
             saved_state, epoch_done = resume_run(self.accelerator, latest, self.schedule, self.loader,
-                                                 {"meter": lambda part, _rank: self.meter.load_state_dict(part)})
+                                                 {"meter": self.meter.load_state_dict})
             self.state = TrainState(**saved_state["train"])
             self.state.epoch += epoch_done
             self.saved_step = self.state.step
