@@ -10,6 +10,7 @@ Every subcommand takes the same options as its module (``beit pretrain --help`` 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # name -> (module with ``main(argv)``, one line of help). Two-word names ("tokenizer train") are groups.
@@ -111,9 +112,11 @@ def main(argv: list[str] | None = None) -> int:
 def call(entry, argv: list[str] | None = None) -> int:
     """``entry(argv)`` as an exit code, the one policy of every command: bad input (2: a ValueError such as
     ``SetupError`` or a config error, a missing or unwritable file) and a fault during the run (1: ``RunFault``,
-    e.g. a diverged loss, too many bad samples, a damaged checkpoint) print one line, not a traceback; an
-    int result is the code, anything else is 0."""
-    from beit.runtime.faults import RunFault
+    e.g. a diverged loss, too many bad samples, a damaged checkpoint) print one line, not a traceback; a stop on
+    SIGTERM / SIGINT / SIGUSR1 after its checkpoint (``RunStopped``) prints its one line on the main process and
+    returns 75 (``EXIT_STOPPED``); an int result is the code, anything else is 0."""
+    from beit.runtime.faults import RunFault, RunStopped
+    from beit.runtime.stopping import EXIT_STOPPED
     try:
         result = entry(argv)
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:  # bad input
@@ -122,6 +125,13 @@ def call(entry, argv: list[str] | None = None) -> int:
     except RunFault as e:  # a fault during the run
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except RunStopped as e:  # stopped on a signal, with its checkpoint: rerun to resume
+        if os.environ.get("RANK", "0") == "0":
+            try:
+                print(e, file=sys.stderr, flush=True)
+            except OSError:  # stderr gone with a killed launcher: the checkpoint is written all the same
+                pass
+        return EXIT_STOPPED
     return result if isinstance(result, int) else 0
 
 

@@ -11,7 +11,8 @@
 6. prints where everything is, the held-out masked-token accuracy beside the majority baseline, and top-1.
 
 Each stage is a separate process; finished stages are reused and a killed run resumes from its last
-complete checkpoint when the same command is run again.
+complete checkpoint when the same command is run again. Ctrl-C or SIGTERM is passed to the running stage: a
+training stage finishes its step, writes a checkpoint there and says so, and the demo ends with its status (75).
 """
 from __future__ import annotations
 
@@ -23,10 +24,15 @@ import time
 from pathlib import Path
 
 
-def _run(args: list[str]) -> None:
-    code = subprocess.call([sys.executable, "-m", *args])
+def _run(args: list[str], **popen_kwargs) -> None:
+    """One stage as a child process; a stop signal is passed on to it (a training stage stops with a checkpoint and
+    says so); its failure or stop ends the demo with its status."""
+    from beit.runtime.stopping import STOP, run_child
+
+    STOP.raise_if_requested(f"the stage {args[0]}")
+    code = run_child([sys.executable, "-m", *args], **popen_kwargs)
     if code:
-        raise SystemExit(code)
+        raise SystemExit(code if code > 0 else 128 - code)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--dir"] and len(argv) > 1:
         root, argv = Path(argv[1]), argv[2:]
     os.environ.setdefault("OMP_NUM_THREADS", "2")
+    from beit.runtime.stopping import stop_signals
+    with stop_signals():  # Ctrl-C / SIGTERM: the running stage stops with its checkpoint, the demo with it
+        return _demo(root, argv)
+
+
+def _demo(root: Path, argv: list[str]) -> int:
     t0 = time.time()
     photos, digits = root / "data" / "photos", root / "data" / "digits"
     tokenizer, pre, ft = root / "tokenizer" / "kmeans", root / "pretrain", root / "finetune"
@@ -62,11 +74,7 @@ def main(argv: list[str] | None = None) -> int:
           "--train_shards", f"{digits}/train-*.tar", "--val_shards", f"{digits}/test-*.tar", "--output_dir", str(ft)])
     print(f"== 5/5 run reports (beit viz) -> {pre / 'index.html'}, {ft / 'index.html'}", flush=True)
     for run in (pre, ft):
-        code = subprocess.call([sys.executable, "-m", "beit.viz.main", str(run), "--device", "cpu", "--num_images",
-                                "4"],
-                               stdout=subprocess.DEVNULL)
-        if code:
-            raise SystemExit(code)
+        _run(["beit.viz.main", str(run), "--device", "cpu", "--num_images", "4"], stdout=subprocess.DEVNULL)
     report(pre, tokenizer, ft, t0)
     return 0
 
@@ -96,4 +104,5 @@ def report(pre: Path, tokenizer: Path, ft: Path, t0: float) -> None:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from beit.cli import call
+    sys.exit(call(main))

@@ -1,4 +1,5 @@
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -54,3 +55,12 @@ def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     build_sample_shards(out, "digits")
     return out
+
+
+@pytest.fixture
+def terminal_signals():
+    """This process and the commands it starts get Ctrl-C as in a terminal: a test suite started as a script's
+    background job (``cmd &``) has SIGINT ignored, which Python and the stop handlers keep, and children inherit."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -107,6 +107,27 @@ def test_meter_accuracy_and_majority_baseline():
     assert r["loss"] == pytest.approx(2.0) and r["tokens"] == 6
 
 
+def test_meter_window_saved_by_two_ranks_resumes_on_one_as_their_sum():
+    """A stop inside a logging window on 2 processes, resumed on 1: rank 0 takes both windows, the window logs
+    what the 2 ranks would have logged together (the reduce sums over ranks either way)."""
+    class Acc:
+        num_processes = 1
+    windows, both = [], MimMeter(vocab_size=4, device="cpu")
+    for labels, pred in (([0, 0, 1], [0, 1, 1]), ([2, 3, 3, 3], [2, 3, 0, 3])):
+        m = MimMeter(vocab_size=4, device="cpu")
+        for meter in (m, both):
+            meter.update(torch.tensor(1.5), torch.nn.functional.one_hot(torch.tensor(pred), 4).float(),
+                         torch.tensor(labels))
+        windows.append(m.state_dict())
+    rank0, rank1 = MimMeter(vocab_size=4, device="cpu"), MimMeter(vocab_size=4, device="cpu")
+    rank0.load_state_dict({"saved_ranks": windows}, rank=0)
+    rank1.load_state_dict({"saved_ranks": windows}, rank=1)
+    assert rank0.reduce(Acc()) == both.reduce(Acc()) and rank1.reduce(Acc()) == {"tokens": 0}
+    empty = MimMeter(vocab_size=4, device="cpu")
+    empty.load_state_dict({"saved_ranks": [None, None]}, rank=0)  # saved between windows
+    assert empty.reduce(Acc()) == {"tokens": 0}
+
+
 def test_logger_truncates_on_resume(tmp_path):
     class Acc:
         is_main_process, trackers = True, []

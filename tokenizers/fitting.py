@@ -118,25 +118,63 @@ def _val_report(tok, cfg) -> Optional[dict]:
 
 
 def train_kmeans(cfg: KMeansTrainConfig):
-    """Fit the k-means tokenizer on the shards; returns it (and writes cfg.out)."""
-    from beit.tokenizers.kmeans import KMeansTokenizer
+    """Fit the k-means tokenizer on the shards; returns it (and writes cfg.out). A stop signal ends the fit after
+    its current batch with a checkpoint in ``<out>.fit/`` (``beit.runtime.stopping``), which the same command
+    resumes; the folder is removed once the tokenizer is written."""
+    import shutil
+
+    from beit.runtime.run_lock import open_run
+    from beit.runtime.stopping import stop_signals
+
+    run_dir = Path(f"{cfg.out}.fit")
+    with stop_signals() as stop, open_run(run_dir) as latest:
+        tok = _fit_kmeans(cfg, run_dir, latest, stop)
+    shutil.rmtree(run_dir, ignore_errors=True)  # the tokenizer is written: nothing left to resume
+    return tok
+
+
+def _fit_kmeans(cfg: KMeansTrainConfig, run_dir: Path, latest: Path | None, stop):
+    from tqdm.auto import tqdm
+
+    from beit.checkpoints.checkpointing import load_tensor_checkpoint, save_tensor_checkpoint
+    from beit.tokenizers.kmeans import KMeansFit
 
     loader = build_view_loader(cfg.train_shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
                                cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
                                max_bad_fraction=cfg.max_bad_fraction, **cfg.shard_source())
-    epochs = iter(range(10 ** 9))
-
-    def one_epoch():
-        loader.set_epoch(next(epochs))
-        return (b["images"] for b in loader)
-
     print(f"[kmeans] training data: {loader.describe()}" + "".join(f"\n[kmeans] note: {n}" for n in loader.notes))
     t0 = time.time()
-    tok = KMeansTokenizer.fit(one_epoch, epochs=cfg.epochs, seed=cfg.seed, init_patches=cfg.init_patches,
-                              batches_per_epoch=len(loader), vocab_size=cfg.vocab_size,
-                              patch_size=cfg.patch_size, input_size=cfg.input_size, interpolation=cfg.interpolation,
-                              color_weight=cfg.color_weight, contrast_weight=cfg.contrast_weight,
-                              contrast_floor=cfg.contrast_floor, whiten=cfg.whiten)
+    config = dict(vocab_size=cfg.vocab_size, patch_size=cfg.patch_size, input_size=cfg.input_size,
+                  interpolation=cfg.interpolation, color_weight=cfg.color_weight, contrast_weight=cfg.contrast_weight,
+                  contrast_floor=cfg.contrast_floor, whiten=cfg.whiten)
+    if latest is not None:
+        tensors, state, rank_state = load_tensor_checkpoint(latest)
+        if state["options"] != to_dict(cfg):
+            raise ValueError(f"{latest} is a fit with other options than this one; remove {run_dir} to start over, "
+                             "or rerun the original command")
+        fit = KMeansFit.from_state(tensors, state["fit"])
+        loader.load_state_dict(rank_state["loader"])
+        print(f"[kmeans] resumed from {latest} at step {fit.step} (epoch {fit.epoch})")
+    else:  # loader epoch 0 seeds the codes; the passes read epochs 1..epochs
+        loader.set_epoch(0)
+        fit = KMeansFit.start((b["images"] for b in loader), seed=cfg.seed, init_patches=cfg.init_patches, **config)
+
+    def save() -> Path:
+        tensors, state = fit.state_dict()
+        return save_tensor_checkpoint(run_dir, fit.step, tensors, {"fit": state, "options": to_dict(cfg)},
+                                      {"loader": loader.state_dict()})
+
+    for epoch in range(fit.epoch, cfg.epochs):
+        loader.set_epoch(epoch + 1)
+        bar = tqdm(loader, desc=f"k-means epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False,
+                   total=len(loader), initial=loader.position)
+        for batch in bar:
+            fit.update(batch["images"])
+            bar.set_postfix(inertia=f"{fit.inertia:.4f}", reseeded=fit.n_reseeded, refresh=False)
+            if loader.position >= len(loader):
+                fit.end_epoch()
+            stop.check(None, fit.step, save)
+    tok = fit.finish()
     stem = tok.save(cfg.out)
     bad = loader.metrics().get("data/bad", 0)
     print(f"[kmeans] fit in {time.time() - t0:.1f}s ({len(loader)} batches/epoch, bad samples: {bad}); "
@@ -161,7 +199,15 @@ def _schedules(cfg: DVAETrainConfig, step: int) -> tuple[float, float, float]:
 
 
 def train_dvae(cfg: DVAETrainConfig):
-    """Train the discrete VAE with Accelerate; resumable; returns the DVAETokenizer (rank 0) or None."""
+    """Train the discrete VAE with Accelerate; resumable, stops on a signal with a checkpoint
+    (``beit.runtime.stopping``); returns the DVAETokenizer (rank 0) or None."""
+    from beit.runtime.stopping import stop_signals
+
+    with stop_signals() as stop:
+        return _train_dvae(cfg, stop)
+
+
+def _train_dvae(cfg: DVAETrainConfig, stop):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -202,7 +248,14 @@ def train_dvae(cfg: DVAETrainConfig):
         save_config(cfg, out / "config.yaml")
     bar = tqdm(total=cfg.steps, initial=step, desc="dvae", disable=not (cfg.progress and acc.is_main_process))
     log = open(out / "metrics.jsonl", "a") if acc.is_main_process else None
-    t0 = time.time()
+    t0, saved = time.time(), {step: latest}
+
+    def save() -> Path:  # the checkpoint of this step, once
+        if step not in saved:
+            saved[step] = save_checkpoint(acc, out, step, {"epoch": epoch, "config": to_dict(cfg)},
+                                          {"loader": loader.state_dict()}, keep_last=cfg.keep_last)
+        return saved[step]
+
     while step < cfg.steps:
         loader.set_epoch(epoch)
         if loader.position >= len(loader):  # resumed exactly at the end of an epoch
@@ -232,8 +285,8 @@ def train_dvae(cfg: DVAETrainConfig):
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_checkpoint(acc, out, step, {"epoch": epoch, "config": to_dict(cfg)},
-                                {"loader": loader.state_dict()}, keep_last=cfg.keep_last)
+                save()
+            stop.check(acc, step, save)
             if step >= cfg.steps:
                 break
         else:

@@ -173,17 +173,53 @@ class KMeansTokenizer(VisualTokenizer):
         ``batches`` is re-iterated once per epoch (a list, a DataLoader, or a function returning a
         fresh iterator). The first ``init_patches`` patches fit the whitening and seed k-means++.
         Codes that won no patch in the last ``reseed_every`` batches are re-seeded onto far-away
-        patches. Same data order + same seed -> identical centroids.
+        patches. Same data order + same seed -> identical centroids. (``KMeansFit`` is the same fit one
+        batch at a time, with a resumable state: ``beit tokenizer train kmeans`` stops and resumes through it.)
         """
-        tok = cls(**config)
         source = batches if callable(batches) else (lambda: batches)
+        fit = KMeansFit.start(source(), seed=seed, init_patches=init_patches, reseed_every=reseed_every, **config)
+        for epoch in range(epochs):
+            bar = tqdm(source(), desc=f"k-means epoch {epoch + 1}/{epochs}", disable=not progress,
+                       unit="batch", leave=False, total=max_batches_per_epoch or batches_per_epoch)
+            for b_i, images in enumerate(bar):
+                if max_batches_per_epoch is not None and b_i >= max_batches_per_epoch:
+                    break
+                fit.update(images)
+                if progress:
+                    bar.set_postfix(inertia=f"{fit.inertia:.4f}", reseeded=fit.n_reseeded)
+            fit.end_epoch()
+        return fit.finish()
+
+
+class KMeansFit:
+    """Mini-batch k-means in progress: ``start`` (whitening + k-means++ on the first patches), ``update`` per
+    batch (Sculley's per-centre learning rates, dead codes re-seeded every ``reseed_every`` batches),
+    ``end_epoch`` after each pass, ``finish`` -> the tokenizer. ``state_dict`` / ``from_state`` resume it exactly
+    between batches."""
+
+    COUNTERS = ("step", "epoch", "n_reseeded", "init_patches", "reseed_every", "inertia_sum", "n_seen", "n_images",
+                "images_per_epoch", "last_epoch_inertia")
+
+    def __init__(self, tok: KMeansTokenizer, centroids: torch.Tensor, g: torch.Generator, reseed_every: int = 50):
+        self.tok, self.centroids, self.g, self.reseed_every = tok, centroids, g, int(reseed_every)
+        self.counts = torch.zeros(tok.vocab_size, dtype=torch.float64)
+        self.recent = torch.zeros(tok.vocab_size, dtype=torch.long)
+        self.step = self.epoch = self.n_reseeded = self.init_patches = 0
+        self.images_per_epoch: list[int] = []
+        self.last_epoch_inertia = 0.0
+        self.inertia_sum, self.n_seen, self.n_images = 0.0, 0, 0
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # the epoch's last batch, for its end
+
+    @classmethod
+    def start(cls, batches: Iterable[torch.Tensor], *, seed: int = 0, init_patches: int = 20000,
+              reseed_every: int = 50, **config: Any) -> "KMeansFit":
+        """Whitening and k-means++ seeds from the first ``init_patches`` patches of ``batches``."""
+        tok = KMeansTokenizer(**config)
         g = torch.Generator().manual_seed(seed)
         k = tok.vocab_size
-
-        # 1. Init sample: whitening + k-means++ seeds.
         sample: list[torch.Tensor] = []
         n_sample = 0
-        for images in source():
+        for images in batches:
             p = extract_patches(tok.check_images(images), tok.patch_size).reshape(-1, tok.shape_dim)
             sample.append(p)
             n_sample += p.shape[0]
@@ -194,46 +230,70 @@ class KMeansTokenizer(VisualTokenizer):
                              f"smaller vocab_size (at least a few patches per code, ideally > 20)")
         init = torch.cat(sample)[:max(init_patches, k)]
         tok.fit_whitening(init)
-        feats = tok.features(init)
-        centroids = kmeans_plus_plus(feats, k, g)
-        counts = torch.zeros(k, dtype=torch.float64)
-        recent = torch.zeros(k, dtype=torch.long)
-        n_reseeded = 0
+        fit = cls(tok, kmeans_plus_plus(tok.features(init), k, g), g, reseed_every)
+        fit.init_patches = int(init.shape[0])
+        return fit
 
-        # 2. Mini-batch passes.
-        step, images_per_epoch = 0, []
-        for epoch in range(epochs):
-            bar = tqdm(source(), desc=f"k-means epoch {epoch + 1}/{epochs}", disable=not progress,
-                       unit="batch", leave=False, total=max_batches_per_epoch or batches_per_epoch)
-            inertia_sum, n_seen, n_images = 0.0, 0, 0
-            for b_i, images in enumerate(bar):
-                if max_batches_per_epoch is not None and b_i >= max_batches_per_epoch:
-                    break
-                x = tok.features(extract_patches(tok.check_images(images), tok.patch_size).reshape(-1, tok.shape_dim))
-                idx, dist = nearest(x, centroids)
-                hits = torch.bincount(idx, minlength=k)
-                sums = torch.zeros_like(centroids).index_add_(0, idx, x)
-                counts += hits.double()
-                recent += hits
-                upd = hits > 0
-                # Per-centre learning rate hits/count (Sculley's mini-batch k-means, batched form).
-                lr = (hits[upd].double() / counts[upd]).float()[:, None]
-                centroids[upd] += lr * (sums[upd] / hits[upd, None].float() - centroids[upd])
-                inertia_sum += float(dist.sum())
-                n_seen += x.shape[0]
-                n_images += images.shape[0]
-                step += 1
-                if step % reseed_every == 0:
-                    n_reseeded += _reseed_dead(centroids, counts, recent, x, dist, g)
-                if progress:
-                    bar.set_postfix(inertia=f"{inertia_sum / max(1, n_seen):.4f}", reseeded=n_reseeded)
-            n_reseeded += _reseed_dead(centroids, counts, recent, x, dist, g) if n_seen else 0
-            images_per_epoch.append(n_images)
-        tok.centroids.copy_(centroids)
-        tok.fit_stats = {"init_patches": int(init.shape[0]), "steps": step, "images_per_epoch": images_per_epoch,
-                         "reseeded": n_reseeded,
-                         "mean_inertia_last_epoch": inertia_sum / max(1, n_seen)}
+    @property
+    def inertia(self) -> float:
+        """Mean squared distance to the nearest centre over this epoch so far."""
+        return self.inertia_sum / max(1, self.n_seen)
+
+    def update(self, images: torch.Tensor) -> None:
+        """One mini-batch step."""
+        tok, centroids = self.tok, self.centroids
+        x = tok.features(extract_patches(tok.check_images(images), tok.patch_size).reshape(-1, tok.shape_dim))
+        idx, dist = nearest(x, centroids)
+        hits = torch.bincount(idx, minlength=tok.vocab_size)
+        sums = torch.zeros_like(centroids).index_add_(0, idx, x)
+        self.counts += hits.double()
+        self.recent += hits
+        upd = hits > 0
+        # Per-centre learning rate hits/count (Sculley's mini-batch k-means, batched form).
+        lr = (hits[upd].double() / self.counts[upd]).float()[:, None]
+        centroids[upd] += lr * (sums[upd] / hits[upd, None].float() - centroids[upd])
+        self.inertia_sum += float(dist.sum())
+        self.n_seen += x.shape[0]
+        self.n_images += images.shape[0]
+        self.step += 1
+        if self.step % self.reseed_every == 0:
+            self.n_reseeded += _reseed_dead(centroids, self.counts, self.recent, x, dist, self.g)
+        self._last = (x, dist)
+
+    def end_epoch(self) -> None:
+        """After a pass: re-seed the codes unused since the last re-seed (on the pass's last batch)."""
+        if self.n_seen and self._last is not None:
+            self.n_reseeded += _reseed_dead(self.centroids, self.counts, self.recent, *self._last, self.g)
+        self.images_per_epoch.append(self.n_images)
+        self.last_epoch_inertia = self.inertia
+        self.epoch += 1
+        self.inertia_sum, self.n_seen, self.n_images, self._last = 0.0, 0, 0, None
+
+    def finish(self) -> KMeansTokenizer:
+        tok = self.tok
+        tok.centroids.copy_(self.centroids)
+        tok.fit_stats = {"init_patches": self.init_patches, "steps": self.step, "images_per_epoch":
+                         self.images_per_epoch, "reseeded": self.n_reseeded,
+                         "mean_inertia_last_epoch": self.last_epoch_inertia}
         return tok
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-safe counters and config) between batches."""
+        tensors = {"centroids": self.centroids, "counts": self.counts, "recent": self.recent,
+                   "whitening": self.tok.whitening, "generator": self.g.get_state()}
+        return tensors, {"config": self.tok.get_config(), **{k: getattr(self, k) for k in self.COUNTERS}}
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor], state: dict) -> "KMeansFit":
+        tok = KMeansTokenizer(**state["config"])
+        tok.whitening.copy_(tensors["whitening"])
+        g = torch.Generator()
+        g.set_state(tensors["generator"])
+        fit = cls(tok, tensors["centroids"].clone(), g)
+        fit.counts, fit.recent = tensors["counts"].clone(), tensors["recent"].clone()
+        for k in cls.COUNTERS:
+            setattr(fit, k, state[k])
+        return fit
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:

@@ -46,4 +46,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from beit.cli import call
+    sys.exit(call(main))

@@ -143,6 +143,47 @@ def _last_good(output_dir) -> str:
     return f"the last good checkpoint is {last}" if last else "there is no earlier checkpoint"
 
 
+def _seal(tmp: Path, final: Path, step: int, world: int) -> None:
+    """Mark a written temp folder complete (every file's size and hash) and move it into place atomically."""
+    _write_json(tmp / COMPLETE, {"step": step, "world_size": world, "time": time.time(), **file_manifest(tmp)})
+    if final.exists():  # a re-save of the same step (e.g. the final step after a resume)
+        trash = final.with_name(".old_" + final.name)
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def save_tensor_checkpoint(output_dir: str | Path, step: int, tensors: dict[str, torch.Tensor], train_state: dict,
+                           rank_state: dict | None = None) -> Path:
+    """A one-process checkpoint without Accelerate (``state.safetensors`` + the JSON parts, e.g. the k-means fit),
+    written and verified like ``save_checkpoint``'s; ``load_tensor_checkpoint`` reads it back."""
+    final = checkpoint_path(output_dir, step)
+    tmp = final.with_name(".tmp_" + final.name)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / "state.safetensors"))
+        _write_json(tmp / "rank_0.json", {"rank": 0, "world_size": 1, "state": rank_state})
+        _write_json(tmp / TRAIN_STATE, dict(train_state, step=step, world_size=1))
+        _seal(tmp, final, step, 1)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunFault(f"step {step}: writing the checkpoint {final} failed ({e}); the partial {tmp.name} was "
+                       f"removed; {_last_good(output_dir)}") from e
+    return final
+
+
+def load_tensor_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict | None]:
+    """(tensors, train_state, rank_state) of a ``save_tensor_checkpoint`` folder."""
+    path = Path(path)
+    return (load_file(str(path / "state.safetensors")), json.loads((path / TRAIN_STATE).read_text()),
+            json.loads((path / "rank_0.json").read_text())["state"])
+
+
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, train_state: dict,
                     rank_state: dict | None = None, keep_last: int = 0) -> Path:
     """Save a complete checkpoint for optimizer step ``step``; call on EVERY rank.
@@ -183,17 +224,7 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, train_state:
             if missing:
                 raise RuntimeError(f"checkpoint {tmp}: ranks {missing} did not write their part; not marking it "
                                    "complete")
-            _write_json(tmp / COMPLETE, {"step": step, "world_size": world, "time": time.time(),
-                                         **file_manifest(tmp)})
-            if final.exists():  # a re-save of the same step (e.g. the final step after a resume)
-                trash = final.with_name(".old_" + final.name)
-                shutil.rmtree(trash, ignore_errors=True)
-                os.rename(final, trash)
-                os.rename(tmp, final)
-                shutil.rmtree(trash, ignore_errors=True)
-            else:
-                os.rename(tmp, final)
-            _fsync_dir(final.parent)
+            _seal(tmp, final, step, world)
             prune_checkpoints(output_dir, keep_last)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -236,15 +267,18 @@ def load_checkpoint(accelerator, path: str | Path) -> tuple[dict, dict | None]:
     return train_state, ({k: {"saved_ranks": [p.get(k) for p in parts]} for k in parts[0]} or None)
 
 
-def resume_run(accelerator, path: str | Path, schedule, loader) -> tuple[dict, bool]:
+def resume_run(accelerator, path: str | Path, schedule, loader, rank_parts: dict | None = None) -> tuple[dict, bool]:
     """``load_checkpoint`` for a run whose train state holds ``{"train": {..., "epoch"}, "schedule": ...}``: also
-    restores the schedule and this rank's data position. Returns (train_state, epoch_done); epoch_done is True
-    when the checkpoint was saved right at the end of its epoch (the run then goes on with the next one)."""
+    restores the schedule, this rank's data position and any other part of the rank state (``rank_parts``: key ->
+    ``load_state_dict(part, rank)``). Returns (train_state, epoch_done); epoch_done is True when the checkpoint was
+    saved right at the end of its epoch (the run then goes on with the next one)."""
     train_state, rank_state = load_checkpoint(accelerator, path)
     schedule.load_state_dict(train_state["schedule"])
     if rank_state is None:
         return train_state, False
     loader.load_state_dict(rank_state["loader"])
+    for key, load in (rank_parts or {}).items():
+        load(rank_state.get(key), accelerator.process_index)
     return train_state, loader.epoch == int(train_state["train"]["epoch"]) and loader.position >= len(loader)
 
 

@@ -131,6 +131,7 @@ def run_compare(cfg: CompareConfig) -> dict:
     from beit.compare.report import NAMES, code_version, markdown, method_names, verdict, write_results
     from beit.data.storage.shardspec import expand_shards
     from beit.engines.knn import load_views
+    from beit.runtime.stopping import stop_signals
 
     cfg.validate()
     if cfg.tokenizer_path == "" and cfg.tokenizer != "kmeans":
@@ -151,7 +152,8 @@ def run_compare(cfg: CompareConfig) -> dict:
         raise ValueError(f"--unlabelled_shards: {e}") from None
     label_map = label_map_of(cfg.train_shards)
     test_views = load_views(expand_shards(cfg.test_shards), cfg.image_size)
-    per_seed = _run_seeds(cfg, train, test_views, label_map, unlabelled)
+    with stop_signals():  # a stop signal: the running stages stop with their checkpoints, what finished is kept
+        per_seed = _run_seeds(cfg, train, test_views, label_map, unlabelled)
     methods = [m for m in NAMES if m in per_seed[0]["top1"]]
     rows = {m: [r["top1"][m] for r in per_seed] for m in methods}
     names = method_names(cfg.arch, {**STUDENT, **cfg.student}["model"])
@@ -188,9 +190,14 @@ def run_compare(cfg: CompareConfig) -> dict:
 def init_job_process() -> None:
     """Start-up of a ``--jobs`` process: a spawned child inherits the "spawn" start method, so every data
     loader in it would re-import torch and the package in each of its workers at every epoch (the k-means
-    fit took 20x as long); its own workers use the platform's default, as in a run of one seed at a time."""
+    fit took 20x as long); its own workers use the platform's default, as in a run of one seed at a time.
+    It holds the stop signals for its whole life: a Ctrl-C (or the signal the parent passes on) stops its
+    running stage with a checkpoint, never the process itself."""
     import multiprocessing
+
+    from beit.runtime.stopping import STOP
     multiprocessing.set_start_method(None, force=True)
+    STOP.install()
 
 
 def job_pool(jobs: int):
@@ -227,10 +234,39 @@ def _run_seeds(cfg: CompareConfig, train: list[dict], test_views, label_map: dic
     print(f"compare: seeds {cfg.seeds} in {jobs} processes at once, {threads} thread(s) each", flush=True)
     with job_pool(jobs) as pool:
         futures = [pool.submit(_seed_in_process, cfg, threads, seed, *args) for seed in cfg.seeds]
-        per_seed = [f.result() for f in futures]
+        per_seed = _gather(pool, futures, cfg.seeds)
     for rec in per_seed:
         print(json.dumps(rec, default=str), flush=True)
     return per_seed
+
+
+def _gather(pool, futures: list, seeds: list[int]) -> list[dict]:
+    """Every seed's record; on a stop signal (passed on to the job processes: the running stages stop with their
+    checkpoints) the seeds not started are cancelled and one ``RunStopped`` line says what finished and where each
+    running seed stopped."""
+    from concurrent import futures as cf
+
+    from beit.runtime.faults import RunStopped
+    from beit.runtime.stopping import STOP
+
+    STOP.forward = lambda: list(getattr(pool, "_processes", None) or ())  # the job processes' pids
+    pending = set(futures)
+    while pending:
+        _, pending = cf.wait(pending, timeout=0.5)
+        if STOP.requested:
+            for f in pending:
+                f.cancel()
+    stopped = [(seed, f.exception()) for seed, f in zip(seeds, futures) if not f.cancelled() and f.exception()]
+    faults = [e for _, e in stopped if not isinstance(e, RunStopped)]
+    if faults:
+        raise faults[0]
+    if stopped or any(f.cancelled() for f in futures):
+        done = [seed for seed, f in zip(seeds, futures) if not f.cancelled() and not f.exception()]
+        where = "; ".join(f"seed {seed} {str(e).split(';')[0]}" + (f" ({e.checkpoint})" if e.checkpoint else "")
+                          for seed, e in stopped)
+        raise RunStopped(f"stopped on {STOP.name}: seed(s) {done or 'none'} finished; {where or 'no seed started'}; "
+                         "every finished stage is kept: rerun the same command to resume")
+    return [f.result() for f in futures]
 
 
 def _device_recipes(cfg: CompareConfig) -> dict:

@@ -1,8 +1,9 @@
 """The trained stages of a comparison, each an ordinary run of an existing entry point in its own folder.
 
-A stage that finished with the same inputs before (``stage.json`` in its folder) is reused, so an
-interrupted comparison reruns only what is missing. Accelerate's process-wide state is reset
-around every in-process run, as a fresh process would have it.
+A stage that finished with the same inputs before (``stage.json`` in its folder) is reused, and one that was
+stopped or cut short with the same inputs resumes from its checkpoint, so an interrupted comparison reruns only
+what is missing. Accelerate's process-wide state is reset around every in-process run, as a fresh process would
+have it.
 """
 from __future__ import annotations
 
@@ -15,18 +16,24 @@ LOSS_TAIL_EPOCHS = 10
 
 
 def cached_stage(out: Path, inputs: dict, run: Callable[[], dict]) -> dict:
-    """``run()``'s result, or the saved one when ``out`` finished with the same ``inputs``."""
+    """``run()``'s result, or the saved one when ``out`` finished with the same ``inputs``. A stage started with the
+    same inputs but not finished (stopped on a signal, killed) is run again in its folder, where its run resumes
+    from the newest checkpoint; a folder of other inputs (or an unmarked one) is started afresh. A stop requested
+    before the stage (``beit.runtime.stopping``) stops here."""
+    from beit.runtime.stopping import STOP
+
     marker = out / STAGE_FILE
     key = json.loads(json.dumps(inputs, default=str))
-    if marker.is_file():
-        saved = json.loads(marker.read_text())
-        if saved.get("inputs") == key:
-            return saved["result"]
-    if out.exists():  # a stage with other inputs or one cut short: start it afresh
+    saved = json.loads(marker.read_text()) if marker.is_file() else {}
+    if saved.get("inputs") == key and "result" in saved:
+        return saved["result"]
+    STOP.raise_if_requested(f"the stage {out}")
+    if out.exists() and saved.get("inputs") != key:  # other inputs, or a stage from before the marker
         import shutil
         shutil.rmtree(out)
-    result = run()
     out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"inputs": key}, indent=1, default=str))  # started: a rerun resumes it
+    result = run()
     marker.write_text(json.dumps({"inputs": key, "result": result}, indent=1, default=str))
     return result
 
@@ -107,7 +114,7 @@ def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_ar
     from beit.runtime.run_logging import read_metrics
     from beit.training.finetuning import run_finetuning
 
-    kw = dict(train_shards=train, val_shards=test, output_dir=str(out), seed=seed, init=init, resume=False,
+    kw = dict(train_shards=train, val_shards=test, output_dir=str(out), seed=seed, init=init,
               **finetune_model_args(model), **recipe_args)
 
     def run() -> dict:

@@ -43,6 +43,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, schedule, accelerator, 
     dev = accelerator.device
     opt = OptimizerStep(accelerator, model, optimizer)
     sums = new_epoch_sums() if sums is None else sums
+    if step >= max_steps:  # resumed from a stop at this epoch's last step: nothing left to train (nor to read)
+        return step, {"train_loss": sums["loss"] / max(1, sums["n"]), "skipped_steps": sums["skipped"],
+                      "data_wait_fraction": 0.0}
     window = torch.zeros(2, device=dev)  # over the current accumulation window: sum of losses, non-finite count
     n_micro = 0
     waiting = DataWait(loader)

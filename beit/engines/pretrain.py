@@ -113,6 +113,25 @@ class MimMeter:
         self.sums += sums
         self.hist += hist
 
+    def state_dict(self) -> dict | None:
+        """This rank's open logging window (None when empty), saved with a checkpoint taken inside a window
+        (a stop at any step) so the resumed run logs the same window."""
+        if float(self.sums[0, 2]) == 0:
+            return None
+        return {"sums": self.sums.tolist(), "hist": self.hist.tolist()}
+
+    def load_state_dict(self, state: dict | None, rank: int = 0) -> None:
+        """Continue the saved window; from ``{"saved_ranks": [...]}`` (another process count) rank 0 takes the sum of
+        the saved ranks' windows, the other ranks none: the logged window is the sum over ranks either way."""
+        self.reset()
+        if state and "saved_ranks" in state:
+            parts = [p for p in state["saved_ranks"] if p] if rank == 0 else []
+            state = {key: sum(torch.tensor(p[key], dtype=torch.float64) for p in parts).tolist()
+                     for key in ("sums", "hist")} if parts else None
+        if state:
+            self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.device)
+            self.hist = torch.tensor(state["hist"], dtype=torch.float64, device=self.device)
+
     def reduce(self, accelerator) -> dict:
         """Sum over ranks (every rank must call it) and return loss, mim_acc, majority_acc, tokens (and
         ``<branch>_loss``, ``<branch>_mim_acc`` of every other branch)."""

@@ -1,5 +1,6 @@
-"""The two kinds of failure every command reports with a message instead of a traceback (``beit.cli.call``
-turns them into exit codes): bad input found before any compute (2), and a fault during the run (1)."""
+"""How a command ends other than by finishing, each reported with one line instead of a traceback (``beit.cli.call``
+turns them into exit codes): bad input found before any compute (2), a fault during the run (1), and a stop on a
+signal after a checkpoint (75, ``beit.runtime.stopping``)."""
 from __future__ import annotations
 
 
@@ -15,3 +16,16 @@ class RunFault(RuntimeError):
 
 class NonFiniteLossError(RunFault):
     """A training loss was NaN or Inf (pretraining: for too many consecutive steps; VQ-KD: once)."""
+
+
+class RunStopped(Exception):
+    """The run stopped on SIGTERM / SIGINT / SIGUSR1 after writing a checkpoint (``step``, ``checkpoint``); the
+    message is the one line to print, e.g. ``stopped at step N on SIGTERM; the checkpoint is ...; rerun the same
+    command to resume`` (exit code 75). Not a RunFault: nothing went wrong."""
+
+    def __init__(self, message: str, step: int | None = None, checkpoint: str | None = None):
+        super().__init__(message, step, checkpoint)
+        self.message, self.step, self.checkpoint = message, step, checkpoint
+
+    def __str__(self) -> str:
+        return self.message

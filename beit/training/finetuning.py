@@ -19,12 +19,13 @@ def run_finetuning(cfg: FinetuneConfig) -> dict:
     """Train, evaluate, checkpoint/resume, and write the final results; returns the final metrics.
     One run per output_dir (a lock); the resume checkpoint is verified (damaged ones moved aside)."""
     from beit.runtime.run_lock import end_with_launcher, open_run
+    from beit.runtime.stopping import stop_signals
 
     end_with_launcher()
-    with open_run(cfg.output_dir, resume=cfg.resume) as latest:
+    with stop_signals() as stop, open_run(cfg.output_dir, resume=cfg.resume) as latest:
         run = FinetuneRun(cfg, latest)        # data, classes, the task's model, optimizer, loaders, resume checks
         run.restore(latest)
-        run.train()                           # the engine, epoch after epoch: evaluation, checkpoints
+        run.train(stop)                       # the engine, epoch after epoch: evaluation, checkpoints, a stop
         return run.finish()                   # final.json, the task's export and pictures
 
 
@@ -164,10 +165,12 @@ class FinetuneRun:
             save_config(cfg, self.out / "config.yaml")
         self.build_optimizer(self.logger.info)
         self.step, self.start_epoch, self.epoch_sums = 0, 0, new_epoch_sums()
+        self.saved_step = None
         if latest is not None:
             train_state, rank_state = load_checkpoint(acc, latest)
             self.schedule.load_state_dict(train_state["schedule"])
             self.step, self.start_epoch = int(train_state["step"]), int(train_state["epoch"])
+            self.saved_step = self.step
             if rank_state is not None:
                 self.train_loader.load_state_dict(rank_state["loader"])
             if train_state.get("mid_epoch"):
@@ -203,18 +206,25 @@ class FinetuneRun:
         extra = f", {self.task.outputs}" if self.val_loader is not None and self.task.outputs else ""
         log(f"outputs: {self.out}/ (config.yaml, metrics.jsonl, checkpoints/, final.json, model.safetensors{extra})")
 
-    def save(self, step: int, epoch: int, mid_epoch: bool) -> None:
-        from beit.checkpoints.checkpointing import save_checkpoint
+    def save(self, step: int, epoch: int, mid_epoch: bool, stopping: bool = False) -> Path:
+        """The checkpoint of ``step`` (a stop right after a save reuses it); returns its path."""
+        from beit.checkpoints.checkpointing import checkpoint_path, save_checkpoint
         from beit.engines.finetune import new_epoch_sums
+        if stopping and self.saved_step == step:
+            return checkpoint_path(self.out, step)
         path = save_checkpoint(self.accelerator, self.out, step,
                                {"epoch": epoch, "mid_epoch": mid_epoch, "schedule": self.schedule.state_dict(),
                                 "config": to_dict(self.cfg), "total_steps": self.total_steps,
                                 "epoch_sums": dict(self.epoch_sums) if mid_epoch else new_epoch_sums()},
                                rank_state={"loader": self.train_loader.state_dict()}, keep_last=self.cfg.keep_last)
+        self.saved_step = step
         self.logger.info(f"checkpoint saved: {path}")
+        return path
 
-    def train(self) -> None:
-        """Epochs of the engine; held-out evaluation every ``eval_every`` epochs and at the last."""
+    def train(self, stop) -> None:
+        """Epochs of the engine; held-out evaluation every ``eval_every`` epochs and at the last; ``stop``
+        (``beit.runtime.stopping``) ends it after a step with that step's checkpoint (mid-epoch, even at an
+        epoch's last step: the resumed run then evaluates and saves that epoch's end as this one would have)."""
         from beit.engines.finetune import new_epoch_sums, train_one_epoch
         from beit.runtime.run_logging import data_error_metrics
 
@@ -227,29 +237,29 @@ class FinetuneRun:
                 self.logger.log(metrics, step=s)
             if s % cfg.checkpoint_every == 0 and s % self.steps_per_epoch:  # epoch ends save after their evaluation
                 self.save(s, epoch, mid_epoch=True)
+            stop.check(acc, s, lambda: self.save(s, epoch, mid_epoch=True, stopping=True))
 
         eff_batch = cfg.batch_size * cfg.grad_accum_steps * acc.num_processes
-        bar = self.logger.progress(total=self.total_steps, initial=self.step, desc="finetune",
-                                   images_per_step=eff_batch)
-        for epoch in range(self.start_epoch, cfg.epochs):
-            self.train_loader.set_epoch(epoch)
-            self.step, self.train_stats = train_one_epoch(
-                self.model, self.train_loader, self.optimizer, self.schedule, acc, self.criterion, epoch=epoch,
-                step=self.step, max_steps=(epoch + 1) * self.steps_per_epoch, mixup_fn=self.mixup_fn, ema=self.ema,
-                clip_grad=cfg.clip_grad, on_step=on_step, progress=bar, teacher=self.teacher, sums=self.epoch_sums)
-            self.epoch_sums = new_epoch_sums()
-            record = {"epoch": epoch + 1, **self.train_stats, **data_error_metrics(self.train_loader, acc)}
-            last = epoch + 1 == cfg.epochs
-            if self.val_loader is not None and (last or (epoch + 1) % cfg.eval_every == 0):
-                self.results = self.evaluate()
-                record.update({f"val_{k}": v for k, v in self.results.items()
-                               if not k.endswith("confusion") and not isinstance(v, list)})
-            self.logger.info(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in record.items()
-                                                                if isinstance(v, float)))
-            self.logger.log(record, step=self.step)
-            if last or self.step % cfg.checkpoint_every == 0:
-                self.save(self.step, epoch + 1, mid_epoch=False)
-        bar.close()
+        with self.logger.progress(total=self.total_steps, initial=self.step, desc="finetune",
+                                   images_per_step=eff_batch) as bar:  # closed on a stop too, before its line
+            for epoch in range(self.start_epoch, cfg.epochs):
+                self.train_loader.set_epoch(epoch)
+                self.step, self.train_stats = train_one_epoch(
+                    self.model, self.train_loader, self.optimizer, self.schedule, acc, self.criterion, epoch=epoch,
+                    step=self.step, max_steps=(epoch + 1) * self.steps_per_epoch, mixup_fn=self.mixup_fn, ema=self.ema,
+                    clip_grad=cfg.clip_grad, on_step=on_step, progress=bar, teacher=self.teacher, sums=self.epoch_sums)
+                self.epoch_sums = new_epoch_sums()
+                record = {"epoch": epoch + 1, **self.train_stats, **data_error_metrics(self.train_loader, acc)}
+                last = epoch + 1 == cfg.epochs
+                if self.val_loader is not None and (last or (epoch + 1) % cfg.eval_every == 0):
+                    self.results = self.evaluate()
+                    record.update({f"val_{k}": v for k, v in self.results.items()
+                                   if not k.endswith("confusion") and not isinstance(v, list)})
+                self.logger.info(f"epoch {epoch + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in record.items()
+                                                                    if isinstance(v, float)))
+                self.logger.log(record, step=self.step)
+                if last or self.step % cfg.checkpoint_every == 0:
+                    self.save(self.step, epoch + 1, mid_epoch=False)
 
     def evaluate(self) -> dict:
         return self.task.evaluate(self.model, self.ema, self.val_loader, self.accelerator, self.num_classes, self.cfg)

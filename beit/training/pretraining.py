@@ -20,16 +20,18 @@ from beit.runtime.faults import SetupError
 def run_pretraining(cfg: PretrainConfig) -> dict:
     """Run (or resume) pretraining; returns the final summary (also written to final_metrics.json)."""
     from beit.runtime.run_lock import end_with_launcher, open_run, world_size
+    from beit.runtime.stopping import stop_signals
 
     cfg = dataclasses.replace(cfg, tokenizer=cfg.tokenizer_kind())
     end_with_launcher()
-    inputs = check_inputs(cfg, world_size())         # every input checked, nothing written, no compute
-    with open_run(cfg.output_dir) as latest:          # one run per folder; the newest intact checkpoint
-        check_resume(cfg, latest, inputs)
-        run = PretrainRun(cfg, inputs, init=None if latest else inputs.init)  # accelerator, model, optimizer...
-        run.restore(latest)
-        run.train()                                   # the engine, epoch after epoch, checkpoints
-        return run.finish()                           # weights, held-out evaluation, final_metrics.json
+    with stop_signals() as stop:                      # SIGTERM/SIGINT/SIGUSR1: checkpoint at the step, then stop
+        inputs = check_inputs(cfg, world_size())      # every input checked, nothing written, no compute
+        with open_run(cfg.output_dir) as latest:      # one run per folder; the newest intact checkpoint
+            check_resume(cfg, latest, inputs)
+            run = PretrainRun(cfg, inputs, init=None if latest else inputs.init)  # accelerator, model, optimizer...
+            run.restore(latest)
+            run.train(stop)                           # the engine, epoch after epoch, checkpoints
+            return run.finish()                       # weights, held-out evaluation, final_metrics.json
 
 
 @dataclass
@@ -242,14 +244,19 @@ class PretrainRun:
     def restore(self, latest: Path | None) -> None:
         """The saved state of ``latest`` (weights, optimizer, schedule, data position), the logger, the start-up log."""
         from beit.checkpoints.checkpointing import resume_run
-        from beit.engines.pretrain import TrainState
+        from beit.engines.pretrain import MimMeter, TrainState, prediction_branches
         from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger
 
         self.state = TrainState()
+        self.meter = MimMeter(self.inputs.vocab_size, self.accelerator.device,
+                              prediction_branches(self.accelerator.unwrap_model(self.model)))
+        self.saved_step = None
         if latest is not None:
-            saved_state, epoch_done = resume_run(self.accelerator, latest, self.schedule, self.loader)
+            saved_state, epoch_done = resume_run(self.accelerator, latest, self.schedule, self.loader,
+                                                 {"meter": self.meter.load_state_dict})
             self.state = TrainState(**saved_state["train"])
             self.state.epoch += epoch_done
+            self.saved_step = self.state.step
         self.logger = RunLogger(self.accelerator, self.out, resume_step=self.state.step if latest else None)
         if self.trackers:
             self.accelerator.init_trackers(TENSORBOARD_RUN, config={k: v for k, v in to_dict(self.cfg).items()
@@ -285,36 +292,42 @@ class PretrainRun:
         for line in self.init_report.summary().splitlines() if self.init_report else ():
             log(f"  {line}")
 
-    def checkpoint(self, st) -> None:
-        """A checkpoint every ``checkpoint_every`` optimizer steps and at the last."""
-        from beit.checkpoints.checkpointing import config_fingerprint, save_checkpoint
+    def checkpoint(self, st, stopping: bool = False) -> Path:
+        """A checkpoint every ``checkpoint_every`` optimizer steps, at the last, and at a stop (once per step);
+        returns the step's checkpoint. The meter's open logging window goes with this rank's data position."""
+        from beit.checkpoints.checkpointing import checkpoint_path, config_fingerprint, save_checkpoint
 
-        if st.step % self.cfg.checkpoint_every and st.step != self.total_steps:
-            return
+        if self.saved_step == st.step or not stopping and st.step % self.cfg.checkpoint_every \
+                and st.step != self.total_steps:
+            return checkpoint_path(self.out, st.step)
         st.train_seconds = self.time_before + time.time() - self.t_start
         train_state = {"train": st.to_dict(), "schedule": self.schedule.state_dict(),
                        "config_hash": config_fingerprint(to_dict(self.cfg), RESUME_KEYS),
                        "tokenizer_fingerprint": self.tok_fp,
                        "token_cache_fingerprint": self.cache_fp}
         path = save_checkpoint(self.accelerator, self.out, st.step, train_state,
-                               {"loader": self.loader.state_dict()}, keep_last=self.cfg.keep_last)
+                               {"loader": self.loader.state_dict(), "meter": self.meter.state_dict()},
+                               keep_last=self.cfg.keep_last)
+        self.saved_step = st.step
         self.logger.info(f"checkpoint saved: {path}")
+        return path
 
-    def train(self) -> None:
-        """Epochs of the engine until ``total_steps`` optimizer steps are done (kNN health and pictures beside)."""
+    def train(self, stop) -> None:
+        """Epochs of the engine until ``total_steps`` optimizer steps are done (kNN health and pictures beside);
+        ``stop`` (``beit.runtime.stopping``) ends it after a step with that step's checkpoint."""
         from beit.engines.knn import build_knn_health
-        from beit.engines.pretrain import MimMeter, prediction_branches, train_one_epoch
+        from beit.engines.pretrain import train_one_epoch
         from beit.runtime.run_logging import data_error_metrics
 
-        cfg, acc, state, loader = self.cfg, self.accelerator, self.state, self.loader
+        cfg, acc, state, loader, meter = self.cfg, self.accelerator, self.state, self.loader, self.meter
         self.health = health = build_knn_health(cfg, acc, self.logger, self.total_steps)
 
         def after_step(st) -> None:
             if health is not None:
                 health(acc.unwrap_model(self.model), st.step)
             self.checkpoint(st)
+            stop.check(acc, st.step, lambda: self.checkpoint(st, stopping=True))
 
-        meter = MimMeter(self.inputs.vocab_size, acc.device, prediction_branches(acc.unwrap_model(self.model)))
         if health is not None and state.step == 0:
             health(acc.unwrap_model(self.model), 0)  # the random encoder: what the metric must rise above
         pictures = None

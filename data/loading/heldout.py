@@ -25,6 +25,7 @@ from beit.data.loading.decode import BadSample
 from beit.data.loading.stream import derive_seed, image_member, map_image
 from beit.data.storage.remote import RETRIES, RemoteReadError, open_shard
 from beit.data.storage.shard_format import iter_tar_samples
+from beit.runtime.stopping import ignore_stop_signals
 
 
 class HeldOutStream(IterableDataset):
@@ -92,7 +93,8 @@ def heldout_loader(shards: list[str], map_fn: Callable[[Any, dict], dict], accel
     world = accelerator.num_processes
     stream = HeldOutStream(shards, map_fn, rank=accelerator.process_index, world_size=world, seed=seed,
                            lazy_jpeg=lazy_jpeg, remote_retries=remote_retries)
-    return DataLoader(stream, batch_size=batch_size, num_workers=min(num_workers, max(1, len(shards) // world)))
+    return DataLoader(stream, batch_size=batch_size, num_workers=min(num_workers, max(1, len(shards) // world)),
+                      worker_init_fn=ignore_stop_signals)
 
 
 def good_rows(batch: dict) -> torch.Tensor:

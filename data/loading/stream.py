@@ -51,6 +51,7 @@ from beit.data.pipelines.transforms import seed_everything
 from beit.data.storage.remote import RETRIES, RemoteReadError, open_shard
 from beit.data.storage.shard_format import image_ext, iter_tar_samples
 from beit.data.storage.shardspec import expand_shards, resolve_sample_counts
+from beit.runtime.stopping import ignore_stop_signals
 
 MapFn = Callable[[Any, dict], dict]
 STATE_VERSION = 1
@@ -483,7 +484,10 @@ class StreamLoader(EpochLoader):
         if self.num_workers > 0:
             source = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
                                 pin_memory=self.pin_memory, prefetch_factor=self.prefetch_factor,
-                                timeout=self.timeout, persistent_workers=False)
+                                timeout=self.timeout, persistent_workers=False, worker_init_fn=ignore_stop_signals,
+                                # the workers' base seed from its own generator, not from the training process's
+                                # RNG: a run resumed mid-epoch draws drop path as the uninterrupted one did
+                                generator=torch.Generator().manual_seed(derive_seed(self.dataset.seed, self.epoch, 11)))
         else:
             source = self.dataset
         # Yield in a fixed round-robin order over the workers (whatever order they finish in),
