@@ -54,3 +54,11 @@ def digits(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits")
     build_sample_shards(out, "digits")
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory):
+    """A BEiT pretrained and fine-tuned on the bundled digits, exported to timm, Hugging Face and ONNX (paths and
+    its final.json; tests/predict_testutil.py), built once per test session."""
+    from predict_testutil import build_digits_model
+    return build_digits_model(tmp_path_factory.mktemp("digits_model"))
