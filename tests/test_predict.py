@@ -8,6 +8,8 @@ import csv
 import io
 import json
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -212,3 +214,16 @@ def test_segmentation_run_writes_masks_and_its_own_miou(tmp_path):
     assert again["scores"]["mIoU"] == pytest.approx(final["mIoU"], abs=1e-9)
     first = rows(tmp_path / "again.csv")[0]
     assert np.array_equal(np.asarray(Image.open(first["mask"])), np.asarray(Image.open(got[0]["mask"])))
+    # the run's model card: its loading code, verbatim in a fresh process, gives the same mask
+    from test_model_cards import card_parts
+    front, body, snippet = card_parts(run / "README.md")
+    assert front["pipeline_tag"] == "image-segmentation" and f"| mIoU | {final['mIoU']:.2f}% |" in body
+    key = got[0]["image"].rpartition(":")[2]
+    sample = next(s for s in digit_samples(sorted((shards / "val").glob("val-*.tar"))[0]) if s["__key__"] == key)
+    (tmp_path / "first.jpg").write_bytes(sample["jpg"])
+    mask_file, image_file = str(tmp_path / "card_mask.npy"), str(tmp_path / "first.jpg")
+    code = snippet + ("\nimport numpy as np\nfrom PIL import Image\n"
+                      f"np.save({mask_file!r}, predict(Image.open({image_file!r})).numpy())\n")
+    r = subprocess.run([sys.executable, "-c", code], cwd=run, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert np.array_equal(np.load(tmp_path / "card_mask.npy") + 1, np.asarray(Image.open(got[0]["mask"])))
