@@ -69,6 +69,20 @@ def test_pytorch_and_onnx_agree_per_image(digits_model, three_formats):
     assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-5
 
 
+def test_a_run_folder_without_its_final_export_uses_its_newest_checkpoint(digits_model, three_formats, tmp_path):
+    """A run that was stopped before it wrote model.safetensors: the newest complete checkpoint (the final one
+    here), with the run's config.yaml preprocessing, gives the same predictions as the finished run."""
+    run = tmp_path / "unfinished"
+    shutil.copytree(digits_model["run"], run)
+    (run / "model.safetensors").unlink()
+    (run / "model.json").unlink()
+    assert not (run / "model.safetensors").exists() and any((run / "checkpoints").glob("step_*/COMPLETE"))
+    summary = predict(run, digits_model["test"], tmp_path / "ckpt.csv")
+    assert "newest complete checkpoint" in summary["model"] and summary["runtime"] == "pytorch"
+    assert summary["scores"]["top1"] == pytest.approx(digits_model["final"]["top1"], abs=1e-9)
+    assert rows(tmp_path / "ckpt.csv") == rows(three_formats["run"][1])
+
+
 def write_class_folders(digits_model, root, broken: bool = True):
     """The held-out digits as PNG files in class folders (the shard's own bytes), plus files that cannot be used."""
     samples = digit_samples(sorted(digits_model["digits"].glob("test-*.tar"))[0])
