@@ -29,6 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "viz": ("beit.viz.main", "pictures of a run (masks, tokens, reconstructions, attention, curves) + index.html"),
     "export-onnx": ("beit.export.commands:onnx_main", "a fine-tuned classifier as ONNX + preprocessing JSON, checked "
                                                       "with onnxruntime"),
+    "predict": ("beit.predict.command:predict_main", "classify or segment new images (a folder or shards) with a "
+                                                     "fine-tuned run, export or ONNX model: CSV, errors, confusion"),
     "samples": ("beit.data.samples", "write shards of the built-in real sample sets (offline)"),
     "bench": ("beit.bench.command", "speed figures beside their peers (train step, tokenizers, end to end, data) as "
                                     "JSON"),
@@ -55,6 +57,7 @@ EXAMPLES: dict[str, str] = {
     "distill": ("beit distill --teacher runs/mine/finetune/model.safetensors --data my_labelled/ "
                 "--unlabelled_shards 'shards/mine/train-*.tar' --output_dir runs/mine/distill"),
     "export-onnx": "beit export-onnx --model runs/mine/finetune/model.safetensors --out exported/model.onnx",
+    "predict": "beit predict --model runs/mine/finetune --data my_new_images/ --out predictions.csv",
     "demo": "beit demo",
     "compare": "beit compare --train_shards 'shards/mine/train-*.tar' --test_shards 'shards/mine/test-*.tar' "
                "--seeds 0,1,2 --output_dir runs/compare",

@@ -64,3 +64,11 @@ def terminal_signals():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture(scope="session")
+def digits_model(tmp_path_factory):
+    """A BEiT pretrained and fine-tuned on the bundled digits, exported to timm, Hugging Face and ONNX (paths and
+    its final.json; tests/predict_testutil.py), built once per test session."""
+    from predict_testutil import build_digits_model
+    return build_digits_model(tmp_path_factory.mktemp("digits_model"))

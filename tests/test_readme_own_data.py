@@ -1,11 +1,14 @@
 """The README's "Using it on your data" commands, read out of its first code block and run verbatim
 (bash, the installed ``beit`` command) on folders of real JPEGs cut from the bundled photos: from
-images to a fine-tuned model that timm loads, with the class count and names from the folders."""
+images to a fine-tuned model that timm loads, with the class count and names from the folders; then the
+"Using the model" commands (``beit predict``, the exports) and its Python (timm, transformers, onnxruntime)
+on that model, verbatim."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,8 +27,17 @@ def own_data_block() -> str:
     return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
 
 
+def use_model_blocks() -> tuple[str, list[str]]:
+    """The "Using the model" section's bash block and its Python blocks."""
+    text = README.read_text()
+    section = text[text.index("## Using the model"):text.index("## Scaling out")]
+    return (re.search(r"```bash\n(.*?)```", section, re.S).group(1),
+            re.findall(r"```python\n(.*?)```", section, re.S))
+
+
 def write_folders(root: Path) -> None:
-    """my_photos/: 36 crops of every bundled photo (nested folders); my_labelled/<class>/: 10 crops each."""
+    """my_photos/: 36 crops of every bundled photo (nested folders); my_labelled/<class>/: 10 crops each;
+    my_test/<class>/: 4 new crops each and a file that is no image."""
     from beit.data.sample_sets import load_photos
 
     photos = load_photos()
@@ -47,10 +59,15 @@ def write_folders(root: Path) -> None:
         (root / "my_labelled" / cls).mkdir(parents=True)
         for j, img in enumerate(crops(photos[cls], 10)):
             img.save(root / "my_labelled" / cls / f"{cls}{j}.jpg", quality=90)
+    for cls in CLASSES:  # new images for "Using the model", and a file that is no image
+        (root / "my_test" / cls).mkdir(parents=True)
+        for j, img in enumerate(crops(photos[cls], 4)):
+            img.save(root / "my_test" / cls / f"new_{cls}{j}.jpg", quality=90)
+    (root / "my_test" / "coffee" / "broken.jpg").write_text("not an image")
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # three processes with their imports; about 4-6 min on a busy 2-core machine
+@pytest.mark.timeout(2400)  # eight processes with their imports; about 6-9 min on a busy 2-core machine
 def test_readme_own_data_commands_run_verbatim(tmp_path):
     import timm
     import torch
@@ -80,3 +97,38 @@ def test_readme_own_data_commands_run_verbatim(tmp_path):
     # the folders were written into shards once; a rerun of the same folder reuses them
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
     assert len(cached) == 2 and any(n.startswith("my_photos-") for n in cached)
+    use_the_model(tmp_path, env)
+
+
+def rows(path: Path) -> list[dict]:
+    import csv
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def use_the_model(root: Path, env: dict) -> None:
+    """The "Using the model" commands and Python, verbatim, on the run the block above made."""
+    bash, pythons = use_model_blocks()
+    assert len(pythons) == 3 and bash.count("beit ") == 5
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", bash], cwd=root, env=env, capture_output=True, text=True,
+                       timeout=1200)
+    log = r.stdout + r.stderr
+    assert r.returncode == 0, log[-5000:]
+    assert "could not use 1 file(s)" in log and "coffee/broken.jpg" in log and "top-1" in log
+    summary = json.loads((root / "runs" / "mine" / "predictions.json").read_text())
+    assert summary["labelled"] and summary["images"] == 12 and summary["error_reasons"] == {"not_image": 1}
+    torch_rows = rows(root / "runs" / "mine" / "predictions.csv")
+    onnx_rows = rows(root / "runs" / "mine" / "predictions_onnx.csv")
+    assert [r["top1"] for r in torch_rows] == [r["top1"] for r in onnx_rows] and len(torch_rows) == 12
+    assert max(abs(float(a["top1_prob"]) - float(b["top1_prob"])) for a, b in zip(torch_rows, onnx_rows)) < 1e-4
+    assert (root / "runs" / "mine" / "predictions.confusion.png").is_file()
+    for card in ("exported", "exported/hf", "exported/onnx", "runs/mine/finetune"):
+        assert "## How to load" in (root / card / "README.md").read_text(), card
+    # the three Python blocks, verbatim, one after the other: every runtime names the class beit predict gave
+    shutil.copy(root / "my_test" / "coffee" / "new_coffee0.jpg", root / "photo.jpg")
+    r = subprocess.run([sys.executable, "-c", "\n\n".join(pythons)], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    said = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
+    expected = next(row["top1_name"] for row in torch_rows if row["image"] == "coffee/new_coffee0.jpg")
+    assert said["timm"].split()[0] == said["transformers"] == said["onnxruntime"] == expected, (said, expected)

@@ -35,6 +35,15 @@ def slide_logits(model, image: torch.Tensor, crop: int, stride: int, num_classes
     return out / hits
 
 
+@torch.no_grad()
+def predict_mask(model, image: torch.Tensor, size: tuple[int, int], crop: int, stride: int,
+                 num_classes: int) -> torch.Tensor:
+    """Class ids [H, W] at ``size`` (the image's own resolution) for one normalised, rescaled image [3, h, w]:
+    the sliding-window logits resized (bilinear) to ``size``, argmax."""
+    logits = slide_logits(model, image, crop, stride, num_classes)
+    return F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0].argmax(0)
+
+
 def iou_scores(confusion: torch.Tensor) -> dict:
     """mIoU (mean over classes present in the labels or predictions), mean class accuracy and
     pixel accuracy from a [C, C] confusion matrix (rows = true class)."""
@@ -62,9 +71,8 @@ def evaluate_seg(model, loader, accelerator, num_classes: int, crop: int, stride
         counts[1] += int((~ok).sum())
         for image, labels in zip(batch["image"][ok], batch["label"][ok]):
             with accelerator.autocast():
-                logits = slide_logits(model, image.to(dev), crop, stride, num_classes)
+                pred = predict_mask(model, image.to(dev), tuple(labels.shape), crop, stride, num_classes)
             labels = labels.to(dev)
-            pred = F.interpolate(logits[None], size=labels.shape, mode="bilinear", align_corners=False)[0].argmax(0)
             keep = labels != IGNORE
             cm += torch.bincount(labels[keep] * num_classes + pred[keep], minlength=num_classes ** 2).view_as(cm)
             counts[0] += 1

@@ -21,6 +21,7 @@ the same logits.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from torch import nn
@@ -62,8 +63,9 @@ def timm_pretrained_cfg(cfg, class_names: list[str] | None, num_classes: int) ->
 
 
 def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str] | None = None,
-                 metrics: dict | None = None) -> Path:
-    """Write ``model`` (a timm classifier, or a LinearProbe) to ``path`` + ``<stem>.json``.
+                 metrics: dict | None = None, provenance: dict | None = None) -> Path:
+    """Write ``model`` (a timm classifier, or a LinearProbe) to ``path`` + ``<stem>.json`` (with ``provenance``,
+    what the model card is written from: ``beit.export.provenance``).
 
     A linear probe is exported as its frozen BEiT encoder with the probe's linear head, i.e. a
     plain timm Beit is NOT equivalent (the probe reads an intermediate block); its JSON says so and
@@ -93,6 +95,7 @@ def export_model(model: nn.Module, path: str | Path, cfg, class_names: list[str]
         "linear_probe_block": probe_block,
         "layer_norm_eps": eps,
         "metrics": metrics or {},
+        "provenance": provenance,
         "timm_load": (f"timm.create_model({entry!r}, pretrained=True, **model_kwargs, "
                       "pretrained_cfg_overlay=dict(pretrained_cfg, file=<this file>))"
                       + (f", then set every LayerNorm's eps to {eps:g} (or beit.export.load_exported(<this file>))"
@@ -196,8 +199,8 @@ def model_of_run(run_dir: str | Path, ema: bool = False, trust_pickle: bool = Fa
     if ckpt is None:
         raise SystemExit(f"{run} has no complete checkpoint (checkpoints/step_*/COMPLETE)")
     cfg = load_yaml(FinetuneConfig, run / "config.yaml")
-    cfg.init = ""  # the checkpoint supplies every weight
-    model = build_model(cfg, cfg.num_classes, log=lambda m: None)
+    # the checkpoint supplies every weight (the returned config keeps the run's --init: the model card names it)
+    model = build_model(dataclasses.replace(cfg, init=""), cfg.num_classes, log=lambda m: None)
     if ema:
         ema_files = sorted(ckpt.glob("custom_checkpoint_*.*"))
         if not ema_files:

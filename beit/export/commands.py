@@ -55,8 +55,13 @@ class OnnxExportConfig:
 
 
 def export_main(argv: list[str] | None = None) -> Path:
-    """``beit export``: the newest complete checkpoint of a fine-tune run, as timm or transformers weights."""
+    """``beit export``: the newest complete checkpoint of a fine-tune run, as timm or transformers weights, with
+    its model card (README.md beside the weights)."""
+    from beit.config import to_dict
+    from beit.export.card import card_of_export, write_model_card
     from beit.export.classifier import export_model, model_of_run
+    from beit.export.preprocessing import eval_preprocessing
+    from beit.export.provenance import provenance
 
     cfg = parse_config(ExportConfig, argv, description=__doc__)
     if cfg.format == "unilm":
@@ -70,16 +75,22 @@ def export_main(argv: list[str] | None = None) -> Path:
     final = Path(cfg.run_dir) / "final.json"
     metrics = json.loads(final.read_text()) if final.is_file() else None
     names = (metrics or {}).get("class_names")
+    step = int(ckpt.name.rpartition("_")[2])
+    prov = provenance(run_cfg, metrics, names, weights="ema" if cfg.ema else "final", step=step, run_dir=cfg.run_dir)
     if cfg.format == "hf":
-        from beit.export.classifier import export_hf
+        from beit.export.classifier import beit_arch_name, beit_kwargs_of, export_hf
         try:
             out = export_hf(model, cfg.out, run_cfg, class_names=names)
         except ValueError as e:
             raise SystemExit(str(e)) from None
-        print(f"exported {ckpt} -> {out}/ (transformers BeitForImageClassification.from_pretrained)")
+        card = write_model_card("hf", out / "model.safetensors", model, prov, eval_preprocessing(to_dict(run_cfg)),
+                                architecture=beit_arch_name(beit_kwargs_of(run_cfg, model)), meta="config.json",
+                                extra_versions=("transformers",))
+        print(f"exported {ckpt} -> {out}/ (transformers BeitForImageClassification.from_pretrained; card {card})")
         return out
-    out = export_model(model, cfg.out, run_cfg, class_names=names, metrics=metrics)
-    print(f"exported {ckpt} -> {out} (+ {out.with_suffix('.json')})")
+    out = export_model(model, cfg.out, run_cfg, class_names=names, metrics=metrics, provenance=prov)
+    card = card_of_export(out, model)
+    print(f"exported {ckpt} -> {out} (+ {out.with_suffix('.json')}, card {card})")
     return out
 
 
@@ -110,4 +121,19 @@ def onnx_main(argv: list[str] | None = None) -> dict:
     if check["same_top1"] != check["images"] or check["max_abs_logit_diff"] > cfg.atol:
         raise ValueError(f"the ONNX model disagrees with PyTorch (max |logit diff| {check['max_abs_logit_diff']:.3g} "
                          f"> --atol {cfg.atol} or a different top-1); try another --opset")
+    print(f"model card: {_onnx_card(onnx_path, spec_path, model, config, cfg, check)}")
     return {k: v for k, v in check.items() if not k.endswith("_top1")}
+
+
+def _onnx_card(onnx_path: Path, spec_path: Path, model, config: dict, cfg: OnnxExportConfig, check: dict) -> Path:
+    from beit.export.card import write_model_card
+    from beit.export.preprocessing import eval_preprocessing
+    from beit.export.provenance import recorded_provenance
+    notes = ""
+    if "onnx_top1_accuracy" in check:
+        notes = (f". Checked at export: the ONNX model's top-1 on {cfg.val_shards} is "
+                 f"{check['onnx_top1_accuracy']:.2f}% ({check['images']} images; the same top-1 as PyTorch on "
+                 f"{check['same_top1']}, largest logit difference {check['max_abs_logit_diff']:.2e})")
+    return write_model_card("onnx", onnx_path, model, recorded_provenance(config), eval_preprocessing(config),
+                            architecture=config["architecture"], meta=spec_path.name,
+                            extra_versions=("onnx", "onnxruntime"), opset=cfg.opset, notes=notes)

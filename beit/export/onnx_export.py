@@ -10,7 +10,6 @@ evaluation transform. The export is checked at once: onnxruntime and PyTorch run
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -23,17 +22,18 @@ _PIL_FILTERS = {"nearest": 0, "bilinear": 2, "bicubic": 3, "lanczos": 1, "box": 
 
 def preprocess_spec(config: dict) -> dict:
     """The device-side input recipe of an exported model (from the JSON that ``beit.export`` wrote)."""
-    chans, size = int(config["input_size"][0]), int(config["input_size"][-1])
-    crop_pct = float(config.get("crop_pct") or 1.0)
-    interp = str(config.get("interpolation") or "bicubic")
-    if interp not in _PIL_FILTERS:
-        raise ValueError(f"interpolation {interp!r} has no PIL equivalent; use one of {sorted(_PIL_FILTERS)}")
+    from beit.export.preprocessing import eval_preprocessing
+    pre = eval_preprocessing(config, "the export's JSON")
+    if pre.interpolation not in _PIL_FILTERS:
+        raise ValueError(f"interpolation {pre.interpolation!r} has no PIL equivalent; use one of "
+                         f"{sorted(_PIL_FILTERS)}")
+    chans, size = pre.input_size[0], pre.image_size
     return {
         "input_name": "images", "output_name": "logits", "layout": "NCHW", "dtype": "float32",
         "color": "RGB" if chans == 3 else "L", "input_size": [chans, size, size],
-        "resize_shorter_side": int(math.floor(size / crop_pct)), "interpolation": interp, "crop_pct": crop_pct,
+        "resize_shorter_side": pre.resize_shorter_side, "interpolation": pre.interpolation, "crop_pct": pre.crop_pct,
         "center_crop": [size, size], "center_crop_offset": "round((side - crop) / 2)",
-        "scale": 1.0 / 255.0, "mean": [float(v) for v in config["mean"]], "std": [float(v) for v in config["std"]],
+        "scale": 1.0 / 255.0, "mean": list(pre.mean), "std": list(pre.std),
         "num_classes": int(config["num_classes"]), "class_names": config.get("class_names"),
         "architecture": config.get("architecture"),
     }
@@ -69,7 +69,8 @@ def export_onnx(model: torch.nn.Module, config: dict, out: str | Path, opset: in
                           dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}}, external_data=False)
     tmp.replace(out)
     spec_path = out.with_name(out.stem + PREPROCESS_SUFFIX)
-    spec_path.write_text(json.dumps({**spec, "onnx": out.name, "opset": opset}, indent=1))
+    spec_path.write_text(json.dumps({**spec, "onnx": out.name, "opset": opset,
+                                     "provenance": config.get("provenance")}, indent=1))
     return out, spec_path
 
 

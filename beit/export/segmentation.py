@@ -22,7 +22,7 @@ BEIT_SEG = "beit.modeling.segmenter.BeitSegmenter"
 SWIN_SEG = "beit.modeling.swin_segmenter.SwinSegmenter"
 
 
-def export_seg_model(model: nn.Module, path, cfg, metrics: dict | None = None):
+def export_seg_model(model: nn.Module, path, cfg, metrics: dict | None = None, provenance: dict | None = None):
     """The fine-tuned segmenter (BEiT or Swin) as safetensors + JSON (``load_seg_model`` rebuilds it)."""
     from beit.checkpoints.checkpointing import save_weights
 
@@ -32,8 +32,9 @@ def export_seg_model(model: nn.Module, path, cfg, metrics: dict | None = None):
         arch, kwargs = SWIN_SEG, model.constructor_kwargs()
     config = {"architecture": arch, "model_kwargs": kwargs,
               "mean": list(cfg.mean), "std": list(cfg.std), "reduce_zero_label": cfg.reduce_zero_label,
+              "image_size": cfg.image_size, "seg_stride": cfg.seg_stride or max(1, cfg.image_size * 2 // 3),
               "eval": f"short side rescaled to {cfg.image_size}, sliding {cfg.image_size} px windows",
-              "metrics": metrics or {}}
+              "metrics": metrics or {}, "provenance": provenance}
     return save_weights(model.state_dict(), path, config)
 
 

@@ -7,12 +7,14 @@ section's text. Old names a section replaced are in its ``DEPRECATED`` map (they
 
 * ``TrainDataOptions``: the training images (shards or a folder) and, from ``ShardSourceOptions``, where shards
   may come from (http(s), ``pipe:``), their manifest and the reconnects; ``HeldOutOptions``: held-out shards;
-  ``LoaderOptions``: loader workers and the bad-sample budget; ``DataOptions``: the training stream of
-  pretraining and fine-tuning (all of the above, plus epoch length, data order, the memory cache, the folder's
+  ``WorkerOptions``: loader workers; ``LoaderOptions``: those and the bad-sample budget; ``DataOptions``: the
+  training stream of pretraining and fine-tuning (all of the above, plus epoch length, data order, the memory cache,
+  the folder's
   held-out part);
 * ``ModelOptions``: the encoder's size; ``TokenizerOptions``: which frozen tokenizer, from where;
 * ``RunOptions``: the run folder, seed, checkpoints, logging; ``TrackerOptions``: where metrics go;
-* ``PrecisionOptions``: mixed precision; ``OptimOptions``: batch, epochs, lr schedule, AdamW.
+* ``PrecisionOptions``: mixed precision; ``DeviceOptions``: the device of a command without a launcher;
+  ``OptimOptions``: batch, epochs, lr schedule, AdamW.
 """
 from __future__ import annotations
 
@@ -96,9 +98,13 @@ class HeldOutOptions(Options):
 
 
 @dataclass
-class LoaderOptions(Options):
+class WorkerOptions(Options):
     num_workers: int = field(2, help="data loader worker processes per process (fewer when the shards do not allow "
                                      "that many: the log says so)")
+
+
+@dataclass
+class LoaderOptions(WorkerOptions):
     max_bad_fraction: float = field(0.01, help="stop with an error when more than this fraction of samples fails "
                                                "to decode")
 
@@ -203,6 +209,24 @@ class PrecisionOptions(Options):
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = field(
         "auto", help="auto: the launcher's fp16/bf16 if set, else bf16 on GPUs that support it, fp16 on other GPUs, "
                      "bf16 on CPUs with AMX or AVX-512-BF16, else no")
+
+
+@dataclass
+class DeviceOptions(Options):
+    """The device of a command that runs a model without a launcher (viz, predict)."""
+    device: str = field("auto", help="auto | cpu | cuda | cuda:N (auto: a GPU when there is one)")
+
+    def check_device(self) -> None:
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+
+    def torch_device(self):
+        import torch
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"--device {self.device}: no CUDA device is available here; use --device cpu")
+        return torch.device(self.device)
 
 
 @dataclass

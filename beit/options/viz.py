@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from beit.config import Options, field
+from beit.config import field
+from beit.options.common import DeviceOptions
 
 
 @dataclass
-class VizConfig(Options):
+class VizConfig(DeviceOptions):
     run_dir: str = field("", help="a pretraining or fine-tuning --output_dir (also the first positional argument)")
     checkpoint: str = field("", help="weights to show: empty = the newest complete checkpoint (else the final "
                             "weights), a step number (200), a checkpoint folder or a .safetensors file")
-    device: str = field("auto", help="auto | cpu | cuda | cuda:N (auto: a GPU when there is one)")
     num_images: int = field(4, help="held-out images in the pictures")
     blocks: str = field("", help="1-based blocks whose attention is drawn, e.g. 1,6,12 (empty: first, middle, last)")
     patch: str = field("", help="row,col (0-based) of the patch whose attention is drawn (empty: the centre patch)")
@@ -30,5 +30,4 @@ class VizConfig(Options):
             raise ValueError(f"num_images must be in 1..64, got {self.num_images}")
         if self.max_eval_images < 1:
             raise ValueError(f"max_eval_images must be >= 1, got {self.max_eval_images}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        self.check_device()

@@ -55,10 +55,14 @@ class Classification(Task):
 
     def finish(self, model: nn.Module, out: Path, cfg, results: dict, final: dict, class_names) -> str:
         from beit.engines.finetune import save_confusion_png
+        from beit.export.card import card_of_export
         from beit.export.classifier import export_model
+        from beit.export.provenance import provenance
         if results:
             save_confusion_png(results["confusion"], out / "confusion_matrix.png", class_names,
                                title=f"{cfg.model} on {', '.join(cfg.val_shards)} (top-1 {results['top1']:.1f}%)")
-        export_model(model, out / "model.safetensors", cfg, class_names=class_names, metrics=final)
+        prov = provenance(cfg, final, class_names, run_dir=out)
+        card_of_export(export_model(model, out / "model.safetensors", cfg, class_names=class_names, metrics=final,
+                                    provenance=prov), model)
         return (f"top-1 {results['top1']:.2f}%  top-5 {results['top5']:.2f}% on {results['samples']} held-out images"
                 if results else "no held-out data (no top-1)")

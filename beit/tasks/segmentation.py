@@ -81,8 +81,11 @@ class Segmentation(Task):
                             cfg.seg_stride or max(1, cfg.image_size * 2 // 3))
 
     def finish(self, model: nn.Module, out: Path, cfg, results: dict, final: dict, class_names) -> str:
+        from beit.export.card import card_of_export
+        from beit.export.provenance import provenance
         from beit.export.segmentation import export_seg_model
-        export_seg_model(model, out / "model.safetensors", cfg,
-                         metrics={k: v for k, v in final.items() if k != "per_class_iou"})
+        metrics = {k: v for k, v in final.items() if k != "per_class_iou"}
+        card_of_export(export_seg_model(model, out / "model.safetensors", cfg, metrics=metrics,
+                                        provenance=provenance(cfg, metrics, class_names, run_dir=out)), model)
         return (f"mIoU {results['mIoU']:.2f}%  mAcc {results['mAcc']:.2f}%  aAcc {results['aAcc']:.2f}%"
                 if results else "no held-out data")

@@ -21,14 +21,6 @@ from beit.viz.report import Section, write_report
 from beit.viz.run_folder import RunFolder, class_names, load_model, open_run, resolve_weights
 
 
-def resolve_device(choice: str) -> torch.device:
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {choice}: no CUDA device is available here; use --device cpu")
-    return torch.device(choice)
-
-
 def _attention_section(model, forward, images_hwc, grid_hw, cfg, out: Path, depth: int, what: str) -> Section:
     from beit.viz.attention_maps import draw_attention, parse_blocks, parse_patch, record_attention
 
@@ -155,7 +147,7 @@ def make_report(cfg) -> dict:
     from beit.viz.curves import draw_curves
 
     run = open_run(cfg.run_dir)
-    device = resolve_device(cfg.device)
+    device = cfg.torch_device()
     weights, label = resolve_weights(run, cfg.checkpoint)
     model = load_model(run, weights, device)
     out = Path(cfg.out_dir) if cfg.out_dir else run.path / "viz"

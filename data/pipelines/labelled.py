@@ -85,8 +85,16 @@ def build_transforms(cfg, is_training: bool):
             cfg.image_size, is_training=True, scale=(cfg.crop_scale_min, 1.0), hflip=cfg.hflip,
             color_jitter=cfg.color_jitter, auto_augment=cfg.auto_augment or None, interpolation=cfg.interpolation,
             re_prob=cfg.reprob, re_mode="pixel", re_count=1, mean=tuple(cfg.mean), std=tuple(cfg.std)))
-    return create_transform(cfg.image_size, is_training=False, interpolation=cfg.interpolation,
-                            crop_pct=cfg.crop_pct, mean=tuple(cfg.mean), std=tuple(cfg.std))
+    return eval_transform(cfg.image_size, cfg.interpolation, cfg.crop_pct, cfg.mean, cfg.std)
+
+
+def eval_transform(image_size: int, interpolation: str, crop_pct: float, mean, std):
+    """The evaluation preprocessing of a fine-tuned classifier (timm's): resize the shorter side to
+    ``floor(image_size / crop_pct)``, centre crop ``image_size``, to [0, 1], normalise. Every scorer of a
+    fine-tuned model builds it here (the held-out evaluation, ``beit predict``)."""
+    from timm.data import create_transform
+    return create_transform(image_size, is_training=False, interpolation=interpolation, crop_pct=crop_pct,
+                            mean=tuple(mean), std=tuple(std))
 
 
 def parse_label(sample: dict, num_classes: int) -> int:

@@ -119,5 +119,11 @@ class SegEvalMap:
 
     def __call__(self, img: Image.Image, sample: dict) -> dict:
         labels = image_labels(img, sample, self.num_classes, self.reduce_zero_label)
-        img, _ = _rescale(img, None, self.crop)
-        return {"image": _normalised(img, self.mean, self.std), "label": torch.from_numpy(labels.astype(np.int64))}
+        return {"image": seg_eval_input(img, self.crop, self.mean, self.std),
+                "label": torch.from_numpy(labels.astype(np.int64))}
+
+
+def seg_eval_input(img: Image.Image, crop: int, mean, std) -> torch.Tensor:
+    """A held-out RGB image as the segmenter is scored on it: short side rescaled to ``crop``, normalised."""
+    img, _ = _rescale(img, None, crop)
+    return _normalised(img, mean, std)

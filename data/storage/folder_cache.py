@@ -52,7 +52,7 @@ def fingerprint(files: list[Path], root: Path, options: dict) -> str:
 def folder_shards(folder: str | Path, *, labelled: bool, val_fraction: float = 0.0, seed: int = 0,
                   cache: str | Path = "", log=print) -> FolderShards:
     """Shards of ``folder`` (see the module docstring); ``labelled`` needs one sub-folder per class."""
-    from beit.data.storage.shard_sources import _images_under, list_folder, list_imagenet
+    from beit.data.storage.shard_sources import images_under, list_folder, list_imagenet
     from beit.data.storage.shard_writer import WriteOptions, auto_samples_per_shard, split_items, write_shards
 
     root = Path(folder).expanduser()
@@ -67,7 +67,7 @@ def folder_shards(folder: str | Path, *, labelled: bool, val_fraction: float = 0
         items, label_map, _ = list_folder(root)
     options = {"labelled": labelled, "val_fraction": val_fraction, "seed": seed,
                "label_map": label_map}
-    fp = fingerprint(_images_under(root), root, options)
+    fp = fingerprint(images_under(root), root, options)
     cache_root = Path(cache or DEFAULT_CACHE).expanduser()
     cache_root.mkdir(parents=True, exist_ok=True)
     where = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:6]  # two folders may share a name

@@ -14,7 +14,8 @@ from beit.data.storage.shard_writer import Item
 Listing = tuple[list[Item], "dict[str, int] | None", list[dict[str, str]]]
 
 
-def _images_under(root: Path) -> list[Path]:
+def images_under(root: Path) -> list[Path]:
+    """Every image file under ``root`` (by extension, recursive, sorted; hidden files and folders left out)."""
     exts = {"." + e for e in IMAGE_EXTS} | {".jpe"}
     return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in exts
                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
@@ -37,7 +38,7 @@ def list_folder(root: str | Path) -> Listing:
     """Every image under ``root`` (recursive), unlabelled; key = relative path."""
     root = Path(root)
     _need_dir(root, "source")
-    files = _images_under(root)
+    files = images_under(root)
     if not files:
         raise ValueError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root}")
     return [Item(key=make_key(str(p.relative_to(root))), image=str(p)) for p in files], None, []
@@ -58,7 +59,7 @@ def list_imagenet(root: str | Path, label_map: dict[str, int] | None = None) -> 
         raise ValueError(f"class folders {unknown[:5]} are not in the given label map; "
                          f"use the class_index.json written with the training split")
     items = [Item(key=make_key(str(p.relative_to(root))), image=str(p), label=label_map[c])
-             for c in classes for p in _images_under(root / c)]
+             for c in classes for p in images_under(root / c)]
     if not items:
         raise ValueError(f"no images found in the class folders of {root}")
     return items, label_map, []
@@ -73,7 +74,7 @@ def list_ade20k(root: str | Path, split: str = "") -> Listing:
     _need_dir(img_dir, "ADE20K image folder")
     _need_dir(ann_dir, "ADE20K annotation folder")
     items, skipped = [], []
-    for p in _images_under(img_dir):
+    for p in images_under(img_dir):
         rel = p.relative_to(img_dir)
         ann = (ann_dir / rel).with_suffix(".png")
         key = make_key(str(rel))
