@@ -131,7 +131,7 @@ def test_same_config_same_numbers_and_exact_resume(assets, tmp_path, monkeypatch
 def test_epoch_end_checkpoint_with_another_loader_layout_moves_on(assets, tmp_path, monkeypatch):
     """A checkpoint right at an epoch's end, resumed with another loader layout (num_workers 0 -> 2): the
     finished epoch is not replayed, the run goes on in the next epoch (it replayed epoch 0 before)."""
-    cfg = tiny_cfg(assets, tmp_path / "e", batches_per_epoch=3)
+    cfg = tiny_cfg(assets, tmp_path / "e", batches_per_epoch=3, memory_cache_mb=0)  # the stream's loader state
     crash_after_step(monkeypatch, 4, cfg)  # the checkpoint is at step 3, the end of epoch 0
     with pytest.warns(UserWarning, match="epoch 0 was complete; epoch 1 starts"):
         summary = run({**cfg, "num_workers": 2})
