@@ -116,7 +116,7 @@ def test_meter_window_saved_by_two_ranks_resumes_on_one_as_their_sum():
     for labels, pred in (([0, 0, 1], [0, 1, 1]), ([2, 3, 3, 3], [2, 3, 0, 3])):
         m = MimMeter(vocab_size=4, device="cpu")
         for meter in (m, both):
-            meter.update(torch.tensor(1.5), torch.nn.functional.one_hot(torch.tensor(pred), 4).float(),
+            meter.update({"mim": (torch.tensor(1.5), torch.nn.functional.one_hot(torch.tensor(pred), 4).float())},
                          torch.tensor(labels))
         windows.append(m.state_dict())
     rank0, rank1 = MimMeter(vocab_size=4, device="cpu"), MimMeter(vocab_size=4, device="cpu")
