@@ -71,9 +71,10 @@ def assert_stopped_at(out: Path, step: int) -> Path:
 # --- real processes: the command line, the one line, the exit status --------------------------------------------
 
 def start(module: str, cfg_path: Path, log: Path) -> subprocess.Popen:
-    """The command in its own process group (a Ctrl-C reaches the group: the process and its data workers)."""
+    """``python -m <module> --config <cfg_path>`` (``module`` may go on with a subcommand: ``beit.cli tokenizer train
+    vqkd``) in its own process group (a Ctrl-C reaches the group: the process and its data workers)."""
     with open(log, "w") as f:
-        return subprocess.Popen([sys.executable, "-m", module, "--config", str(cfg_path)], cwd=REPO, env=ENV,
+        return subprocess.Popen([sys.executable, "-m", *module.split(), "--config", str(cfg_path)], cwd=REPO, env=ENV,
                                 stdout=f, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

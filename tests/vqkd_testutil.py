@@ -60,11 +60,13 @@ def argv(cfg: dict) -> list[str]:
     return out
 
 
-def command(cfg: dict, nproc: int = 1) -> list[str]:
-    """``python -m beit.tokenizers.train vqkd ...``, under torchrun for ``nproc`` > 1."""
+def command(cfg: dict, nproc: int = 1, log_dir: Path | None = None) -> list[str]:
+    """``python -m beit.tokenizers.train vqkd ...``, under torchrun for ``nproc`` > 1 (every rank's output in its
+    own files under ``log_dir`` when given)."""
     if nproc == 1:
         return [sys.executable, "-m", "beit.tokenizers.train", "vqkd", *argv(cfg)]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+    logs = ["--log-dir", str(log_dir), "--redirects", "3"] if log_dir else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), *logs,
             "-m", "beit.tokenizers.train", "vqkd", *argv(cfg)]
 
 

@@ -69,6 +69,27 @@ class VQKDMeter:
                                   torch.ones((), dtype=torch.float64, device=self.device)])
         self.counts += counts.double()
 
+    def state_dict(self) -> dict | None:
+        """The open logging window (None when empty), saved with a checkpoint taken inside a window (a stop at any
+        step) so the resumed run logs the same window."""
+        if float(self.sums[2]) == 0:
+            return None
+        return {"sums": self.sums.tolist(), "counts": self.counts.tolist(), "restarted": self.restarted}
+
+    def load_state_dict(self, state: dict | None, rank: int = 0) -> None:
+        """Continue the saved window; from ``{"saved_ranks": [...]}`` (another process count) rank 0 takes the sum of
+        the saved ranks' loss sums, the other ranks none, and every rank the code histogram and restarts, which
+        were already the same on every saved rank."""
+        self.reset()
+        if state and "saved_ranks" in state:
+            parts = [p for p in state["saved_ranks"] if p]
+            sums = [sum(col) for col in zip(*(p["sums"] for p in parts))] if rank == 0 else [0.0, 0.0, 0.0]
+            state = {**parts[0], "sums": sums} if parts else None
+        if state:
+            self.sums = torch.tensor(state["sums"], dtype=torch.float64, device=self.device)
+            self.counts = torch.tensor(state["counts"], dtype=torch.float64, device=self.device)
+            self.restarted = int(state["restarted"])
+
     def reduce(self, accelerator) -> dict:
         sums = self.sums
         if accelerator.num_processes > 1:

@@ -12,7 +12,8 @@ images at its global batch 512), 10 warmup epochs from 1e-6, cosine to 1e-5, 100
 
 Beyond the reference: dead codes are restarted from recent encoder outputs (``--restart_dead_codes``, on by
 default), codebook usage and perplexity are logged during training and measured on ``--val_shards``, and
-a run resumes exactly (mid-epoch) from its newest verified checkpoint when the same command is run again.
+a run resumes exactly (mid-epoch) from its newest verified checkpoint when the same command is run again; SIGTERM,
+SIGINT and SIGUSR1 stop it after the current step with a checkpoint there (exit status 75, ``beit.runtime.stopping``).
 
 Writes into ``output_dir``: ``vqkd.safetensors`` + ``vqkd.json`` (``load_tokenizer("vqkd", output_dir)``,
 ``--tokenizer vqkd --tokenizer_path output_dir`` for pretraining and the token cache), ``vqkd_unilm.pth``
@@ -158,15 +159,17 @@ def run_vqkd(cfg: VQKDTrainConfig) -> dict:
     """Train (or resume) a VQ-KD tokenizer; returns the final summary (also written to final_metrics.json).
     Bad input raises SetupError before any compute; faults during the run raise RunFault, with a message."""
     from beit.runtime.run_lock import end_with_launcher, open_run, world_size
+    from beit.runtime.stopping import stop_signals
 
     end_with_launcher()
-    inputs = check_inputs(cfg, world_size())          # every input checked (the teacher loaded), no compute
-    with open_run(cfg.output_dir) as latest:           # one run per folder; the newest intact checkpoint
-        check_resume(cfg, latest, inputs.teacher_fp)
-        run = VQKDRun(cfg, inputs)                     # accelerator, model, optimizer, schedule, loaders
-        run.restore(latest)
-        run.train()                                    # the engine, epoch after epoch, checkpoints, evaluations
-        return run.finish()                            # held-out codebook health, the tokenizer in both layouts
+    with stop_signals() as stop:                           # SIGTERM/SIGINT/SIGUSR1: checkpoint at the step, then stop
+        inputs = check_inputs(cfg, world_size())           # every input checked (the teacher loaded), no compute
+        with open_run(cfg.output_dir) as latest:           # one run per folder; the newest intact checkpoint
+            check_resume(cfg, latest, inputs.teacher_fp)
+            run = VQKDRun(cfg, inputs)                     # accelerator, model, optimizer, schedule, loaders
+            run.restore(latest)
+            run.train(stop)                                # the engine, epoch after epoch, checkpoints, evaluations
+            return run.finish()                            # held-out codebook health, the tokenizer in both layouts
 
 
 @dataclass
@@ -314,13 +317,17 @@ class VQKDRun:
         """The saved state of ``latest`` (weights and codebook, optimizer, schedule, data position), the logger."""
         from beit.checkpoints.checkpointing import resume_run
         from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger
-        from beit.tokenizers.vqkd_engine import VQKDState
+        from beit.tokenizers.vqkd_engine import VQKDMeter, VQKDState
 
         self.state = VQKDState()
+        self.meter = VQKDMeter(self.cfg.vocab_size, self.accelerator.device)
+        self.saved_step = None
         if latest is not None:
-            saved, epoch_done = resume_run(self.accelerator, latest, self.schedule, self.loader)
+            saved, epoch_done = resume_run(self.accelerator, latest, self.schedule, self.loader,
+                                           {"meter": self.meter.load_state_dict})
             self.state = VQKDState(**saved["train"])
             self.state.epoch += epoch_done
+            self.saved_step = self.state.step
         self.logger = RunLogger(self.accelerator, self.out, resume_step=self.state.step if latest else None)
         if self.trackers:
             self.accelerator.init_trackers(TENSORBOARD_RUN, config={k: v for k, v in to_dict(self.cfg).items()
@@ -361,32 +368,39 @@ class VQKDRun:
         self.logger.log(ev, step=step)
         return ev
 
-    def checkpoint(self, st) -> None:
-        """A checkpoint every ``checkpoint_every`` optimizer steps and at the last."""
-        from beit.checkpoints.checkpointing import save_checkpoint
+    def checkpoint(self, st, stopping: bool = False) -> Path:
+        """A checkpoint every ``checkpoint_every`` optimizer steps, at the last, and at a stop (once per step);
+        returns the step's checkpoint. The meter's open logging window goes with this rank's data position."""
+        from beit.checkpoints.checkpointing import checkpoint_path, save_checkpoint
 
-        if st.step % self.cfg.checkpoint_every and st.step != self.total_steps:
-            return
+        if self.saved_step == st.step or not stopping and st.step % self.cfg.checkpoint_every \
+                and st.step != self.total_steps:
+            return checkpoint_path(self.out, st.step)
         st.train_seconds = self.time_before + time.time() - self.t_start
         train_state = {"train": st.to_dict(), "schedule": self.schedule.state_dict(),
                        "teacher_fingerprint": self.inputs.teacher_fp}
-        path = save_checkpoint(self.accelerator, self.out, st.step, train_state, {"loader": self.loader.state_dict()},
+        path = save_checkpoint(self.accelerator, self.out, st.step, train_state,
+                               {"loader": self.loader.state_dict(), "meter": self.meter.state_dict()},
                                keep_last=self.cfg.keep_last)
+        self.saved_step = st.step
         self.logger.info(f"checkpoint saved: {path}")
+        return path
 
-    def train(self) -> None:
-        """Epochs of the engine until ``total_steps`` optimizer steps are done (held-out evaluations beside)."""
+    def train(self, stop) -> None:
+        """Epochs of the engine until ``total_steps`` optimizer steps are done (held-out evaluations beside);
+        ``stop`` (``beit.runtime.stopping``) ends it after a step with that step's checkpoint."""
         from beit.runtime.run_logging import data_error_metrics
-        from beit.tokenizers.vqkd_engine import VQKDMeter, train_one_epoch
+        from beit.tokenizers.vqkd_engine import train_one_epoch
 
-        cfg, acc, state, loader, every = self.cfg, self.accelerator, self.state, self.loader, self.eval_every()
+        cfg, acc, state, loader, every, meter = (self.cfg, self.accelerator, self.state, self.loader,
+                                                 self.eval_every(), self.meter)
 
         def after_step(st) -> None:
             if self.val_loader is not None and st.step % every == 0 and st.step != self.total_steps:
                 self.held_out(st.step)
             self.checkpoint(st)
+            stop.check(acc, st.step, lambda: self.checkpoint(st, stopping=True))
 
-        meter = VQKDMeter(cfg.vocab_size, acc.device)
         self.t_start, self.time_before = time.time(), state.train_seconds
         eff_batch = cfg.batch_size * self.inputs.grad_accum_steps * acc.num_processes
         with self.logger.progress(self.total_steps, initial=state.step, desc="vqkd", images_per_step=eff_batch) as bar:
