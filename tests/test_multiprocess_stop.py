@@ -4,7 +4,9 @@
   stop at the same step with one complete checkpoint, and the reruns lose no step of the uninterrupted run;
 * launch/slurm_pretrain.sbatch under stand-in ``srun`` / ``scontrol`` (small scripts on PATH that run the task here
   and record the requeue): USR1 to the batch shell only, as ``--signal=B:USR1@300`` sends it -> the training stops
-  with a checkpoint and the job requeues itself; the requeued job runs to the end and does not requeue;
+  with a checkpoint and the job requeues itself; the requeued job runs to the end and does not requeue. SIGTERM to
+  every process of the job, as a preemption or ``scancel`` sends it -> the same checkpoint, but no requeue by the
+  script (SLURM requeues a preempted job itself; a cancelled job must stay cancelled);
 * ``beit compare --jobs 2`` stopped by a SIGTERM to its main process: the job processes stop their stages with
   checkpoints, one line, status 75, and the rerun continues from them.
 """
@@ -24,6 +26,7 @@ from mp.common import (
     REPO,
     alive,
     all_logs,
+    descendants,
     env,
     kill_job,
     popen,
@@ -150,8 +153,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_the_slurm_script_stops_the_training_at_the_time_limit_warning_and_requeues_itself(tmp_path):
-    ref, _, _ = pretrain_reference(2)
+def slurm_job(tmp_path: Path, out: Path):
+    """``launch/slurm_pretrain.sbatch`` as a job of one node under the stand-ins: returns ``job(log)``, which starts
+    the batch shell (in its own process group, as slurmd starts it) on ``pretrain_args(out)``, and the file that
+    records the requeues."""
     stand_ins, venv = tmp_path / "bin", tmp_path / "venv" / "bin"
     stand_ins.mkdir()
     venv.mkdir(parents=True)
@@ -167,7 +172,6 @@ def test_the_slurm_script_stops_the_training_at_the_time_limit_warning_and_reque
     job_env = dict(env(2), PATH=f"{stand_ins}:{os.environ['PATH']}", SCONTROL_LOG=str(requeues),
                    SLURM_JOB_ID="4242", SLURM_NNODES="1", SLURM_NODEID="0", SLURM_JOB_NODELIST="node1",
                    GPUS_PER_NODE="2", VENV=str(venv.parent), ACCELERATE_CONFIG=str(config), STOP_GRACE_S="120")
-    out = tmp_path / "run"
     args = pretrain_args(out, checkpoint_every=1000)
 
     def job(log: Path) -> subprocess.Popen:
@@ -175,15 +179,27 @@ def test_the_slurm_script_stops_the_training_at_the_time_limit_warning_and_reque
             return subprocess.Popen(["bash", "launch/slurm_pretrain.sbatch", *args], cwd=REPO,
                                     env=dict(job_env, MAIN_PORT=str(free_port())), stdout=f,
                                     stderr=subprocess.STDOUT, start_new_session=True)
+    return job, requeues
 
-    p = job(tmp_path / "job1.log")                              # the first allocation: USR1 to the batch shell
+
+def signal_job(p: subprocess.Popen, out: Path, step: int, sig, every_process: bool) -> str:
+    """``sig`` to the batch shell once ``out`` has logged ``step`` (``every_process``: to every process of the job
+    at once, as slurmd signals a job it preempts or cancels); the job's exit status and its log."""
     try:
-        wait_for_step(p, out, 5, "the job")
-        os.kill(p.pid, signal.SIGUSR1)
-        rc = p.wait(timeout=240)
+        wait_for_step(p, out, step, "the job")
+        for pid in [p.pid, *(descendants(p.pid) if every_process else [])]:
+            os.kill(pid, sig)
+        return p.wait(timeout=240)
     finally:
         if p.poll() is None:
             kill_job(p)
+
+
+def test_the_slurm_script_stops_the_training_at_the_time_limit_warning_and_requeues_itself(tmp_path):
+    ref, _, _ = pretrain_reference(2)
+    out = tmp_path / "run"
+    job, requeues = slurm_job(tmp_path, out)
+    rc = signal_job(job(tmp_path / "job1.log"), out, 5, signal.SIGUSR1, every_process=False)  # the batch shell only
     text = (tmp_path / "job1.log").read_text()
     assert rc == 0, text[-4000:]
     step = stop_step(out, 2)
@@ -196,6 +212,30 @@ def test_the_slurm_script_stops_the_training_at_the_time_limit_warning_and_reque
     assert p.wait(timeout=300) == 0, (tmp_path / "job2.log").read_text()[-4000:]
     assert f"resumed from {checkpoint_path(out, step)} at step {step}" in (tmp_path / "job2.log").read_text()
     assert requeues.read_text() == "requeue 4242\n"             # finished: not requeued again
+    assert_same_run(ref, out, 48)
+
+
+def test_the_slurm_script_stops_the_training_on_preemption_with_a_checkpoint_and_leaves_the_requeue_to_slurm(
+        tmp_path):
+    """Preemption and ``scancel``: SIGTERM to every process of the job (the batch shell, srun, the launcher, the
+    ranks) -> the ranks stop at one step with a checkpoint, the script exits with the launcher's 143 and does NOT
+    requeue: a SIGTERM cannot tell a preemption (which SLURM requeues itself, ``--requeue``) from a ``scancel``
+    (which must end the job). The job SLURM starts again resumes at that step and ends like the uninterrupted run."""
+    ref, _, _ = pretrain_reference(2)
+    out = tmp_path / "run"
+    job, requeues = slurm_job(tmp_path, out)
+    rc = signal_job(job(tmp_path / "job1.log"), out, 5, signal.SIGTERM, every_process=True)
+    text = (tmp_path / "job1.log").read_text()
+    step = stop_step(out, 2)
+    assert 5 <= step < 48 and logged_step(out) == step, text[-4000:]
+    assert f"stopped at step {step} on SIGTERM; the checkpoint is {checkpoint_path(out, step)}" in text
+    assert rc == 128 + signal.SIGTERM and "Traceback" not in text, text[-4000:]
+    assert "requeueing" not in text and not requeues.exists()   # the script requeued nothing
+
+    p = job(tmp_path / "job2.log")                              # SLURM's requeue of the preempted job
+    assert p.wait(timeout=300) == 0, (tmp_path / "job2.log").read_text()[-4000:]
+    assert f"resumed from {checkpoint_path(out, step)} at step {step}" in (tmp_path / "job2.log").read_text()
+    assert not requeues.exists()
     assert_same_run(ref, out, 48)
 
 

@@ -169,6 +169,14 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first), whatever session or process group it runs in."""
+    out = []
+    for child in children(pid):
+        out += [child, *descendants(child)]
+    return out
+
+
 def rank_pids(launcher_pid: int) -> dict[int, int]:
     """rank -> pid of the worker processes torchrun started (read from their RANK env var)."""
     found = {}
