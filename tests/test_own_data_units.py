@@ -1,4 +1,5 @@
-"""Folders in (the shard cache), shared option sections, aliases, the warmup cap, the `beit` help."""
+"""Folders in (the shard cache), shared option sections, aliases, the warmup cap, the `beit` help, the
+loader-worker default and the end-of-run data line."""
 from __future__ import annotations
 
 import dataclasses
@@ -98,3 +99,25 @@ def test_every_command_has_an_example_and_shows_defaults(capsys):
             main([*name.split(), "--help"])
         out = capsys.readouterr().out
         assert out.startswith(f"example: beit {name}") and "(default" in out
+
+
+def test_loader_workers_default_to_the_cores_this_process_may_use(monkeypatch):
+    for cores, want in ((1, 1), (2, 2), (64, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        for cfg in (PretrainConfig(), FinetuneConfig()):
+            assert cfg.num_workers == -1 and cfg.loader_workers == want
+            assert f"{want} worker process(es) per process (--num_workers -1: min(4, {cores} CPU" in \
+                cfg.describe_workers()
+    explicit = DataOptions(num_workers=3)
+    assert explicit.loader_workers == 3 and explicit.describe_workers().endswith("(--num_workers)")
+    with pytest.raises(ValueError, match="--num_workers must be >= 0, or -1"):
+        DataOptions(num_workers=-2, data="x").check_data()
+
+
+def test_reads_summary_names_upscaled_and_converted_images():
+    from beit.data.loading.data_stats import describe_reads
+
+    assert describe_reads({"data/samples": 10, "data/upscaled": 0}, 64) is None
+    line = describe_reads({"data/samples": 40, "data/upscaled": 10, "data/converted_L": 4, "data/converted_P": 2}, 64)
+    assert line == ("data: of 40 samples read, 10 (25%) smaller than 64 px on a side, upscaled; 6 converted to RGB "
+                    "(4 from L, 2 from P)")

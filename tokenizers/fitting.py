@@ -64,6 +64,7 @@ class KMeansTrainConfig(TokenizerViewOptions, LoaderOptions, HeldOutOptions, Tra
 
     def validate(self) -> None:
         self.check_train_data()
+        self.check_loader()
         check_grid("kmeans", self.input_size, self.patch_size, self.model_grid, "patch_size")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError("crop_scale_min must be in (0, 1]")
@@ -99,6 +100,7 @@ class DVAETrainConfig(RunOptions, PrecisionOptions, TokenizerViewOptions, Loader
     def validate(self) -> None:
         self.check_choices()
         self.check_train_data()
+        self.check_loader()
         self.check_run()
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise ValueError(f"downsample must be a power of two, got {self.downsample}")
@@ -140,7 +142,7 @@ def _fit_kmeans(cfg: KMeansTrainConfig, run_dir: Path, latest: Path | None, stop
     from beit.tokenizers.kmeans import KMeansFit
 
     loader = build_view_loader(cfg.train_shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
-                               cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
+                               cfg.batch_size, seed=cfg.seed, num_workers=cfg.loader_workers,
                                max_bad_fraction=cfg.max_bad_fraction, **cfg.shard_source())
     print(f"[kmeans] training data: {loader.describe()}" + "".join(f"\n[kmeans] note: {n}" for n in loader.notes))
     t0 = time.time()
@@ -223,7 +225,7 @@ def _train_dvae(cfg: DVAETrainConfig, stop):
     set_seed(cfg.seed)
     loader = build_view_loader(cfg.train_shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
                                cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
-                               num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction,
+                               num_workers=cfg.loader_workers, max_bad_fraction=cfg.max_bad_fraction,
                                **cfg.shard_source())
     if acc.is_main_process:
         print(f"[dvae] training data: {loader.describe()}" + "".join(f"\n[dvae] note: {n}" for n in loader.notes))

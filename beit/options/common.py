@@ -19,6 +19,7 @@ section's text. Old names a section replaced are in its ``DEPRECATED`` map (they
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -27,6 +28,22 @@ from beit.config import Options, field
 from beit.tokenizers import TOKENIZER_KINDS
 
 TokenizerKind = Literal[("auto", *TOKENIZER_KINDS)]  # a new registered tokenizer is a choice at once
+
+
+AUTO_WORKERS_MOST = 4
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, as torch's DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers() -> int:
+    """Data loader workers for ``--num_workers -1``: one per available core, at most AUTO_WORKERS_MOST."""
+    return max(1, min(AUTO_WORKERS_MOST, available_cores()))
 
 
 @dataclass
@@ -99,14 +116,31 @@ class HeldOutOptions(Options):
 
 @dataclass
 class WorkerOptions(Options):
-    num_workers: int = field(2, help="data loader worker processes per process (fewer when the shards do not allow "
-                                     "that many: the log says so)")
+    num_workers: int = field(-1, help="data loader worker processes per process (-1: min(4, the CPU cores this "
+                                      "process may use), stated at start-up; fewer when the shards do not allow that "
+                                      "many: the log says so)")
+
+    @property
+    def loader_workers(self) -> int:
+        """``num_workers`` with -1 resolved for this machine."""
+        return self.num_workers if self.num_workers >= 0 else auto_workers()
+
+    def describe_workers(self) -> str:
+        """The start-up line that says how many loader workers each process starts, and why."""
+        why = (f"--num_workers -1: min({AUTO_WORKERS_MOST}, {available_cores()} CPU core(s) this process may use)"
+               if self.num_workers < 0 else "--num_workers")
+        return f"data loader: {self.loader_workers} worker process(es) per process ({why})"
 
 
 @dataclass
 class LoaderOptions(WorkerOptions):
     max_bad_fraction: float = field(0.01, help="stop with an error when more than this fraction of samples fails "
                                                "to decode")
+
+    def check_loader(self) -> None:
+        if self.num_workers < -1:
+            raise ValueError(f"--num_workers must be >= 0, or -1 for one per available core (at most "
+                             f"{AUTO_WORKERS_MOST}), got {self.num_workers}")
 
 
 @dataclass
@@ -130,6 +164,7 @@ class DataOptions(LoaderOptions, HeldOutOptions, TrainDataOptions):
 
     def check_data(self, other_source: str = "") -> None:
         self.check_train_data(other_source)
+        self.check_loader()
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.memory_cache_mb < 0:

@@ -30,7 +30,6 @@ class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions,
     """Shared sections (beit.options.common) first, then pretraining's own options."""
     RECIPE_PREFIX = "pretrain_"
     # the shared options with pretraining's defaults (BEiT-B on ImageNet-1k)
-    num_workers: int = field(4)
     epochs: int = field(800)
     lr: float = field(1.5e-3)
     min_lr: float = field(1e-5)

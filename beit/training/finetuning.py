@@ -188,7 +188,7 @@ class FinetuneRun:
 
         cfg, acc, log = self.cfg, self.accelerator, self.logger.info
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        for line in data_summary(self.train_loader, cfg.batch_size, acc.num_processes):
+        for line in data_summary(self.train_loader, cfg.batch_size, acc.num_processes) + [cfg.describe_workers()]:
             log(line)
         names = self.class_names
         names = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "") if names else "no names"
@@ -266,10 +266,14 @@ class FinetuneRun:
 
     def finish(self) -> dict:
         """final.json (and confusion.json), the task's export; returns the held-out results."""
+        from beit.data.loading.data_stats import describe_reads
+        from beit.runtime.run_logging import data_error_metrics
+
         cfg, acc, out, step = self.cfg, self.accelerator, self.out, self.step
         results = self.results
         if not results and self.val_loader is not None:  # resumed after the last epoch: evaluate the restored weights
             results = self.evaluate()
+        reads = describe_reads(data_error_metrics(self.train_loader, acc), cfg.image_size)  # a collective
         if acc.is_main_process:
             final = {k: v for k, v in results.items() if not k.endswith("confusion")}
             final.update(step=step, epochs=cfg.epochs, num_classes=self.num_classes, class_names=self.class_names,
@@ -283,6 +287,8 @@ class FinetuneRun:
             self.logger.info(f"final: {scores}; {self.num_classes} classes; {step} steps, last epoch's train loss "
                              + (f"{loss:.4f}" if loss is not None else "n/a") + " ->  " + ", ".join(written)
                              + f", {out}/model.safetensors ({self.task.export_format})")
+            if reads:
+                self.logger.info(reads)
         acc.wait_for_everyone()
         acc.end_training()
         return results or {"train_loss": self.train_stats.get("train_loss"), "step": step,

@@ -278,7 +278,7 @@ class PretrainRun:
             f"batch {cfg.batch_size * accum * acc.num_processes} = {cfg.batch_size} x {accum} accum x "
             f"{acc.num_processes} proc; lr {cfg.lr:g} (not rescaled), {self.total_steps} steps "
             f"({self.steps_per_epoch}/epoch), warmup {self.warmup}")
-        for line in data_summary(self.loader, cfg.batch_size, acc.num_processes):
+        for line in data_summary(self.loader, cfg.batch_size, acc.num_processes) + [cfg.describe_workers()]:
             log(line)
         log(f"held-out: {len(self.inputs.val_shards)} shard(s), scored at the end" if self.inputs.val_shards else
             "held-out: none (no masked-token score at the end; pass --val_shards, or --data with --val_fraction)")
@@ -351,6 +351,7 @@ class PretrainRun:
     def finish(self) -> dict:
         """pretrained.safetensors, the held-out masked-token evaluation, final_metrics.json; the summary."""
         from beit.checkpoints.checkpointing import save_weights
+        from beit.data.loading.data_stats import describe_reads
         from beit.data.pipelines.pretraining import build_mim_loader
         from beit.engines.pretrain import evaluate_mim
         from beit.runtime.run_logging import data_error_metrics
@@ -394,5 +395,8 @@ class PretrainRun:
                          f"training; {train}; held-out: "
                          + (f"{summary['val/mim_acc']:.4f}" if "val/mim_acc" in summary else "none")
                          + f"  ->  {out}/final_metrics.json, {out}/pretrained.safetensors")
+        reads = describe_reads(summary, cfg.image_size)
+        if reads:
+            self.logger.info(reads)
         acc.end_training()
         return summary

@@ -140,7 +140,7 @@ def build_loaders(cfg, accelerator, num_classes: int, *, train_map=None, val_map
 
     def stream():
         return build_loader_for_order(cfg.data_order, cfg.train_shards, **cfg.shard_source(),
-                                      map_fn=train_map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                      map_fn=train_map, batch_size=cfg.batch_size, num_workers=cfg.loader_workers,
                                       rank=accelerator.process_index, world_size=accelerator.num_processes,
                                       seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction,
                                       batches_per_epoch=cfg.batches_per_epoch or None,
@@ -151,6 +151,6 @@ def build_loaders(cfg, accelerator, num_classes: int, *, train_map=None, val_map
                           batch_size=cfg.batch_size, num_classes=num_classes, batch_multiple=cfg.grad_accum_steps,
                           stream=stream, why=f"the {type(train_map).__name__} samples are not cached" if custom else "")
     val = heldout_loader(expand_shards(cfg.val_shards, allow_remote=cfg.allow_remote_shards), val_map, accelerator,
-                         batch_size=val_batch_size or cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                         batch_size=val_batch_size or cfg.batch_size, num_workers=cfg.loader_workers, seed=cfg.seed,
                          remote_retries=cfg.remote_retries) if cfg.val_shards else None
     return train, val
