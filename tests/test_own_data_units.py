@@ -121,3 +121,17 @@ def test_reads_summary_names_upscaled_and_converted_images():
     line = describe_reads({"data/samples": 40, "data/upscaled": 10, "data/converted_L": 4, "data/converted_P": 2}, 64)
     assert line == ("data: of 40 samples read, 10 (25%) smaller than 64 px on a side, upscaled; 6 converted to RGB "
                     "(4 from L, 2 from P)")
+
+
+def test_resizing_relative_position_tables_prints_no_timm_warnings():
+    """Fine-tuning at another grid than pretraining resizes the relative position tables with timm's
+    interpolator, which triggers two torch UserWarnings about timm's own code (non-contiguous searchsorted,
+    non-tuple indexing); a fresh process (they are shown once per process) with every warning shown prints none."""
+    import subprocess
+    import sys
+
+    code = ("import torch; from beit.runtime.checkpoint_loading import _resize_rel_table; "
+            "print(tuple(_resize_rel_table(torch.randn(52, 2), (8, 8), torch.Size((228, 2)), 'k', (4, 4)).shape))")
+    r = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "(228, 2)", r.stderr
+    assert "Warning" not in r.stderr, r.stderr
