@@ -10,7 +10,7 @@ import pytest
 from data_testutil import jpeg
 
 from beit.config import parse_config, resolve_recipe
-from beit.data.storage.folder_cache import folder_shards
+from beit.data.storage.folder_cache import folder_shards, release
 from beit.data.storage.shardspec import expand_shards
 from beit.optim.schedules import warmup_for
 from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions
@@ -35,9 +35,14 @@ def test_folder_is_written_once_and_reused_until_it_changes(tmp_path):
     b = folder_shards(src, labelled=True, val_fraction=0.2, cache=cache, log=lambda m: None)
     assert b.reused and b.directory == a.directory
     time.sleep(0.01)
-    (src / "dog" / "dog9.jpg").write_bytes(jpeg(500))  # a new image: written again, the old set removed
-    c = folder_shards(src, labelled=True, val_fraction=0.2, cache=cache, log=lambda m: None)
-    assert not c.reused and c.images == 11 and c.directory != a.directory and not a.directory.exists()
+    (src / "dog" / "dog9.jpg").write_bytes(jpeg(500))  # a new image: written again
+    said = []
+    c = folder_shards(src, labelled=True, val_fraction=0.2, cache=cache, log=said.append)
+    assert not c.reused and c.images == 11 and c.directory != a.directory
+    assert a.directory.exists() and any("kept the older cache" in m for m in said)  # this process still reads it
+    release(a.directory)  # once no run holds it, the next look-up removes the older set
+    assert folder_shards(src, labelled=True, val_fraction=0.2, cache=cache, log=lambda m: None).reused
+    assert not a.directory.exists()
     os.utime(src / "cat" / "cat0.jpg", ns=(1, 1))  # a modified file (mtime) also counts as a change
     assert not folder_shards(src, labelled=True, val_fraction=0.2, cache=cache, log=lambda m: None).reused
     flat = folder_shards(src, labelled=False, cache=cache, log=lambda m: None)  # pretraining: labels unused

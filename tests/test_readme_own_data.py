@@ -84,6 +84,7 @@ def test_readme_own_data_commands_run_verbatim(tmp_path):
     # the start-up summaries say what was found and what an epoch covers; the final summaries are there
     assert "every image once" in log and "classes: 3 (astronaut, chelsea, coffee)" in log
     assert "finished:" in log and "final: top-1" in log
+    assert "Warning" not in log and "DataLoader will create" not in log  # no library warnings the user cannot act on
     ft = tmp_path / "runs" / "mine" / "finetune"
     final = json.loads((ft / "final.json").read_text())
     assert final["num_classes"] == 3 and final["class_names"] == list(CLASSES)

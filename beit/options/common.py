@@ -97,15 +97,21 @@ class TrainDataOptions(ShardSourceOptions):
             raise ValueError(f"--manifest describes --train_shards; {given[0]} brings its own shards and manifest: "
                              "leave --manifest out")
 
-    def folder_shards(self, *, labelled: bool, val_fraction: float = 0.0, seed: int = 0, log=print):
-        """``--data``'s folder as shards (written once into --data_cache; see beit.data.storage.folder_cache),
-        or None without --data."""
+    def folder_plan(self, *, labelled: bool, val_fraction: float = 0.0, seed: int = 0, label_map=None):
+        """``--data``'s folder listed and checked, nothing written yet (``.shards()`` writes it once into
+        --data_cache and holds it; see beit.data.storage.folder_cache), or None without --data."""
         if not self.data:
             return None
-        from beit.data.storage.folder_cache import folder_shards
+        from beit.data.storage.folder_cache import plan_folder
 
-        return folder_shards(self.data, labelled=labelled, val_fraction=val_fraction, seed=seed, cache=self.data_cache,
-                             log=log)
+        return plan_folder(self.data, labelled=labelled, val_fraction=val_fraction, seed=seed, cache=self.data_cache,
+                           label_map=label_map)
+
+    def folder_shards(self, *, labelled: bool, val_fraction: float = 0.0, seed: int = 0, log=print):
+        """``--data``'s folder as shards (written once into --data_cache and held by this process), or None
+        without --data."""
+        plan = self.folder_plan(labelled=labelled, val_fraction=val_fraction, seed=seed)
+        return plan.shards(log=log) if plan is not None else None
 
 
 @dataclass

@@ -29,23 +29,35 @@ def run_finetuning(cfg: FinetuneConfig) -> dict:
         return run.finish()                   # final.json, the task's export and pictures
 
 
-def resolve_folders(cfg: FinetuneConfig, log=print) -> FinetuneConfig:
-    """``--data`` (class folders) -> labelled shards written once into the cache, with a held-out part
-    (``--val_fraction``) unless ``--val_data`` / ``--val_shards`` name the held-out data."""
+def plan_folders(cfg: FinetuneConfig):
+    """``--data`` (class folders) and ``--val_data`` listed and checked, nothing written yet: (train plan, held-out
+    plan or None), or None without ``--data``. The held-out part is ``--val_fraction`` of each class unless
+    ``--val_data`` / ``--val_shards`` name the held-out data; ``--val_data`` takes the training classes."""
     from beit.tasks import get_task
 
     if not cfg.data:
-        return cfg
+        return None
     own_val = not (cfg.val_data or cfg.val_shards)
-    found = cfg.folder_shards(labelled=get_task(cfg.task).labelled_folders,
-                              val_fraction=cfg.val_fraction if own_val else 0.0, seed=cfg.seed, log=log)
+    train = cfg.folder_plan(labelled=get_task(cfg.task).labelled_folders,
+                            val_fraction=cfg.val_fraction if own_val else 0.0, seed=cfg.seed)
+    held = dataclasses.replace(cfg, data=cfg.val_data).folder_plan(labelled=True, label_map=train.label_map) \
+        if cfg.val_data else None
+    return train, held
+
+
+def resolve_folders(cfg: FinetuneConfig, plans, log=print) -> FinetuneConfig:
+    """The planned folders written into the cache (or reused) and held for this run; the config with their shards."""
+    if plans is None:
+        return cfg
+    train, held = plans
+    found = train.shards(log=log)
     log(f"--data {cfg.data}: {found.describe()}" + (f"; {cfg.val_fraction:.0%} of each class held out"
-                                                   if own_val and found.val else ""))
-    val = found.val if own_val else cfg.val_shards
-    if cfg.val_data:
-        held = dataclasses.replace(cfg, data=cfg.val_data).folder_shards(labelled=True, log=log)
-        log(f"--val_data {cfg.val_data}: {held.describe()}")
-        val = held.train
+                                                   if found.val else ""))
+    val = found.val or cfg.val_shards
+    if held is not None:
+        held_found = held.shards(log=log)
+        log(f"--val_data {cfg.val_data}: {held_found.describe()}")
+        val = held_found.train
     return dataclasses.replace(cfg, train_shards=found.train, val_shards=val)
 
 
@@ -106,11 +118,12 @@ class FinetuneRun:
         refuse_under_fsdp(acc.distributed_type, "fine-tuning's evaluation and export",
                           "fine-tune with DDP (launch/accelerate/8gpu.yaml, plus --grad_checkpointing true for ViT-L)")
         set_seed(cfg.seed)
-        cfg = resolve_folders(cfg, log=lambda m: print(m, flush=True) if acc.is_main_process else None)
+        folders = plan_folders(cfg)  # --data folders are checked here and written once every other check has passed
         check_shards(cfg, ("train_shards", "val_shards", *self.task.shard_options(cfg)))  # before any model
         self.num_classes, self.class_names = resolve_classes(cfg.train_shards, cfg.val_shards, cfg.num_classes,
                                                              manifest=cfg.manifest,
-                                                             allow_remote=cfg.allow_remote_shards)
+                                                             allow_remote=cfg.allow_remote_shards,
+                                                             folder=folders[0] if folders else None)
         cfg = dataclasses.replace(cfg, num_classes=self.num_classes)
         self.saved = json.loads((latest / TRAIN_STATE).read_text()) if latest else None
         self.early_log: list[str] = []  # build messages, logged once the logger exists (after the resume checks)
@@ -121,8 +134,9 @@ class FinetuneRun:
         cfg = dataclasses.replace(cfg, **backbone_for(cfg.model).built_options(cfg, model))
         if self.saved is not None:  # before anything of this run is written
             check_resume_compatible(saved_options(self.saved["config"]), to_dict(cfg), RESUME_KEYS, where=str(self.out))
-        self.cfg = cfg
         model = self.task.prepare(model, acc)
+        self.cfg = cfg = resolve_folders(cfg, folders, log=lambda m: print(m, flush=True) if acc.is_main_process
+                                         else None)
         set_seed(cfg.seed + acc.process_index)  # mixup / drop path differ per rank
         self.train_loader, self.val_loader = self.task.loaders(cfg, acc, self.num_classes)
         self.teacher = self.task.teacher(cfg, self.num_classes, acc)

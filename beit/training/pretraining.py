@@ -28,6 +28,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
         inputs = check_inputs(cfg, world_size())      # every input checked, nothing written, no compute
         with open_run(cfg.output_dir) as latest:      # one run per folder; the newest intact checkpoint
             check_resume(cfg, latest, inputs)
+            folder_inputs(cfg, inputs, world_size())  # --data: the folder written (or reused) and held
             run = PretrainRun(cfg, inputs, init=None if latest else inputs.init)  # accelerator, model, optimizer...
             run.restore(latest)
             run.train(stop)                           # the engine, epoch after epoch, checkpoints
@@ -37,8 +38,9 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
 @dataclass
 class PretrainInputs:
     """What ``check_inputs`` found: the shards, the tokenizer (None when a token cache replaces it and nothing
-    else needs it), the token cache's description, the gradient accumulation, the masking generator and the
-    checked ``--init``."""
+    else needs it), the token cache's description, the gradient accumulation, the masking generator, the
+    checked ``--init``; with ``--data`` the folder's plan, whose shards ``folder_inputs`` fills in once every
+    check has passed."""
     shards: list[str]
     val_shards: list[str]
     tokenizer: object | None
@@ -46,6 +48,7 @@ class PretrainInputs:
     grad_accum_steps: int
     masker: object
     init: object | None = None
+    folder: object | None = None  # --data's checked FolderPlan, written by folder_inputs
 
     @property
     def vocab_size(self) -> int:
@@ -53,9 +56,9 @@ class PretrainInputs:
 
 
 def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
-    """Every check that needs files but no compute and writes nothing but --data's shard cache: shards, tokenizer
-    grid, token cache, masking, batch split, the model's geometry (resume compatibility: ``check_resume``, under
-    the run lock). Bad input raises ``SetupError``."""
+    """Every check that needs files but no compute and writes nothing: shards (``--data``'s folder listed and
+    checked, written later by ``folder_inputs``), tokenizer grid, token cache, masking, batch split, the model's
+    geometry (resume compatibility: ``check_resume``, under the run lock). Bad input raises ``SetupError``."""
     from beit.data.pipelines.pretraining import masking_generator
     from beit.data.storage.shardspec import expand_shards
     from beit.modeling.backbones import backbone_for
@@ -68,13 +71,12 @@ def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
         cfg.validate()
         check_output_dir(cfg.output_dir)
         cache = read_cache_info(cfg.token_cache) if cfg.token_cache else None
-        val_spec = cfg.val_shards
+        val_spec, folder = cfg.val_shards, None
         if cache is not None:
             shards = expand_shards(str(Path(cfg.token_cache) / "cache-*.tar"))
-        elif cfg.data:
-            found = cfg.folder_shards(labelled=False, val_fraction=cfg.val_fraction, seed=cfg.seed, log=main_print)
-            main_print(f"--data {cfg.data}: {found.describe()}")
-            shards, val_spec = expand_shards(found.train), found.val or val_spec
+        elif cfg.data:  # listed and checked now, written by folder_inputs once every check has passed
+            folder = cfg.folder_plan(labelled=False, val_fraction=cfg.val_fraction, seed=cfg.seed)
+            shards = []
         else:
             shards = expand_shards(cfg.train_shards, allow_remote=cfg.allow_remote_shards)
         val_shards = expand_shards(val_spec, allow_remote=cfg.allow_remote_shards) if val_spec else []
@@ -98,7 +100,7 @@ def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
             raise ValueError(f"num_masking_patches {cfg.masked_count()} leaves no visible patch on the {cfg.grid} grid")
         accum = grad_accum_for(cfg.global_batch_size, cfg.batch_size, world) if cfg.global_batch_size \
             else cfg.grad_accum_steps
-        inputs = PretrainInputs(shards, val_shards, tokenizer, cache, accum, masker)
+        inputs = PretrainInputs(shards, val_shards, tokenizer, cache, accum, masker, folder=folder)
         backbone = backbone_for(cfg.arch, pretraining=True)
         backbone.check_mim(cfg, inputs.vocab_size)
         if cfg.init:
@@ -106,6 +108,27 @@ def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
     except (ValueError, FileNotFoundError, PermissionError) as e:
         raise SetupError(str(e)) from e
     return inputs
+
+
+def folder_inputs(cfg: PretrainConfig, inputs: PretrainInputs, world: int) -> None:
+    """``--data``: the checked folder written into the cache, or reused, and held for this run (its shards put
+    into ``inputs``); called after every check, so a refused command writes nothing."""
+    from beit.data.storage.shardspec import expand_shards
+    from beit.runtime.run_lock import main_print
+
+    if inputs.folder is None:
+        return
+    try:
+        found = inputs.folder.shards(log=main_print)
+        main_print(f"--data {cfg.data}: {found.describe()}")
+        inputs.shards = expand_shards(found.train)
+        if found.val:
+            inputs.val_shards = expand_shards(found.val)
+        if inputs.val_shards and len(inputs.val_shards) < world:
+            raise ValueError(f"{len(inputs.val_shards)} held-out shard(s) for {world} processes: each process needs "
+                             "one; raise --val_fraction or add images")
+    except ValueError as e:
+        raise SetupError(str(e)) from e
 
 
 def check_grids(cfg: PretrainConfig, tokenizer) -> None:
