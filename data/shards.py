@@ -21,11 +21,16 @@ from pathlib import Path
 from typing import Literal
 
 from beit.config import Options, field, parse_config
-from beit.data.storage.shard_sources import list_ade20k, list_filelist, list_folder, list_imagenet, load_label_map
 from beit.data.storage.shard_format import written_counts
+from beit.data.storage.shard_sources import list_ade20k, list_filelist, list_folder, list_imagenet, load_label_map
 from beit.data.storage.shard_verify import verify_folder
-from beit.data.storage.shard_writer import (WriteOptions, auto_samples_per_shard, check_unique_keys, split_items,
-                                           write_shards)
+from beit.data.storage.shard_writer import (
+    WriteOptions,
+    auto_samples_per_shard,
+    check_unique_keys,
+    split_items,
+    write_shards,
+)
 
 
 @dataclass

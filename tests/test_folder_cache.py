@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_testutil import encode, photo
 from PIL import Image
 
-from beit.data.folder_cache import LOCKS, folder_shards, plan_folder, release
-from beit.data.shard_format import iter_tar_samples
 from beit.data.shards import main as shards_main
-from beit.data.shardspec import expand_shards
-from data_testutil import encode, photo
+from beit.data.storage.folder_cache import LOCKS, folder_shards, plan_folder, release
+from beit.data.storage.shard_format import iter_tar_samples
+from beit.data.storage.shardspec import expand_shards
 
 BEIT = str(Path(sys.executable).parent / "beit")
 MODEL = ["--image_size", "32", "--patch_size", "8", "--embed_dim", "32", "--depth", "2", "--num_heads", "2"]

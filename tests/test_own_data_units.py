@@ -135,7 +135,7 @@ def test_resizing_relative_position_tables_prints_no_timm_warnings():
     import subprocess
     import sys
 
-    code = ("import torch; from beit.runtime.checkpoint_loading import _resize_rel_table; "
+    code = ("import torch; from beit.checkpoints.loading import _resize_rel_table; "
             "print(tuple(_resize_rel_table(torch.randn(52, 2), (8, 8), torch.Size((228, 2)), 'k', (4, 4)).shape))")
     r = subprocess.run([sys.executable, "-W", "always", "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "(228, 2)", r.stderr
