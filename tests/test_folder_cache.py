@@ -103,13 +103,14 @@ def wait_until(cond, what: str, procs=(), timeout: float = 300) -> None:
 
 def pretrain_args(data: Path, tok: str, out: str, epochs: int) -> list[str]:
     return ["pretrain", "--data", str(data), "--tokenizer_path", tok, "--output_dir", out, *MODEL, "--epochs",
-            str(epochs), "--batch_size", "8", "--tensorboard", "false", "--mixed_precision", "no"]
+            str(epochs), "--batch_size", "8", "--tensorboard", "false", "--mixed_precision", "no",
+            "--auto_recipe", "false"]
 
 
 def finetune_args(data: Path, out: str, epochs: int) -> list[str]:
     return ["finetune", "--data", str(data), "--output_dir", out, *MODEL, "--epochs", str(epochs), "--batch_size",
             "8", "--auto_augment", "", "--mixup", "0", "--cutmix", "0", "--tensorboard", "false",
-            "--mixed_precision", "no"]
+            "--mixed_precision", "no", "--auto_recipe", "false"]
 
 
 @pytest.mark.slow
@@ -187,11 +188,12 @@ def test_refused_commands_and_newer_conversions_leave_a_reading_run_alone(tmp_pa
 
 
 SLOW_CONVERSION = """
-import sys, time
-import beit.data.shard_writer as w
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C as in a terminal (a background job ignores it)
+import beit.data.storage.shard_writer as w
 encode = w.encode_item
 w.encode_item = lambda *a: (time.sleep(0.05), encode(*a))[1]  # 40 images: about 2 s of conversion
-from beit.data.folder_cache import folder_shards
+from beit.data.storage.folder_cache import folder_shards
 found = folder_shards(sys.argv[1], labelled=False, cache=sys.argv[2], log=lambda m: None)
 print("reused" if found.reused else "wrote", found.directory, found.images, flush=True)
 time.sleep(float(sys.argv[3]) if len(sys.argv) > 3 else 0)  # hold the set a while
