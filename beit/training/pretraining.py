@@ -62,7 +62,7 @@ def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
     from beit.data.pipelines.pretraining import masking_generator
     from beit.data.storage.shardspec import expand_shards
     from beit.modeling.backbones import backbone_for
-    from beit.runtime.run_lock import check_output_dir, main_print
+    from beit.runtime.run_lock import check_output_dir
     from beit.runtime.scaling import grad_accum_for
     from beit.tokenizers import load_tokenizer
     from beit.tokenizers.token_cache import read_cache_info

@@ -21,8 +21,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from beit.data.loading.decode import to_rgb
-from beit.data.storage.shard_format import (KEY_RULE, MANIFEST_NAME, add_member, read_manifest, sha256_file,
-                                           write_json_atomic)
+from beit.data.storage.shard_format import (
+    KEY_RULE,
+    MANIFEST_NAME,
+    add_member,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+)
 
 MANIFEST_VERSION = 1
 
