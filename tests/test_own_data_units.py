@@ -15,6 +15,7 @@ from beit.data.storage.shardspec import expand_shards
 from beit.optim.schedules import warmup_for
 from beit.options.common import DataOptions, OptimOptions, PrecisionOptions, RunOptions
 from beit.options.finetune import FinetuneConfig
+from beit.options.predict import PredictConfig
 from beit.options.pretrain import PretrainConfig
 
 
@@ -117,6 +118,10 @@ def test_loader_workers_default_to_the_cores_this_process_may_use(monkeypatch):
     assert explicit.loader_workers == 3 and explicit.describe_workers().endswith("(--num_workers)")
     with pytest.raises(ValueError, match="--num_workers must be >= 0, or -1"):
         DataOptions(num_workers=-2, data="x").check_data()
+    # every command with the option takes its default (beit predict refused -1, the default it inherits)
+    PredictConfig(model="m", data="d").validate()
+    with pytest.raises(ValueError, match="--num_workers must be >= 0, or -1"):
+        PredictConfig(model="m", data="d", num_workers=-2).validate()
 
 
 def test_reads_summary_names_upscaled_and_converted_images():

@@ -64,7 +64,7 @@ class KMeansTrainConfig(TokenizerViewOptions, LoaderOptions, HeldOutOptions, Tra
 
     def validate(self) -> None:
         self.check_train_data()
-        self.check_loader()
+        self.check_workers()
         check_grid("kmeans", self.input_size, self.patch_size, self.model_grid, "patch_size")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError("crop_scale_min must be in (0, 1]")
@@ -100,7 +100,7 @@ class DVAETrainConfig(RunOptions, PrecisionOptions, TokenizerViewOptions, Loader
     def validate(self) -> None:
         self.check_choices()
         self.check_train_data()
-        self.check_loader()
+        self.check_workers()
         self.check_run()
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise ValueError(f"downsample must be a power of two, got {self.downsample}")

@@ -137,16 +137,16 @@ class WorkerOptions(Options):
                if self.num_workers < 0 else "--num_workers")
         return f"data loader: {self.loader_workers} worker process(es) per process ({why})"
 
+    def check_workers(self) -> None:
+        if self.num_workers < -1:
+            raise ValueError(f"--num_workers must be >= 0, or -1 for one per available core (at most "
+                             f"{AUTO_WORKERS_MOST}), got {self.num_workers}")
+
 
 @dataclass
 class LoaderOptions(WorkerOptions):
     max_bad_fraction: float = field(0.01, help="stop with an error when more than this fraction of samples fails "
                                                "to decode")
-
-    def check_loader(self) -> None:
-        if self.num_workers < -1:
-            raise ValueError(f"--num_workers must be >= 0, or -1 for one per available core (at most "
-                             f"{AUTO_WORKERS_MOST}), got {self.num_workers}")
 
 
 @dataclass
@@ -170,7 +170,7 @@ class DataOptions(LoaderOptions, HeldOutOptions, TrainDataOptions):
 
     def check_data(self, other_source: str = "") -> None:
         self.check_train_data(other_source)
-        self.check_loader()
+        self.check_workers()
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.memory_cache_mb < 0:
