@@ -84,7 +84,7 @@ def test_booleans_aliases_and_suggestions(tmp_path, capsys):
 def test_recipes_by_name():
     assert resolve_recipe("beit_base_in1k", "pretrain_").name == "pretrain_beit_base_in1k.yaml"
     assert resolve_recipe("beit_base_in1k", "finetune_").name == "finetune_beit_base_in1k.yaml"
-    cfg = parse_config(PretrainConfig, ["--config", "demo_pretrain", "--data", "photos"])
+    cfg = parse_config(PretrainConfig, ["--config", "demo_pretrain", "--data", "photos", "--auto_recipe", "false"])
     assert cfg.image_size == 64 and cfg.tokenizer == "kmeans"
 
 

@@ -19,7 +19,14 @@ import torch
 
 from beit.config import field, save_config, to_dict
 from beit.data.pipelines.transforms import CropOptions
-from beit.options.common import HeldOutOptions, LoaderOptions, PrecisionOptions, RunOptions, TrainDataOptions
+from beit.options.common import (
+    DataRecipeOptions,
+    HeldOutOptions,
+    LoaderOptions,
+    PrecisionOptions,
+    RunOptions,
+    TrainDataOptions,
+)
 from beit.tokenizers.train_data import CropSpec, build_view_loader
 
 
@@ -50,7 +57,8 @@ class TokenizerViewOptions(CropOptions):
 
 
 @dataclass
-class KMeansTrainConfig(TokenizerViewOptions, LoaderOptions, HeldOutOptions, TrainDataOptions):
+class KMeansTrainConfig(TokenizerViewOptions, LoaderOptions, HeldOutOptions, DataRecipeOptions):
+    RECIPE_STAGE = "tokenizer"
     out: str = field("runs/tokenizer/kmeans", help="output stem: writes OUT.safetensors + OUT.json")
     patch_size: int = field(8, help="patch side in px of the tokenizer view (one token per patch)")
     epochs: int = field(3, help="mini-batch k-means passes over the shards")

@@ -128,8 +128,6 @@ class VQKDTrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions
         self.check_optim()
         self.check_run()
         self.check_data()
-        if self.val_fraction and not self.data:
-            raise ValueError("--val_fraction splits a --data folder; with shards pass --val_shards")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -189,7 +187,7 @@ def check_inputs(cfg: VQKDTrainConfig, world: int) -> VQKDInputs:
     try:
         cfg.validate()
         check_output_dir(cfg.output_dir)
-        found = cfg.folder_shards(labelled=False, val_fraction=cfg.val_fraction, seed=cfg.seed, log=main_print)
+        found = cfg.folder_shards(labelled=False, hold_out=not cfg.val_shards, log=main_print)
         if found is not None:
             main_print(f"--data {cfg.data}: {found.describe()}")
         shards = expand_shards(found.train if found else cfg.train_shards, allow_remote=cfg.allow_remote_shards)

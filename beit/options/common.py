@@ -5,12 +5,12 @@ fields from the last base first), so an option has the same name, unit and help 
 with another default re-declares the field with ``field(<default>)`` and no help: ``--help`` shows the
 section's text. Old names a section replaced are in its ``DEPRECATED`` map (they still work, with a warning).
 
-* ``TrainDataOptions``: the training images (shards or a folder) and, from ``ShardSourceOptions``, where shards
-  may come from (http(s), ``pipe:``), their manifest and the reconnects; ``HeldOutOptions``: held-out shards;
-  ``WorkerOptions``: loader workers; ``LoaderOptions``: those and the bad-sample budget; ``DataOptions``: the
-  training stream of pretraining and fine-tuning (all of the above, plus epoch length, data order, the memory cache,
-  the folder's
-  held-out part);
+* ``TrainDataOptions``: the training images (shards, or a folder and its held-out split, the same in every stage)
+  and, from ``ShardSourceOptions``, where shards may come from (http(s), ``pipe:``), their manifest and the
+  reconnects; ``DataRecipeOptions``: those and a recipe fitted to the folder (the k-means tokenizer, pretraining,
+  fine-tuning); ``HeldOutOptions``: held-out shards; ``WorkerOptions``: loader workers; ``LoaderOptions``: those
+  and the bad-sample budget; ``DataOptions``: the training stream of pretraining, fine-tuning and VQ-KD (all of
+  the above but the recipe, plus epoch length, data order, the memory cache);
 * ``ModelOptions``: the encoder's size; ``TokenizerOptions``: which frozen tokenizer, from where;
 * ``RunOptions``: the run folder, seed, checkpoints, logging; ``TrackerOptions``: where metrics go;
 * ``PrecisionOptions``: mixed precision; ``DeviceOptions``: the device of a command without a launcher;
@@ -82,6 +82,11 @@ class TrainDataOptions(ShardSourceOptions):
                                "it is unchanged")
     data_cache: str = field("", help="folder for the shards written from --data (default: $BEIT_CACHE or "
                                      "~/.cache/beit/shards)")
+    val_fraction: float = field(0.2, help="with --data: hold out this fraction of the images of each sub-folder "
+                                          "(seeded, at most 5000; a folder of fewer than 10 images holds none out) "
+                                          "for the end-of-run score, unless held-out data is given; the tokenizer, "
+                                          "pretraining and fine-tuning of one folder hold out the same images; 0: none")
+    split_seed: int = field(0, help="with --data: seed of the held-out split (the same in every stage by default)")
 
     def check_train_data(self, other_source: str = "") -> None:
         """Exactly one source of training images: --data, --train_shards (or ``other_source``, e.g. a token cache)."""
@@ -96,22 +101,56 @@ class TrainDataOptions(ShardSourceOptions):
         if self.manifest and not self.train_shards:
             raise ValueError(f"--manifest describes --train_shards; {given[0]} brings its own shards and manifest: "
                              "leave --manifest out")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
 
-    def folder_plan(self, *, labelled: bool, val_fraction: float = 0.0, seed: int = 0, label_map=None):
-        """``--data``'s folder listed and checked, nothing written yet (``.shards()`` writes it once into
-        --data_cache and holds it; see beit.data.storage.folder_cache), or None without --data."""
+    def folder_plan(self, *, labelled: bool, hold_out: bool = True, label_map=None):
+        """``--data``'s folder listed and checked, its held-out part (``--val_fraction``, ``--split_seed``; none
+        without ``hold_out``) chosen, nothing written yet (``.shards()`` writes it once into --data_cache and
+        holds it; see beit.data.storage.folder_cache), or None without --data."""
         if not self.data:
             return None
         from beit.data.storage.folder_cache import plan_folder
 
-        return plan_folder(self.data, labelled=labelled, val_fraction=val_fraction, seed=seed, cache=self.data_cache,
-                           label_map=label_map)
+        return plan_folder(self.data, labelled=labelled, val_fraction=self.val_fraction if hold_out else 0.0,
+                           seed=self.split_seed, cache=self.data_cache, label_map=label_map)
 
-    def folder_shards(self, *, labelled: bool, val_fraction: float = 0.0, seed: int = 0, log=print):
+    def folder_shards(self, *, labelled: bool, hold_out: bool = True, log=print):
         """``--data``'s folder as shards (written once into --data_cache and held by this process), or None
         without --data."""
-        plan = self.folder_plan(labelled=labelled, val_fraction=val_fraction, seed=seed)
+        plan = self.folder_plan(labelled=labelled, hold_out=hold_out)
         return plan.shards(log=log) if plan is not None else None
+
+    def fit_to_data(self, given: set[str]):
+        """Called by ``parse_config`` with the options given by flags or --config: a split asked for without
+        --data is refused."""
+        split = sorted(given & {"val_fraction", "split_seed"}) if not self.data else []
+        if split:
+            raise ValueError(f"--{split[0]} splits a --data folder; with shards pass --val_shards")
+        return self
+
+
+@dataclass
+class DataRecipeOptions(TrainDataOptions):
+    """A stage that fits its options to a --data folder (beit.options.data_recipe); ``RECIPE_STAGE`` names it."""
+    RECIPE_STAGE = ""
+    auto_recipe: bool = field(True, help="with --data: every option not given on the command line or in --config "
+                                         "comes from a recipe fitted to the folder and the machine (printed at "
+                                         "start-up; beit.options.data_recipe); false: the stage's defaults")
+
+    def data_plan(self):
+        """The --data folder as this stage trains on it (listed, nothing written)."""
+        return self.folder_plan(labelled=False, hold_out=not getattr(self, "val_shards", None))
+
+    def fit_to_data(self, given: set[str]):
+        """Called by ``parse_config`` with the options given by flags or --config."""
+        super().fit_to_data(given)
+        if not self.data or not self.auto_recipe:
+            return self
+        from beit.options.data_recipe import fit_to_data
+        from beit.runtime.run_lock import main_print
+
+        return fit_to_data(self, given, self.RECIPE_STAGE, self.data_plan(), log=main_print)
 
 
 @dataclass
@@ -151,8 +190,6 @@ class LoaderOptions(WorkerOptions):
 
 @dataclass
 class DataOptions(LoaderOptions, HeldOutOptions, TrainDataOptions):
-    val_fraction: float = field(0.0, help="with --data: hold out this fraction of the images (seeded, stratified "
-                                          "by class) for the final evaluation; 0: none")
     resampled: bool = field(False, help="draw shards with replacement (per process and worker, seeded) instead of "
                                         "one pass over disjoint shards; for fewer shards than processes, or "
                                         "endless streams")
@@ -171,8 +208,6 @@ class DataOptions(LoaderOptions, HeldOutOptions, TrainDataOptions):
     def check_data(self, other_source: str = "") -> None:
         self.check_train_data(other_source)
         self.check_workers()
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.memory_cache_mb < 0:
             raise ValueError(f"--memory_cache_mb must be >= 0 (0: off), got {self.memory_cache_mb}")
         if self.resampled and self.data_order == "global":

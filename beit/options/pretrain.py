@@ -8,6 +8,7 @@ from beit.config import check_finite_numbers, field
 from beit.data.pipelines.transforms import AugmentOptions
 from beit.options.common import (
     DataOptions,
+    DataRecipeOptions,
     ModelOptions,
     OptimOptions,
     PrecisionOptions,
@@ -26,9 +27,10 @@ REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 @dataclass
 class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions, TokenizerOptions, ModelOptions,
-                     AugmentOptions, DataOptions):
+                     AugmentOptions, DataOptions, DataRecipeOptions):
     """Shared sections (beit.options.common) first, then pretraining's own options."""
     RECIPE_PREFIX = "pretrain_"
+    RECIPE_STAGE = "pretrain"
     # the shared options with pretraining's defaults (BEiT-B on ImageNet-1k)
     epochs: int = field(800)
     lr: float = field(1.5e-3)
@@ -122,8 +124,6 @@ class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions,
         self.check_optim()
         self.check_run()
         self.check_data("--token_cache" if self.token_cache else "")
-        if self.val_fraction and not self.data:
-            raise ValueError("--val_fraction splits a --data folder; with shards pass --val_shards")
         if bool(self.knn_train_shards) != bool(self.knn_val_shards):
             raise ValueError("the kNN health metric needs both knn_train_shards and knn_val_shards (labelled); "
                              "set both or neither")

@@ -33,32 +33,39 @@ def plan_folders(cfg: FinetuneConfig):
     """``--data`` (class folders) and ``--val_data`` listed and checked, nothing written yet: (train plan, held-out
     plan or None), or None without ``--data``. The held-out part is ``--val_fraction`` of each class unless
     ``--val_data`` / ``--val_shards`` name the held-out data; ``--val_data`` takes the training classes."""
-    from beit.tasks import get_task
-
     if not cfg.data:
         return None
-    own_val = not (cfg.val_data or cfg.val_shards)
-    train = cfg.folder_plan(labelled=get_task(cfg.task).labelled_folders,
-                            val_fraction=cfg.val_fraction if own_val else 0.0, seed=cfg.seed)
-    held = dataclasses.replace(cfg, data=cfg.val_data).folder_plan(labelled=True, label_map=train.label_map) \
-        if cfg.val_data else None
+    train = cfg.data_plan()
+    held = dataclasses.replace(cfg, data=cfg.val_data).folder_plan(labelled=True, hold_out=False,
+                                                                   label_map=train.label_map) if cfg.val_data else None
     return train, held
 
 
-def resolve_folders(cfg: FinetuneConfig, plans, log=print) -> FinetuneConfig:
-    """The planned folders written into the cache (or reused) and held for this run; the config with their shards."""
+def resolve_folders(cfg: FinetuneConfig, plans, log=print) -> tuple[FinetuneConfig, str]:
+    """The planned folders written into the cache (or reused) and held for this run: the config with their shards,
+    and what the held-out images are (for the confusion matrix and final.json)."""
+    held_out = held_out_name(cfg)
     if plans is None:
-        return cfg
+        return cfg, held_out
     train, held = plans
     found = train.shards(log=log)
-    log(f"--data {cfg.data}: {found.describe()}" + (f"; {cfg.val_fraction:.0%} of each class held out"
-                                                   if found.val else ""))
-    val = found.val or cfg.val_shards
+    log(f"--data {cfg.data}: {found.describe()}")
+    val = cfg.val_shards
+    if found.val:
+        val, held_out = found.val, f"{cfg.data}: {found.held_out}"
     if held is not None:
         held_found = held.shards(log=log)
         log(f"--val_data {cfg.val_data}: {held_found.describe()}")
         val = held_found.train
-    return dataclasses.replace(cfg, train_shards=found.train, val_shards=val)
+    return dataclasses.replace(cfg, train_shards=found.train, val_shards=val), held_out
+
+
+def held_out_name(cfg: FinetuneConfig) -> str:
+    """The held-out images as the user named them: --val_data's folder or --val_shards' spec."""
+    if cfg.val_data:
+        return f"--val_data {cfg.val_data}"
+    spec = ", ".join(cfg.val_shards)
+    return spec if len(spec) <= 60 else spec[:57] + "..."
 
 
 def saved_options(saved: dict) -> dict:
@@ -135,8 +142,9 @@ class FinetuneRun:
         if self.saved is not None:  # before anything of this run is written
             check_resume_compatible(saved_options(self.saved["config"]), to_dict(cfg), RESUME_KEYS, where=str(self.out))
         model = self.task.prepare(model, acc)
-        self.cfg = cfg = resolve_folders(cfg, folders, log=lambda m: print(m, flush=True) if acc.is_main_process
-                                         else None)
+        cfg, self.held_out = resolve_folders(cfg, folders, log=lambda m: print(m, flush=True) if acc.is_main_process
+                                             else None)
+        self.cfg = cfg
         set_seed(cfg.seed + acc.process_index)  # mixup / drop path differ per rank
         self.train_loader, self.val_loader = self.task.loaders(cfg, acc, self.num_classes)
         self.teacher = self.task.teacher(cfg, self.num_classes, acc)
@@ -208,7 +216,7 @@ class FinetuneRun:
         names = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "") if names else "no names"
         log(f"classes: {self.num_classes} ({names}); held-out: "
             + (f"{', '.join(cfg.val_shards)}" if self.val_loader is not None else "none (no top-1; pass --val_shards, "
-               "or --data with --val_fraction)"))
+               "or --data with --val_fraction > 0)"))
         log(f"model: {cfg.model}{' linear probe' if cfg.linear_probe else ''}, {n_train / 1e6:.2f}M trainable "
             f"params, init {cfg.init or 'scratch'}; device {acc.device}, {acc.num_processes} process(es), mixed "
             f"precision {acc.mixed_precision}")
@@ -240,13 +248,17 @@ class FinetuneRun:
         (``beit.runtime.stopping``) ends it after a step with that step's checkpoint (mid-epoch, even at an
         epoch's last step: the resumed run then evaluates and saves that epoch's end as this one would have)."""
         from beit.engines.finetune import new_epoch_sums, train_one_epoch
+        from beit.runtime.estimate import TimeEstimate
         from beit.runtime.run_logging import data_error_metrics
 
         cfg, acc = self.cfg, self.accelerator
         self.results, self.train_stats = {}, {}
         epoch = self.start_epoch
+        estimate = TimeEstimate(self.total_steps, self.logger.info,
+                                extra=", plus the held-out evaluations" if self.val_loader is not None else "")
 
         def on_step(s: int, metrics: dict) -> None:
+            estimate(s)
             if s % cfg.log_every == 0 or s == self.total_steps:
                 self.logger.log(metrics, step=s)
             if s % cfg.checkpoint_every == 0 and s % self.steps_per_epoch:  # epoch ends save after their evaluation
@@ -291,7 +303,8 @@ class FinetuneRun:
         if acc.is_main_process:
             final = {k: v for k, v in results.items() if not k.endswith("confusion")}
             final.update(step=step, epochs=cfg.epochs, num_classes=self.num_classes, class_names=self.class_names,
-                         train_loss=self.train_stats.get("train_loss"), held_out=self.val_loader is not None)
+                         train_loss=self.train_stats.get("train_loss"), held_out=self.val_loader is not None,
+                         held_out_set=self.held_out if self.val_loader is not None else "")
             if "confusion" in results:
                 (out / "confusion.json").write_text(json.dumps(results["confusion"]))
             (out / "final.json").write_text(json.dumps(final, indent=1))

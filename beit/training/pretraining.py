@@ -75,7 +75,7 @@ def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
         if cache is not None:
             shards = expand_shards(str(Path(cfg.token_cache) / "cache-*.tar"))
         elif cfg.data:  # listed and checked now, written by folder_inputs once every check has passed
-            folder = cfg.folder_plan(labelled=False, val_fraction=cfg.val_fraction, seed=cfg.seed)
+            folder = cfg.data_plan()
             shards = []
         else:
             shards = expand_shards(cfg.train_shards, allow_remote=cfg.allow_remote_shards)
@@ -255,8 +255,9 @@ class PretrainRun:
                 cfg, len(self.loader), inputs.grad_accum_steps, log=main_print)
         except ValueError as e:
             raise SetupError(str(e)) from None
-        if acc.is_main_process:  # every start-up check has passed
-            save_config(cfg, self.out / "config.yaml")
+        if acc.is_main_process:  # every start-up check has passed; --data's held-out shards saved for `beit viz`
+            save_config(dataclasses.replace(cfg, val_shards=inputs.val_shards) if inputs.folder is not None else cfg,
+                        self.out / "config.yaml")
         acc.wait_for_everyone()
         self.schedule = create_schedule(cfg.lr_schedule, optimizer, lr=cfg.lr, min_lr=cfg.min_lr,
                                         total_steps=self.total_steps, warmup_steps=self.warmup,
@@ -304,7 +305,7 @@ class PretrainRun:
         for line in data_summary(self.loader, cfg.batch_size, acc.num_processes) + [cfg.describe_workers()]:
             log(line)
         log(f"held-out: {len(self.inputs.val_shards)} shard(s), scored at the end" if self.inputs.val_shards else
-            "held-out: none (no masked-token score at the end; pass --val_shards, or --data with --val_fraction)")
+            "held-out: none (no masked-token score at the end; pass --val_shards, or --data with --val_fraction > 0)")
         log(f"outputs: {self.out}/ (config.yaml, metrics.jsonl, checkpoints/ every {cfg.checkpoint_every} steps, "
             "final_metrics.json, pretrained.safetensors)")
         if latest:
@@ -340,12 +341,16 @@ class PretrainRun:
         ``stop`` (``beit.runtime.stopping``) ends it after a step with that step's checkpoint."""
         from beit.engines.knn import build_knn_health
         from beit.engines.pretrain import train_one_epoch
+        from beit.runtime.estimate import TimeEstimate
         from beit.runtime.run_logging import data_error_metrics
 
         cfg, acc, state, loader, meter = self.cfg, self.accelerator, self.state, self.loader, self.meter
         self.health = health = build_knn_health(cfg, acc, self.logger, self.total_steps)
+        estimate = TimeEstimate(self.total_steps, self.logger.info,
+                                extra=", plus the held-out evaluation" if self.inputs.val_shards else "")
 
         def after_step(st) -> None:
+            estimate(st.step)
             if health is not None:
                 health(acc.unwrap_model(self.model), st.step)
             self.checkpoint(st)
@@ -376,7 +381,7 @@ class PretrainRun:
         from beit.checkpoints.checkpointing import save_weights
         from beit.data.loading.data_stats import describe_reads
         from beit.data.pipelines.pretraining import build_mim_loader
-        from beit.engines.pretrain import evaluate_mim
+        from beit.engines.pretrain import evaluate_mim, learning_of
         from beit.runtime.run_logging import data_error_metrics
 
         cfg, acc, state, out = self.cfg, self.accelerator, self.state, self.out
@@ -409,6 +414,7 @@ class PretrainRun:
         last = self.logger.last_logged
         summary.update({f"train/{k}": last[k] for k in ("loss", "mim_acc", "majority_acc", "cls_pt_loss",
                                                          "cls_pt_mim_acc") if k in last})
+        summary.update(learning_of(summary, last))
         if acc.is_main_process:
             (out / "final_metrics.json").write_text(json.dumps(summary, indent=1))
         cls_pt = f" (CLS-pretraining branch {last['cls_pt_mim_acc']:.3f})" if "cls_pt_mim_acc" in last else ""
@@ -421,5 +427,7 @@ class PretrainRun:
         reads = describe_reads(summary, cfg.image_size)
         if reads:
             self.logger.info(reads)
+        for warning in summary.get("warnings", []):
+            self.logger.info(f"warning: {warning}")
         acc.end_training()
         return summary

@@ -11,6 +11,10 @@ A set's folder name is its key: ``<folder name>-<path hash>-<images|labelled>-<s
 folder for pretraining and for fine-tuning live side by side; ``content`` hashes every image's
 relative path, size and mtime and the class map, so a changed folder gets a new set.
 
+The held-out part (``hold_out``) is split per sub-folder, each shuffled by the seed and its name, so a folder
+of class folders holds out the same images listed with labels (fine-tuning) or without (the tokenizer,
+pretraining): no stage of one folder trains on the images another stage is scored on.
+
 Nothing in use is deleted. A run holds a shared lock (``<cache>/.locks/<set>.lock``) on the set it
 reads until it exits. A conversion holds the set's exclusive lock, builds it in a hidden
 ``.<set>.tmp<pid>`` folder and moves it into place only when complete; a failed or interrupted
@@ -40,6 +44,9 @@ from beit.data.storage.shard_writer import Item
 
 DEFAULT_CACHE = os.environ.get("BEIT_CACHE", str(Path.home() / ".cache" / "beit" / "shards"))
 CACHE_VERSION = 2
+SPLIT_RULE = 2          # per sub-folder, each seeded by its name (1: one seeded shuffle over the labels)
+MIN_SPLIT_IMAGES = 10   # smaller folders hold nothing out
+MAX_HELD_OUT = 5000     # a large folder holds out at most this many images
 LOCKS = ".locks"
 INFO = "cache.json"
 _HELD: dict[str, IO] = {}  # set folder -> its lock file, shared-locked until this process exits
@@ -55,12 +62,15 @@ class FolderShards:
     classes: list[str] | None
     reused: bool
     skipped: tuple[str, ...] = ()   # the unreadable files left out
+    held_out: str = ""              # the held-out rule, or why nothing was held out
+    val_images: int = 0             # held out (written)
 
     def describe(self) -> str:
         what = f"{self.images} images" + (f" in {len(self.classes)} classes" if self.classes else "")
         if self.skipped:
             what += f" ({len(self.skipped)} unreadable file(s) left out, listed in {self.directory / MANIFEST_NAME})"
-        return f"{what}, {'reused' if self.reused else 'written to'} {self.directory}"
+        held = f"{self.val_images} held out ({self.held_out})" if self.val_images else self.held_out
+        return f"{what}, {'reused' if self.reused else 'written to'} {self.directory}" + (f"; {held}" if held else "")
 
 
 def fingerprint(files: list[Path], root: Path, options: dict) -> str:
@@ -129,6 +139,7 @@ class FolderPlan:
     content: str
     splits: list[tuple[str, list[Item]]]
     label_map: dict[str, int] | None
+    held_out: str = ""            # what the held-out split is, or why there is none
 
     @property
     def directory(self) -> Path:
@@ -226,17 +237,17 @@ class FolderPlan:
 
     def _result(self, reused: bool, log) -> FolderShards:
         target = self.directory
-        images, skipped = 0, []
+        images, skipped, counts = 0, [], {}
         for prefix, part in self.splits:
-            n, gone = written_counts(target, prefix)
-            images += n
+            counts[prefix], gone = written_counts(target, prefix)
+            images += counts[prefix]
             skipped += [s.get("path", s["key"]) for s in gone]
         if skipped and not reused:
             log(f"warning: {len(skipped)} unreadable file(s) of {self.root} left out (listed in "
                 f"{target / MANIFEST_NAME}): " + ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else ""))
-        has_val = any(p == "val" for p, _ in self.splits)
+        has_val = "val" in counts
         return FolderShards(str(target / "train-*.tar"), str(target / "val-*.tar") if has_val else "", target,
-                            images, self.classes, reused, tuple(skipped))
+                            images, self.classes, reused, tuple(skipped), self.held_out, counts.get("val", 0))
 
 
 def plan_folder(folder: str | Path, *, labelled: bool, val_fraction: float = 0.0, seed: int = 0,
@@ -244,7 +255,7 @@ def plan_folder(folder: str | Path, *, labelled: bool, val_fraction: float = 0.0
     """List and check ``folder`` (see the module docstring); writes nothing. ``labelled`` needs one
     sub-folder per class (``label_map``: use these labels, e.g. the training folder's, for a held-out folder)."""
     from beit.data.storage.shard_sources import list_folder, list_imagenet
-    from beit.data.storage.shard_writer import check_unique_keys, split_items
+    from beit.data.storage.shard_writer import check_unique_keys
 
     root = Path(folder).expanduser().resolve()
     if not root.is_dir():
@@ -264,17 +275,41 @@ def plan_folder(folder: str | Path, *, labelled: bool, val_fraction: float = 0.0
     else:
         items, label_map, _ = list_folder(root)
     check_unique_keys(items)
-    splits = [("train", items)]
-    if val_fraction > 0:
-        train, val = split_items(items, val_fraction, seed)
-        splits = [("train", train), ("val", val)]
-    settings = {"labelled": labelled, "val_fraction": val_fraction, "seed": seed, "key_rule": KEY_RULE}
+    splits, held_out = hold_out(items, val_fraction, seed)
+    settings = {"labelled": labelled, "val_fraction": val_fraction, "seed": seed, "key_rule": KEY_RULE,
+                "split_rule": SPLIT_RULE}
     settings_key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:6]
     content = fingerprint([Path(it.image) for it in items], root, {"label_map": label_map})
     where = hashlib.sha256(str(root).encode()).hexdigest()[:6]  # two folders may share a name
     name = f"{root.name or 'data'}-{where}-{'labelled' if labelled else 'images'}-{settings_key}-{content}"
     cache_root = Path(cache or DEFAULT_CACHE).expanduser().resolve()
-    return FolderPlan(root, cache_root, name, settings, content, splits, label_map)
+    return FolderPlan(root, cache_root, name, settings, content, splits, label_map, held_out)
+
+
+def top_folder(item: Item) -> str:
+    """The first folder of an item's key, its relative path ('' for a file at the top): its class folder."""
+    return item.key.split("/", 1)[0] if "/" in item.key else ""
+
+
+def hold_out(items: list[Item], fraction: float, seed: int) -> tuple[list[tuple[str, list[Item]]], str]:
+    """The folder's splits and the held-out rule (or why nothing is held out): ``fraction`` of every sub-folder's
+    images, at least one of every sub-folder with two or more, each sub-folder shuffled by ``seed`` and its name,
+    at most MAX_HELD_OUT in all; a folder of fewer than MIN_SPLIT_IMAGES images holds nothing out."""
+    from beit.data.storage.shard_writer import split_items
+
+    if fraction <= 0:
+        return [("train", items)], ""
+    if len(items) < MIN_SPLIT_IMAGES:
+        return [("train", items)], (f"nothing held out: {len(items)} image(s), a held-out split needs "
+                                    f"{MIN_SPLIT_IMAGES} (no held-out score; add images or pass held-out data)")
+    share = min(fraction, MAX_HELD_OUT / len(items))
+    try:
+        train, val = split_items(items, share, seed, group=top_folder)
+    except ValueError:  # every sub-folder holds a single image
+        return [("train", items)], ("nothing held out: every sub-folder holds one image (no held-out score; "
+                                    "pass held-out data)")
+    cap = f", at most {MAX_HELD_OUT}" if share < fraction else ""
+    return [("train", train), ("val", val)], f"{fraction:.0%} of each sub-folder{cap}, split seed {seed}"
 
 
 def folder_shards(folder: str | Path, *, labelled: bool, val_fraction: float = 0.0, seed: int = 0,

@@ -324,21 +324,23 @@ def auto_samples_per_shard(num_items: int, readers: int = 16, most: int = 1000) 
     return max(1, min(most, -(-num_items // readers)))
 
 
-def split_items(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+def split_items(items: list[Item], fraction: float, seed: int, group=None) -> tuple[list[Item], list[Item]]:
     """(train, val): a seeded split; per class (label) round(fraction x n) held out, at least one of
-    every class with two or more images, so every class is in both splits."""
+    every class with two or more images, so every class is in both splits. ``group`` (item -> name) splits
+    per named group instead, each shuffled by its own seed (``seed`` and the name), so a group's split does
+    not depend on the other groups: a folder's class folders split the same, listed with labels or without."""
     import random
-    by_label: dict = {}
+    by_group: dict = {}
     for it in sorted(items, key=lambda it: it.key):
-        by_label.setdefault(it.label, []).append(it)
+        by_group.setdefault(group(it) if group else it.label, []).append(it)
     train, val = [], []
     rng = random.Random(seed)
-    for label in sorted(by_label, key=lambda v: (v is None, v)):
-        group = by_label[label]
-        rng.shuffle(group)
-        k = min(len(group) - 1, max(1, round(fraction * len(group)))) if len(group) >= 2 else 0
-        val += group[:k]
-        train += group[k:]
+    for name in sorted(by_group, key=lambda v: (v is None, v)):
+        members = by_group[name]
+        (random.Random(f"{seed}:{name}") if group else rng).shuffle(members)
+        k = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) >= 2 else 0
+        val += members[:k]
+        train += members[k:]
     if not val:
         raise ValueError(f"--val_fraction {fraction}: {len(items)} image(s) leave none to hold out; add images or "
                          "set --val_fraction 0")
