@@ -102,6 +102,9 @@ def test_finetuning_takes_the_geometry_of_its_pretraining_and_pretraining_the_to
     pre = parse_config(PretrainConfig, ["--data", str(data), "--tokenizer_path", str(tmp_path / "tok")])
     assert (pre.image_size, pre.patch_size) == (32, 4)
     assert "patch 4 px: the tokenizer's 8x8 grid" in capsys.readouterr().out
+    student = parse_config(FinetuneConfig, ["--data", str(data), "--model", "mobilevit_xxs"])  # not a BEiT ViT
+    assert (student.image_size, student.epochs, student.embed_dim) == (224, 100, 0)
+    assert "fitted for classifying with the beit model only" in capsys.readouterr().out
 
 
 def test_every_stage_of_a_folder_holds_out_the_same_images_and_tiny_folders_none(tmp_path):

@@ -151,6 +151,10 @@ def tokenizer_grid(path: str) -> int:
 def fit_to_data(cfg, given: set[str], stage: str, plan, log=print):
     """``cfg`` with every recipe option that is not in ``given`` set from the recipe for ``plan``'s folder;
     the choice is printed with ``log``."""
+    if stage == "finetune" and (cfg.task != "classification" or cfg.model != "beit"):
+        log(f"recipe from the data: fitted for classifying with the beit model only; --task {cfg.task} --model "
+            f"{cfg.model} keeps the defaults and the options given")
+        return cfg
     facts = folder_facts(plan)
     values = STAGES[stage](facts, cfg)
     notes = []
