@@ -39,7 +39,8 @@ def test_small_images_get_the_compare_recipe_with_epochs_for_the_cpu(tmp_path, c
     said = capsys.readouterr().out
     assert (tok.input_size, tok.patch_size, tok.vocab_size) == (32, 8, 64)
     for cfg in (pre, ft):
-        assert {k: getattr(cfg, k) for k in MODEL} == MODEL and cfg.mixed_precision == "no" and cfg.num_workers == 0
+        assert {k: getattr(cfg, k) for k in MODEL} == MODEL and cfg.mixed_precision == "no"
+        assert (cfg.num_workers, cfg.threads) == (0, 1)  # the tiny model on a CPU: one thread, no loader worker
     assert (pre.batch_size, pre.lr, pre.mask_ratio, pre.epochs) == (64, PRETRAIN["lr"], 0.4, PRETRAIN["epochs"])
     assert (ft.batch_size, ft.layer_decay, ft.epochs) == (16, FINETUNE["layer_decay"], FINETUNE["epochs"])  # 29 images
     assert said.count("recipe from the data: 36 images (30 to train on), median shorter side 40 px, no GPU -> the "
@@ -58,7 +59,7 @@ def test_large_photo_sets_on_a_gpu_get_the_beit_b_recipe():
     pre = pretrain_values(big, PretrainConfig())
     assert (pre["image_size"], pre["patch_size"], pre["model_size"], pre["epochs"], pre["global_batch_size"]) == \
         (224, 16, "base", 800, 2048)
-    assert "num_workers" not in pre and "tokenizer" not in pre  # the machine's and the tokenizer file's
+    assert not {"num_workers", "threads", "tokenizer"} & set(pre)  # the machine's and the tokenizer file's
     ft = finetune_values(big, FinetuneConfig())
     assert (ft["epochs"], ft["layer_decay"], ft["global_batch_size"]) == (100, 0.65, 1024)
     assert data_recipe.tokenizer_values(big, None) == dict(input_size=224, patch_size=16, vocab_size=8192)
@@ -73,7 +74,8 @@ def test_flags_and_config_files_override_the_recipe_and_auto_recipe_false_keeps_
     assert (cfg.epochs, cfg.image_size, cfg.patch_size, cfg.lr, cfg.embed_dim) == (7, 64, 8, 0.002, 64)
     assert "given: --epochs, --image_size, --lr" in capsys.readouterr().out
     plain = parse_config(PretrainConfig, ["--data", str(data), "--auto_recipe", "false"])
-    assert (plain.image_size, plain.epochs, plain.model_size, plain.num_workers) == (224, 800, "base", -1)
+    assert (plain.image_size, plain.epochs, plain.model_size, plain.num_workers, plain.threads) == \
+        (224, 800, "base", -1, 0)
     assert "recipe" not in capsys.readouterr().out
     shards = parse_config(PretrainConfig, ["--train_shards", "x.tar"])  # shards: the defaults, no recipe
     assert (shards.image_size, shards.epochs) == (224, 800)

@@ -25,6 +25,7 @@ from beit.options.common import (
     LoaderOptions,
     PrecisionOptions,
     RunOptions,
+    ThreadOptions,
     TrainDataOptions,
 )
 from beit.tokenizers.train_data import CropSpec, build_view_loader
@@ -57,7 +58,7 @@ class TokenizerViewOptions(CropOptions):
 
 
 @dataclass
-class KMeansTrainConfig(TokenizerViewOptions, LoaderOptions, HeldOutOptions, DataRecipeOptions):
+class KMeansTrainConfig(ThreadOptions, TokenizerViewOptions, LoaderOptions, HeldOutOptions, DataRecipeOptions):
     RECIPE_STAGE = "tokenizer"
     out: str = field("runs/tokenizer/kmeans", help="output stem: writes OUT.safetensors + OUT.json")
     patch_size: int = field(8, help="patch side in px of the tokenizer view (one token per patch)")
@@ -73,6 +74,7 @@ class KMeansTrainConfig(TokenizerViewOptions, LoaderOptions, HeldOutOptions, Dat
     def validate(self) -> None:
         self.check_train_data()
         self.check_workers()
+        self.check_threads()
         check_grid("kmeans", self.input_size, self.patch_size, self.model_grid, "patch_size")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError("crop_scale_min must be in (0, 1]")
@@ -149,6 +151,7 @@ def _fit_kmeans(cfg: KMeansTrainConfig, run_dir: Path, latest: Path | None, stop
     from beit.checkpoints.checkpointing import load_tensor_checkpoint, save_tensor_checkpoint
     from beit.tokenizers.kmeans import KMeansFit
 
+    cfg.apply_threads()
     loader = build_view_loader(cfg.train_shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
                                cfg.batch_size, seed=cfg.seed, num_workers=cfg.loader_workers,
                                max_bad_fraction=cfg.max_bad_fraction, **cfg.shard_source())

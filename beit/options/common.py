@@ -13,8 +13,8 @@ section's text. Old names a section replaced are in its ``DEPRECATED`` map (they
   the above but the recipe, plus epoch length, data order, the memory cache);
 * ``ModelOptions``: the encoder's size; ``TokenizerOptions``: which frozen tokenizer, from where;
 * ``RunOptions``: the run folder, seed, checkpoints, logging; ``TrackerOptions``: where metrics go;
-* ``PrecisionOptions``: mixed precision; ``DeviceOptions``: the device of a command without a launcher;
-  ``OptimOptions``: batch, epochs, lr schedule, AdamW.
+* ``PrecisionOptions``: mixed precision; ``ThreadOptions``: CPU threads; ``DeviceOptions``: the device of a
+  command without a launcher; ``OptimOptions``: batch, epochs, lr schedule, AdamW.
 """
 from __future__ import annotations
 
@@ -278,6 +278,21 @@ class RunOptions(Options):
 @dataclass
 class TrackerOptions(Options):
     tensorboard: bool = field(True, help="also log to TensorBoard (output_dir/tensorboard)")
+
+
+@dataclass
+class ThreadOptions(Options):
+    threads: int = field(0, help="torch intra-op CPU threads per process (0: torch's default, one per core; 1 is "
+                                 "fastest for tiny models on a shared CPU: the recipe from the data picks it there)")
+
+    def check_threads(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0: torch's default), got {self.threads}")
+
+    def apply_threads(self) -> None:
+        if self.threads:
+            import torch
+            torch.set_num_threads(self.threads)
 
 
 @dataclass

@@ -82,10 +82,12 @@ def small_epochs(train_images: int, batch: int, processes: int, steps: int, most
     return max(1, min(most, round(steps / per_epoch)))
 
 
-def loader(facts: FolderFacts) -> dict:
-    """Small images on a CPU are read in the training process: a worker process competes with the step for
-    the same cores (docs/compare.md: 120 steps in 25 s without a worker, 31 s with one, on a busy 2-core machine)."""
-    return {} if facts.gpu else {"num_workers": 0}
+def cpu_use(facts: FolderFacts) -> dict:
+    """The small model on a CPU: one intra-op thread, and the images read in the training process. Its matrices are
+    too small to gain from a second thread, and on shared cores the threads wait for each other (60 pretraining
+    steps of the digits recipe: 10 s with one thread, 80 s with two, on a busy 2-core machine); a loader worker
+    competes with the step for the same cores (docs/compare.md: 120 steps in 25 s without one, 31 s with one)."""
+    return {} if facts.gpu else {"threads": 1, "num_workers": 0}
 
 
 def beit_b(stage: str) -> dict:
@@ -101,7 +103,7 @@ def tokenizer_values(facts: FolderFacts, cfg) -> dict:
     if facts.large:
         return dict(input_size=224, patch_size=16, vocab_size=8192)
     from beit.compare.recipe import MODEL, TOKENIZER
-    return dict(TOKENIZER, input_size=MODEL["image_size"], patch_size=MODEL["patch_size"])
+    return dict(TOKENIZER, input_size=MODEL["image_size"], patch_size=MODEL["patch_size"], **cpu_use(facts))
 
 
 def training_values(stage: str, facts: FolderFacts, steps_on_cpu: int) -> dict:
@@ -110,7 +112,7 @@ def training_values(stage: str, facts: FolderFacts, steps_on_cpu: int) -> dict:
         return beit_b(stage)
     from beit.compare import recipe
     small = getattr(recipe, stage.upper())
-    values = {**recipe.MODEL, **{k: v for k, v in small.items() if k not in RUN_KEYS}, **loader(facts)}
+    values = {**recipe.MODEL, **{k: v for k, v in small.items() if k not in RUN_KEYS}, **cpu_use(facts)}
     values["epochs"] = small_epochs(facts.train_images, values["batch_size"], facts.processes, steps_on_cpu,
                                     small["epochs"], facts.gpu)
     return values
@@ -195,5 +197,6 @@ def describe_choice(stage: str, cfg) -> str:
             f"ViT {cfg.embed_dim} wide x {cfg.depth} blocks ({cfg.num_heads} heads)" if cfg.embed_dim
             else f"ViT {cfg.model_size}")
     batch = f"global batch {cfg.global_batch_size}" if cfg.global_batch_size else f"batch {cfg.batch_size}"
+    threads = f", {cfg.threads} CPU thread(s)" if cfg.threads else ""
     return (f"{cfg.image_size} px images, {cfg.patch_size} px patches, {size}, {cfg.epochs} epochs, {batch}, "
-            f"lr {cfg.lr:g}, precision {cfg.mixed_precision}")
+            f"lr {cfg.lr:g}, precision {cfg.mixed_precision}{threads}")

@@ -15,6 +15,7 @@ from beit.options.common import (
     OptimOptions,
     PrecisionOptions,
     RunOptions,
+    ThreadOptions,
     TrackerOptions,
 )
 from beit.tasks import TASKS, describe_tasks
@@ -26,8 +27,9 @@ TaskName = Literal[TASKS]  # a new registered task is a choice at once
 
 
 @dataclasses.dataclass
-class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptions, TrackerOptions, PrecisionOptions,
-                     OptimOptions, ModelOptions, ClassificationAugmentOptions, DataOptions, DataRecipeOptions):
+class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptions, TrackerOptions, ThreadOptions,
+                     PrecisionOptions, OptimOptions, ModelOptions, ClassificationAugmentOptions, DataOptions,
+                     DataRecipeOptions):
     """Shared sections (beit.options.common, the augmentation's in beit.data.pipelines, each task's beside it in
     beit.tasks) first, then fine-tuning's own options."""
     RECIPE_PREFIX = "finetune_"
@@ -97,6 +99,7 @@ class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptio
         backbone_for(self.model).check_finetune(self)
         self.check_optim()
         self.check_run()
+        self.check_threads()
         self.check_data()
         self.check_augment()
         if self.epochs < 1:

@@ -13,6 +13,7 @@ from beit.options.common import (
     OptimOptions,
     PrecisionOptions,
     RunOptions,
+    ThreadOptions,
     TokenizerOptions,
     TrackerOptions,
 )
@@ -26,8 +27,8 @@ REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 
 @dataclass
-class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions, TokenizerOptions, ModelOptions,
-                     AugmentOptions, DataOptions, DataRecipeOptions):
+class PretrainConfig(RunOptions, TrackerOptions, ThreadOptions, PrecisionOptions, OptimOptions, TokenizerOptions,
+                     ModelOptions, AugmentOptions, DataOptions, DataRecipeOptions):
     """Shared sections (beit.options.common) first, then pretraining's own options."""
     RECIPE_PREFIX = "pretrain_"
     RECIPE_STAGE = "pretrain"
@@ -123,6 +124,7 @@ class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions,
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         self.check_optim()
         self.check_run()
+        self.check_threads()
         self.check_data("--token_cache" if self.token_cache else "")
         if bool(self.knn_train_shards) != bool(self.knn_val_shards):
             raise ValueError("the kNN health metric needs both knn_train_shards and knn_val_shards (labelled); "

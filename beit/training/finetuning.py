@@ -21,6 +21,7 @@ def run_finetuning(cfg: FinetuneConfig) -> dict:
     from beit.runtime.run_lock import end_with_launcher, open_run
     from beit.runtime.stopping import stop_signals
 
+    cfg.apply_threads()
     end_with_launcher()
     with stop_signals() as stop, open_run(cfg.output_dir, resume=cfg.resume) as latest:
         run = FinetuneRun(cfg, latest)        # data, classes, the task's model, optimizer, loaders, resume checks

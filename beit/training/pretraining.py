@@ -23,6 +23,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     from beit.runtime.stopping import stop_signals
 
     cfg = dataclasses.replace(cfg, tokenizer=cfg.tokenizer_kind())
+    cfg.apply_threads()
     end_with_launcher()
     with stop_signals() as stop:                      # SIGTERM/SIGINT/SIGUSR1: checkpoint at the step, then stop
         inputs = check_inputs(cfg, world_size())      # every input checked, nothing written, no compute
