@@ -120,7 +120,6 @@ class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptio
             raise ValueError("--global_pool and --layer_norm_eps are BEiT encoder settings (--model beit); a timm "
                              "model keeps its own")
 
-
     def data_plan(self):
         """--data as fine-tuning trains on it: class folders (per the task), holding out --val_fraction unless
         --val_data / --val_shards name the held-out data."""
