@@ -416,18 +416,29 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     """Defaults < ``--config`` YAML files < command-line flags. Errors exit with a clear message."""
     parser = build_parser(cls, description)
     ns = parser.parse_args(argv)
+    given: set[str] = set()  # the options set by a --config file or a flag
     try:
         cfg = cls()
         for path in ns.config:
             cfg = load_yaml(cls, path, base=cfg)
+            renamed = aliases(cls, "DEPRECATED")
+            given |= {renamed.get(k, k) for k in yaml.safe_load(resolve_recipe(
+                str(path), getattr(cls, "RECIPE_PREFIX", "")).read_text()) or {}}
         raw_values = {k.split(":", 1)[1] if k.startswith("alias:") else k: v for k, v in vars(ns).items()
                       if k != "config"}
         raw_values = apply_aliases(cls, raw_values, "command line")
         hints = _type_hints(cls)
         overrides = {k: _flag_value(v, hints.get(k)) for k, v in raw_values.items()}
         cfg = from_dict(cls, overrides, base=cfg, source="command line")
+        given |= set(overrides)
     except ConfigError as e:
         parser.error(str(e))
+    fit = getattr(cfg, "fit_to_data", None)  # options not given, fitted to a --data folder (beit.options.data_recipe)
+    if callable(fit):
+        try:
+            cfg = fit(given)
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(str(e))
     validate = getattr(cfg, "validate", None)
     if callable(validate):
         try:

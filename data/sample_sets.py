@@ -133,3 +133,25 @@ def build_sample_shards(out_dir: str | Path, kind: str, *, progress: bool = Fals
         paths += write_shards(items, out_dir, prefix=split, opts=opts, label_map=label_map,
                               source=f"beit.data.samples:{kind}/{split}", overwrite=True, progress=progress)
     return paths
+
+
+def write_class_folders(out_dir: str | Path, kind: str) -> int:
+    """A sample set as a folder of class folders, as a user's labelled images would be: ``digits`` (all 1,797
+    digits, 32 px PNG, ``<digit>/digit_NNNN.png``) or ``photos`` (the 1,326 training crops of the photographs,
+    96-160 px JPEG, one folder per photograph). Returns the number of images written."""
+    out = Path(out_dir)
+    if kind == "digits":
+        items = [it for split in digit_items().values() for it in split]
+        named = [(str(it.label), it) for it in items]
+    elif kind == "photos":
+        splits = photo_items()
+        name_of = {it.key: it.key.rsplit("_s", 1)[0] for split in splits.values() for it in split}
+        both = {name_of[it.key] for it in splits["train"]} & {name_of[it.key] for it in splits["val"]}
+        named = [(name_of[it.key], it) for it in splits["train"] if name_of[it.key] in both]
+    else:
+        raise ValueError(f"unknown sample kind {kind!r}; choose 'photos' or 'digits'")
+    for name, it in named:
+        path = out / name / f"{it.key}.{it.ext}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(it.image)
+    return len(named)

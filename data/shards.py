@@ -21,9 +21,16 @@ from pathlib import Path
 from typing import Literal
 
 from beit.config import Options, field, parse_config
+from beit.data.storage.shard_format import written_counts
 from beit.data.storage.shard_sources import list_ade20k, list_filelist, list_folder, list_imagenet, load_label_map
 from beit.data.storage.shard_verify import verify_folder
-from beit.data.storage.shard_writer import WriteOptions, auto_samples_per_shard, split_items, write_shards
+from beit.data.storage.shard_writer import (
+    WriteOptions,
+    auto_samples_per_shard,
+    check_unique_keys,
+    split_items,
+    write_shards,
+)
 
 
 @dataclass
@@ -98,6 +105,7 @@ def run_write(cfg: WriteConfig) -> list[str]:
         items, label_map, skipped = list_ade20k(cfg.source, cfg.split)
     else:
         items, label_map, skipped = list_filelist(cfg.source, lm)
+    check_unique_keys(items)  # across the splits too, before anything is created
     out = Path(cfg.out)
     prefix = cfg.prefix or cfg.split or "train"
     source = f"{cfg.layout}:{Path(cfg.source).resolve()}" + (f"/{cfg.split}" if cfg.split else "")
@@ -111,7 +119,9 @@ def run_write(cfg: WriteConfig) -> list[str]:
                                source=source + (f"#{name}" if len(parts) > 1 else ""), workers=cfg.workers,
                                resume=cfg.resume, overwrite=cfg.overwrite, progress=cfg.progress,
                                pre_skipped=part_skipped)
-        print(f"wrote {len(written)} shard(s), {len(part)} image(s) as {out}/{name}-*.tar")
+        samples, skipped = written_counts(out, name)
+        print(f"wrote {len(written)} shard(s), {samples} image(s) as {out}/{name}-*.tar" + (
+            f" ({len(skipped)} unreadable input(s) skipped, listed in {out / 'manifest.json'})" if skipped else ""))
         paths += written
     if label_map is not None:
         (out / "class_index.json").write_text(json.dumps(label_map, indent=1, sort_keys=True) + "\n")

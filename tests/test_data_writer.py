@@ -92,7 +92,7 @@ def test_ade20k_pairs_and_file_list(tmp_path):
                         "--split", "training", "--resize", "40", "--progress", "false"]) == 0
     m = json.loads((out / "manifest.json").read_text())
     assert m["num_samples"] == 3 and m["shards"][0]["name"] == "training-000000.tar"
-    assert [x["key"] for x in m["writes"]["training"]["skipped"]] == ["ADE_3"]
+    assert [x["key"] for x in m["writes"]["training"]["skipped"]] == ["ADE_3_jpg"]  # keys keep the extension
     from beit.data.storage.shard_verify import verify_folder
     reports, problems = verify_folder(out)
     assert problems == [] and all(r.ok for r in reports)  # seg resized with the image (40x30)

@@ -1,8 +1,15 @@
-"""The README's "Using it on your data" commands, read out of its first code block and run verbatim
-(bash, the installed ``beit`` command) on folders of real JPEGs cut from the bundled photos: from
-images to a fine-tuned model that timm loads, with the class count and names from the folders; then the
-"Using the model" commands (``beit predict``, the exports) and its Python (timm, transformers, onnxruntime)
-on that model, verbatim."""
+"""The README's "Using it on your data" flow, its commands read out of the README and run verbatim (bash, the
+installed ``beit`` command):
+
+* at a real size, by ``launch/readme_flow.py`` on the 1,797 bundled digits written as class folders (``my_photos``
+  = ``my_labelled``), then its Python block loading the export with timm. Pretraining must beat the majority-token
+  baseline on the held-out images, fine-tuning logistic regression on the pixels of the same split, timm's own data
+  config must score the held-out images as the fine-tune did, and the three commands must finish within the time
+  the README states. (The 1,326 photo crops: ``launch/readme_flow.py --set photos``, measured in
+  docs/own_data.md.)
+* on small folders of real JPEGs cut from the bundled photos (separate unlabelled and labelled folders, nested
+  sub-folders), followed by the "Using the model" commands (``beit predict``, the exports) and its Python (timm,
+  transformers, onnxruntime) on that model, verbatim."""
 from __future__ import annotations
 
 import json
@@ -17,14 +24,52 @@ import numpy as np
 import pytest
 from PIL import Image
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from readme_flow import own_data_commands, own_data_python, stated_minutes  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 CLASSES = ("astronaut", "chelsea", "coffee")
 
 
-def own_data_block() -> str:
-    text = README.read_text()
-    section = text[text.index("## Using it on your data"):]
-    return re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+def test_the_block_gives_no_sizes_and_states_its_time():
+    commands = own_data_commands()
+    assert [c.split()[:3] for c in commands] == [["beit", "tokenizer", "train"], ["beit", "pretrain", "--data"],
+                                                 ["beit", "finetune", "--data"]]
+    for flag in ("--image_size", "--patch_size", "--epochs", "--vocab_size", "--batch_size", "--model_size"):
+        assert all(flag not in c for c in commands), flag  # the recipe from the data chooses them
+    assert stated_minutes() <= 15 and "resolve_data_config(model=model)" in own_data_python()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(int(stated_minutes() * 60) + 600)  # the commands' limit, then the baselines and timm's scoring
+def test_readme_flow_on_the_bundled_digits(tmp_path):
+    out = tmp_path / "flow"
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "readme_flow.py"), "--set", "digits", "--out", str(out)],
+                       capture_output=True, text=True, timeout=int(stated_minutes() * 60) + 540)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    result = json.loads((out / "flow.json").read_text())
+    logs = [(out / f"command{i}.log").read_text() for i in (1, 2, 3)]
+    assert result["images"] == 1797 and result["held_out"] == 359 and result["train_images"] == 1438
+    # the time the README states, for the three commands as printed
+    assert result["seconds"] <= result["stated_minutes"] * 60, result["commands"]
+    # pretraining learnt (held-out masked tokens beat the majority token, beyond noise); fine-tuning beat the pixels
+    pre = result["pretrain"]
+    assert pre["learning"] and pre["mim_acc"] > pre["majority_acc"] and not pre["warnings"], pre
+    assert result["finetune_top1"] >= result["logreg_pixels_top1"], result
+    # timm's own data config (README's Python block) scores the held-out digits as the fine-tune did
+    assert result["timm_images"] == 359 and result["timm_top1"] == pytest.approx(result["finetune_top1"], abs=1e-6)
+    # each command said what it chose; the long ones estimated their time; no warnings a user cannot act on
+    assert all("recipe from the data: 1,797 images (1,438 to train on), median shorter side 32 px" in log
+               for log in logs)
+    assert all("estimated time: " in log for log in logs[1:])
+    assert all("Warning" not in log and "DataLoader will create" not in log for log in logs)
+    assert "classes: 10 (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)" in logs[2] and "359 held out (20% of each sub-folder" in logs[2]
+    final = json.loads((out / "runs/mine/finetune/final.json").read_text())
+    assert final["held_out_set"] == "my_labelled: 20% of each sub-folder, split seed 0"
+    # one conversion per stage kind: the tokenizer's set is pretraining's (same held-out images), fine-tuning's beside
+    cached = sorted(p.name.split("-")[2] for p in (out / "cache").iterdir() if not p.name.startswith("."))
+    assert cached == ["images", "labelled"]
 
 
 def use_model_blocks() -> tuple[str, list[str]]:
@@ -72,7 +117,7 @@ def test_readme_own_data_commands_run_verbatim(tmp_path):
     import timm
     import torch
 
-    block = own_data_block()
+    block = "\n".join(own_data_commands())
     assert block.count("beit ") <= 4 and "my_photos" in block and "my_labelled" in block
     write_folders(tmp_path)
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -84,6 +129,7 @@ def test_readme_own_data_commands_run_verbatim(tmp_path):
     # the start-up summaries say what was found and what an epoch covers; the final summaries are there
     assert "every image once" in log and "classes: 3 (astronaut, chelsea, coffee)" in log
     assert "finished:" in log and "final: top-1" in log
+    assert "Warning" not in log and "DataLoader will create" not in log  # no library warnings the user cannot act on
     ft = tmp_path / "runs" / "mine" / "finetune"
     final = json.loads((ft / "final.json").read_text())
     assert final["num_classes"] == 3 and final["class_names"] == list(CLASSES)
@@ -92,8 +138,9 @@ def test_readme_own_data_commands_run_verbatim(tmp_path):
     conf = json.loads((ft / "model.json").read_text())
     model = timm.create_model(conf["timm_entrypoint"], pretrained=False, checkpoint_path=str(ft / "model.safetensors"),
                               **conf["model_kwargs"]).eval()
+    size = conf["pretrained_cfg"]["input_size"]  # the recipe's, fitted to these folders
     with torch.no_grad():
-        assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
+        assert model(torch.zeros(1, *size)).shape == (1, 3)
     # the folders were written into shards once; a rerun of the same folder reuses them
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
     assert len(cached) == 2 and any(n.startswith("my_photos-") for n in cached)

@@ -6,6 +6,7 @@ import math
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,6 +60,28 @@ def test_trains_writes_both_layouts_and_they_load(photos, tmp_path):
                        "--tokenizer_path", str(out), "--views_per_image", "2", "--model_grid", "4"]) == 0
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["token_cache"]["tokenizer"] == "vqkd" and manifest["num_samples"] == 222
+
+
+def test_a_data_folder_holds_out_the_images_every_other_stage_holds_out(photos, tmp_path):
+    """--data: VQ-KD reads the conversion the k-means tokenizer and pretraining of the folder read (split by
+    --split_seed, not by the run's --seed) and measures its codebook on that conversion's held-out part."""
+    from data_testutil import encode
+    from data_testutil import photo as picture
+
+    from beit.data.storage.folder_cache import written_counts
+    from beit.options.pretrain import PretrainConfig
+    from beit.tokenizers.vqkd_train import VQKDTrainConfig, check_inputs
+    folder, cache = tmp_path / "pics", tmp_path / "cache"
+    for c, name in enumerate(("ant", "bee")):
+        (folder / name).mkdir(parents=True)
+        for i in range(10):
+            (folder / name / f"{name}{i}.png").write_bytes(encode(picture(10 * c + i), "PNG"))
+    cfg = tiny_vqkd(photos, photos["teacher"], tmp_path / "run", train_shards=[], val_shards=[], data=str(folder),
+                    data_cache=str(cache), seed=7)
+    inputs = check_inputs(VQKDTrainConfig(**cfg), 1)
+    shared = PretrainConfig(data=str(folder), data_cache=str(cache)).data_plan().directory
+    assert inputs.val_shards and {str(Path(s).parent) for s in inputs.shards + inputs.val_shards} == {str(shared)}
+    assert written_counts(shared, "val")[0] == 4 and written_counts(shared, "train")[0] == 16  # 20% of each: 2 + 2
 
 
 def test_restarts_switch(photos, tmp_path):

@@ -19,7 +19,15 @@ import torch
 
 from beit.config import field, save_config, to_dict
 from beit.data.pipelines.transforms import CropOptions
-from beit.options.common import HeldOutOptions, LoaderOptions, PrecisionOptions, RunOptions, TrainDataOptions
+from beit.options.common import (
+    DataRecipeOptions,
+    HeldOutOptions,
+    LoaderOptions,
+    PrecisionOptions,
+    RunOptions,
+    ThreadOptions,
+    TrainDataOptions,
+)
 from beit.tokenizers.train_data import CropSpec, build_view_loader
 
 
@@ -50,7 +58,8 @@ class TokenizerViewOptions(CropOptions):
 
 
 @dataclass
-class KMeansTrainConfig(TokenizerViewOptions, LoaderOptions, HeldOutOptions, TrainDataOptions):
+class KMeansTrainConfig(ThreadOptions, TokenizerViewOptions, LoaderOptions, HeldOutOptions, DataRecipeOptions):
+    RECIPE_STAGE = "tokenizer"
     out: str = field("runs/tokenizer/kmeans", help="output stem: writes OUT.safetensors + OUT.json")
     patch_size: int = field(8, help="patch side in px of the tokenizer view (one token per patch)")
     epochs: int = field(3, help="mini-batch k-means passes over the shards")
@@ -64,6 +73,8 @@ class KMeansTrainConfig(TokenizerViewOptions, LoaderOptions, HeldOutOptions, Tra
 
     def validate(self) -> None:
         self.check_train_data()
+        self.check_workers()
+        self.check_threads()
         check_grid("kmeans", self.input_size, self.patch_size, self.model_grid, "patch_size")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError("crop_scale_min must be in (0, 1]")
@@ -99,6 +110,7 @@ class DVAETrainConfig(RunOptions, PrecisionOptions, TokenizerViewOptions, Loader
     def validate(self) -> None:
         self.check_choices()
         self.check_train_data()
+        self.check_workers()
         self.check_run()
         if self.downsample < 1 or self.downsample & (self.downsample - 1):
             raise ValueError(f"downsample must be a power of two, got {self.downsample}")
@@ -139,8 +151,9 @@ def _fit_kmeans(cfg: KMeansTrainConfig, run_dir: Path, latest: Path | None, stop
     from beit.checkpoints.checkpointing import load_tensor_checkpoint, save_tensor_checkpoint
     from beit.tokenizers.kmeans import KMeansFit
 
+    cfg.apply_threads()
     loader = build_view_loader(cfg.train_shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
-                               cfg.batch_size, seed=cfg.seed, num_workers=cfg.num_workers,
+                               cfg.batch_size, seed=cfg.seed, num_workers=cfg.loader_workers,
                                max_bad_fraction=cfg.max_bad_fraction, **cfg.shard_source())
     print(f"[kmeans] training data: {loader.describe()}" + "".join(f"\n[kmeans] note: {n}" for n in loader.notes))
     t0 = time.time()
@@ -223,7 +236,7 @@ def _train_dvae(cfg: DVAETrainConfig, stop):
     set_seed(cfg.seed)
     loader = build_view_loader(cfg.train_shards, CropSpec(cfg.input_size, cfg.interpolation, (cfg.crop_scale_min, 1.0)),
                                cfg.batch_size, seed=cfg.seed, rank=acc.process_index, world_size=acc.num_processes,
-                               num_workers=cfg.num_workers, max_bad_fraction=cfg.max_bad_fraction,
+                               num_workers=cfg.loader_workers, max_bad_fraction=cfg.max_bad_fraction,
                                **cfg.shard_source())
     if acc.is_main_process:
         print(f"[dvae] training data: {loader.describe()}" + "".join(f"\n[dvae] note: {n}" for n in loader.notes))

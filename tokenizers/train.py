@@ -34,13 +34,16 @@ def main(argv=None) -> int:
         return 0 if asked else 2
     cls, fn = COMMANDS[argv[0]]
     cfg = parse_config(cls, argv[1:], description=__doc__)
-    if cfg.data and not hasattr(cfg, "val_fraction"):  # vqkd reads --data itself (with its --val_fraction)
+    # the training part of the folder; its held-out part (the same as pretraining's) is scored. VQ-KD reads
+    # --data itself, after its checks
+    if cfg.data and cls is not VQKDTrainConfig:
         import dataclasses
 
         from beit.runtime.run_lock import main_print
-        found = cfg.folder_shards(labelled=False, log=main_print)
+        found = cfg.folder_shards(labelled=False, hold_out=not cfg.val_shards, log=main_print)
         main_print(f"--data {cfg.data}: {found.describe()}")
-        cfg = dataclasses.replace(cfg, data="", train_shards=found.train)
+        cfg = dataclasses.replace(cfg, data="", train_shards=[found.train], val_shards=cfg.val_shards or
+                                  ([found.val] if found.val else []))
     fn(cfg)
     return 0
 

@@ -129,8 +129,6 @@ class VQKDTrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions
         self.check_optim()
         self.check_run()
         self.check_data()
-        if self.val_fraction and not self.data:
-            raise ValueError("--val_fraction splits a --data folder; with shards pass --val_shards")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -192,7 +190,7 @@ def check_inputs(cfg: VQKDTrainConfig, world: int) -> VQKDInputs:
     try:
         cfg.validate()
         check_output_dir(cfg.output_dir)
-        found = cfg.folder_shards(labelled=False, val_fraction=cfg.val_fraction, seed=cfg.seed, log=main_print)
+        found = cfg.folder_shards(labelled=False, hold_out=not cfg.val_shards, log=main_print)
         if found is not None:
             main_print(f"--data {cfg.data}: {found.describe()}")
         shards = expand_shards(found.train if found else cfg.train_shards, allow_remote=cfg.allow_remote_shards)
@@ -286,7 +284,7 @@ class VQKDRun:
         try:  # the loader's start-up checks (worker split, empty shards) are bad input too
             self.loader = build_loader_for_order(
                 cfg.data_order, inputs.shards, map_fn=view_sample(cfg, train=True), batch_size=cfg.batch_size,
-                num_workers=cfg.num_workers, rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
+                num_workers=cfg.loader_workers, rank=acc.process_index, world_size=acc.num_processes, seed=cfg.seed,
                 shuffle_buffer=cfg.shuffle_buffer, batches_per_epoch=cfg.batches_per_epoch or None,
                 allow_remote=cfg.allow_remote_shards, max_bad_fraction=cfg.max_bad_fraction,
                 small_image_size=cfg.input_size, labels=False, resampled=cfg.resampled, batch_multiple=accum,
@@ -305,7 +303,7 @@ class VQKDRun:
                                         weight_decay=cfg.weight_decay,
                                         warmup_start_lr=cfg.warmup_start_lr if self.warmup else 0.0)
         self.val_loader = (heldout_loader(inputs.val_shards, view_sample(cfg, train=False), acc,
-                                          batch_size=cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                                          batch_size=cfg.batch_size, num_workers=cfg.loader_workers, seed=cfg.seed,
                                           lazy_jpeg=True) if inputs.val_shards else None)
         if acc.is_main_process:  # every start-up check has passed
             save_config(cfg, self.out / "config.yaml")

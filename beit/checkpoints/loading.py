@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -209,6 +210,10 @@ def infer_beit_layout(sd: dict[str, torch.Tensor]) -> dict:
 
 
 # ------------------------------------------------------------------------------------- resizing
+# timm 1.0's RegularGridInterpolator (timm/layers/interpolate.py) triggers these on recent torch, once per process;
+# the results are checked by tests/test_finetune_loading.py.
+TIMM_RESIZE_WARNINGS = (r"torch\.searchsorted\(\): input value tensor is non-contiguous",
+                        r"Using a non-tuple sequence for multidimensional indexing is deprecated")
 def _resize_rel_table(table: torch.Tensor, window: tuple[int, int], target_shape: torch.Size,
                       key: str, source_window: tuple[int, int] | None) -> torch.Tensor:
     from timm.layers import resize_rel_pos_bias_table
@@ -216,8 +221,11 @@ def _resize_rel_table(table: torch.Tensor, window: tuple[int, int], target_shape
         raise CheckpointMismatchError(
             f"{key}: relative position table has {table.shape[-1]} heads, the model has {target_shape[1]}; "
             "build the model with the checkpoint's num_heads")
-    return resize_rel_pos_bias_table(table, new_window_size=tuple(window), new_bias_shape=tuple(target_shape),
-                                     old_window_size=source_window)
+    with warnings.catch_warnings():  # two torch warnings about timm's own interpolator code; nothing a user can change
+        for message in TIMM_RESIZE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+        return resize_rel_pos_bias_table(table, new_window_size=tuple(window), new_bias_shape=tuple(target_shape),
+                                         old_window_size=source_window)
 
 
 def _attn_modules(model: nn.Module) -> dict[str, nn.Module]:

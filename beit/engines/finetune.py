@@ -1,6 +1,7 @@
 """One fine-tuning epoch, evaluation (top-1 / top-5, confusion matrix) and its PNG."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -136,6 +137,11 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int) -> dict:
             "samples": int(n), "bad_samples": int(bad), "confusion": cm.tolist()}
 
 
+def title_lines(title: str, inches: float) -> str:
+    """``title`` wrapped to a figure ``inches`` wide (about 9 characters of the 10 pt title per inch)."""
+    return textwrap.fill(title, width=max(30, int(inches * 9)), break_on_hyphens=False)
+
+
 def save_confusion_png(matrix: list[list[int]], path: str | Path, class_names: list[str] | None = None,
                        title: str = "") -> Path:
     """Row-normalised confusion matrix (true class = row) with the counts written in each cell."""
@@ -159,7 +165,8 @@ def save_confusion_png(matrix: list[list[int]], path: str | Path, class_names: l
                             color="white" if frac[i, j] > 0.5 else "black")
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title or f"confusion matrix ({int(cm.sum())} samples, top-1 {np.trace(cm) / max(1, cm.sum()):.1%})")
+    title = title or f"confusion matrix ({int(cm.sum())} samples, top-1 {np.trace(cm) / max(1, cm.sum()):.1%})"
+    ax.set_title(title_lines(title, size), fontsize=10)
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     path = Path(path)

@@ -16,6 +16,7 @@ loader.
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import time
 from dataclasses import asdict, dataclass
@@ -148,6 +149,43 @@ class MimMeter:
             prefix = "" if branch == "mim" else f"{branch}_"
             out.update({f"{prefix}loss": loss_sum / n, f"{prefix}mim_acc": hits / n})
         return {**out, "majority_acc": float(hist.max()) / n, "tokens": int(n), "token_perplexity": _perplexity(hist)}
+
+
+MIN_LIFT = 0.01  # a lift over the majority baseline below one point is not learning either
+
+
+def learning_check(mim_acc: float, majority_acc: float, tokens: int, where: str) -> dict:
+    """Whether masked-token accuracy beats always predicting the most frequent token by more than its noise:
+    three standard errors of the baseline's rate over ``tokens`` masked tokens, and at least ``MIN_LIFT``. The
+    result (``learning``, the numbers and, when not learning, a ``warning`` that says what to change) goes
+    into the run's summary."""
+    noise = max(3 * math.sqrt(max(majority_acc * (1 - majority_acc), 1e-12) / max(tokens, 1)), MIN_LIFT)
+    out = {"learning": mim_acc - majority_acc > noise, "on": where, "mim_acc": mim_acc,
+           "majority_acc": majority_acc, "tokens": tokens, "noise": noise}
+    if not out["learning"]:
+        out["warning"] = (
+            f"pretraining did not learn: {where} masked-token accuracy {mim_acc:.3f} is within noise (+-{noise:.3f} "
+            f"over {tokens:,} masked tokens) of always predicting the most frequent token ({majority_acc:.3f}), so "
+            "the encoder has learnt nothing the tokens show and fine-tuning will gain little over training from "
+            "scratch. To change: train longer (--epochs); use tokens that say more about a patch (a larger "
+            "--vocab_size or smaller patches for the tokenizer; `beit tokenizer report` shows how much of the "
+            "images the most frequent token covers); or leave out the size flags, so the recipe fitted to the "
+            "data chooses them")
+    return out
+
+
+def learning_of(summary: dict, last_logged: dict) -> dict:
+    """The run summary's ``learning`` check (and ``warnings``): on the held-out score, else on the last logged
+    training window; {} when neither was measured."""
+    if "val/mim_acc" in summary:
+        check = learning_check(summary["val/mim_acc"], summary["val/majority_acc"], summary["val/tokens"], "held-out")
+    elif "mim_acc" in last_logged and last_logged.get("tokens"):
+        check = learning_check(last_logged["mim_acc"], last_logged["majority_acc"], int(last_logged["tokens"]),
+                               "training")
+    else:
+        return {}
+    warning = check.pop("warning", None)
+    return {"learning": check, **({"warnings": [warning]} if warning else {})}
 
 
 def _perplexity(hist: torch.Tensor) -> float:

@@ -5,20 +5,21 @@ fields from the last base first), so an option has the same name, unit and help 
 with another default re-declares the field with ``field(<default>)`` and no help: ``--help`` shows the
 section's text. Old names a section replaced are in its ``DEPRECATED`` map (they still work, with a warning).
 
-* ``TrainDataOptions``: the training images (shards or a folder) and, from ``ShardSourceOptions``, where shards
-  may come from (http(s), ``pipe:``), their manifest and the reconnects; ``HeldOutOptions``: held-out shards;
-  ``WorkerOptions``: loader workers; ``LoaderOptions``: those and the bad-sample budget; ``DataOptions``: the
-  training stream of pretraining and fine-tuning (all of the above, plus epoch length, data order, the memory cache,
-  the folder's
-  held-out part);
+* ``TrainDataOptions``: the training images (shards, or a folder and its held-out split, the same in every stage)
+  and, from ``ShardSourceOptions``, where shards may come from (http(s), ``pipe:``), their manifest and the
+  reconnects; ``DataRecipeOptions``: those and a recipe fitted to the folder (the k-means tokenizer, pretraining,
+  fine-tuning); ``HeldOutOptions``: held-out shards; ``WorkerOptions``: loader workers; ``LoaderOptions``: those
+  and the bad-sample budget; ``DataOptions``: the training stream of pretraining, fine-tuning and VQ-KD (all of
+  the above but the recipe, plus epoch length, data order, the memory cache);
 * ``ModelOptions``: the encoder's size; ``TokenizerOptions``: which frozen tokenizer, from where;
 * ``RunOptions``: the run folder, seed, checkpoints, logging; ``TrackerOptions``: where metrics go;
-* ``PrecisionOptions``: mixed precision; ``DeviceOptions``: the device of a command without a launcher;
-  ``OptimOptions``: batch, epochs, lr schedule, AdamW.
+* ``PrecisionOptions``: mixed precision; ``ThreadOptions``: CPU threads; ``DeviceOptions``: the device of a
+  command without a launcher; ``OptimOptions``: batch, epochs, lr schedule, AdamW.
 """
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -27,6 +28,22 @@ from beit.config import Options, field
 from beit.tokenizers import TOKENIZER_KINDS
 
 TokenizerKind = Literal[("auto", *TOKENIZER_KINDS)]  # a new registered tokenizer is a choice at once
+
+
+AUTO_WORKERS_MOST = 4
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, as torch's DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def auto_workers() -> int:
+    """Data loader workers for ``--num_workers -1``: one per available core, at most AUTO_WORKERS_MOST."""
+    return max(1, min(AUTO_WORKERS_MOST, available_cores()))
 
 
 @dataclass
@@ -65,6 +82,11 @@ class TrainDataOptions(ShardSourceOptions):
                                "it is unchanged")
     data_cache: str = field("", help="folder for the shards written from --data (default: $BEIT_CACHE or "
                                      "~/.cache/beit/shards)")
+    val_fraction: float = field(0.2, help="with --data: hold out this fraction of the images of each sub-folder "
+                                          "(seeded, at most 5000; a folder of fewer than 10 images holds none out) "
+                                          "for the end-of-run score, unless held-out data is given; the tokenizer, "
+                                          "pretraining and fine-tuning of one folder hold out the same images; 0: none")
+    split_seed: int = field(0, help="with --data: seed of the held-out split (the same in every stage by default)")
 
     def check_train_data(self, other_source: str = "") -> None:
         """Exactly one source of training images: --data, --train_shards (or ``other_source``, e.g. a token cache)."""
@@ -79,16 +101,56 @@ class TrainDataOptions(ShardSourceOptions):
         if self.manifest and not self.train_shards:
             raise ValueError(f"--manifest describes --train_shards; {given[0]} brings its own shards and manifest: "
                              "leave --manifest out")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
 
-    def folder_shards(self, *, labelled: bool, val_fraction: float = 0.0, seed: int = 0, log=print):
-        """``--data``'s folder as shards (written once into --data_cache; see beit.data.storage.folder_cache),
-        or None without --data."""
+    def folder_plan(self, *, labelled: bool, hold_out: bool = True, label_map=None):
+        """``--data``'s folder listed and checked, its held-out part (``--val_fraction``, ``--split_seed``; none
+        without ``hold_out``) chosen, nothing written yet (``.shards()`` writes it once into --data_cache and
+        holds it; see beit.data.storage.folder_cache), or None without --data."""
         if not self.data:
             return None
-        from beit.data.storage.folder_cache import folder_shards
+        from beit.data.storage.folder_cache import plan_folder
 
-        return folder_shards(self.data, labelled=labelled, val_fraction=val_fraction, seed=seed, cache=self.data_cache,
-                             log=log)
+        return plan_folder(self.data, labelled=labelled, val_fraction=self.val_fraction if hold_out else 0.0,
+                           seed=self.split_seed, cache=self.data_cache, label_map=label_map)
+
+    def folder_shards(self, *, labelled: bool, hold_out: bool = True, log=print):
+        """``--data``'s folder as shards (written once into --data_cache and held by this process), or None
+        without --data."""
+        plan = self.folder_plan(labelled=labelled, hold_out=hold_out)
+        return plan.shards(log=log) if plan is not None else None
+
+    def fit_to_data(self, given: set[str]):
+        """Called by ``parse_config`` with the options given by flags or --config: a split asked for without
+        --data is refused."""
+        split = sorted(given & {"val_fraction", "split_seed"}) if not self.data else []
+        if split:
+            raise ValueError(f"--{split[0]} splits a --data folder; with shards pass --val_shards")
+        return self
+
+
+@dataclass
+class DataRecipeOptions(TrainDataOptions):
+    """A stage that fits its options to a --data folder (beit.options.data_recipe); ``RECIPE_STAGE`` names it."""
+    RECIPE_STAGE = ""
+    auto_recipe: bool = field(True, help="with --data: every option not given on the command line or in --config "
+                                         "comes from a recipe fitted to the folder and the machine (printed at "
+                                         "start-up; beit.options.data_recipe); false: the stage's defaults")
+
+    def data_plan(self):
+        """The --data folder as this stage trains on it (listed, nothing written)."""
+        return self.folder_plan(labelled=False, hold_out=not getattr(self, "val_shards", None))
+
+    def fit_to_data(self, given: set[str]):
+        """Called by ``parse_config`` with the options given by flags or --config."""
+        super().fit_to_data(given)
+        if not self.data or not self.auto_recipe:
+            return self
+        from beit.options.data_recipe import fit_to_data
+        from beit.runtime.run_lock import main_print
+
+        return fit_to_data(self, given, self.RECIPE_STAGE, self.data_plan(), log=main_print)
 
 
 @dataclass
@@ -99,8 +161,25 @@ class HeldOutOptions(Options):
 
 @dataclass
 class WorkerOptions(Options):
-    num_workers: int = field(2, help="data loader worker processes per process (fewer when the shards do not allow "
-                                     "that many: the log says so)")
+    num_workers: int = field(-1, help="data loader worker processes per process (-1: min(4, the CPU cores this "
+                                      "process may use), stated at start-up; fewer when the shards do not allow that "
+                                      "many: the log says so)")
+
+    @property
+    def loader_workers(self) -> int:
+        """``num_workers`` with -1 resolved for this machine."""
+        return self.num_workers if self.num_workers >= 0 else auto_workers()
+
+    def describe_workers(self) -> str:
+        """The start-up line that says how many loader workers each process starts, and why."""
+        why = (f"--num_workers -1: min({AUTO_WORKERS_MOST}, {available_cores()} CPU core(s) this process may use)"
+               if self.num_workers < 0 else "--num_workers")
+        return f"data loader: {self.loader_workers} worker process(es) per process ({why})"
+
+    def check_workers(self) -> None:
+        if self.num_workers < -1:
+            raise ValueError(f"--num_workers must be >= 0, or -1 for one per available core (at most "
+                             f"{AUTO_WORKERS_MOST}), got {self.num_workers}")
 
 
 @dataclass
@@ -111,8 +190,6 @@ class LoaderOptions(WorkerOptions):
 
 @dataclass
 class DataOptions(LoaderOptions, HeldOutOptions, TrainDataOptions):
-    val_fraction: float = field(0.0, help="with --data: hold out this fraction of the images (seeded, stratified "
-                                          "by class) for the final evaluation; 0: none")
     resampled: bool = field(False, help="draw shards with replacement (per process and worker, seeded) instead of "
                                         "one pass over disjoint shards; for fewer shards than processes, or "
                                         "endless streams")
@@ -130,8 +207,7 @@ class DataOptions(LoaderOptions, HeldOutOptions, TrainDataOptions):
 
     def check_data(self, other_source: str = "") -> None:
         self.check_train_data(other_source)
-        if not 0 <= self.val_fraction < 1:
-            raise ValueError(f"--val_fraction must be in [0, 1), got {self.val_fraction}")
+        self.check_workers()
         if self.memory_cache_mb < 0:
             raise ValueError(f"--memory_cache_mb must be >= 0 (0: off), got {self.memory_cache_mb}")
         if self.resampled and self.data_order == "global":
@@ -202,6 +278,21 @@ class RunOptions(Options):
 @dataclass
 class TrackerOptions(Options):
     tensorboard: bool = field(True, help="also log to TensorBoard (output_dir/tensorboard)")
+
+
+@dataclass
+class ThreadOptions(Options):
+    threads: int = field(0, help="torch intra-op CPU threads per process (0: torch's default, one per core; 1 is "
+                                 "fastest for tiny models on a shared CPU: the recipe from the data picks it there)")
+
+    def check_threads(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0: torch's default), got {self.threads}")
+
+    def apply_threads(self) -> None:
+        if self.threads:
+            import torch
+            torch.set_num_threads(self.threads)
 
 
 @dataclass

@@ -8,7 +8,16 @@ from typing import ClassVar, Literal
 from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
 from beit.config import check_finite_numbers, field
 from beit.data.pipelines.labelled import ClassificationAugmentOptions
-from beit.options.common import DataOptions, ModelOptions, OptimOptions, PrecisionOptions, RunOptions, TrackerOptions
+from beit.options.common import (
+    DataOptions,
+    DataRecipeOptions,
+    ModelOptions,
+    OptimOptions,
+    PrecisionOptions,
+    RunOptions,
+    ThreadOptions,
+    TrackerOptions,
+)
 from beit.tasks import TASKS, describe_tasks
 from beit.tasks.classification import MixupOptions
 from beit.tasks.distillation import DistillOptions
@@ -18,17 +27,16 @@ TaskName = Literal[TASKS]  # a new registered task is a choice at once
 
 
 @dataclasses.dataclass
-class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptions, TrackerOptions, PrecisionOptions,
-                     OptimOptions, ModelOptions, ClassificationAugmentOptions, DataOptions):
+class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptions, TrackerOptions, ThreadOptions,
+                     PrecisionOptions, OptimOptions, ModelOptions, ClassificationAugmentOptions, DataOptions,
+                     DataRecipeOptions):
     """Shared sections (beit.options.common, the augmentation's in beit.data.pipelines, each task's beside it in
     beit.tasks) first, then fine-tuning's own options."""
     RECIPE_PREFIX = "finetune_"
+    RECIPE_STAGE = "finetune"
     DEPRECATED = {"img_size": "image_size"}  # the name pretraining and the other stages use
     RENAMED: ClassVar[dict] = {"save_every": "checkpoint_every, counted in optimizer steps (as in pretraining)"}
     # the shared options with fine-tuning's defaults (BEiT-B on ImageNet-1k)
-    val_fraction: float = field(0.2, help="with --data: hold out this fraction of the images per class (seeded) "
-                                          "for top-1 and the confusion matrix, unless --val_data or --val_shards "
-                                          "names held-out data; 0: none")
     lr: float = field(4e-3)
     output_dir: str = field("runs/finetune")
     log_every: int = field(10)
@@ -91,6 +99,7 @@ class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptio
         backbone_for(self.model).check_finetune(self)
         self.check_optim()
         self.check_run()
+        self.check_threads()
         self.check_data()
         self.check_augment()
         if self.epochs < 1:
@@ -110,6 +119,13 @@ class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptio
         if (self.global_pool or self.layer_norm_eps) and self.model != "beit":
             raise ValueError("--global_pool and --layer_norm_eps are BEiT encoder settings (--model beit); a timm "
                              "model keeps its own")
+
+    def data_plan(self):
+        """--data as fine-tuning trains on it: class folders (per the task), holding out --val_fraction unless
+        --val_data / --val_shards name the held-out data."""
+        from beit.tasks import get_task
+        return self.folder_plan(labelled=get_task(self.task).labelled_folders,
+                                hold_out=not (self.val_data or self.val_shards))
 
 
 RESUME_KEYS = ("model", "model_kwargs", "model_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size",

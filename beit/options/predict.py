@@ -28,9 +28,9 @@ class PredictConfig(DeviceOptions, WorkerOptions):
         if not self.model or not self.data:
             raise ValueError("--model and --data are required, e.g. beit predict --model runs/finetune "
                              "--data my_images/ --out predictions.csv")
-        if self.top_k < 1 or self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError(f"need --top_k >= 1, --batch_size >= 1 and --num_workers >= 0, got {self.top_k}, "
-                             f"{self.batch_size}, {self.num_workers}")
+        if self.top_k < 1 or self.batch_size < 1:
+            raise ValueError(f"need --top_k >= 1 and --batch_size >= 1, got {self.top_k}, {self.batch_size}")
+        self.check_workers()
         if not self.out.endswith(".csv"):
             raise ValueError(f"--out is the predictions CSV and must end with .csv, got {self.out!r}")
         self.check_device()

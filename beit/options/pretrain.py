@@ -8,10 +8,12 @@ from beit.config import check_finite_numbers, field
 from beit.data.pipelines.transforms import AugmentOptions
 from beit.options.common import (
     DataOptions,
+    DataRecipeOptions,
     ModelOptions,
     OptimOptions,
     PrecisionOptions,
     RunOptions,
+    ThreadOptions,
     TokenizerOptions,
     TrackerOptions,
 )
@@ -25,12 +27,12 @@ REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 
 @dataclass
-class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions, TokenizerOptions, ModelOptions,
-                     AugmentOptions, DataOptions):
+class PretrainConfig(RunOptions, TrackerOptions, ThreadOptions, PrecisionOptions, OptimOptions, TokenizerOptions,
+                     ModelOptions, AugmentOptions, DataOptions, DataRecipeOptions):
     """Shared sections (beit.options.common) first, then pretraining's own options."""
     RECIPE_PREFIX = "pretrain_"
+    RECIPE_STAGE = "pretrain"
     # the shared options with pretraining's defaults (BEiT-B on ImageNet-1k)
-    num_workers: int = field(4)
     epochs: int = field(800)
     lr: float = field(1.5e-3)
     min_lr: float = field(1e-5)
@@ -122,9 +124,8 @@ class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions,
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         self.check_optim()
         self.check_run()
+        self.check_threads()
         self.check_data("--token_cache" if self.token_cache else "")
-        if self.val_fraction and not self.data:
-            raise ValueError("--val_fraction splits a --data folder; with shards pass --val_shards")
         if bool(self.knn_train_shards) != bool(self.knn_val_shards):
             raise ValueError("the kNN health metric needs both knn_train_shards and knn_val_shards (labelled); "
                              "set both or neither")

@@ -177,7 +177,7 @@ def run_predict(cfg) -> dict:
                                                mininterval=1.0) as bar:
         writer = csv.writer(f)
         writer.writerow(scorer.header())
-        for batch in batches(stream, cfg.num_workers):
+        for batch in batches(stream, cfg.loader_workers):
             bad += [[it["name"], it["bad"], it["detail"]] for it in batch if it["bad"]]
             good = [it for it in batch if not it["bad"]]
             if good:

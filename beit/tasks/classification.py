@@ -60,7 +60,8 @@ class Classification(Task):
         from beit.export.provenance import provenance
         if results:
             save_confusion_png(results["confusion"], out / "confusion_matrix.png", class_names,
-                               title=f"{cfg.model} on {', '.join(cfg.val_shards)} (top-1 {results['top1']:.1f}%)")
+                               title=f"{cfg.model}: top-1 {results['top1']:.1f}% on {results['samples']} held-out "
+                                     f"images ({final.get('held_out_set') or 'held-out shards'})")
         prov = provenance(cfg, final, class_names, run_dir=out)
         card_of_export(export_model(model, out / "model.safetensors", cfg, class_names=class_names, metrics=final,
                                     provenance=prov), model)

@@ -21,6 +21,7 @@ def run_finetuning(cfg: FinetuneConfig) -> dict:
     from beit.runtime.run_lock import end_with_launcher, open_run
     from beit.runtime.stopping import stop_signals
 
+    cfg.apply_threads()
     end_with_launcher()
     with stop_signals() as stop, open_run(cfg.output_dir, resume=cfg.resume) as latest:
         run = FinetuneRun(cfg, latest)        # data, classes, the task's model, optimizer, loaders, resume checks
@@ -29,24 +30,43 @@ def run_finetuning(cfg: FinetuneConfig) -> dict:
         return run.finish()                   # final.json, the task's export and pictures
 
 
-def resolve_folders(cfg: FinetuneConfig, log=print) -> FinetuneConfig:
-    """``--data`` (class folders) -> labelled shards written once into the cache, with a held-out part
-    (``--val_fraction``) unless ``--val_data`` / ``--val_shards`` name the held-out data."""
-    from beit.tasks import get_task
-
+def plan_folders(cfg: FinetuneConfig):
+    """``--data`` (class folders) and ``--val_data`` listed and checked, nothing written yet: (train plan, held-out
+    plan or None), or None without ``--data``. The held-out part is ``--val_fraction`` of each class unless
+    ``--val_data`` / ``--val_shards`` name the held-out data; ``--val_data`` takes the training classes."""
     if not cfg.data:
-        return cfg
-    own_val = not (cfg.val_data or cfg.val_shards)
-    found = cfg.folder_shards(labelled=get_task(cfg.task).labelled_folders,
-                              val_fraction=cfg.val_fraction if own_val else 0.0, seed=cfg.seed, log=log)
-    log(f"--data {cfg.data}: {found.describe()}" + (f"; {cfg.val_fraction:.0%} of each class held out"
-                                                   if own_val and found.val else ""))
-    val = found.val if own_val else cfg.val_shards
+        return None
+    train = cfg.data_plan()
+    held = dataclasses.replace(cfg, data=cfg.val_data).folder_plan(labelled=True, hold_out=False,
+                                                                   label_map=train.label_map) if cfg.val_data else None
+    return train, held
+
+
+def resolve_folders(cfg: FinetuneConfig, plans, log=print) -> tuple[FinetuneConfig, str]:
+    """The planned folders written into the cache (or reused) and held for this run: the config with their shards,
+    and what the held-out images are (for the confusion matrix and final.json)."""
+    held_out = held_out_name(cfg)
+    if plans is None:
+        return cfg, held_out
+    train, held = plans
+    found = train.shards(log=log)
+    log(f"--data {cfg.data}: {found.describe()}")
+    val = cfg.val_shards
+    if found.val:
+        val, held_out = found.val, f"{cfg.data}: {found.held_out}"
+    if held is not None:
+        held_found = held.shards(log=log)
+        log(f"--val_data {cfg.val_data}: {held_found.describe()}")
+        val = held_found.train
+    return dataclasses.replace(cfg, train_shards=found.train, val_shards=val), held_out
+
+
+def held_out_name(cfg: FinetuneConfig) -> str:
+    """The held-out images as the user named them: --val_data's folder or --val_shards' spec."""
     if cfg.val_data:
-        held = dataclasses.replace(cfg, data=cfg.val_data).folder_shards(labelled=True, log=log)
-        log(f"--val_data {cfg.val_data}: {held.describe()}")
-        val = held.train
-    return dataclasses.replace(cfg, train_shards=found.train, val_shards=val)
+        return f"--val_data {cfg.val_data}"
+    spec = ", ".join(cfg.val_shards)
+    return spec if len(spec) <= 60 else spec[:57] + "..."
 
 
 def saved_options(saved: dict) -> dict:
@@ -106,11 +126,12 @@ class FinetuneRun:
         refuse_under_fsdp(acc.distributed_type, "fine-tuning's evaluation and export",
                           "fine-tune with DDP (launch/accelerate/8gpu.yaml, plus --grad_checkpointing true for ViT-L)")
         set_seed(cfg.seed)
-        cfg = resolve_folders(cfg, log=lambda m: print(m, flush=True) if acc.is_main_process else None)
+        folders = plan_folders(cfg)  # --data folders are checked here and written once every other check has passed
         check_shards(cfg, ("train_shards", "val_shards", *self.task.shard_options(cfg)))  # before any model
         self.num_classes, self.class_names = resolve_classes(cfg.train_shards, cfg.val_shards, cfg.num_classes,
                                                              manifest=cfg.manifest,
-                                                             allow_remote=cfg.allow_remote_shards)
+                                                             allow_remote=cfg.allow_remote_shards,
+                                                             folder=folders[0] if folders else None)
         cfg = dataclasses.replace(cfg, num_classes=self.num_classes)
         self.saved = json.loads((latest / TRAIN_STATE).read_text()) if latest else None
         self.early_log: list[str] = []  # build messages, logged once the logger exists (after the resume checks)
@@ -121,8 +142,10 @@ class FinetuneRun:
         cfg = dataclasses.replace(cfg, **backbone_for(cfg.model).built_options(cfg, model))
         if self.saved is not None:  # before anything of this run is written
             check_resume_compatible(saved_options(self.saved["config"]), to_dict(cfg), RESUME_KEYS, where=str(self.out))
-        self.cfg = cfg
         model = self.task.prepare(model, acc)
+        cfg, self.held_out = resolve_folders(cfg, folders, log=lambda m: print(m, flush=True) if acc.is_main_process
+                                             else None)
+        self.cfg = cfg
         set_seed(cfg.seed + acc.process_index)  # mixup / drop path differ per rank
         self.train_loader, self.val_loader = self.task.loaders(cfg, acc, self.num_classes)
         self.teacher = self.task.teacher(cfg, self.num_classes, acc)
@@ -188,13 +211,13 @@ class FinetuneRun:
 
         cfg, acc, log = self.cfg, self.accelerator, self.logger.info
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        for line in data_summary(self.train_loader, cfg.batch_size, acc.num_processes):
+        for line in data_summary(self.train_loader, cfg.batch_size, acc.num_processes) + [cfg.describe_workers()]:
             log(line)
         names = self.class_names
         names = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "") if names else "no names"
         log(f"classes: {self.num_classes} ({names}); held-out: "
             + (f"{', '.join(cfg.val_shards)}" if self.val_loader is not None else "none (no top-1; pass --val_shards, "
-               "or --data with --val_fraction)"))
+               "or --data with --val_fraction > 0)"))
         log(f"model: {cfg.model}{' linear probe' if cfg.linear_probe else ''}, {n_train / 1e6:.2f}M trainable "
             f"params, init {cfg.init or 'scratch'}; device {acc.device}, {acc.num_processes} process(es), mixed "
             f"precision {acc.mixed_precision}")
@@ -226,13 +249,17 @@ class FinetuneRun:
         (``beit.runtime.stopping``) ends it after a step with that step's checkpoint (mid-epoch, even at an
         epoch's last step: the resumed run then evaluates and saves that epoch's end as this one would have)."""
         from beit.engines.finetune import new_epoch_sums, train_one_epoch
+        from beit.runtime.estimate import TimeEstimate
         from beit.runtime.run_logging import data_error_metrics
 
         cfg, acc = self.cfg, self.accelerator
         self.results, self.train_stats = {}, {}
         epoch = self.start_epoch
+        estimate = TimeEstimate(self.total_steps, self.logger.info,
+                                extra=", plus the held-out evaluations" if self.val_loader is not None else "")
 
         def on_step(s: int, metrics: dict) -> None:
+            estimate(s)
             if s % cfg.log_every == 0 or s == self.total_steps:
                 self.logger.log(metrics, step=s)
             if s % cfg.checkpoint_every == 0 and s % self.steps_per_epoch:  # epoch ends save after their evaluation
@@ -266,14 +293,19 @@ class FinetuneRun:
 
     def finish(self) -> dict:
         """final.json (and confusion.json), the task's export; returns the held-out results."""
+        from beit.data.loading.data_stats import describe_reads
+        from beit.runtime.run_logging import data_error_metrics
+
         cfg, acc, out, step = self.cfg, self.accelerator, self.out, self.step
         results = self.results
         if not results and self.val_loader is not None:  # resumed after the last epoch: evaluate the restored weights
             results = self.evaluate()
+        reads = describe_reads(data_error_metrics(self.train_loader, acc), cfg.image_size)  # a collective
         if acc.is_main_process:
             final = {k: v for k, v in results.items() if not k.endswith("confusion")}
             final.update(step=step, epochs=cfg.epochs, num_classes=self.num_classes, class_names=self.class_names,
-                         train_loss=self.train_stats.get("train_loss"), held_out=self.val_loader is not None)
+                         train_loss=self.train_stats.get("train_loss"), held_out=self.val_loader is not None,
+                         held_out_set=self.held_out if self.val_loader is not None else "")
             if "confusion" in results:
                 (out / "confusion.json").write_text(json.dumps(results["confusion"]))
             (out / "final.json").write_text(json.dumps(final, indent=1))
@@ -283,6 +315,8 @@ class FinetuneRun:
             self.logger.info(f"final: {scores}; {self.num_classes} classes; {step} steps, last epoch's train loss "
                              + (f"{loss:.4f}" if loss is not None else "n/a") + " ->  " + ", ".join(written)
                              + f", {out}/model.safetensors ({self.task.export_format})")
+            if reads:
+                self.logger.info(reads)
         acc.wait_for_everyone()
         acc.end_training()
         return results or {"train_loss": self.train_stats.get("train_loss"), "step": step,

@@ -23,11 +23,13 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
     from beit.runtime.stopping import stop_signals
 
     cfg = dataclasses.replace(cfg, tokenizer=cfg.tokenizer_kind())
+    cfg.apply_threads()
     end_with_launcher()
     with stop_signals() as stop:                      # SIGTERM/SIGINT/SIGUSR1: checkpoint at the step, then stop
         inputs = check_inputs(cfg, world_size())      # every input checked, nothing written, no compute
         with open_run(cfg.output_dir) as latest:      # one run per folder; the newest intact checkpoint
             check_resume(cfg, latest, inputs)
+            folder_inputs(cfg, inputs, world_size())  # --data: the folder written (or reused) and held
             run = PretrainRun(cfg, inputs, init=None if latest else inputs.init)  # accelerator, model, optimizer...
             run.restore(latest)
             run.train(stop)                           # the engine, epoch after epoch, checkpoints
@@ -37,8 +39,9 @@ def run_pretraining(cfg: PretrainConfig) -> dict:
 @dataclass
 class PretrainInputs:
     """What ``check_inputs`` found: the shards, the tokenizer (None when a token cache replaces it and nothing
-    else needs it), the token cache's description, the gradient accumulation, the masking generator and the
-    checked ``--init``."""
+    else needs it), the token cache's description, the gradient accumulation, the masking generator, the
+    checked ``--init``; with ``--data`` the folder's plan, whose shards ``folder_inputs`` fills in once every
+    check has passed."""
     shards: list[str]
     val_shards: list[str]
     tokenizer: object | None
@@ -46,6 +49,7 @@ class PretrainInputs:
     grad_accum_steps: int
     masker: object
     init: object | None = None
+    folder: object | None = None  # --data's checked FolderPlan, written by folder_inputs
 
     @property
     def vocab_size(self) -> int:
@@ -53,13 +57,13 @@ class PretrainInputs:
 
 
 def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
-    """Every check that needs files but no compute and writes nothing but --data's shard cache: shards, tokenizer
-    grid, token cache, masking, batch split, the model's geometry (resume compatibility: ``check_resume``, under
-    the run lock). Bad input raises ``SetupError``."""
+    """Every check that needs files but no compute and writes nothing: shards (``--data``'s folder listed and
+    checked, written later by ``folder_inputs``), tokenizer grid, token cache, masking, batch split, the model's
+    geometry (resume compatibility: ``check_resume``, under the run lock). Bad input raises ``SetupError``."""
     from beit.data.pipelines.pretraining import masking_generator
     from beit.data.storage.shardspec import expand_shards
     from beit.modeling.backbones import backbone_for
-    from beit.runtime.run_lock import check_output_dir, main_print
+    from beit.runtime.run_lock import check_output_dir
     from beit.runtime.scaling import grad_accum_for
     from beit.tokenizers import load_tokenizer
     from beit.tokenizers.token_cache import read_cache_info
@@ -68,13 +72,12 @@ def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
         cfg.validate()
         check_output_dir(cfg.output_dir)
         cache = read_cache_info(cfg.token_cache) if cfg.token_cache else None
-        val_spec = cfg.val_shards
+        val_spec, folder = cfg.val_shards, None
         if cache is not None:
             shards = expand_shards(str(Path(cfg.token_cache) / "cache-*.tar"))
-        elif cfg.data:
-            found = cfg.folder_shards(labelled=False, val_fraction=cfg.val_fraction, seed=cfg.seed, log=main_print)
-            main_print(f"--data {cfg.data}: {found.describe()}")
-            shards, val_spec = expand_shards(found.train), found.val or val_spec
+        elif cfg.data:  # listed and checked now, written by folder_inputs once every check has passed
+            folder = cfg.data_plan()
+            shards = []
         else:
             shards = expand_shards(cfg.train_shards, allow_remote=cfg.allow_remote_shards)
         val_shards = expand_shards(val_spec, allow_remote=cfg.allow_remote_shards) if val_spec else []
@@ -98,7 +101,7 @@ def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
             raise ValueError(f"num_masking_patches {cfg.masked_count()} leaves no visible patch on the {cfg.grid} grid")
         accum = grad_accum_for(cfg.global_batch_size, cfg.batch_size, world) if cfg.global_batch_size \
             else cfg.grad_accum_steps
-        inputs = PretrainInputs(shards, val_shards, tokenizer, cache, accum, masker)
+        inputs = PretrainInputs(shards, val_shards, tokenizer, cache, accum, masker, folder=folder)
         backbone = backbone_for(cfg.arch, pretraining=True)
         backbone.check_mim(cfg, inputs.vocab_size)
         if cfg.init:
@@ -106,6 +109,27 @@ def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
     except (ValueError, FileNotFoundError, PermissionError) as e:
         raise SetupError(str(e)) from e
     return inputs
+
+
+def folder_inputs(cfg: PretrainConfig, inputs: PretrainInputs, world: int) -> None:
+    """``--data``: the checked folder written into the cache, or reused, and held for this run (its shards put
+    into ``inputs``); called after every check, so a refused command writes nothing."""
+    from beit.data.storage.shardspec import expand_shards
+    from beit.runtime.run_lock import main_print
+
+    if inputs.folder is None:
+        return
+    try:
+        found = inputs.folder.shards(log=main_print)
+        main_print(f"--data {cfg.data}: {found.describe()}")
+        inputs.shards = expand_shards(found.train)
+        if found.val:
+            inputs.val_shards = expand_shards(found.val)
+        if inputs.val_shards and len(inputs.val_shards) < world:
+            raise ValueError(f"{len(inputs.val_shards)} held-out shard(s) for {world} processes: each process needs "
+                             "one; raise --val_fraction or add images")
+    except ValueError as e:
+        raise SetupError(str(e)) from e
 
 
 def check_grids(cfg: PretrainConfig, tokenizer) -> None:
@@ -232,8 +256,9 @@ class PretrainRun:
                 cfg, len(self.loader), inputs.grad_accum_steps, log=main_print)
         except ValueError as e:
             raise SetupError(str(e)) from None
-        if acc.is_main_process:  # every start-up check has passed
-            save_config(cfg, self.out / "config.yaml")
+        if acc.is_main_process:  # every start-up check has passed; --data's held-out shards saved for `beit viz`
+            save_config(dataclasses.replace(cfg, val_shards=inputs.val_shards) if inputs.folder is not None else cfg,
+                        self.out / "config.yaml")
         acc.wait_for_everyone()
         self.schedule = create_schedule(cfg.lr_schedule, optimizer, lr=cfg.lr, min_lr=cfg.min_lr,
                                         total_steps=self.total_steps, warmup_steps=self.warmup,
@@ -278,10 +303,10 @@ class PretrainRun:
             f"batch {cfg.batch_size * accum * acc.num_processes} = {cfg.batch_size} x {accum} accum x "
             f"{acc.num_processes} proc; lr {cfg.lr:g} (not rescaled), {self.total_steps} steps "
             f"({self.steps_per_epoch}/epoch), warmup {self.warmup}")
-        for line in data_summary(self.loader, cfg.batch_size, acc.num_processes):
+        for line in data_summary(self.loader, cfg.batch_size, acc.num_processes) + [cfg.describe_workers()]:
             log(line)
         log(f"held-out: {len(self.inputs.val_shards)} shard(s), scored at the end" if self.inputs.val_shards else
-            "held-out: none (no masked-token score at the end; pass --val_shards, or --data with --val_fraction)")
+            "held-out: none (no masked-token score at the end; pass --val_shards, or --data with --val_fraction > 0)")
         log(f"outputs: {self.out}/ (config.yaml, metrics.jsonl, checkpoints/ every {cfg.checkpoint_every} steps, "
             "final_metrics.json, pretrained.safetensors)")
         if latest:
@@ -317,12 +342,16 @@ class PretrainRun:
         ``stop`` (``beit.runtime.stopping``) ends it after a step with that step's checkpoint."""
         from beit.engines.knn import build_knn_health
         from beit.engines.pretrain import train_one_epoch
+        from beit.runtime.estimate import TimeEstimate
         from beit.runtime.run_logging import data_error_metrics
 
         cfg, acc, state, loader, meter = self.cfg, self.accelerator, self.state, self.loader, self.meter
         self.health = health = build_knn_health(cfg, acc, self.logger, self.total_steps)
+        estimate = TimeEstimate(self.total_steps, self.logger.info,
+                                extra=", plus the held-out evaluation" if self.inputs.val_shards else "")
 
         def after_step(st) -> None:
+            estimate(st.step)
             if health is not None:
                 health(acc.unwrap_model(self.model), st.step)
             self.checkpoint(st)
@@ -351,8 +380,9 @@ class PretrainRun:
     def finish(self) -> dict:
         """pretrained.safetensors, the held-out masked-token evaluation, final_metrics.json; the summary."""
         from beit.checkpoints.checkpointing import save_weights
+        from beit.data.loading.data_stats import describe_reads
         from beit.data.pipelines.pretraining import build_mim_loader
-        from beit.engines.pretrain import evaluate_mim
+        from beit.engines.pretrain import evaluate_mim, learning_of
         from beit.runtime.run_logging import data_error_metrics
 
         cfg, acc, state, out = self.cfg, self.accelerator, self.state, self.out
@@ -385,6 +415,7 @@ class PretrainRun:
         last = self.logger.last_logged
         summary.update({f"train/{k}": last[k] for k in ("loss", "mim_acc", "majority_acc", "cls_pt_loss",
                                                          "cls_pt_mim_acc") if k in last})
+        summary.update(learning_of(summary, last))
         if acc.is_main_process:
             (out / "final_metrics.json").write_text(json.dumps(summary, indent=1))
         cls_pt = f" (CLS-pretraining branch {last['cls_pt_mim_acc']:.3f})" if "cls_pt_mim_acc" in last else ""
@@ -394,5 +425,10 @@ class PretrainRun:
                          f"training; {train}; held-out: "
                          + (f"{summary['val/mim_acc']:.4f}" if "val/mim_acc" in summary else "none")
                          + f"  ->  {out}/final_metrics.json, {out}/pretrained.safetensors")
+        reads = describe_reads(summary, cfg.image_size)
+        if reads:
+            self.logger.info(reads)
+        for warning in summary.get("warnings", []):
+            self.logger.info(f"warning: {warning}")
         acc.end_training()
         return summary

@@ -28,11 +28,20 @@ def _good(loader, limit: int):
             return
 
 
-def _shards(spec, what: str) -> list[str]:
-    shards = expand_shards(spec)
-    if not shards:
-        raise ValueError(f"no held-out shards to draw pictures from ({what} is empty): pass --val_shards")
-    return shards
+def _shards(spec, what: str, cfg=None) -> list[str]:
+    """The held-out shards; for a run on a --data folder, a message that says where they went."""
+    folder = getattr(cfg, "data", "") if cfg is not None else ""
+    if not spec:
+        raise ValueError(f"no held-out shards to draw pictures from ({what} is empty" + (
+            f"; the run read --data {folder} with nothing held out" if folder else "") + "): pass --val_shards")
+    try:
+        return expand_shards(spec)
+    except ValueError as e:
+        if not folder:
+            raise
+        raise ValueError(f"the run's held-out shards, written from --data {folder} into the shard cache, are gone "
+                         f"(the folder changed and was converted again, or the cache was cleared): {e}; pass "
+                         "--val_shards") from None
 
 
 def pretrain_samples(cfg, tokenizer, n: int, val_shards=None) -> dict:
@@ -41,7 +50,8 @@ def pretrain_samples(cfg, tokenizer, n: int, val_shards=None) -> dict:
     from beit.data.pipelines.pretraining import build_mim_loader
 
     cfg = replace(cfg, num_workers=0, token_cache=None)
-    shards = _shards(val_shards or cfg.val_shards or cfg.train_shards, "val_shards")
+    shards = _shards(val_shards or cfg.val_shards or ([] if cfg.data else cfg.train_shards), "val_shards",
+                     None if val_shards else cfg)
     loader = build_mim_loader(cfg, shards, tokenizer, ONE_PROCESS, train=False, batch_size=n)
     parts = list(_good(loader, n))
     if not parts:
@@ -53,7 +63,7 @@ def classification_batches(cfg, limit: int, val_shards=None, batch_size: int = 6
     """Batches {"image" normalised, "label"} of up to ``limit`` held-out images (the run's eval transform)."""
     from beit.data.pipelines.labelled import LabelledMap, build_transforms
 
-    stream = HeldOutStream(_shards(val_shards or cfg.val_shards, "val_shards"),
+    stream = HeldOutStream(_shards(val_shards or cfg.val_shards, "val_shards", None if val_shards else cfg),
                            LabelledMap(build_transforms(cfg, False), cfg.num_classes), seed=cfg.seed)
     return _good(DataLoader(stream, batch_size=batch_size), limit)
 

@@ -155,6 +155,7 @@ def make_report(cfg) -> dict:
     torch.manual_seed(0)
     make = pretrain_sections if run.stage == "pretrain" else finetune_sections
     sections, facts = make(run, model, cfg, out, device)
+    sections[:0] = [Section("Warning", None, w, note=True) for w in run.summary.get("warnings", [])]
     try:
         sections.append(Section("Curves", draw_curves(run.path, run.stage, out / "curves.png"),
                                 "From metrics.jsonl (one point per logged step)."))

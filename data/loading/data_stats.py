@@ -124,3 +124,21 @@ class DataStats:
         for m, c in self.data["converted"].items():
             out[f"{prefix}converted_{m}"] = c
         return out
+
+
+def describe_reads(metrics: dict[str, float], image_size: int, prefix: str = "data/") -> str | None:
+    """One end-of-run line on what reading changed in the images (from summed loader ``metrics``): how many
+    were smaller than the input and upscaled, how many were converted to RGB from which mode; None if nothing."""
+    samples = int(metrics.get(f"{prefix}samples", 0))
+    upscaled = int(metrics.get(f"{prefix}upscaled", 0))
+    modes = {k[len(prefix) + len("converted_"):]: int(v) for k, v in sorted(metrics.items())
+             if k.startswith(f"{prefix}converted_") and v}
+    if not samples or not (upscaled or modes):
+        return None
+    parts = []
+    if upscaled:
+        parts.append(f"{upscaled} ({upscaled / samples:.0%}) smaller than {image_size} px on a side, upscaled")
+    if modes:
+        parts.append(f"{sum(modes.values())} converted to RGB (" + ", ".join(f"{n} from {m}" for m, n in modes.items())
+                     + ")")
+    return f"data: of {samples} samples read, " + "; ".join(parts)

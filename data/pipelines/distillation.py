@@ -82,6 +82,6 @@ def build_unlabelled_loader(cfg, accelerator, transform):
                                   allow_remote=cfg.allow_remote_shards, remote_retries=cfg.remote_retries,
                                   map_fn=UnlabelledMap(transform),
                                   batch_size=cfg.unlabelled_batch_size or cfg.batch_size,
-                                  num_workers=cfg.num_workers, rank=accelerator.process_index,
+                                  num_workers=cfg.loader_workers, rank=accelerator.process_index,
                                   world_size=accelerator.num_processes, seed=cfg.seed + 1,
                                   max_bad_fraction=cfg.max_bad_fraction)

@@ -13,8 +13,8 @@ def check_shards(cfg, names: tuple[str, ...] = ("train_shards", "val_shards")) -
     (an empty held-out spec means no held-out evaluation)."""
     from beit.data.storage.shardspec import expand_shards
     for name in names:
-        if name == "val_shards" and not cfg.val_shards:
-            continue
+        if not getattr(cfg, name):
+            continue  # no held-out data: no evaluation; no training shards: --data (its folder plan checks it)
         try:
             expand_shards(getattr(cfg, name), allow_remote=cfg.allow_remote_shards)
         except ValueError as e:
@@ -37,13 +37,15 @@ def class_names_of(label_map: dict[str, int]) -> list[str]:
 
 
 def resolve_classes(train_spec: str, val_spec: str, num_classes: int, *, manifest: str = "",
-                    allow_remote: bool = False) -> tuple[int, list[str] | None]:
-    """(number of classes, class names) from the training shards' manifest label map.
+                    allow_remote: bool = False, folder=None) -> tuple[int, list[str] | None]:
+    """(number of classes, class names) from the training shards' manifest label map (or from the class
+    folders of ``folder``, a ``--data`` FolderPlan not written yet).
 
     ``num_classes`` 0 means "from the data"; a non-zero value that disagrees with the label map is
     refused with both numbers, as are held-out shards written with another label map. Without a
     label map (e.g. ADE20K, or hand-made tars) ``num_classes`` must be given."""
-    label_map, manifest = manifest_label_map(train_spec, manifest, allow_remote)
+    label_map, manifest = ((folder.label_map, folder.root) if folder is not None
+                           else manifest_label_map(train_spec, manifest, allow_remote))
     if label_map is None:
         if num_classes:
             return num_classes, None
@@ -61,7 +63,9 @@ def resolve_classes(train_spec: str, val_spec: str, num_classes: int, *, manifes
         if val_map is not None and val_map != label_map:
             raise ValueError(f"the held-out shards' label map ({val_manifest}, {len(val_map)} classes) differs from "
                              f"the training shards' ({manifest}, {len(label_map)} classes): write the held-out split "
-                             f"with --label_map {Path(manifest).parent / 'class_index.json'} (or with --val_fraction)")
+                             + ("as class folders and pass them as --val_data" if folder is not None
+                                else f"with --label_map {Path(manifest).parent / 'class_index.json'}")
+                             + " (or use --val_fraction)")
     return len(names), names
 
 
@@ -140,7 +144,7 @@ def build_loaders(cfg, accelerator, num_classes: int, *, train_map=None, val_map
 
     def stream():
         return build_loader_for_order(cfg.data_order, cfg.train_shards, **cfg.shard_source(),
-                                      map_fn=train_map, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                                      map_fn=train_map, batch_size=cfg.batch_size, num_workers=cfg.loader_workers,
                                       rank=accelerator.process_index, world_size=accelerator.num_processes,
                                       seed=cfg.seed, max_bad_fraction=cfg.max_bad_fraction,
                                       batches_per_epoch=cfg.batches_per_epoch or None,
@@ -151,6 +155,6 @@ def build_loaders(cfg, accelerator, num_classes: int, *, train_map=None, val_map
                           batch_size=cfg.batch_size, num_classes=num_classes, batch_multiple=cfg.grad_accum_steps,
                           stream=stream, why=f"the {type(train_map).__name__} samples are not cached" if custom else "")
     val = heldout_loader(expand_shards(cfg.val_shards, allow_remote=cfg.allow_remote_shards), val_map, accelerator,
-                         batch_size=val_batch_size or cfg.batch_size, num_workers=cfg.num_workers, seed=cfg.seed,
+                         batch_size=val_batch_size or cfg.batch_size, num_workers=cfg.loader_workers, seed=cfg.seed,
                          remote_retries=cfg.remote_retries) if cfg.val_shards else None
     return train, val

@@ -217,6 +217,6 @@ def choose_loader(cfg, shards, accelerator, augment, *, batch_size: int, num_cla
                           max_bad_fraction=cfg.max_bad_fraction)
     loader.notes = [f"data path: memory cache, {store.describe()}; augmented in batches on "
                     f"{store.images.device}: {batched.describe()}"
-                    + ("; --num_workers is not used" if cfg.num_workers else "")]
+                    + ("; --num_workers is not used" if cfg.num_workers > 0 else "")]
     return loader
 

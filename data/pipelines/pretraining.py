@@ -61,13 +61,13 @@ def build_mim_loader(cfg, shards, tokenizer, accelerator, *, train: bool, batch_
                                      scale=(1.0, 1.0), ratio=(1.0, 1.0), color_jitter=0.0, hflip=0.0)
     map_fn = (CachedMimSample if train and cfg.token_cache else MimSample)(transform, masker or masking_generator(cfg))
     if not train:
-        return heldout_loader(shards, map_fn, accelerator, batch_size=batch_size, num_workers=cfg.num_workers,
+        return heldout_loader(shards, map_fn, accelerator, batch_size=batch_size, num_workers=cfg.loader_workers,
                               seed=cfg.seed, lazy_jpeg=True, remote_retries=cfg.remote_retries)
     from beit.data.pipelines.memory_path import MimBatch, choose_loader
 
     def stream():
         return build_loader_for_order(
-            cfg.data_order, shards, map_fn=map_fn, batch_size=batch_size, num_workers=cfg.num_workers,
+            cfg.data_order, shards, map_fn=map_fn, batch_size=batch_size, num_workers=cfg.loader_workers,
             rank=accelerator.process_index, world_size=accelerator.num_processes, seed=cfg.seed,
             shuffle_buffer=cfg.shuffle_buffer, batches_per_epoch=cfg.batches_per_epoch or None,
             **dict(cfg.shard_source(), manifest=None if cfg.token_cache else cfg.manifest or None),

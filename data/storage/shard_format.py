@@ -21,11 +21,13 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", 
 _KEY_BAD = re.compile(r"[^A-Za-z0-9_\-/]")
 
 
+KEY_RULE = 2  # 1: extension dropped (rocket.jpg and rocket.png collided); 2: extension kept
+
+
 def make_key(rel_path: str) -> str:
-    """A WebDataset-safe key from a relative path (extension dropped, dots and odd characters -> '_')."""
-    p = Path(rel_path)
-    stem = str(p.with_suffix("")) if p.suffix else str(p)
-    return _KEY_BAD.sub("_", stem.replace(os.sep, "/"))
+    """A WebDataset-safe key from a relative path, extension included (``a/rocket.jpg`` -> ``a/rocket_jpg``), so
+    files that differ only in their extension stay apart; dots and odd characters become '_'."""
+    return _KEY_BAD.sub("_", str(rel_path).replace(os.sep, "/"))
 
 
 def split_member_name(name: str) -> tuple[str, str]:
@@ -91,6 +93,13 @@ def read_manifest(directory: str | Path) -> dict[str, Any] | None:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def written_counts(directory: str | Path, prefix: str) -> tuple[int, list[dict[str, Any]]]:
+    """(samples written, inputs skipped) of split ``prefix`` in the folder's manifest."""
+    m = read_manifest(directory) or {}
+    samples = sum(int(s["samples"]) for s in m.get("shards", []) if s.get("split") == prefix)
+    return samples, list(m.get("writes", {}).get(prefix, {}).get("skipped", []))
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:

@@ -35,7 +35,7 @@ def load_label_map(path: str | Path) -> dict[str, int]:
 
 
 def list_folder(root: str | Path) -> Listing:
-    """Every image under ``root`` (recursive), unlabelled; key = relative path."""
+    """Every image under ``root`` (recursive), unlabelled; key = relative path (``make_key``)."""
     root = Path(root)
     _need_dir(root, "source")
     files = images_under(root)
@@ -81,7 +81,7 @@ def list_ade20k(root: str | Path, split: str = "") -> Listing:
         if ann.is_file():
             items.append(Item(key=key, image=str(p), seg=str(ann)))
         else:
-            skipped.append({"key": key, "reason": f"no annotation {ann}"})
+            skipped.append({"key": key, "reason": f"no annotation {ann}", "path": str(p)})
     if not items:
         raise ValueError(f"no image/annotation pairs found under {img_dir} and {ann_dir}")
     return items, None, skipped

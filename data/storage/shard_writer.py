@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import re
 import tarfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -20,7 +21,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from beit.data.loading.decode import to_rgb
-from beit.data.storage.shard_format import MANIFEST_NAME, add_member, read_manifest, sha256_file, write_json_atomic
+from beit.data.storage.shard_format import (
+    KEY_RULE,
+    MANIFEST_NAME,
+    add_member,
+    read_manifest,
+    sha256_file,
+    write_json_atomic,
+)
 
 MANIFEST_VERSION = 1
 
@@ -101,7 +109,8 @@ def encode_item(item: Item, opts: WriteOptions) -> tuple[str, list[tuple[str, by
         elif opts.validate == "header":
             Image.open(io.BytesIO(data)).verify()
     except Exception as e:  # noqa: BLE001 - any decoder failure means a bad input file
-        return item.key, None, f"not a readable image: {type(e).__name__}: {e}"
+        detail = re.sub(r" <_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))  # the buffer's address says nothing
+        return item.key, None, f"not a readable image: {type(e).__name__}: {detail}"
     too_big = opts.resize is not None and max(img.size) > opts.resize
     if too_big or opts.reencode != "keep":
         fmt = opts.reencode if opts.reencode != "keep" else ("jpg" if img.format == "JPEG" else "png")
@@ -135,15 +144,22 @@ def _encode_star(args):
     return encode_item(*args)
 
 
+def check_unique_keys(items: Sequence[Item]) -> None:
+    """Refuse items that share a key (two files would become one sample), naming the files of each key."""
+    by_key: dict[str, list[Item]] = {}
+    for it in items:
+        by_key.setdefault(it.key, []).append(it)
+    dup = {k: v for k, v in by_key.items() if len(v) > 1}
+    if dup:
+        shown = "; ".join(f"{k!r} from " + ", ".join(it.image if isinstance(it.image, str) else
+                                                     f"<{len(it.image)} bytes>" for it in v)
+                          for k, v in list(dup.items())[:5])
+        raise ValueError(f"{len(dup)} sample key(s) shared by several files (a key is the file's relative path with "
+                         f"dots and odd characters as '_'): {shown}; rename one file of each")
+
+
 def _ordered(items: Sequence[Item], seed: int | None) -> list[Item]:
-    keys = [it.key for it in items]
-    if len(set(keys)) != len(keys):
-        seen, dup = set(), []
-        for k in keys:
-            if k in seen:
-                dup.append(k)
-            seen.add(k)
-        raise ValueError(f"duplicate sample keys (rename the files): {dup[:5]}")
+    check_unique_keys(items)
     out = sorted(items, key=lambda it: it.key)
     if seed is not None:
         random.Random(seed).shuffle(out)
@@ -215,17 +231,18 @@ def _merge_manifest(out_dir: Path, prefix: str, part: dict[str, Any], shards: li
 def write_shards(items: Iterable[Item], out_dir: str | Path, *, prefix: str = "shard",
                  opts: WriteOptions = WriteOptions(), label_map: dict[str, int] | None = None,
                  source: str = "", workers: int = 1, resume: bool = False, overwrite: bool = False,
-                 progress: bool = True, pre_skipped: Sequence[dict[str, str]] = ()) -> list[str]:
+                 progress: bool = True, pre_skipped: Sequence[dict[str, str]] = (), warn: bool = True) -> list[str]:
     """Write ``items`` as ``out_dir/<prefix>-NNNNNN.tar`` shards and update ``manifest.json``.
 
     ``resume`` keeps complete shards of an interrupted run with the same options; ``overwrite``
     replaces an existing set. Returns the shard paths. Unreadable inputs are skipped and listed
-    in the manifest (``writes[prefix]["skipped"]``) and reported on stderr.
+    in the manifest (``writes[prefix]["skipped"]``) and reported (``warn``). Bad input (options, keys
+    shared by two files) is refused before ``out_dir`` is created.
     """
     opts.check()
+    items = _ordered(list(items), opts.shuffle_seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    items = _ordered(list(items), opts.shuffle_seed)
     for stale in out_dir.glob(f"{prefix}-*.tar.tmp"):
         stale.unlink()
     old = read_manifest(out_dir) or {}
@@ -235,7 +252,8 @@ def write_shards(items: Iterable[Item], out_dir: str | Path, *, prefix: str = "s
     skipped: list[dict[str, str]] = list(pre_skipped)
     start_item = 0
     if prev is not None and resume:
-        if prev["options"] != options or prev["source"] != source or prev["num_items"] != len(items):
+        if (prev["options"] != options or prev["source"] != source or prev["num_items"] != len(items)
+                or prev.get("key_rule", 1) != KEY_RULE):
             raise ValueError(f"{out_dir}: cannot resume, the existing '{prefix}' shards were written from "
                              f"another source or with other options; use --overwrite true to start again")
         for s in (s for s in old["shards"] if s.get("split") == prefix):
@@ -257,7 +275,7 @@ def write_shards(items: Iterable[Item], out_dir: str | Path, *, prefix: str = "s
             p.unlink()
 
     part = {"source": source, "options": options, "num_items": len(items), "label_map": label_map,
-            "complete": False, "skipped": skipped}
+            "key_rule": KEY_RULE, "complete": False, "skipped": skipped}
 
     def save(shards, complete=False):
         part["complete"] = complete
@@ -275,7 +293,9 @@ def write_shards(items: Iterable[Item], out_dir: str | Path, *, prefix: str = "s
         for i, (key, members, reason) in enumerate(results, start=start_item):
             bar.update(1)
             if members is None:
-                skipped.append({"key": key, "reason": reason, "index": i})
+                src = items[i].image
+                skipped.append({"key": key, "reason": reason, "index": i,
+                                **({"path": src} if isinstance(src, str) else {})})
                 continue
             if sink.would_overflow(members):
                 entry = sink.close()
@@ -292,9 +312,10 @@ def write_shards(items: Iterable[Item], out_dir: str | Path, *, prefix: str = "s
         if pool:
             pool.shutdown()
     save(done, complete=True)
-    if skipped:
+    if skipped and warn:
+        first = skipped[0].get("path", skipped[0]["key"])
         print(f"warning: skipped {len(skipped)} unreadable input(s) (listed in {out_dir / MANIFEST_NAME}); "
-              f"first: {skipped[0]['key']}: {skipped[0]['reason']}", flush=True)
+              f"first: {first}: {skipped[0]['reason']}", flush=True)
     return [str(out_dir / s["name"]) for s in done]
 
 
@@ -303,21 +324,23 @@ def auto_samples_per_shard(num_items: int, readers: int = 16, most: int = 1000) 
     return max(1, min(most, -(-num_items // readers)))
 
 
-def split_items(items: list[Item], fraction: float, seed: int) -> tuple[list[Item], list[Item]]:
+def split_items(items: list[Item], fraction: float, seed: int, group=None) -> tuple[list[Item], list[Item]]:
     """(train, val): a seeded split; per class (label) round(fraction x n) held out, at least one of
-    every class with two or more images, so every class is in both splits."""
+    every class with two or more images, so every class is in both splits. ``group`` (item -> name) splits
+    per named group instead, each shuffled by its own seed (``seed`` and the name), so a group's split does
+    not depend on the other groups: a folder's class folders split the same, listed with labels or without."""
     import random
-    by_label: dict = {}
+    by_group: dict = {}
     for it in sorted(items, key=lambda it: it.key):
-        by_label.setdefault(it.label, []).append(it)
+        by_group.setdefault(group(it) if group else it.label, []).append(it)
     train, val = [], []
     rng = random.Random(seed)
-    for label in sorted(by_label, key=lambda v: (v is None, v)):
-        group = by_label[label]
-        rng.shuffle(group)
-        k = min(len(group) - 1, max(1, round(fraction * len(group)))) if len(group) >= 2 else 0
-        val += group[:k]
-        train += group[k:]
+    for name in sorted(by_group, key=lambda v: (v is None, v)):
+        members = by_group[name]
+        (random.Random(f"{seed}:{name}") if group else rng).shuffle(members)
+        k = min(len(members) - 1, max(1, round(fraction * len(members)))) if len(members) >= 2 else 0
+        val += members[:k]
+        train += members[k:]
     if not val:
         raise ValueError(f"--val_fraction {fraction}: {len(items)} image(s) leave none to hold out; add images or "
                          "set --val_fraction 0")

@@ -49,6 +49,20 @@ def _split_top_level(spec: str) -> list[str]:
     return [p.strip() for p in parts if p.strip()]
 
 
+def _no_shards_in(folder: Path) -> str:
+    """Why a folder is not shards, and what to do: a folder of images is --data's, or the source of shards
+    written somewhere else (never into the images' own folder)."""
+    from beit.data.storage.shard_format import IMAGE_EXTS
+
+    exts = {"." + e for e in IMAGE_EXTS}
+    if any(p.suffix.lower() in exts for p in folder.rglob("*") if p.is_file()):
+        return (f"folder {str(folder)!r} holds images, not .tar shards: the training commands take it as "
+                f"--data {folder}; for shards write them elsewhere, e.g. `beit shards write --source {folder} "
+                f"--out shards/{folder.resolve().name or 'images'}`, and pass that folder")
+    return (f"folder {str(folder)!r} holds no .tar shards; write some with `beit shards write --source ... --out "
+            f"{folder}`")
+
+
 def expand_shards(spec: str | Sequence[str], *, allow_remote: bool = False) -> list[str]:
     """Expand a shard spec to a list of shard paths/URLs; local files must exist.
 
@@ -91,8 +105,7 @@ def expand_shards(spec: str | Sequence[str], *, allow_remote: bool = False) -> l
                 elif Path(path).is_dir():
                     hits = sorted(str(p) for p in Path(path).glob("*.tar"))
                     if not hits:
-                        raise ValueError(f"folder {path!r} holds no .tar shards; write some with "
-                                         f"`python -m beit.data.shards write --source ... --out {path}`")
+                        raise ValueError(_no_shards_in(Path(path)))
                     out.extend(hits)
                 elif not Path(path).is_file():
                     raise ValueError(f"shard {path!r} does not exist (from spec {part!r}); check the path "
