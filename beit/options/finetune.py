@@ -8,7 +8,7 @@ from typing import ClassVar, Literal
 from beit.checkpoints.safe_pickle import TRUST_PICKLE_HELP
 from beit.config import check_finite_numbers, field
 from beit.data.pipelines.labelled import ClassificationAugmentOptions
-from beit.options.common import DataOptions, ModelOptions, OptimOptions, PrecisionOptions, RunOptions, TrackerOptions
+from beit.options.common import DataOptions, ModelOptions, OptimOptions, PrecisionOptions, RunOptions
 from beit.tasks import TASKS, describe_tasks
 from beit.tasks.classification import MixupOptions
 from beit.tasks.distillation import DistillOptions
@@ -18,7 +18,7 @@ TaskName = Literal[TASKS]  # a new registered task is a choice at once
 
 
 @dataclasses.dataclass
-class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptions, TrackerOptions, PrecisionOptions,
+class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptions, PrecisionOptions,
                      OptimOptions, ModelOptions, ClassificationAugmentOptions, DataOptions):
     """Shared sections (beit.options.common, the augmentation's in beit.data.pipelines, each task's beside it in
     beit.tasks) first, then fine-tuning's own options."""

@@ -13,7 +13,6 @@ from beit.options.common import (
     PrecisionOptions,
     RunOptions,
     TokenizerOptions,
-    TrackerOptions,
 )
 
 # Fields that define the model and its targets: a resumed run must not change them. (The tokenizer's
@@ -25,7 +24,7 @@ REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 
 @dataclass
-class PretrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions, TokenizerOptions, ModelOptions,
+class PretrainConfig(RunOptions, PrecisionOptions, OptimOptions, TokenizerOptions, ModelOptions,
                      AugmentOptions, DataOptions):
     """Shared sections (beit.options.common) first, then pretraining's own options."""
     RECIPE_PREFIX = "pretrain_"
