@@ -136,8 +136,10 @@ def run_compare(cfg: CompareConfig) -> dict:
     from beit.data.storage.shardspec import expand_shards
     from beit.engines.knn import load_views
     from beit.runtime.stopping import stop_signals
+    from beit.runtime.trackers import check_trackers
 
     cfg.validate()
+    check_trackers(cfg.trackers())  # every stage reports to them: a missing one stops the comparison here
     if cfg.tokenizer_path == "" and cfg.tokenizer != "kmeans":
         raise ValueError(f"only a k-means tokenizer is fitted by beit compare; for --tokenizer {cfg.tokenizer} pass "
                          "--tokenizer_path to the saved tokenizer")

@@ -19,7 +19,6 @@ from pathlib import Path
 TENSORBOARD_RUN = "tensorboard"  # the TensorBoard folder inside a run folder, for every stage
 TRACKERS_FILE = "trackers.json"
 PROJECT = "beit"  # the W&B project / MLflow experiment unless WANDB_PROJECT / MLFLOW_EXPERIMENT_NAME say otherwise
-REPORT_FILES = ("index.html",)  # with viz/*.png: the report of `beit viz`
 
 
 class TrackerKind:
@@ -97,9 +96,11 @@ class WandB(TrackerKind):
         kw = {"name": run_name}
         if not os.environ.get("WANDB_DIR"):
             kw["dir"] = str(run_dir)  # the run files (and offline runs) in the run folder: run_dir/wandb/
+        project = os.environ.get("WANDB_PROJECT") or PROJECT
         if saved and saved.get("id"):
             kw.update(id=saved["id"], resume="allow")
-        return WandBTracker(os.environ.get("WANDB_PROJECT") or PROJECT, **kw)
+            project = saved.get("project") or project
+        return WandBTracker(project, **kw)
 
     def ids(self, tracker):
         return {"id": tracker.run.id, "project": tracker.run.project}
@@ -224,9 +225,8 @@ def report_files(run_dir: Path) -> dict[str, Path]:
     run_dir = Path(run_dir)
     if not (run_dir / "index.html").is_file():
         return {}
-    files = {name: run_dir / name for name in REPORT_FILES if (run_dir / name).is_file()}
-    files.update({f"viz/{p.name}": p for p in sorted((run_dir / "viz").glob("*.png"))})
-    return files
+    pictures = {f"viz/{p.name}": p for p in sorted((run_dir / "viz").glob("*.png"))}
+    return {"index.html": run_dir / "index.html", **pictures}
 
 
 class RunTrackers:
@@ -301,8 +301,18 @@ def attach_report(run_dir: str | Path, files: dict[str, Path]) -> list[str]:
     names = [n for n in saved if n in KINDS]
     if not names:
         return []
-    check_trackers(names)
-    trackers = RunTrackers(names, run_dir, run_name=saved.get("run_name", ""))
-    trackers.start(resume=True)
-    trackers.finish(files=files)
+    uri = saved.get("mlflow", {}).get("tracking_uri")
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:  # the run's own server, whatever this shell points at
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        check_trackers(names)
+        trackers = RunTrackers(names, run_dir, run_name=saved.get("run_name", ""))
+        trackers.start(resume=True)
+        trackers.finish(files=files)
+    finally:
+        if uri and before is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        elif uri:
+            os.environ["MLFLOW_TRACKING_URI"] = before
     return names
