@@ -29,6 +29,13 @@ def test_kmeans_cli_fits_saves_and_reports(shards, tmp_path, capsys):
     assert held_out["usage"] > 0.5
     tok = load_tokenizer("kmeans", tmp_path / "km")
     assert tok.grid_size == (4, 4) and tok.vocab_size == 64
+    # the default --report_to tensorboard: the pass's inertia and the held-out numbers in OUT_run/tensorboard
+    from test_tensorboard_layout import events, tags
+    accs = events(tmp_path / "km_run")
+    assert {"train/inertia", "final/val/usage"} <= tags(accs, "scalars"), tags(accs, "scalars")
+    (usage,) = [e.value for ea in accs.values() if "final/val/usage" in ea.Tags()["scalars"]
+                for e in ea.Scalars("final/val/usage")]
+    assert usage == pytest.approx(held_out["usage"], abs=1e-4)
 
 
 def test_grid_mismatch_is_refused_before_compute():

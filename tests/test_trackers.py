@@ -29,6 +29,7 @@ COMMANDS = {
                 "--cutmix", "0"],
     "kmeans": ["tokenizer", "train", "kmeans", *TRAIN_ARGS],
     "dvae": ["tokenizer", "train", "dvae", *TRAIN_ARGS],
+    "compare": ["compare", "--train_shards", "/nonexistent/train-*.tar", "--test_shards", "/nonexistent/test-*.tar"],
 }
 
 
@@ -194,3 +195,48 @@ def test_a_resumed_run_goes_on_in_the_same_tracker_runs(tmp_path, monkeypatch):
     assert [r.id for r in runs[:2]] == [saved["wandb"]["id"]] * 2 and runs[2].id != saved["wandb"]["id"]
     assert runs[0].series("train/loss") == {1: 2.0} and runs[1].series("train/loss") == {2: 1.0}
     assert runs[0].summary["final/loss"] == 2.0 and runs[0].config["lr"] == 0.1
+
+
+def test_a_report_drawn_later_goes_to_the_saved_project_and_run(tmp_path, monkeypatch):
+    """attach_report (what beit viz calls) reopens the W&B run of trackers.json in the project it was logged to,
+    whatever WANDB_PROJECT says in the shell that draws the report."""
+    from beit.runtime.trackers import RunTrackers, attach_report
+
+    wandb_env(monkeypatch, tmp_path / "wandb_home")
+    monkeypatch.setenv("WANDB_PROJECT", "first-project")
+    first = RunTrackers(["wandb"], tmp_path / "run", "a/b")
+    first.start({"lr": 0.1})
+    first.finish({"loss": 2.0}, step=1)
+    report = tmp_path / "run" / "index.html"
+    report.write_text("<html>report</html>")
+    monkeypatch.setenv("WANDB_PROJECT", "another-project")
+    assert attach_report(tmp_path / "run", {"index.html": report}) == ["wandb"]
+    logged, attached = wandb_runs(tmp_path / "run")
+    assert attached.id == logged.id and attached.project == logged.project == "first-project"
+    (art,) = attached.artifacts
+    check_artifact(art, tmp_path / "run", {"index.html"})
+    assert attach_report(tmp_path / "elsewhere", {"index.html": report}) == []  # no trackers.json: nothing to do
+
+
+def test_every_tracker_extra_is_declared_and_installed_by_ci():
+    """pyproject has the extra each kind's message names; the dev extra (what launch/install.sh installs for
+    launch/test.sh) holds every kind's package, the full mlflow for the tests' `mlflow server`."""
+    import re
+
+    from beit.runtime.trackers import KINDS
+
+    tomllib = pytest.importorskip("tomllib", reason="reading pyproject.toml needs Python >= 3.11")
+
+    root = Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+
+    def names(reqs):
+        return {re.match(r"[A-Za-z0-9_.-]+", r).group(0).lower() for r in reqs}
+    for kind in KINDS.values():
+        if kind.extra:
+            assert kind.extra in extras, kind.name
+            assert names(extras[kind.extra]) & {kind.package, f"{kind.package}-skinny"}, extras[kind.extra]
+            assert kind.package in names(extras["dev"]), f"the dev extra lacks {kind.package}"
+    assert "mlflow-skinny" in names(extras["mlflow"])  # the client alone: logging to a server needs no pandas
+    assert re.search(r"pip install .*-e \"\.\[dev\]\"", (root / "launch" / "install.sh").read_text())
+    assert "launch/install.sh" in (root / "launch" / "test.sh").read_text()
