@@ -114,6 +114,32 @@ def test_unreachable_servers_stop_at_start_up(monkeypatch, tmp_path, capsys):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+def test_wandb_without_an_api_key_stops_at_start_up(monkeypatch, tmp_path, capsys):
+    """A W&B server that answers (a real HTTP server on 127.0.0.1) but no API key anywhere: the message says how to
+    log in, at start-up, instead of W&B's traceback when the tracker starts after the model is built."""
+    from http_testutil import ShardServer
+
+    for var in ("WANDB_API_KEY", "NETRC", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
+    monkeypatch.setenv("WANDB_MODE", "online")
+    with ShardServer(tmp_path) as server:
+        monkeypatch.setenv("WANDB_BASE_URL", server.url.rstrip("/"))
+        assert beit(COMMANDS["finetune"] + ["--output_dir", str(tmp_path / "a"), "--report_to", "wandb"]) == 2
+        assert server.requests, "the server was asked (it answers: the check goes on to the key)"
+        err = capsys.readouterr().err
+        assert "--report_to wandb: No API key configured" in err and "run `wandb login` or set WANDB_API_KEY" in err
+        assert "Traceback" not in err and not (tmp_path / "a").exists()
+        monkeypatch.setenv("WANDB_API_KEY", "short")
+        assert beit(COMMANDS["finetune"] + ["--output_dir", str(tmp_path / "a"), "--report_to", "wandb"]) == 2
+        assert "--report_to wandb: WANDB_API_KEY invalid" in capsys.readouterr().err
+        monkeypatch.setenv("WANDB_API_KEY", "x" * 40)  # a key (not checked with the server): the command goes on
+        assert beit(COMMANDS["finetune"] + ["--output_dir", str(tmp_path / "b"), "--report_to", "wandb"]) == 2
+        err = capsys.readouterr().err
+        assert "--report_to wandb" not in err and "/nonexistent/train-000000.tar" in err, err  # the missing shards
+
+
 def md5_b64(path: Path) -> str:
     return base64.b64encode(hashlib.md5(path.read_bytes()).digest()).decode()
 

@@ -180,3 +180,32 @@ def test_two_processes_log_from_rank_0_only(mlflow_run, tmp_path, monkeypatch):
     events = [p for p in (out / "tensorboard").glob("events.out.tfevents*")]
     assert len(events) == 1, events  # one TensorBoard writer
     assert "wandb" not in rank_logs(logs, 1).lower()
+
+
+def test_without_a_server_mlflow_logs_to_its_local_store(tmp_path, monkeypatch):
+    """No MLFLOW_TRACKING_URI: the start-up check passes and the run goes to MLflow's own default store in the working
+    directory (``mlflow ui`` there shows it), read back with MlflowClient."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from beit.runtime.trackers import RunTrackers, check_trackers
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "local")
+    check_trackers(["mlflow"])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "final.json").write_text('{"top1": 0.5}')
+    trackers = RunTrackers(["mlflow"], run_dir, "local/run")
+    trackers.start({"lr": 0.1})
+    trackers.log({"train/loss": 1.5}, step=1)
+    trackers.finish({"top1": 0.5}, step=1, files={"final.json": run_dir / "final.json"})
+    saved = json.loads((run_dir / "trackers.json").read_text())["mlflow"]
+    assert str(tmp_path) in saved["tracking_uri"] == mlflow.get_tracking_uri()
+    client = MlflowClient(saved["tracking_uri"])
+    r = client.get_run(saved["run_id"])
+    assert r.info.run_name == "local/run" and r.data.params["lr"] == "0.1"
+    assert history(client, r.info.run_id, "train/loss") == [(1, 1.5)] and r.data.metrics["final/top1"] == 0.5
+    assert artifacts(client, r.info.run_id) == {"final.json"}
+    assert same_bytes(client, r.info.run_id, run_dir, "final.json", tmp_path / "dl")

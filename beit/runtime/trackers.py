@@ -90,6 +90,11 @@ class WandB(TrackerKind):
         if reason:
             raise ValueError(f"--report_to wandb: cannot reach the W&B server at {url} ({reason}); check the network "
                              "or WANDB_BASE_URL, or log offline with WANDB_MODE=offline (`wandb sync` uploads later)")
+        try:  # the API key (WANDB_API_KEY, ~/.netrc, wandb login), not sent: verify=False asks the server nothing
+            wandb.login(verify=False)
+        except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as e:  # none found / a malformed one
+            raise ValueError(f"--report_to wandb: {e} (WANDB_API_KEY, ~/.netrc); run `wandb login` or set "
+                             "WANDB_API_KEY, or log offline with WANDB_MODE=offline") from None
 
     def create(self, run_dir, run_name, saved):
         from accelerate.tracking import WandBTracker
