@@ -95,6 +95,8 @@ class WandB(TrackerKind):
         except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as e:  # none found / a malformed one
             raise ValueError(f"--report_to wandb: {e} (WANDB_API_KEY, ~/.netrc); run `wandb login` or set "
                              "WANDB_API_KEY, or log offline with WANDB_MODE=offline") from None
+        finally:  # login fixed W&B's process-wide settings (mode, server) from this moment's environment: forget them
+            wandb.teardown()
 
     def create(self, run_dir, run_name, saved):
         from accelerate.tracking import WandBTracker
