@@ -111,8 +111,9 @@ def test_readme_own_data_commands_run_verbatim(tmp_path):
     # --report_to: the same fine-tune, also into an offline W&B run (its own folders under tmp_path)
     from tracker_testutil import wandb_runs
     wandb_home = {f"WANDB_{k}_DIR": str(tmp_path / "wandb_home" / k.lower()) for k in ("CACHE", "DATA", "CONFIG")}
+    shell = {k: v for k, v in env.items() if not k.startswith("WANDB_")}  # not this process's W&B service or settings
     r = subprocess.run(["bash", "-euo", "pipefail", "-c", report_to_block()], cwd=tmp_path, timeout=900, text=True,
-                       capture_output=True, env={**env, **wandb_home, "WANDB_SILENT": "true"})
+                       capture_output=True, env={**shell, **wandb_home, "WANDB_SILENT": "true"})
     assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
     tracked = tmp_path / "runs" / "mine" / "finetune_wandb"
     (wb,) = wandb_runs(tracked)

@@ -105,11 +105,15 @@ class WandbRun:
 
 
 def wandb_runs(run_folder: Path, timeout: float = 120) -> list[WandbRun]:
-    """Every offline W&B run written under ``run_folder``/wandb, oldest first. W&B's service writes a finished run's
-    file after ``finish()`` returns: wait for each file's closing record."""
+    """Every offline W&B run written under ``run_folder``/wandb, oldest first. W&B's service (its own process, which
+    can outlive the command) writes a run's file after ``finish()`` returns: wait for each file and its closing
+    record."""
     dirs = sorted((Path(run_folder) / "wandb").glob("offline-run-*"))
     deadline = time.time() + timeout
     for d in dirs:
+        while not list(d.glob("run-*.wandb")):
+            assert time.time() < deadline, f"{d} has no run file after {timeout}s"
+            time.sleep(0.2)
         (run_file,) = d.glob("run-*.wandb")
         while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(run_file)):
             assert time.time() < deadline, f"{run_file} has no closing record after {timeout}s"

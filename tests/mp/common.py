@@ -97,7 +97,8 @@ def command(script: Path, args: list[str], nproc: int, log_dir: Path | None = No
 
 
 def env(nproc: int) -> dict[str, str]:
-    return dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1" if nproc > 1 else "2",
+    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # the test process's own W&B service
+    return dict(inherited, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1" if nproc > 1 else "2",
                 PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
 
 
