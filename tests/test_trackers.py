@@ -29,6 +29,7 @@ COMMANDS = {
                 "--cutmix", "0"],
     "kmeans": ["tokenizer", "train", "kmeans", *TRAIN_ARGS],
     "dvae": ["tokenizer", "train", "dvae", *TRAIN_ARGS],
+    "vqkd": ["tokenizer", "train", "vqkd", *TRAIN_ARGS, "--teacher", "timm", "--teacher_path", "TEACHER"],
     "compare": ["compare", "--train_shards", "/nonexistent/train-*.tar", "--test_shards", "/nonexistent/test-*.tar"],
 }
 
@@ -38,7 +39,8 @@ def config_classes():
     from beit.options.finetune import FinetuneConfig
     from beit.options.pretrain import PretrainConfig
     from beit.tokenizers.fitting import DVAETrainConfig, KMeansTrainConfig
-    return PretrainConfig, FinetuneConfig, DVAETrainConfig, KMeansTrainConfig, CompareConfig
+    from beit.tokenizers.vqkd_train import VQKDTrainConfig
+    return PretrainConfig, FinetuneConfig, DVAETrainConfig, KMeansTrainConfig, VQKDTrainConfig, CompareConfig
 
 
 def test_report_to_is_one_option_section_everywhere():

@@ -210,3 +210,24 @@ def test_without_a_server_mlflow_logs_to_its_local_store(tmp_path, monkeypatch):
     assert history(client, r.info.run_id, "train/loss") == [(1, 1.5)] and r.data.metrics["final/top1"] == 0.5
     assert artifacts(client, r.info.run_id) == {"final.json"}
     assert same_bytes(client, r.info.run_id, run_dir, "final.json", tmp_path / "dl")
+
+
+def test_vqkd_training_reports_to_mlflow(assets, mlflow_run, tmp_path):  # noqa: F811
+    from vqkd_testutil import run_vqkd, timm_teacher, tiny_vqkd
+
+    client, runs = mlflow_run
+    out = tmp_path / "vqkd"
+    summary = run_vqkd(tiny_vqkd(assets, timm_teacher(tmp_path / "teacher"), out, report_to="mlflow",
+                                 run_name="tok/vqkd"))
+    (r,) = runs()
+    assert r.info.run_name == "tok/vqkd" and r.info.status == "FINISHED"
+    assert r.data.params["vocab_size"] == "64" and r.data.params["teacher"] == "timm"
+    recs = [x for x in read_metrics(out) if "rec_loss" in x]
+    loss = history(client, r.info.run_id, "train/rec_loss")
+    assert [s for s, _ in loss] == [x["step"] for x in recs] == list(range(1, 7))
+    assert dict(loss) == pytest.approx({x["step"]: x["rec_loss"] for x in recs})
+    assert [s for s, _ in history(client, r.info.run_id, "val/codebook_usage")] == [3, 6]
+    assert r.data.metrics["final/val/codebook_usage"] == pytest.approx(summary["val/codebook_usage"])
+    files = artifacts(client, r.info.run_id)
+    assert files == {"config.yaml", "final_metrics.json", "vqkd.json", "vqkd_unilm.json"}, files
+    assert all(same_bytes(client, r.info.run_id, out, f, tmp_path / "dl") for f in files)

@@ -108,8 +108,17 @@ def wandb_runs(run_folder: Path, timeout: float = 120) -> list[WandbRun]:
     """Every offline W&B run written under ``run_folder``/wandb, oldest first. W&B's service (its own process, which
     can outlive the command) writes a run's file after ``finish()`` returns: wait for each file and its closing
     record."""
-    dirs = sorted((Path(run_folder) / "wandb").glob("offline-run-*"))
     deadline = time.time() + timeout
+
+    def started(d: Path) -> tuple[str, str]:
+        """offline-run-<YYYYmmdd_HHMMSS>-<id>, then the first line of its debug.log (milliseconds): two runs started
+        in the same second are ordered by the log, not by their ids."""
+        log = d / "logs" / "debug.log"
+        while not log.is_file() or not log.read_text().strip():
+            assert time.time() < deadline, f"{log} was not written in {timeout}s"
+            time.sleep(0.2)
+        return d.name.split("-")[2], log.read_text().splitlines()[0][:23]
+    dirs = sorted((Path(run_folder) / "wandb").glob("offline-run-*"), key=started)
     for d in dirs:
         while not list(d.glob("run-*.wandb")):
             assert time.time() < deadline, f"{d} has no run file after {timeout}s"
