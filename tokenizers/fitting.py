@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -145,6 +145,11 @@ def train_kmeans(cfg: KMeansTrainConfig):
     return tok
 
 
+def _fit_options(options: dict) -> dict:
+    """The options a resumed fit must share with its checkpoint: all but where the results are reported."""
+    return {k: v for k, v in options.items() if k not in {f.name for f in fields(TrackerOptions)}}
+
+
 def _fit_kmeans(cfg: KMeansTrainConfig, run_dir: Path, latest: Path | None, stop):
     from tqdm.auto import tqdm
 
@@ -166,7 +171,7 @@ def _fit_kmeans(cfg: KMeansTrainConfig, run_dir: Path, latest: Path | None, stop
                   contrast_floor=cfg.contrast_floor, whiten=cfg.whiten)
     if latest is not None:
         tensors, state, rank_state = load_tensor_checkpoint(latest)
-        if state["options"] != to_dict(cfg):
+        if _fit_options(state["options"]) != _fit_options(to_dict(cfg)):
             raise ValueError(f"{latest} is a fit with other options than this one; remove {run_dir} to start over, "
                              "or rerun the original command")
         fit = KMeansFit.from_state(tensors, state["fit"])

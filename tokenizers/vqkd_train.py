@@ -31,7 +31,7 @@ import torch
 
 from beit.config import check_finite_numbers, field, load_yaml, save_config, to_dict
 from beit.data.pipelines.transforms import AugmentOptions
-from beit.options.common import DataOptions, ModelOptions, OptimOptions, PrecisionOptions, RunOptions, TrackerOptions
+from beit.options.common import DataOptions, ModelOptions, OptimOptions, PrecisionOptions, RunOptions
 from beit.runtime.faults import SetupError
 from beit.tokenizers.fitting import TokenizerViewOptions
 from beit.tokenizers.teachers import TEACHER_KINDS
@@ -46,7 +46,7 @@ TOKENIZER_STEM, UNILM_FILE = "vqkd", "vqkd_unilm.pth"
 
 
 @dataclass
-class VQKDTrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions, ModelOptions, TokenizerViewOptions,
+class VQKDTrainConfig(RunOptions, PrecisionOptions, OptimOptions, ModelOptions, TokenizerViewOptions,
                       AugmentOptions, DataOptions):
     """Shared sections (beit.options.common) first, then VQ-KD's own options."""
     # the shared options with the reference's defaults
