@@ -356,7 +356,7 @@ def build_parser(cls: type, description: str | None = None, epilog: str | None =
         if "_" in f.name:
             flags.append(f"--{f.name.replace('_', '-')}")
         help_text = f"{_help_of(cls, f.name)} (default: {default!r})"
-        if tp is bool:
+        if tp is bool or tp == typing.Optional[bool]:  # Optional: None = not given (a deprecated switch)
             parser.add_argument(*flags, dest=f.name, default=argparse.SUPPRESS, nargs="?", const="true",
                                 metavar="BOOL", help=help_text)
             no = [f"--no-{f.name.replace('_', '-')}"] + ([f"--no_{f.name}"] if "_" in f.name else [])

@@ -42,14 +42,14 @@ def build_digits_model(root: Path) -> dict:
         run_pretraining(PretrainConfig(train_shards=[train], tokenizer="kmeans", tokenizer_path=str(root / "tokenizer"),
                                        model_size="tiny", batch_size=32, total_steps=20, warmup_steps=2, lr=2e-3,
                                        mask_ratio=0.4, min_mask_patches=2, num_workers=0, checkpoint_every=20,
-                                       tensorboard=False, mixed_precision="no", shuffle_buffer=64, log_images_every=0,
+                                       report_to="none", mixed_precision="no", shuffle_buffer=64, log_images_every=0,
                                        output_dir=str(root / "pretrain"), **DIMS))
         _fresh_state()
         run = root / "finetune"
         run_finetune(FinetuneConfig(train_shards=[train], val_shards=[test], output_dir=str(run),
                                     init=str(root / "pretrain" / "pretrained.safetensors"), epochs=2, batch_size=32,
                                     num_workers=0, lr=2e-3, warmup_epochs=0.5, auto_augment="", reprob=0.0, mixup=0.0,
-                                    cutmix=0.0, hflip=0.0, crop_pct=0.875, tensorboard=False, mixed_precision="no",
+                                    cutmix=0.0, hflip=0.0, crop_pct=0.875, report_to="none", mixed_precision="no",
                                     image_size=32, patch_size=8))
         _fresh_state()
         export_main(["--run_dir", str(run), "--out", str(root / "exported" / "model.safetensors")])

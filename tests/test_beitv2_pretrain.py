@@ -113,7 +113,7 @@ def test_run_logs_the_branch_saves_it_exports_it_and_fine_tunes_without_it(asset
     from beit.export.commands import export_main
     out = tmp_path / "v2"
     summary = run(tiny_cfg(assets, out, depth=4, cls_pretraining=True, early_layers=3, total_steps=4,
-                           checkpoint_every=4, tensorboard=True))
+                           checkpoint_every=4, report_to="tensorboard"))
     recs = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in recs] == [1, 2, 3, 4]
     for r in recs:

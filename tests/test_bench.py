@@ -142,3 +142,4 @@ def test_step_phases_child_splits_a_real_step(tmp_path):
         assert res["steps"] == steps and res["ms_per_step"] > 0 and res["beit"] == str(ROOT)
         assert {"data", "forward", "backward", "clip", "optimizer", "loop"} <= set(phases), json.dumps(phases)
         assert all(v >= 0 for v in phases.values()) and phases["backward"] > 0 and phases["forward"] > 0
+        assert not (tmp_path / stage / "tensorboard").exists()  # no tracker in the timed steps, as in beit compare

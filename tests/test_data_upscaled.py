@@ -15,7 +15,7 @@ def test_finetune_counts_upscaled(digits, tmp_path, size, upscaled):
     GradientState._reset_state()
     cfg = FinetuneConfig(train_shards=str(digits / "train-*.tar"), val_shards=str(digits / "test-*.tar"),
                          output_dir=str(tmp_path), image_size=size, patch_size=16, embed_dim=16, depth=1, num_heads=1,
-                         epochs=1, batches_per_epoch=2, batch_size=8, num_workers=0, tensorboard=False,
+                         epochs=1, batches_per_epoch=2, batch_size=8, num_workers=0, report_to="none",
                          warmup_epochs=0, auto_augment="", mixup=0.0, cutmix=0.0, reprob=0.0)
     run_finetune(cfg)
     rec = [r for r in read_metrics(tmp_path) if "data/samples" in r][-1]

@@ -11,7 +11,7 @@ from beit.finetune import FinetuneConfig, run_finetune
 from beit.modeling.distill import DistillLoss, load_teacher
 
 FAST = dict(num_workers=0, lr=1e-3, warmup_epochs=0.5, auto_augment="", reprob=0.0, mixup=0.0, cutmix=0.0,
-            hflip=0.0, crop_pct=1.0, tensorboard=False, log_every=1, image_size=32)
+            hflip=0.0, crop_pct=1.0, report_to="none", log_every=1, image_size=32)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

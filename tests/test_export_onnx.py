@@ -21,7 +21,7 @@ def finetuned(digits, tmp_path_factory):
                          output_dir=str(out), image_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2,
                          epochs=1, batches_per_epoch=3, batch_size=16, num_workers=0, lr=1e-3, warmup_epochs=0.5,
                          auto_augment="", reprob=0.0, mixup=0.0, cutmix=0.0, hflip=0.0, crop_pct=0.875,
-                         tensorboard=False)
+                         report_to="none")
     run_finetune(cfg)
     return out / "model.safetensors"
 

@@ -19,7 +19,7 @@ from beit.checkpoints.checkpointing import checkpoint_path, find_latest_complete
 from beit.runtime.faults import RunFault
 from beit.runtime.run_logging import read_metrics
 
-FAST = dict(total_steps=6, checkpoint_every=3, keep_last=3, val_shards=[], tensorboard=False)
+FAST = dict(total_steps=6, checkpoint_every=3, keep_last=3, val_shards=[], report_to="none")
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_training_ends_when_accelerate_launch_is_killed_and_the_rerun_resumes(as
     out = tmp_path / "run"
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(tiny_cfg(assets, out, total_steps=40, checkpoint_every=2, keep_last=2,
-                                                val_shards=[], tensorboard=False)))
+                                                val_shards=[], report_to="none")))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               str(REPO / "beit" / "pretrain.py"), "--config", str(cfg_path)]

@@ -159,7 +159,7 @@ def test_finetune_from_a_transformers_classifier_keeps_and_exports_its_settings(
     run_finetune(FinetuneConfig(
         init=str(checkpoint("hf_beit_classifier_cls_abs")), train_shards=str(digits / "train-*.tar"), image_size=32,
         patch_size=8, epochs=1, batches_per_epoch=2, batch_size=8, num_workers=0, auto_augment="", reprob=0.0,
-        mixup=0.0, cutmix=0.0, tensorboard=False, warmup_epochs=0.0, output_dir=str(out)))
+        mixup=0.0, cutmix=0.0, report_to="none", warmup_epochs=0.0, output_dir=str(out)))
     import yaml
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["layer_norm_eps"] == 1e-12 and saved["global_pool"] == "token"

@@ -14,7 +14,7 @@ TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=2)
 TINY_CFG = {("image_size" if k == "img_size" else k): v for k, v in TINY.items()}  # the config spells it image_size
 FAST = dict(epochs=2, batches_per_epoch=3, batch_size=16, num_workers=0, lr=1e-3, warmup_epochs=0.5,
             auto_augment="rand-m5-mstd0.5-inc1", reprob=0.25, mixup=0.8, cutmix=1.0, hflip=0.0,
-            tensorboard=False, log_every=1, crop_pct=1.0)
+            report_to="none", log_every=1, crop_pct=1.0)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -136,7 +136,7 @@ def seg_cfg(root, out, **kw):
     base = dict(task="segmentation", train_shards=str(root / "train" / "train-*.tar"),
                 val_shards=str(root / "val" / "val-*.tar"), num_classes=4, seg_channels=16, epochs=2,
                 batch_size=8, batches_per_epoch=4, num_workers=0, lr=2e-3, warmup_epochs=0.5, layer_decay=0.9,
-                tensorboard=False, log_every=1, drop_path=0.0, **TINY_CFG)
+                report_to="none", log_every=1, drop_path=0.0, **TINY_CFG)
     base.update(kw)
     return FinetuneConfig(output_dir=str(out), **base)
 

@@ -103,13 +103,13 @@ def wait_until(cond, what: str, procs=(), timeout: float = 300) -> None:
 
 def pretrain_args(data: Path, tok: str, out: str, epochs: int) -> list[str]:
     return ["pretrain", "--data", str(data), "--tokenizer_path", tok, "--output_dir", out, *MODEL, "--epochs",
-            str(epochs), "--batch_size", "8", "--tensorboard", "false", "--mixed_precision", "no",
+            str(epochs), "--batch_size", "8", "--report_to", "none", "--mixed_precision", "no",
             "--auto_recipe", "false"]
 
 
 def finetune_args(data: Path, out: str, epochs: int) -> list[str]:
     return ["finetune", "--data", str(data), "--output_dir", out, *MODEL, "--epochs", str(epochs), "--batch_size",
-            "8", "--auto_augment", "", "--mixup", "0", "--cutmix", "0", "--tensorboard", "false",
+            "8", "--auto_augment", "", "--mixup", "0", "--cutmix", "0", "--report_to", "none",
             "--mixed_precision", "no", "--auto_recipe", "false"]
 
 

@@ -47,7 +47,7 @@ def cfg_for(root, out, **kw) -> dict:
     cfg = dict(train_shards=[str(root / "digits" / "train-*.tar")], tokenizer="kmeans",
                tokenizer_path=str(root / "kmeans"), image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                batch_size=32, total_steps=8, warmup_steps=2, num_workers=0, checkpoint_every=100, log_every=2,
-               tensorboard=False, output_dir=str(out), shuffle_buffer=64, crop_scale_min=0.6, hflip=0.0,
+               report_to="none", output_dir=str(out), shuffle_buffer=64, crop_scale_min=0.6, hflip=0.0,
                knn_train_shards=[str(root / "digits" / "train-*.tar")],
                knn_val_shards=[str(root / "digits" / "test-*.tar")], knn_every=4)
     cfg.update(kw)

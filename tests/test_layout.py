@@ -20,7 +20,8 @@ ENTRY_POINTS = {"beit.cli", "beit.pretrain", "beit.finetune", "beit.distill", "b
 # import names of the declared dependencies (pyproject.toml), whether installed here or not
 DEPENDENCIES = {"torch", "torchvision", "timm", "dall_e", "attr", "attrs", "webdataset", "accelerate", "numpy",
                 "safetensors", "tqdm", "yaml", "PIL", "sklearn", "skimage", "matplotlib", "tensorboard", "xxhash",
-                "transformers", "tokenizers", "onnx", "onnxruntime", "onnxscript", "pytest", "einops", "ruff"}
+                "transformers", "tokenizers", "onnx", "onnxruntime", "onnxscript", "pytest", "einops", "ruff",
+                "wandb", "mlflow"}
 
 # what the code did before the regrouping; emptied as the library takes over (must end empty)
 KNOWN = [

@@ -84,7 +84,7 @@ def test_segmentation_on_two_processes(tmp_path):
             "--image_size", "32", "--patch_size", "8", "--embed_dim", "32", "--depth", "4", "--num_heads", "2",
             "--epochs", "1", "--warmup_epochs", "0.5", "--batches_per_epoch", "4", "--batch_size", "4", "--num_workers",
             "0",
-            "--tensorboard", "false", "--log_every", "1", "--output_dir", str(out)]
+            "--report_to", "none", "--log_every", "1", "--output_dir", str(out)]
     run(FINETUNE, args, 2, tmp_path / "logs")
     steps = step_records(out)
     assert sorted(steps) == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in steps.values())

@@ -66,7 +66,7 @@ def test_every_stage_shares_the_sections():
 def test_booleans_aliases_and_suggestions(tmp_path, capsys):
     base = ["--train_shards", "x", "--val_shards", "y"]
     assert parse_config(FinetuneConfig, base + ["--model_ema"]).model_ema is True
-    assert parse_config(FinetuneConfig, base + ["--model_ema", "--no-tensorboard"]).tensorboard is False
+    assert parse_config(FinetuneConfig, base + ["--model_ema", "--no-tensorboard"]).report_to == []  # deprecated
     assert parse_config(FinetuneConfig, base + ["--model_ema", "false"]).model_ema is False
     cfg = parse_config(FinetuneConfig, base + ["--img_size", "96"])  # the old name still works, with a warning
     assert cfg.image_size == 96

@@ -42,7 +42,7 @@ def tiny_cfg(assets, out, **kw) -> dict:
                tokenizer_path=assets["tok"], image_size=32, patch_size=4, model_size="tiny", embed_dim=32,
                depth=2, num_heads=2, drop_path=0.1, batch_size=16, total_steps=6, warmup_steps=2, lr=2e-3,
                min_lr=1e-4, crop_scale_min=0.3, num_workers=0, checkpoint_every=3, keep_last=2, log_every=1,
-               tensorboard=False, eval_batches=2, seed=0, output_dir=str(out), shuffle_buffer=64)
+               report_to="none", eval_batches=2, seed=0, output_dir=str(out), shuffle_buffer=64)
     cfg.update(kw)
     return cfg
 
@@ -79,7 +79,7 @@ def losses(out) -> dict[int, float]:
 
 def test_end_to_end_outputs(assets, tmp_path):
     out = tmp_path / "run"
-    summary = run(tiny_cfg(assets, out, tensorboard=True, num_workers=2, grad_accum_steps=2, log_every=2,
+    summary = run(tiny_cfg(assets, out, report_to="tensorboard", num_workers=2, grad_accum_steps=2, log_every=2,
                            eval_batches=0, eval_batch_size=10))
     recs = [r for r in read_metrics(out) if "loss" in r]
     assert [r["step"] for r in recs] == [2, 4, 6]

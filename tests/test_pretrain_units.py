@@ -144,17 +144,6 @@ def test_logger_truncates_on_resume(tmp_path):
     json.dumps(read_metrics(tmp_path))
 
 
-def test_tensorboard_requested_but_missing_warns_loudly(monkeypatch, capsys):
-    import beit.runtime.run_logging as rl
-
-    monkeypatch.setattr(rl, "tensorboard_available", lambda: False)
-    assert rl.resolve_trackers(True) == []
-    assert "tensorboard=true but the tensorboard package is not importable" in capsys.readouterr().err
-    assert rl.resolve_trackers(False) == []
-    monkeypatch.setattr(rl, "tensorboard_available", lambda: True)
-    assert rl.resolve_trackers(True) == ["tensorboard"]
-
-
 def test_auto_mixed_precision(monkeypatch):
     import beit.runtime.precision as precision
     from beit.runtime.precision import resolve_mixed_precision

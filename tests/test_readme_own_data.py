@@ -72,6 +72,18 @@ def test_readme_flow_on_the_bundled_digits(tmp_path):
     assert cached == ["images", "labelled"]
 
 
+def own_data_blocks() -> list[str]:
+    text = README.read_text()
+    section = text[text.index("## Using it on your data"):]
+    return re.findall(r"```bash\n(.*?)```", section, re.S)
+
+
+def report_to_block() -> str:
+    """The block that shows --report_to: it goes on from the outputs of the first."""
+    (block,) = [b for b in own_data_blocks() if "--report_to" in b]
+    return block
+
+
 def use_model_blocks() -> tuple[str, list[str]]:
     """The "Using the model" section's bash block and its Python blocks."""
     text = README.read_text()
@@ -144,6 +156,21 @@ def test_readme_own_data_commands_run_verbatim(tmp_path):
     # the folders were written into shards once; a rerun of the same folder reuses them
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir() if not p.name.startswith("."))
     assert len(cached) == 2 and any(n.startswith("my_photos-") for n in cached)
+
+    # --report_to: the same fine-tune, also into an offline W&B run (its own folders under tmp_path)
+    from tracker_testutil import wandb_runs
+    wandb_home = {f"WANDB_{k}_DIR": str(tmp_path / "wandb_home" / k.lower()) for k in ("CACHE", "DATA", "CONFIG")}
+    shell = {k: v for k, v in env.items() if not k.startswith("WANDB_")}  # not this process's W&B service or settings
+    r = subprocess.run(["bash", "-euo", "pipefail", "-c", report_to_block()], cwd=tmp_path, timeout=900, text=True,
+                       capture_output=True, env={**shell, **wandb_home, "WANDB_SILENT": "true"})
+    assert r.returncode == 0, (r.stdout + r.stderr)[-5000:]
+    tracked = tmp_path / "runs" / "mine" / "finetune_wandb"
+    (wb,) = wandb_runs(tracked)
+    assert wb.name == "mine/finetune" and list((tracked / "tensorboard").rglob("events.out.tfevents*"))
+    final = json.loads((tracked / "final.json").read_text())
+    assert wb.summary["final/top1"] == final["top1"] and sorted(wb.series("val/top1"))
+    assert {c.path for c in wb.artifacts[0].manifest.contents} >= {"config.yaml", "final.json"}
+
     use_the_model(tmp_path, env)
 
 

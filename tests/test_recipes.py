@@ -26,9 +26,9 @@ RECIPES = sorted(p.name for p in (REPO / "launch").glob("*.yaml"))
 INIT_FROM = {"finetune_linear_probe.yaml": "pretrain_beit_base_in1k.yaml",
              "demo_finetune.yaml": "demo_pretrain.yaml"}
 SHRINK_MODEL = dict(embed_dim=32, num_heads=2)
-SHRINK_PRETRAIN = dict(batch_size=16, total_steps=3, num_workers=0, checkpoint_every=3, log_every=1, tensorboard=False,
+SHRINK_PRETRAIN = dict(batch_size=16, total_steps=3, num_workers=0, checkpoint_every=3, log_every=1, report_to="none",
                        eval_batches=1, shuffle_buffer=64)
-SHRINK_FINETUNE = dict(batch_size=32, epochs=1, num_workers=0, checkpoint_every=10 ** 6, log_every=1, tensorboard=False,
+SHRINK_FINETUNE = dict(batch_size=32, epochs=1, num_workers=0, checkpoint_every=10 ** 6, log_every=1, report_to="none",
                        mixed_precision="auto")
 FULL_EPOCH = ("finetune_beit_base_in1k.yaml", "demo_finetune.yaml")
 FEW_BATCHES = 4  # micro-batches per epoch for the other fine-tune recipes

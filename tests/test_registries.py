@@ -40,7 +40,7 @@ def test_a_plain_timm_vit_pretrains_and_fine_tunes(photos, digits, tmp_path):
     summary = run_pretraining(PretrainConfig(
         arch=VIT, train_shards=[photos["train"]], tokenizer="kmeans", tokenizer_path=photos["tok"], image_size=32,
         patch_size=4, embed_dim=32, depth=2, num_heads=2, batch_size=8, total_steps=4, warmup_steps=1,
-        num_workers=0, checkpoint_every=2, tensorboard=False, log_every=1, shuffle_buffer=16, mixed_precision="no",
+        num_workers=0, checkpoint_every=2, report_to="none", log_every=1, shuffle_buffer=16, mixed_precision="no",
         output_dir=str(out)))
     assert summary["step"] == 4 and summary["nonfinite_steps"] == 0
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
@@ -54,7 +54,7 @@ def test_a_plain_timm_vit_pretrains_and_fine_tunes(photos, digits, tmp_path):
     cfg = FinetuneConfig(model=VIT, init=str(out / "pretrained.safetensors"), train_shards=str(digits / "train-*.tar"),
                          val_shards=str(digits / "test-*.tar"), image_size=32, epochs=1, batches_per_epoch=2,
                          batch_size=16, num_workers=0, warmup_epochs=0.5, auto_augment="", reprob=0.0, mixup=0.0,
-                         cutmix=0.0, hflip=0.0, crop_pct=1.0, tensorboard=False, output_dir=str(tmp_path / "ft"))
+                         cutmix=0.0, hflip=0.0, crop_pct=1.0, report_to="none", output_dir=str(tmp_path / "ft"))
     cfg.validate()
     logs = []
     model = build_model(cfg, 10, log=logs.append)

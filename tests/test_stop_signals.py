@@ -151,7 +151,7 @@ def test_sigterm_during_fine_tuning_checkpoints_that_step_and_the_rerun_ends_lik
         path.write_text(yaml.safe_dump(dict(
             train_shards=str(digits / "train-*.tar"), val_shards=str(digits / "test-*.tar"), output_dir=str(out),
             image_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, epochs=2, batches_per_epoch=8,
-            batch_size=16, num_workers=1, lr=1e-3, warmup_epochs=0.5, mixup=0.0, cutmix=0.0, tensorboard=False,
+            batch_size=16, num_workers=1, lr=1e-3, warmup_epochs=0.5, mixup=0.0, cutmix=0.0, report_to="none",
             log_every=1, checkpoint_every=1000, seed=0)))
         return path
     ref, out, stopped = interrupt_and_rerun("beit.finetune", config, tmp_path, random.Random(23).randint(3, 10),
@@ -200,18 +200,33 @@ def test_distillation_stops_at_the_step_and_resumes_exactly(digits, teacher, tmp
 
 
 def test_kmeans_tokenizer_fit_stops_at_the_batch_and_resumes_to_the_same_codebook(assets, tmp_path, monkeypatch):
+    """Stopped with --report_to none, resumed with tensorboard (the trackers are no part of the fit's options): the
+    same codebook, and the resumed fit logs the second pass's inertia as the uninterrupted fit did."""
+    from test_tensorboard_layout import events
+
     from beit.tokenizers.fitting import KMeansTrainConfig, train_kmeans
-    shards = assets["train"].replace("000013", "000002")       # 3 shards: 9 batches an epoch
-    cfg = lambda out: KMeansTrainConfig(train_shards=[shards], out=str(out), vocab_size=16,  # noqa: E731
-                                        patch_size=4, input_size=32, epochs=2, batch_size=32, init_patches=2000,
-                                        num_workers=0)
+    shards = assets["train"].replace("000013", "000002")       # 3 shards: 10 batches an epoch
+    cfg = lambda out, report_to="tensorboard": KMeansTrainConfig(  # noqa: E731
+        train_shards=[shards], out=str(out), vocab_size=16, patch_size=4, input_size=32, epochs=2, batch_size=32,
+        init_patches=2000, num_workers=0, report_to=report_to)
     ref = train_kmeans(cfg(tmp_path / "ref" / "kmeans"))
     out = tmp_path / "run" / "kmeans"
     run_dir = Path(f"{out}.fit")
-    stop = stop_and_resume(monkeypatch, 12, signal.SIGINT, lambda: train_kmeans(cfg(out)), run_dir)  # epoch 2
+    runs = []
+
+    def fit():
+        runs.append(out)
+        return train_kmeans(cfg(out, "none" if len(runs) == 1 else "tensorboard"))
+    stop = stop_and_resume(monkeypatch, 12, signal.SIGINT, fit, run_dir)  # epoch 2
     assert stop.checkpoint == str(checkpoint_path(run_dir, 12))
     assert torch.equal(load_file(f"{out}.safetensors")["centroids"], ref.centroids)
     assert not run_dir.exists()                                # the fit's checkpoint goes once the tokenizer is written
+
+    def inertia(run):
+        return [(e.step, e.value) for ea in events(run).values() if "train/inertia" in ea.Tags()["scalars"]
+                for e in ea.Scalars("train/inertia")]
+    ref_passes = inertia(tmp_path / "ref" / "kmeans_run")
+    assert [s for s, _ in ref_passes] == [10, 20] and inertia(tmp_path / "run" / "kmeans_run") == ref_passes[1:]
 
 
 def test_dvae_tokenizer_training_stops_at_the_step_and_resumes_exactly(assets, tmp_path, monkeypatch):

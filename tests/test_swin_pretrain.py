@@ -64,7 +64,7 @@ def test_swin_pretraining_fine_tunes_in_timm(swin_run, tmp_path):
                          output_dir=str(tmp_path / "ft"), model=ARCH, image_size=32,
                          init=str(out / "pretrained.safetensors"),
                          epochs=1, batches_per_epoch=2, batch_size=16, num_workers=0, lr=1e-3, warmup_epochs=0.5,
-                         auto_augment="", reprob=0.0, mixup=0.0, cutmix=0.0, hflip=0.0, crop_pct=1.0, tensorboard=False)
+                         auto_augment="", reprob=0.0, mixup=0.0, cutmix=0.0, hflip=0.0, crop_pct=1.0, report_to="none")
     cfg.validate()
     from beit.tasks import build_model
     logs = []

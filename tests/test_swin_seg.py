@@ -33,7 +33,7 @@ def swin_pretrained(assets, tmp_path_factory):  # noqa: F811
 def seg_cfg(root, out, **kw):
     base = dict(task="segmentation", model=ARCH, train_shards=str(root / "train" / "train-*.tar"),
                 val_shards=str(root / "val" / "val-*.tar"), num_classes=4, seg_channels=16, epochs=2, batch_size=8,
-                batches_per_epoch=3, num_workers=0, lr=2e-3, warmup_epochs=0.5, layer_decay=0.9, tensorboard=False,
+                batches_per_epoch=3, num_workers=0, lr=2e-3, warmup_epochs=0.5, layer_decay=0.9, report_to="none",
                 log_every=1, drop_path=0.0, image_size=32)
     return FinetuneConfig(output_dir=str(out), **{**base, **kw})
 

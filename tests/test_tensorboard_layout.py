@@ -35,14 +35,15 @@ def test_tag_names():
 
 def test_pretraining_scalars_and_pictures(assets, tmp_path):  # noqa: F811
     out = tmp_path / "pre"
-    run(tiny_cfg(assets, out, total_steps=4, checkpoint_every=4, tensorboard=True, log_images_every=2,
+    run(tiny_cfg(assets, out, total_steps=4, checkpoint_every=4, report_to="tensorboard", log_images_every=2,
                  eval_batches=1))
     accs = events(out)
     scalars = tags(accs, "scalars")
     logged = {tensorboard_tag(k) for r in read_metrics(out) for k, v in r.items()
               if isinstance(v, (int, float)) and k not in ("step", "time")}
     assert logged <= scalars and SHARED <= scalars and {"val/mim_acc", "val/majority_acc"} <= scalars
-    assert all(t.split("/")[0] in ("train", "val", "data") for t in scalars)
+    assert all(t.split("/")[0] in ("train", "val", "data", "final") for t in scalars)
+    assert {"final/val/mim_acc", "final/train_seconds", "final/step"} <= scalars  # the run's final summary
     pics = tags(accs, "images")
     assert pics == {"pictures/masks", "pictures/tokens", "pictures/reconstruction"}
     for ea in accs.values():
@@ -61,8 +62,9 @@ def test_finetune_uses_the_same_layout(tmp_path):
     digits = tmp_path / "digits"
     build_sample_shards(digits, "digits")
     out = tmp_path / "ft"
-    run_finetune(cfg(digits, out, epochs=1, batches_per_epoch=2, tensorboard=True, mixup=0.0, cutmix=0.0))
+    run_finetune(cfg(digits, out, epochs=1, batches_per_epoch=2, report_to="tensorboard", mixup=0.0, cutmix=0.0))
     scalars = tags(events(out), "scalars")
     assert SHARED <= scalars and {"val/top1", "val/top5", "val/loss", "train/epoch_loss"} <= scalars
-    assert all(t.split("/")[0] in ("train", "val", "data") for t in scalars)
+    assert all(t.split("/")[0] in ("train", "val", "data", "final") for t in scalars)
+    assert {"final/top1", "final/top5", "final/train_loss"} <= scalars
     assert not (out / "finetune").exists()

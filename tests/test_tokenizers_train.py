@@ -29,6 +29,13 @@ def test_kmeans_cli_fits_saves_and_reports(shards, tmp_path, capsys):
     assert held_out["usage"] > 0.5
     tok = load_tokenizer("kmeans", tmp_path / "km")
     assert tok.grid_size == (4, 4) and tok.vocab_size == 64
+    # the default --report_to tensorboard: the pass's inertia and the held-out numbers in OUT_run/tensorboard
+    from test_tensorboard_layout import events, tags
+    accs = events(tmp_path / "km_run")
+    assert {"train/inertia", "final/val/usage"} <= tags(accs, "scalars"), tags(accs, "scalars")
+    (usage,) = [e.value for ea in accs.values() if "final/val/usage" in ea.Tags()["scalars"]
+                for e in ea.Scalars("final/val/usage")]
+    assert usage == pytest.approx(held_out["usage"], abs=1e-4)
 
 
 def test_grid_mismatch_is_refused_before_compute():
@@ -62,7 +69,7 @@ def test_dvae_trains_checkpoints_and_resumes_exactly(shards, tmp_path):
     for (k, v), (_, w) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(v, w, atol=1e-6), k
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6, 5, 6]
+    assert steps == [1, 2, 3, 4, 5, 6]  # the resumed run cut metrics.jsonl back to its checkpoint (step 4)
     tok = load_tokenizer("dvae", tmp_path / "b" / "dvae")
     x = torch.rand(2, 3, 16, 16)
     assert tok.tokenize(x).shape == (2, 4, 4) and tok.decode(tok.tokenize(x)).shape == (2, 3, 16, 16)

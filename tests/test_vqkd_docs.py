@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).parents[1]
 SECTION = "### Train your own VQ-KD (BEiT v2)"
 TINY_MODEL = ["--embed_dim", "32", "--depth", "1", "--num_heads", "2", "--batch_size", "16", "--num_workers", "0",
-              "--tensorboard", "false"]
+              "--report_to", "none"]
 BUDGET = {  # command prefix -> flags appended
     "beit samples": [],
     "beit tokenizer train kmeans": ["--epochs", "1", "--init_patches", "500", "--num_workers", "0"],

@@ -53,7 +53,7 @@ def test_each_teacher_format_trains_a_tokenizer_that_drives_pretraining(assets, 
     cfg = dict(train_shards=[assets["train"]], val_shards=[assets["val"]], input_size=32, patch_size=4, embed_dim=32,
                depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, vocab_size=32,
                code_dim=8, batch_size=16, total_steps=3, warmup_steps=1, lr=2e-3, num_workers=0, checkpoint_every=3,
-               log_every=1, eval_every=3, tensorboard=False, restart_after_steps=2, mixed_precision="no",
+               log_every=1, eval_every=3, report_to="none", restart_after_steps=2, mixed_precision="no",
                output_dir=str(vq), **teacher)
     run_vqkd(cfg)
     final = json.loads((vq / "final_metrics.json").read_text())

@@ -30,7 +30,7 @@ def tiny_vqkd(shards: dict, teacher_file: Path, out: Path, **kw) -> dict:
                input_size=32, patch_size=8, embed_dim=32,
                depth=1, num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, vocab_size=64,
                code_dim=8, batch_size=16, total_steps=6, warmup_steps=1, lr=2e-3, crop_scale_min=0.3, num_workers=0,
-               checkpoint_every=3, keep_last=5, log_every=1, eval_every=3, tensorboard=False, seed=0,
+               checkpoint_every=3, keep_last=5, log_every=1, eval_every=3, report_to="none", seed=0,
                restart_after_steps=2, mixed_precision="no", output_dir=str(out))
     cfg.update(kw)
     return cfg

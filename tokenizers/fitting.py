@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -26,6 +26,7 @@ from beit.options.common import (
     PrecisionOptions,
     RunOptions,
     ThreadOptions,
+    TrackerOptions,
     TrainDataOptions,
 )
 from beit.tokenizers.train_data import CropSpec, build_view_loader
@@ -58,9 +59,11 @@ class TokenizerViewOptions(CropOptions):
 
 
 @dataclass
-class KMeansTrainConfig(ThreadOptions, TokenizerViewOptions, LoaderOptions, HeldOutOptions, DataRecipeOptions):
+class KMeansTrainConfig(TrackerOptions, ThreadOptions, TokenizerViewOptions, LoaderOptions, HeldOutOptions,
+                        DataRecipeOptions):
     RECIPE_STAGE = "tokenizer"
-    out: str = field("runs/tokenizer/kmeans", help="output stem: writes OUT.safetensors + OUT.json")
+    out: str = field("runs/tokenizer/kmeans", help="output stem: writes OUT.safetensors + OUT.json (and the "
+                     "trackers' files in OUT_run/)")
     patch_size: int = field(8, help="patch side in px of the tokenizer view (one token per patch)")
     epochs: int = field(3, help="mini-batch k-means passes over the shards")
     batch_size: int = field(64, help="images per mini-batch")
@@ -75,6 +78,7 @@ class KMeansTrainConfig(ThreadOptions, TokenizerViewOptions, LoaderOptions, Held
         self.check_train_data()
         self.check_workers()
         self.check_threads()
+        self.trackers()
         check_grid("kmeans", self.input_size, self.patch_size, self.model_grid, "patch_size")
         if not 0 < self.crop_scale_min <= 1:
             raise ValueError("crop_scale_min must be in (0, 1]")
@@ -132,12 +136,15 @@ def _val_report(tok, cfg) -> Optional[dict]:
 def train_kmeans(cfg: KMeansTrainConfig):
     """Fit the k-means tokenizer on the shards; returns it (and writes cfg.out). A stop signal ends the fit after
     its current batch with a checkpoint in ``<out>.fit/`` (``beit.runtime.stopping``), which the same command
-    resumes; the folder is removed once the tokenizer is written."""
+    resumes; the folder is removed once the tokenizer is written. The trackers of --report_to get each pass's
+    inertia, the config, the fit's and the held-out numbers and the tokenizer's JSON (in OUT_run/)."""
     import shutil
 
     from beit.runtime.run_lock import open_run
     from beit.runtime.stopping import stop_signals
+    from beit.runtime.trackers import check_trackers
 
+    check_trackers(cfg.trackers())  # before any compute
     run_dir = Path(f"{cfg.out}.fit")
     with stop_signals() as stop, open_run(run_dir) as latest:
         tok = _fit_kmeans(cfg, run_dir, latest, stop)
@@ -145,10 +152,17 @@ def train_kmeans(cfg: KMeansTrainConfig):
     return tok
 
 
+def _fit_options(options: dict) -> dict:
+    """The options a resumed fit must share with its checkpoint: all but where the results are reported."""
+    return {k: v for k, v in options.items() if k not in {f.name for f in fields(TrackerOptions)}}
+
+
 def _fit_kmeans(cfg: KMeansTrainConfig, run_dir: Path, latest: Path | None, stop):
     from tqdm.auto import tqdm
 
     from beit.checkpoints.checkpointing import load_tensor_checkpoint, save_tensor_checkpoint
+    from beit.runtime.run_logging import tensorboard_tag
+    from beit.runtime.trackers import RunTrackers, default_run_name
     from beit.tokenizers.kmeans import KMeansFit
 
     cfg.apply_threads()
@@ -156,13 +170,16 @@ def _fit_kmeans(cfg: KMeansTrainConfig, run_dir: Path, latest: Path | None, stop
                                cfg.batch_size, seed=cfg.seed, num_workers=cfg.loader_workers,
                                max_bad_fraction=cfg.max_bad_fraction, **cfg.shard_source())
     print(f"[kmeans] training data: {loader.describe()}" + "".join(f"\n[kmeans] note: {n}" for n in loader.notes))
+    trackers = RunTrackers(cfg.trackers(), f"{cfg.out}_run", cfg.run_name or default_run_name(cfg.out))
+    if trackers:
+        trackers.start(to_dict(cfg), resume=latest is not None)
     t0 = time.time()
     config = dict(vocab_size=cfg.vocab_size, patch_size=cfg.patch_size, input_size=cfg.input_size,
                   interpolation=cfg.interpolation, color_weight=cfg.color_weight, contrast_weight=cfg.contrast_weight,
                   contrast_floor=cfg.contrast_floor, whiten=cfg.whiten)
     if latest is not None:
         tensors, state, rank_state = load_tensor_checkpoint(latest)
-        if state["options"] != to_dict(cfg):
+        if _fit_options(state["options"]) != _fit_options(to_dict(cfg)):
             raise ValueError(f"{latest} is a fit with other options than this one; remove {run_dir} to start over, "
                              "or rerun the original command")
         fit = KMeansFit.from_state(tensors, state["fit"])
@@ -186,6 +203,7 @@ def _fit_kmeans(cfg: KMeansTrainConfig, run_dir: Path, latest: Path | None, stop
             bar.set_postfix(inertia=f"{fit.inertia:.4f}", reseeded=fit.n_reseeded, refresh=False)
             if loader.position >= len(loader):
                 fit.end_epoch()
+                trackers.log({tensorboard_tag(k): v for k, v in fit.pass_metrics().items()}, fit.step)
             stop.check(None, fit.step, save)
     tok = fit.finish()
     stem = tok.save(cfg.out)
@@ -195,6 +213,8 @@ def _fit_kmeans(cfg: KMeansTrainConfig, run_dir: Path, latest: Path | None, stop
     val = _val_report(tok, cfg)
     if val:
         print("[kmeans] held-out: " + json.dumps({k: round(v, 4) for k, v in val.items()}))
+    trackers.finish({**tok.fit_stats, "data/bad": bad, **{f"val/{k}": v for k, v in (val or {}).items()}},
+                    tok.fit_stats["steps"], files={f"{stem.name}.json": stem.with_suffix(".json")})
     return tok
 
 
@@ -227,9 +247,12 @@ def _train_dvae(cfg: DVAETrainConfig, stop):
 
     from beit.checkpoints.checkpointing import TRAIN_STATE, find_latest_complete, load_checkpoint, save_checkpoint
     from beit.runtime.precision import resolve_mixed_precision
+    from beit.runtime.run_logging import RunLogger
     from beit.runtime.scaling import accelerator_kwargs_handlers
+    from beit.runtime.trackers import check_trackers
     from beit.tokenizers.dvae import DiscreteVAE, DVAETokenizer
 
+    check_trackers(cfg.trackers())  # before any compute
     acc = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
                       kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
     out = Path(cfg.output_dir)
@@ -260,7 +283,7 @@ def _train_dvae(cfg: DVAETrainConfig, stop):
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
     bar = tqdm(total=cfg.steps, initial=step, desc="dvae", disable=not (cfg.progress and acc.is_main_process))
-    log = open(out / "metrics.jsonl", "a") if acc.is_main_process else None
+    logger = RunLogger(acc, out, resume_step=step if latest is not None else None, cfg=cfg)
     t0, saved = time.time(), {step: latest}
 
     def save() -> Path:  # the checkpoint of this step, once
@@ -291,12 +314,10 @@ def _train_dvae(cfg: DVAETrainConfig, stop):
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 vals = {k: float(acc.reduce(v.detach().float(), "mean")) for k, v in parts.items()}
-                rec = {"step": step, "epoch": epoch, "lr": lr, "tau": tau, "kl_weight": klw, **vals,
+                rec = {"epoch": epoch, "lr": lr, "tau": tau, "kl_weight": klw, **vals,
                        "bad_samples": loader.metrics().get("data/bad", 0), "elapsed_s": round(time.time() - t0, 1)}
                 bar.set_postfix(mse=f"{vals['mse']:.4f}", tau=f"{tau:.3f}")
-                if log:
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
+                logger.log(rec, step=step)
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save()
             stop.check(acc, step, save)
@@ -305,8 +326,6 @@ def _train_dvae(cfg: DVAETrainConfig, stop):
         else:
             epoch += 1
     bar.close()
-    if log:
-        log.close()
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return None
@@ -318,4 +337,6 @@ def _train_dvae(cfg: DVAETrainConfig, stop):
     if val:
         (out / "val_metrics.json").write_text(json.dumps(val, indent=2))
         print("[dvae] held-out: " + json.dumps({k: round(v, 4) for k, v in val.items()}))
+    logger.finish({"step": step, **{f"val/{k}": v for k, v in (val or {}).items()}}, step,
+                  files=("config.yaml", "val_metrics.json", "dvae.json"))
     return tok

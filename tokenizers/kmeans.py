@@ -269,6 +269,11 @@ class KMeansFit:
         self.epoch += 1
         self.inertia_sum, self.n_seen, self.n_images, self._last = 0.0, 0, 0, None
 
+    def pass_metrics(self) -> dict:
+        """The pass just ended (after ``end_epoch``): its number, mean inertia, images, codes re-seeded so far."""
+        return {"epoch": self.epoch, "inertia": self.last_epoch_inertia, "reseeded": self.n_reseeded,
+                "images": self.images_per_epoch[-1] if self.images_per_epoch else 0}
+
     def finish(self) -> KMeansTokenizer:
         tok = self.tok
         tok.centroids.copy_(self.centroids)

@@ -32,7 +32,7 @@ import torch
 
 from beit.config import check_finite_numbers, field, load_yaml, save_config, to_dict
 from beit.data.pipelines.transforms import AugmentOptions
-from beit.options.common import DataOptions, ModelOptions, OptimOptions, PrecisionOptions, RunOptions, TrackerOptions
+from beit.options.common import DataOptions, ModelOptions, OptimOptions, PrecisionOptions, RunOptions
 from beit.runtime.faults import SetupError
 from beit.tokenizers.fitting import TokenizerViewOptions
 from beit.tokenizers.teachers import TEACHER_KINDS
@@ -47,7 +47,7 @@ TOKENIZER_STEM, UNILM_FILE = "vqkd", "vqkd_unilm.pth"
 
 
 @dataclass
-class VQKDTrainConfig(RunOptions, TrackerOptions, PrecisionOptions, OptimOptions, ModelOptions, TokenizerViewOptions,
+class VQKDTrainConfig(RunOptions, PrecisionOptions, OptimOptions, ModelOptions, TokenizerViewOptions,
                       AugmentOptions, DataOptions):
     """Shared sections (beit.options.common) first, then VQ-KD's own options."""
     # the shared options with the reference's defaults
@@ -185,11 +185,13 @@ def check_inputs(cfg: VQKDTrainConfig, world: int) -> VQKDInputs:
     from beit.data.storage.shardspec import expand_shards
     from beit.runtime.run_lock import check_output_dir, main_print
     from beit.runtime.scaling import grad_accum_for
+    from beit.runtime.trackers import check_trackers
     from beit.tokenizers.teachers import load_teacher
 
     try:
         cfg.validate()
         check_output_dir(cfg.output_dir)
+        check_trackers(cfg.trackers())
         found = cfg.folder_shards(labelled=False, hold_out=not cfg.val_shards, log=main_print)
         if found is not None:
             main_print(f"--data {cfg.data}: {found.describe()}")
@@ -259,16 +261,14 @@ class VQKDRun:
         from beit.optim import create_adamw, create_schedule, param_groups_weight_decay, warmup_for
         from beit.runtime.precision import resolve_mixed_precision
         from beit.runtime.run_lock import main_print
-        from beit.runtime.run_logging import resolve_trackers
         from beit.runtime.scaling import accelerator_kwargs_handlers, refuse_under_fsdp
         from beit.tokenizers.vqkd_model import VQKDModel
 
         self.cfg, self.inputs, self.out = cfg, inputs, Path(cfg.output_dir)
         accum = inputs.grad_accum_steps
-        self.trackers = resolve_trackers(cfg.tensorboard)
         self.accelerator = acc = Accelerator(
             mixed_precision=resolve_mixed_precision(cfg.mixed_precision), gradient_accumulation_steps=accum,
-            log_with=self.trackers or None, project_dir=str(self.out),
+            project_dir=str(self.out),
             kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
         try:  # the codebook update and the held-out evaluation run on the whole (unwrapped) model
             refuse_under_fsdp(acc.distributed_type, "VQ-KD training", "use DDP (accelerate launch's default)")
@@ -314,7 +314,7 @@ class VQKDRun:
     def restore(self, latest: Path | None) -> None:
         """The saved state of ``latest`` (weights and codebook, optimizer, schedule, data position), the logger."""
         from beit.checkpoints.checkpointing import resume_run
-        from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger
+        from beit.runtime.run_logging import RunLogger
         from beit.tokenizers.vqkd_engine import VQKDMeter, VQKDState
 
         self.state = VQKDState()
@@ -326,10 +326,8 @@ class VQKDRun:
             self.state = VQKDState(**saved["train"])
             self.state.epoch += epoch_done
             self.saved_step = self.state.step
-        self.logger = RunLogger(self.accelerator, self.out, resume_step=self.state.step if latest else None)
-        if self.trackers:
-            self.accelerator.init_trackers(TENSORBOARD_RUN, config={k: v for k, v in to_dict(self.cfg).items()
-                                                                    if isinstance(v, (int, float, str, bool))})
+        self.logger = RunLogger(self.accelerator, self.out, resume_step=self.state.step if latest else None,
+                                cfg=self.cfg)
         self.log_start(latest)
 
     def log_start(self, latest: Path | None) -> None:
@@ -433,6 +431,8 @@ class VQKDRun:
                 if self.val_loader is not None else "no held-out shards (pass --val_shards to measure codebook usage)")
         self.logger.info(f"finished: {state.step} steps, {state.codes_restarted} codes restarted; {held}  ->  "
                          f"{out}/{TOKENIZER_STEM}.safetensors, {out}/{UNILM_FILE}")
+        self.logger.finish(summary, state.step, files=("config.yaml", "final_metrics.json", f"{TOKENIZER_STEM}.json",
+                                                       Path(UNILM_FILE).with_suffix(".json").name))
         acc.end_training()
         return summary
 

@@ -104,7 +104,7 @@ def run(*, kinds=("kmeans", "dalle", "dvae", "vqkd", "token_cache"), model_size:
         common = dict(model_size=model_size, image_size=image_size, patch_size=16, batch_size=batch_size,
                       total_steps=steps, batches_per_epoch=steps, warmup_steps=1, num_workers=num_workers,
                       shuffle_buffer=batch_size, log_every=1, checkpoint_every=10 ** 9, keep_last=1,
-                      tensorboard=False, seed=0, train_shards=[shards],
+                      report_to="none", seed=0, train_shards=[shards],
                       mixed_precision="no", compile=compile)
         for kind in kinds:
             if kind == "token_cache":

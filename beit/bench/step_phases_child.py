@@ -45,7 +45,8 @@ def main(spec: dict) -> dict:
         from beit.options.finetune import FinetuneConfig
         from beit.training.finetuning import run_finetuning
         steps_per_epoch = spec["labels"] // recipe.FINETUNE["batch_size"]
-        args = {**recipe.FINETUNE, **recipe.SCRATCH, "epochs": math.ceil(spec["steps"] / steps_per_epoch)}
+        args = {**recipe.FINETUNE, **recipe.SCRATCH, "epochs": math.ceil(spec["steps"] / steps_per_epoch),
+                "report_to": "none"}  # as beit compare's stages run by default
         cfg = FinetuneConfig(train_shards=spec["train"], val_shards=spec["test"], output_dir=spec["out"], seed=0,
                              init="", resume=False, **finetune_model_args(dict(recipe.MODEL)), **args)
         cfg.validate()
@@ -56,7 +57,7 @@ def main(spec: dict) -> dict:
         from beit.options.pretrain import PretrainConfig
         from beit.training.pretraining import run_pretraining
         argv = ["--train_shards", spec["train"], "--tokenizer", "kmeans", "--tokenizer_path", spec["tokenizer"],
-                "--output_dir", spec["out"], "--seed", "0", "--total_steps", str(spec["steps"])]
+                "--output_dir", spec["out"], "--seed", "0", "--total_steps", str(spec["steps"]), "--report_to", "none"]
         for k, v in {**recipe.MODEL, **recipe.PRETRAIN}.items():
             if k != "epochs":
                 argv += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]

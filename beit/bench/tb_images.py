@@ -55,7 +55,7 @@ def run(steps: int = 100, rounds: int = 2, work_dir: str = "") -> dict:
                             seed=0, init_patches=8000, progress=False, vocab_size=256, patch_size=8,
                             input_size=64).save(root / "kmeans")
     base = dataclasses.replace(load_yaml(PretrainConfig, "demo_pretrain"), train_shards=[train], val_shards=[],
-                               tokenizer_path=str(root / "kmeans"), total_steps=steps, tensorboard=True,
+                               tokenizer_path=str(root / "kmeans"), total_steps=steps, report_to="tensorboard",
                                checkpoint_every=10 ** 9, keep_last=1, num_workers=1)
 
     calls: list[float] = []

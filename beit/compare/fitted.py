@@ -71,7 +71,7 @@ def fit_scratch(cfg: CompareConfig, sdir: Path, seed: int, train: str, test: str
             res = same_recipe
         else:
             res = finetune(train, test, sdir / "scratch_fit" / f"epochs{epochs_of[f]}", seed, cfg.model,
-                           {**base, "epochs": epochs_of[f]})
+                           {**base, "epochs": epochs_of[f]}, tracking=cfg.tracking)
         tried.append({"factor": f, "epochs": epochs_of[f], "train_loss": res["train_loss"], "top1": res["top1"]})
         if res["train_loss"] is not None and res["train_loss"] <= target:
             note = f"{epochs_of[f]} epochs reached BEiT's training loss ({res['train_loss']:.4f} <= {target:.4f})"
@@ -103,11 +103,12 @@ def _on_validation(cfg: CompareConfig, sdir: Path, seed: int, train: str, test: 
     tried = []
     for f in factors:
         res = finetune(fit_pat, val_pat, sdir / "scratch_fit" / f"val_epochs{epochs_of[f]}", seed, cfg.model,
-                       {**base, "epochs": epochs_of[f]})
+                       {**base, "epochs": epochs_of[f]}, tracking=cfg.tracking)
         tried.append({"factor": f, "epochs": epochs_of[f], "train_loss": res["train_loss"], "val_top1": res["top1"]})
     best = max(tried, key=lambda t: (t["val_top1"], -t["factor"]))
     chosen = best["factor"]
-    final = finetune(train, test, sdir / "scratch_fitted", seed, cfg.model, {**base, "epochs": epochs_of[chosen]})
+    final = finetune(train, test, sdir / "scratch_fitted", seed, cfg.model, {**base, "epochs": epochs_of[chosen]},
+                     tracking=cfg.tracking)
     scores = ", ".join(f"{t['val_top1']:.1f}% at {t['epochs']}" for t in tried)
     note = (f"chosen on {len(val_part)} validation images ({why}): {epochs_of[chosen]} epochs (validation top-1 "
             f"{scores})")

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from beit.compare import recipe, recipe_devices
 from beit.config import field
+from beit.options.common import TrackerOptions
 
 SCRATCH_EPOCH_FACTORS = (1.0, 2.0)
 DEFAULT_METHODS = ("beit", "scratch", "scratch_fitted", "linear_probe", "knn", "logreg_features", "logreg_pixels")
@@ -14,7 +15,9 @@ VIT_ONLY = ("linear_probe", "knn", "logreg_features")
 
 
 @dataclass
-class CompareConfig:
+class CompareConfig(TrackerOptions):
+    # every stage (tokenizer fit, pretraining, each fine-tune) reports to these, as <run_name>/seed<N>/<stage>
+    report_to: list[str] = field(default_factory=list)
     # data
     train_shards: str = field("", help="LABELLED training shards (a label subset of them is used, see label_fraction)")
     test_shards: str = field("", help="labelled held-out test shards: used for scoring only, never for any choice")
@@ -78,6 +81,7 @@ class CompareConfig:
                                f"{list(METHODS)} (default {list(DEFAULT_METHODS)})")
 
     def validate(self) -> None:
+        self.trackers()
         if not self.train_shards or not self.test_shards:
             raise ValueError("set --train_shards (labelled) and --test_shards (labelled, held out), e.g. "
                              "--train_shards 'shards/digits/train-*.tar' --test_shards 'shards/digits/test-*.tar'")
@@ -118,6 +122,13 @@ class CompareConfig:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.test_shards in (self.unlabelled_shards, self.train_shards):
             raise ValueError("the test shards must not be the training or unlabelled shards")
+
+    @property
+    def tracking(self) -> dict:
+        """The stages' tracker options (beit.compare.stages.stage_tracking)."""
+        from pathlib import Path
+        return {"report_to": self.report_to, "run_name": self.run_name or Path(self.output_dir).resolve().name,
+                "root": self.output_dir}
 
     @property
     def model(self) -> dict:

@@ -12,7 +12,7 @@ MODEL = dict(image_size=32, patch_size=8, embed_dim=64, depth=4, num_heads=4)
 TOKENIZER = dict(vocab_size=64, epochs=3, crop_scale_min=0.6, interpolation="bicubic")
 PRETRAIN = dict(epochs=150, batch_size=64, lr=1.5e-3, min_lr=1e-5, warmup_epochs=3, weight_decay=0.05,
                 drop_path=0.0, clip_grad=3.0, crop_scale_min=0.6, color_jitter=0.0, hflip=0.0,
-                mask_ratio=0.4, min_mask_patches=2, num_workers=0, tensorboard=False,
+                mask_ratio=0.4, min_mask_patches=2, num_workers=0,
                 checkpoint_every=100000, log_every=100, shuffle_buffer=500, **PRECISION)
 # One recipe for BEiT and the same-recipe scratch model; only --init differs (and layer decay: a
 # from-scratch model has no pretrained lower layers to protect). Default ImageNet mean/std, as in
@@ -24,7 +24,7 @@ PRETRAIN = dict(epochs=150, batch_size=64, lr=1.5e-3, min_lr=1e-5, warmup_epochs
 FINETUNE = dict(epochs=400, batch_size=16, lr=4e-3, min_lr=1e-6, warmup_epochs=5, weight_decay=0.05,
                 layer_decay=0.75, drop_path=0.1, mixup=0.0, cutmix=0.0, label_smoothing=0.1,
                 auto_augment="", reprob=0.0, hflip=0.0, crop_scale_min=0.6,
-                crop_pct=1.0, color_jitter=0.0, num_workers=0, tensorboard=False, checkpoint_every=100000,
+                crop_pct=1.0, color_jitter=0.0, num_workers=0, checkpoint_every=100000,
                 eval_every=1000, log_every=50, **PRECISION)
 SCRATCH = dict(layer_decay=1.0)
 # Linear probe: frozen encoder, mean-pooled last-block patch features, parameter-free LayerNorm, linear head.

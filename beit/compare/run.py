@@ -61,26 +61,28 @@ def run_seed(cfg: CompareConfig, seed: int, train: list[dict], test_pat: str, te
             tok_kind, tok_path = cfg.tokenizer, cfg.tokenizer_path
             rec["tokenizer"] = stages.token_stats(tok_kind, tok_path, unlabelled, cfg.image_size)
         else:
-            tok = stages.fit_tokenizer(unlabelled, sdir / "tokenizer", seed, cfg.model, cfg.tokenizer_fit)
+            tok = stages.fit_tokenizer(unlabelled, sdir / "tokenizer", seed, cfg.model, cfg.tokenizer_fit,
+                                       tracking=cfg.tracking)
             tok_kind, tok_path = "kmeans", tok["path"]
             rec["tokenizer"] = tok
         clock.append(("tokenizer", time.time()))
         from beit.modeling.backbones import backbone_for
         knn = (train_pat, test_pat) if cfg.health_knn and backbone_for(cfg.arch).patch_tokens else None
         pre = stages.pretrain(unlabelled, tok_kind, tok_path, sdir / "pretrain", seed, cfg.model, cfg.pretrain,
-                              knn, cfg.knn_k, test_pat)
+                              knn, cfg.knn_k, test_pat, tracking=cfg.tracking)
         rec["pretrain"] = {k: v for k, v in pre.items() if k.startswith(("val/", "knn/")) or k in ("train_seconds",
                                                                                                    "step", "epoch")}
         clock.append(("pretrain", time.time()))
     beit = None
     if "beit" in m:
         beit = stages.finetune(train_pat, test_pat, sdir / "finetune_beit", seed, cfg.model, ft_shared,
-                               init=pre["pretrained"])
+                               init=pre["pretrained"], tracking=cfg.tracking)
         rows["beit"], rec["beit"] = beit["top1"], beit
         clock.append(("finetune_beit", time.time()))
     scratch = None
     if "scratch" in m:
-        scratch = stages.finetune(train_pat, test_pat, sdir / "finetune_scratch", seed, cfg.model, ft_scratch)
+        scratch = stages.finetune(train_pat, test_pat, sdir / "finetune_scratch", seed, cfg.model, ft_scratch,
+                                  tracking=cfg.tracking)
         rows["scratch"], rec["scratch"] = scratch["top1"], scratch
         clock.append(("finetune_scratch", time.time()))
     if "scratch_fitted" in m:
@@ -90,7 +92,8 @@ def run_seed(cfg: CompareConfig, seed: int, train: list[dict], test_pat: str, te
         clock.append(("scratch_fitted", time.time()))
     if "linear_probe" in m:
         lp = stages.finetune(train_pat, test_pat, sdir / "linear_probe", seed, cfg.model,
-                             {**ft_shared, **recipe.LINEAR_PROBE, **cfg.linear_probe}, init=pre["pretrained"])
+                             {**ft_shared, **recipe.LINEAR_PROBE, **cfg.linear_probe}, init=pre["pretrained"],
+                             tracking=cfg.tracking)
         rows["linear_probe"], rec["linear_probe"] = lp["top1"], lp
         clock.append(("linear_probe", time.time()))
     if m & {"distill", "student"}:
@@ -100,12 +103,13 @@ def run_seed(cfg: CompareConfig, seed: int, train: list[dict], test_pat: str, te
         if "distill" in m:
             teach = {"task": "distill", "teacher": str(sdir / "finetune_beit" / "model.safetensors"),
                      "unlabelled_shards": unlabelled, **DISTILL, **cfg.distill}
-            dist = stages.finetune(train_pat, test_pat, sdir / "distill", seed, smodel, {**ft_shared, **student,
-                                                                                         **teach})
+            dist = stages.finetune(train_pat, test_pat, sdir / "distill", seed, smodel,
+                                   {**ft_shared, **student, **teach}, tracking=cfg.tracking)
             rows["distill"], rec["distill"] = dist["top1"], dist
             clock.append(("distill", time.time()))
         if "student" in m:
-            alone = stages.finetune(train_pat, test_pat, sdir / "student", seed, smodel, {**ft_shared, **student})
+            alone = stages.finetune(train_pat, test_pat, sdir / "student", seed, smodel, {**ft_shared, **student},
+                                    tracking=cfg.tracking)
             rows["student"], rec["student"] = alone["top1"], alone
             clock.append(("student", time.time()))
     train_views = load_views(expand_shards(train_pat), cfg.image_size)
@@ -132,8 +136,10 @@ def run_compare(cfg: CompareConfig) -> dict:
     from beit.data.storage.shardspec import expand_shards
     from beit.engines.knn import load_views
     from beit.runtime.stopping import stop_signals
+    from beit.runtime.trackers import check_trackers
 
     cfg.validate()
+    check_trackers(cfg.trackers())  # every stage reports to them: a missing one stops the comparison here
     if cfg.tokenizer_path == "" and cfg.tokenizer != "kmeans":
         raise ValueError(f"only a k-means tokenizer is fitted by beit compare; for --tokenizer {cfg.tokenizer} pass "
                          "--tokenizer_path to the saved tokenizer")

@@ -7,6 +7,7 @@ have it.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
@@ -44,7 +45,17 @@ def _fresh_accelerate() -> None:
     GradientState._reset_state()
 
 
-def fit_tokenizer(shards: str, out: Path, seed: int, model: dict, overrides: dict) -> dict:
+def stage_tracking(tracking: dict | None, out: Path) -> dict:
+    """The tracker options of the stage in ``out``: the comparison's --report_to, and its run name joined with the
+    stage's folder (``compare/seed0/pretrain``). Never part of a stage's inputs: another tracker reruns nothing."""
+    if not tracking:
+        return {"report_to": []}
+    return {"report_to": tracking["report_to"],
+            "run_name": f"{tracking['run_name']}/{Path(out).resolve().relative_to(Path(tracking['root']).resolve())}"}
+
+
+def fit_tokenizer(shards: str, out: Path, seed: int, model: dict, overrides: dict,
+                  tracking: dict | None = None) -> dict:
     """Fit the k-means visual-word tokenizer on the unlabelled shards (as ``beit tokenizer train kmeans``);
     returns its path and token statistics on up to 512 of those images."""
     from beit.compare import recipe
@@ -56,7 +67,8 @@ def fit_tokenizer(shards: str, out: Path, seed: int, model: dict, overrides: dic
         grid = model["image_size"] // model["patch_size"]
         cfg = from_dict(KMeansTrainConfig, {"shards": shards, "out": str(path), "patch_size": model["patch_size"],
                                             "input_size": model["image_size"], "model_grid": grid, "seed": seed,
-                                            **recipe.TOKENIZER, **overrides}, source="--tokenizer_fit")
+                                            **recipe.TOKENIZER, **stage_tracking(tracking, out), **overrides},
+                        source="--tokenizer_fit")
         cfg.validate()
         train_kmeans(cfg)
         return {"path": str(path), **token_stats("kmeans", str(path), shards, model["image_size"])}
@@ -80,7 +92,7 @@ def token_stats(kind: str, path: str, shards: str, size: int, max_images: int = 
 
 
 def pretrain(shards: str, tokenizer: str, tokenizer_path: str, out: Path, seed: int, model: dict, overrides: dict,
-             knn: tuple[str, str] | None, knn_k: int, val_shards: str) -> dict:
+             knn: tuple[str, str] | None, knn_k: int, val_shards: str, tracking: dict | None = None) -> dict:
     """``beit pretrain`` on the unlabelled shards; returns its final summary (weights path, held-out
     masked-token accuracy beside the majority token, the kNN health metric when ``knn`` is set)."""
     from beit.compare import recipe
@@ -101,13 +113,15 @@ def pretrain(shards: str, tokenizer: str, tokenizer_path: str, out: Path, seed: 
     def run() -> dict:
         _fresh_accelerate()
         try:
-            return run_pretraining(parse_config(PretrainConfig, argv))
+            return run_pretraining(dataclasses.replace(parse_config(PretrainConfig, argv),
+                                                       **stage_tracking(tracking, out)))
         finally:
             _fresh_accelerate()
     return cached_stage(out, {"argv": argv, "tokenizer_fingerprint": _file_digest(tokenizer_path)}, run)
 
 
-def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_args: dict, init: str = "") -> dict:
+def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_args: dict, init: str = "",
+             tracking: dict | None = None) -> dict:
     """``beit finetune`` (classification) on the labelled ``train`` shards, scored on ``test``; returns
     top-1/top-5, the final epoch's training loss and the last ``LOSS_TAIL_EPOCHS`` epochs' (its noise)."""
     from beit.options.finetune import FinetuneConfig
@@ -118,7 +132,7 @@ def finetune(train: str, test: str, out: Path, seed: int, model: dict, recipe_ar
               **finetune_model_args(model), **recipe_args)
 
     def run() -> dict:
-        cfg = FinetuneConfig(**kw)
+        cfg = FinetuneConfig(**kw, **stage_tracking(tracking, out))
         cfg.validate()
         _fresh_accelerate()
         try:

@@ -12,7 +12,8 @@ section's text. Old names a section replaced are in its ``DEPRECATED`` map (they
   and the bad-sample budget; ``DataOptions``: the training stream of pretraining, fine-tuning and VQ-KD (all of
   the above but the recipe, plus epoch length, data order, the memory cache);
 * ``ModelOptions``: the encoder's size; ``TokenizerOptions``: which frozen tokenizer, from where;
-* ``RunOptions``: the run folder, seed, checkpoints, logging; ``TrackerOptions``: where metrics go;
+* ``TrackerOptions``: where the results go (--report_to, --run_name); ``RunOptions``: the run folder, seed,
+  checkpoints, logging, and the trackers (every run command has them);
 * ``PrecisionOptions``: mixed precision; ``ThreadOptions``: CPU threads; ``DeviceOptions``: the device of a
   command without a launcher; ``OptimOptions``: batch, epochs, lr schedule, AdamW.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -257,7 +259,37 @@ class TokenizerOptions(Options):
 
 
 @dataclass
-class RunOptions(Options):
+class TrackerOptions(Options):
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], help="where the metrics, training pictures, "
+                                 "config, final results and report go: tensorboard (output_dir/tensorboard), wandb, "
+                                 "mlflow, a comma list (tensorboard,wandb) or none. wandb and mlflow are extras (pip "
+                                 "install 'beit-pipeline[wandb]') configured by their own environment: WANDB_PROJECT, "
+                                 "WANDB_MODE=offline, MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME (docs/viz.md)")
+    run_name: str = field("", help="the run's name in W&B and MLflow (empty: the run folder's last two parts, e.g. "
+                                   "demo/pretrain)")
+    tensorboard: Optional[bool] = field(None, help="deprecated, use --report_to: true adds tensorboard to it, false "
+                                                   "takes it out")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        names = [n.strip().lower() for v in self.report_to for n in str(v).split(",") if n.strip()]
+        names = [n for n in names if n != "none"]
+        if self.tensorboard is not None:
+            change = "adds tensorboard to" if self.tensorboard else "takes tensorboard out of"
+            print(f"warning: option tensorboard is deprecated, use --report_to (tensorboard "
+                  f"{str(self.tensorboard).lower()} {change} it)", file=sys.stderr)
+            names = (["tensorboard"] if self.tensorboard else []) + [n for n in names if n != "tensorboard"]
+            self.tensorboard = None
+        self.report_to = list(dict.fromkeys(names))
+
+    def trackers(self) -> list[str]:
+        """The kinds of --report_to (checked names; empty: none)."""
+        from beit.runtime.trackers import parse_report_to
+        return parse_report_to(self.report_to)
+
+
+@dataclass
+class RunOptions(TrackerOptions):
     output_dir: str = field("runs/run", help="run folder: config, checkpoints, metrics, final weights; a rerun "
                                             "resumes from its newest complete checkpoint")
     seed: int = field(0, help="seed for weights, data order, augmentation")
@@ -273,11 +305,7 @@ class RunOptions(Options):
                 raise ValueError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.keep_last < 0:
             raise ValueError(f"--keep_last must be >= 0 (0: all), got {self.keep_last}")
-
-
-@dataclass
-class TrackerOptions(Options):
-    tensorboard: bool = field(True, help="also log to TensorBoard (output_dir/tensorboard)")
+        self.trackers()
 
 
 @dataclass

@@ -16,7 +16,6 @@ from beit.options.common import (
     PrecisionOptions,
     RunOptions,
     ThreadOptions,
-    TrackerOptions,
 )
 from beit.tasks import TASKS, describe_tasks
 from beit.tasks.classification import MixupOptions
@@ -27,9 +26,8 @@ TaskName = Literal[TASKS]  # a new registered task is a choice at once
 
 
 @dataclasses.dataclass
-class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptions, TrackerOptions, ThreadOptions,
-                     PrecisionOptions, OptimOptions, ModelOptions, ClassificationAugmentOptions, DataOptions,
-                     DataRecipeOptions):
+class FinetuneConfig(SegmentationOptions, DistillOptions, MixupOptions, RunOptions, ThreadOptions, PrecisionOptions,
+                     OptimOptions, ModelOptions, ClassificationAugmentOptions, DataOptions, DataRecipeOptions):
     """Shared sections (beit.options.common, the augmentation's in beit.data.pipelines, each task's beside it in
     beit.tasks) first, then fine-tuning's own options."""
     RECIPE_PREFIX = "finetune_"

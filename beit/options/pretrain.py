@@ -15,7 +15,6 @@ from beit.options.common import (
     RunOptions,
     ThreadOptions,
     TokenizerOptions,
-    TrackerOptions,
 )
 
 # Fields that define the model and its targets: a resumed run must not change them. (The tokenizer's
@@ -27,8 +26,8 @@ REFERENCE_GRID, REFERENCE_MASKED = (14, 14), 75
 
 
 @dataclass
-class PretrainConfig(RunOptions, TrackerOptions, ThreadOptions, PrecisionOptions, OptimOptions, TokenizerOptions,
-                     ModelOptions, AugmentOptions, DataOptions, DataRecipeOptions):
+class PretrainConfig(RunOptions, ThreadOptions, PrecisionOptions, OptimOptions, TokenizerOptions, ModelOptions,
+                     AugmentOptions, DataOptions, DataRecipeOptions):
     """Shared sections (beit.options.common) first, then pretraining's own options."""
     RECIPE_PREFIX = "pretrain_"
     RECIPE_STAGE = "pretrain"

@@ -1,10 +1,11 @@
-"""Run logging: JSON-lines metrics, TensorBoard through Accelerate's trackers, tqdm on rank 0.
+"""Run logging: JSON-lines metrics, the trackers of --report_to (beit.runtime.trackers), tqdm on rank 0.
 
 Only the main process writes. ``metrics.jsonl`` gets one JSON object per logged step; on resume it
 is cut back to the resumed step so a restarted run continues the same file without duplicates.
-TensorBoard gets the same numbers in one layout for both stages: ``output_dir/tensorboard/``,
-tags ``train/*`` (per optimizer step or epoch), ``val/*`` (held-out) and ``data/*`` (data counts),
-see ``tensorboard_tag``; images (``log_images``) under ``pictures/*``.
+The trackers (TensorBoard in ``output_dir/tensorboard/``, W&B, MLflow) get the same numbers in one layout for
+every stage: tags ``train/*`` (per optimizer step or epoch), ``val/*`` (held-out) and ``data/*`` (data counts),
+see ``tensorboard_tag``; images (``log_images``) under ``pictures/*``; at ``finish`` the final metrics and the
+run's files.
 """
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from beit.runtime.trackers import TENSORBOARD_RUN, RunTrackers, run_files  # noqa: F401 (TENSORBOARD_RUN: re-export)
+
 METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_RUN = "tensorboard"  # the tracker's folder inside output_dir, for every stage
 # metrics.jsonl keys whose TensorBoard name differs beyond the train/ prefix (one name in both stages)
 _TAG_ALIASES = {"wd": "weight_decay", "train_loss": "epoch_loss"}
 
@@ -32,28 +34,6 @@ def tensorboard_tag(key: str) -> str:
     return "train/" + _TAG_ALIASES.get(key, key)
 
 
-def tensorboard_available() -> bool:
-    try:
-        import tensorboard  # noqa: F401
-        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
-def resolve_trackers(tensorboard: bool) -> list[str]:
-    """``log_with`` for the Accelerator. Asking for TensorBoard without it installed warns loudly
-    (Accelerate itself would log nothing, silently) and logs JSON lines only."""
-    if not tensorboard:
-        return []
-    if tensorboard_available():
-        return ["tensorboard"]
-    print("!" * 78 + "\nWARNING: tensorboard=true but the tensorboard package is not importable; "
-          "TensorBoard logs are OFF.\n         Install it (pip install tensorboard) or set --tensorboard false. "
-          f"Metrics still go to {METRICS_FILE}.\n" + "!" * 78, file=sys.stderr, flush=True)
-    return []
-
-
 def _plain(v):
     if hasattr(v, "item"):
         v = v.item()
@@ -63,16 +43,24 @@ def _plain(v):
 
 
 class RunLogger:
-    """Writes metrics on the main process; every other rank gets a no-op logger."""
+    """Writes metrics on the main process; every other rank gets a no-op logger. With ``cfg`` (a config with the
+    tracker options, beit.options.common.TrackerOptions) it starts the trackers of ``cfg.report_to`` with the config
+    (a resumed run, ``resume_step`` set, goes on in the same tracker runs); ``finish`` ends them."""
 
-    def __init__(self, accelerator, output_dir: str | Path, resume_step: int | None = None):
+    def __init__(self, accelerator, output_dir: str | Path, resume_step: int | None = None, cfg=None):
+        from beit.config import to_dict
+
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.path = Path(output_dir) / METRICS_FILE
         self.last_logged: dict = {}  # the newest record with training metrics, for the final summary
+        self.trackers = RunTrackers(cfg.trackers() if cfg is not None else [], output_dir,
+                                    getattr(cfg, "run_name", ""), main=self.main)
         if self.main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._truncate_after(resume_step if resume_step is not None else 0)
+            if self.trackers:
+                self.trackers.start(to_dict(cfg), resume=resume_step is not None)
 
     def _truncate_after(self, step: int) -> None:
         """Keep only records with ``step <= step`` (a fresh run keeps none of a stale file)."""
@@ -99,16 +87,17 @@ class RunLogger:
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
         numeric = {k: v for k, v in rec.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
-        if self.accelerator.trackers:
-            self.accelerator.log({tensorboard_tag(k): v for k, v in numeric.items()}, step=step)
+        self.trackers.log({tensorboard_tag(k): v for k, v in numeric.items()}, step=step)
 
     def log_images(self, images: dict, step: int) -> None:
-        """HWC uint8 arrays to TensorBoard under their tags (main process, when TensorBoard is on)."""
-        if not self.main or not self.accelerator.trackers:
-            return
-        writer = self.accelerator.get_tracker("tensorboard", unwrap=True)
-        for tag, image in images.items():
-            writer.add_image(tag, image, global_step=step, dataformats="HWC")
+        """HWC uint8 arrays to the trackers under their tags (main process)."""
+        self.trackers.log_images(images, step)
+
+    def finish(self, summary: dict | None = None, step: int = 0, files: tuple[str, ...] = ()) -> None:
+        """The end of the run's logging: the numbers of ``summary`` as the trackers' final metrics, the run files
+        among ``files`` (names in the run folder) and the report of ``beit viz`` (when drawn) as artifacts."""
+        if self.main and self.trackers:
+            self.trackers.finish(summary, step, run_files(self.path.parent, files))
 
     def progress(self, total: int, initial: int = 0, desc: str = "pretrain", images_per_step: int = 0):
         """A tqdm bar on the main process only, counting optimizer steps; with ``images_per_step`` it

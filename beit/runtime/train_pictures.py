@@ -1,4 +1,4 @@
-"""Pretraining pictures for TensorBoard every N optimizer steps: masks, predicted tokens, reconstructions.
+"""Pretraining pictures for the trackers (--report_to) every N optimizer steps: masks, tokens, reconstructions.
 
 Drawn from the step's last micro-batch (its images, masks, target tokens and the logits the model
 already produced), so there is no extra forward pass: the cost is a few tensor ops on ``count``

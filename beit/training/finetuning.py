@@ -20,9 +20,11 @@ def run_finetuning(cfg: FinetuneConfig) -> dict:
     One run per output_dir (a lock); the resume checkpoint is verified (damaged ones moved aside)."""
     from beit.runtime.run_lock import end_with_launcher, open_run
     from beit.runtime.stopping import stop_signals
+    from beit.runtime.trackers import check_trackers
 
     cfg.apply_threads()
     end_with_launcher()
+    check_trackers(cfg.trackers())        # before any compute: a tracker that cannot work stops the run here
     with stop_signals() as stop, open_run(cfg.output_dir, resume=cfg.resume) as latest:
         run = FinetuneRun(cfg, latest)        # data, classes, the task's model, optimizer, loaders, resume checks
         run.restore(latest)
@@ -109,7 +111,6 @@ class FinetuneRun:
         from beit.modeling.backbones import backbone_for
         from beit.runtime.precision import resolve_mixed_precision
         from beit.runtime.run_lock import world_size
-        from beit.runtime.run_logging import resolve_trackers
         from beit.runtime.scaling import accelerator_kwargs_handlers, grad_accum_for, refuse_under_fsdp
         from beit.tasks import get_task
 
@@ -117,11 +118,9 @@ class FinetuneRun:
         if cfg.global_batch_size:  # keep the global batch for any process count (lr is not rescaled)
             cfg = dataclasses.replace(cfg, grad_accum_steps=grad_accum_for(cfg.global_batch_size, cfg.batch_size,
                                                                            world_size()))
-        self.trackers = resolve_trackers(cfg.tensorboard)
         self.accelerator = acc = Accelerator(
             mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-            gradient_accumulation_steps=cfg.grad_accum_steps,
-            log_with=self.trackers or None, project_dir=str(self.out),
+            gradient_accumulation_steps=cfg.grad_accum_steps, project_dir=str(self.out),
             kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
         refuse_under_fsdp(acc.distributed_type, "fine-tuning's evaluation and export",
                           "fine-tune with DDP (launch/accelerate/8gpu.yaml, plus --grad_checkpointing true for ViT-L)")
@@ -178,10 +177,10 @@ class FinetuneRun:
         """The logger, config.yaml, the optimizer and schedule, and the state of ``latest``."""
         from beit.checkpoints.checkpointing import load_checkpoint
         from beit.engines.finetune import new_epoch_sums
-        from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger
+        from beit.runtime.run_logging import RunLogger
 
         cfg, acc = self.cfg, self.accelerator
-        self.logger = RunLogger(acc, self.out, resume_step=self.saved["step"] if self.saved else None)
+        self.logger = RunLogger(acc, self.out, resume_step=self.saved["step"] if self.saved else None, cfg=cfg)
         for line in filter(None, [self.task.describe(cfg), *self.early_log]):
             self.logger.info(line)
         if acc.is_main_process:
@@ -200,9 +199,6 @@ class FinetuneRun:
                 self.epoch_sums.update(train_state.get("epoch_sums", {}))
             where = "mid-epoch, " if train_state.get("mid_epoch") else ""
             self.logger.info(f"resumed from {latest} (epoch {self.start_epoch}, {where}step {self.step})")
-        if self.trackers:
-            acc.init_trackers(TENSORBOARD_RUN, config={k: v for k, v in to_dict(cfg).items()
-                                                       if isinstance(v, (int, float, str, bool))})
         self.log_start()
 
     def log_start(self) -> None:
@@ -317,6 +313,8 @@ class FinetuneRun:
                              + f", {out}/model.safetensors ({self.task.export_format})")
             if reads:
                 self.logger.info(reads)
+            self.logger.finish(final, step, files=("config.yaml", "final.json", "confusion.json",
+                                                   *([self.task.outputs] if self.task.outputs else [])))
         acc.wait_for_everyone()
         acc.end_training()
         return results or {"train_loss": self.train_stats.get("train_loss"), "step": step,

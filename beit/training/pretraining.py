@@ -65,12 +65,14 @@ def check_inputs(cfg: PretrainConfig, world: int) -> PretrainInputs:
     from beit.modeling.backbones import backbone_for
     from beit.runtime.run_lock import check_output_dir
     from beit.runtime.scaling import grad_accum_for
+    from beit.runtime.trackers import check_trackers
     from beit.tokenizers import load_tokenizer
     from beit.tokenizers.token_cache import read_cache_info
 
     try:
         cfg.validate()
         check_output_dir(cfg.output_dir)
+        check_trackers(cfg.trackers())
         cache = read_cache_info(cfg.token_cache) if cfg.token_cache else None
         val_spec, folder = cfg.val_shards, None
         if cache is not None:
@@ -222,17 +224,15 @@ class PretrainRun:
         from beit.optim import create_adamw, create_schedule, param_groups_weight_decay
         from beit.runtime.precision import resolve_mixed_precision
         from beit.runtime.run_lock import main_print
-        from beit.runtime.run_logging import resolve_trackers
         from beit.runtime.scaling import accelerator_kwargs_handlers, refuse_under_fsdp
         from beit.tokenizers.base import tokenizer_fingerprint
         from beit.tokenizers.token_cache import token_cache_fingerprint
 
         self.cfg, self.inputs, self.out = cfg, inputs, Path(cfg.output_dir)
-        self.trackers = resolve_trackers(cfg.tensorboard)
         self.accelerator = acc = Accelerator(
             mixed_precision=resolve_mixed_precision(cfg.mixed_precision),
-            gradient_accumulation_steps=inputs.grad_accum_steps, log_with=self.trackers or None,
-            project_dir=str(self.out), kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
+            gradient_accumulation_steps=inputs.grad_accum_steps, project_dir=str(self.out),
+            kwargs_handlers=accelerator_kwargs_handlers(cfg.dist_timeout_s))
         if inputs.val_shards:
             try:
                 refuse_under_fsdp(acc.distributed_type, "the held-out evaluation (--val_shards)",
@@ -270,7 +270,7 @@ class PretrainRun:
         """The saved state of ``latest`` (weights, optimizer, schedule, data position), the logger, the start-up log."""
         from beit.checkpoints.checkpointing import resume_run
         from beit.engines.pretrain import MimMeter, TrainState, prediction_branches
-        from beit.runtime.run_logging import TENSORBOARD_RUN, RunLogger
+        from beit.runtime.run_logging import RunLogger
 
         self.state = TrainState()
         self.meter = MimMeter(self.inputs.vocab_size, self.accelerator.device,
@@ -282,10 +282,8 @@ class PretrainRun:
             self.state = TrainState(**saved_state["train"])
             self.state.epoch += epoch_done
             self.saved_step = self.state.step
-        self.logger = RunLogger(self.accelerator, self.out, resume_step=self.state.step if latest else None)
-        if self.trackers:
-            self.accelerator.init_trackers(TENSORBOARD_RUN, config={k: v for k, v in to_dict(self.cfg).items()
-                                                                    if isinstance(v, (int, float, str, bool))})
+        self.logger = RunLogger(self.accelerator, self.out, resume_step=self.state.step if latest else None,
+                                cfg=self.cfg)
         self.log_start(latest)
 
     def log_start(self, latest: Path | None) -> None:
@@ -360,7 +358,7 @@ class PretrainRun:
         if health is not None and state.step == 0:
             health(acc.unwrap_model(self.model), 0)  # the random encoder: what the metric must rise above
         pictures = None
-        if self.trackers and cfg.log_images_every:
+        if self.logger.trackers and cfg.log_images_every:
             from beit.runtime.train_pictures import TrainingPictures
             pictures = TrainingPictures(self.logger, self.tokenizer, cfg.log_images_every,
                                         vocab_size=self.inputs.vocab_size)
@@ -430,5 +428,6 @@ class PretrainRun:
             self.logger.info(reads)
         for warning in summary.get("warnings", []):
             self.logger.info(f"warning: {warning}")
+        self.logger.finish(summary, state.step, files=("config.yaml", "final_metrics.json"))
         acc.end_training()
         return summary

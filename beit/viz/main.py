@@ -165,7 +165,21 @@ def make_report(cfg) -> dict:
     facts = {"run folder": str(run.path), "weights": f"{label} ({weights})", "device": str(device), **facts}
     report = write_report(run.path, title, sections, run.summary, (run.path / "config.yaml").read_text(), facts)
     pictures = {s.title: s.picture for s in sections if s.picture is not None}
-    return {"report": report, "pictures": pictures, "notes": {s.title: s.text for s in sections if s.note}}
+    return {"report": report, "pictures": pictures, "notes": {s.title: s.text for s in sections if s.note},
+            "attached": attach(run.path, report, pictures.values())}
+
+
+def attach(run_dir: Path, report: Path, pictures) -> str:
+    """Give the report to the W&B / MLflow runs the run logged to (its trackers.json); says where it went."""
+    import os
+
+    from beit.runtime.trackers import attach_report
+    files = {"index.html": Path(report), **{os.path.relpath(p, run_dir): Path(p) for p in pictures}}
+    try:
+        names = attach_report(run_dir, files)
+    except Exception as e:  # noqa: BLE001 - the report is written either way; say why the trackers lack it
+        return f"not attached to the run's trackers: {e}"
+    return f"attached to the run's {' and '.join(names)} run" if names else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -181,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<17} {path}")
     for name, text in result["notes"].items():
         print(f"  {name:<17} {text}")
-    print(f"report: {result['report']}")
+    print(f"report: {result['report']}" + (f" ({result['attached']})" if result["attached"] else ""))
     return 0
 
 

@@ -65,7 +65,7 @@ def pretrain_args(out: Path, **over) -> list[str]:
                tokenizer_path=a["tok"],
                image_size=32, patch_size=4, model_size="tiny", embed_dim=32, depth=2, num_heads=2, drop_path=0,
                total_steps=48, warmup_steps=4, lr=2e-3, min_lr=1e-4, num_workers=0, checkpoint_every=8,
-               keep_last=2, log_every=1, tensorboard=False, shuffle_buffer=32, data_order="global",
+               keep_last=2, log_every=1, report_to="none", shuffle_buffer=32, data_order="global",
                global_batch_size=16, batch_size=8, max_bad_fraction=0.05, seed=0, output_dir=str(out),
                mixed_precision=FP32)
     cfg.update(over)
@@ -79,7 +79,7 @@ def finetune_args(out: Path, batch_size: int, **over) -> list[str]:
     a = assets()
     cfg = dict(train_shards=a["digits_train"], val_shards=a["digits_test"], image_size=32, patch_size=8, embed_dim=32,
                depth=2, num_heads=2, epochs=1, batches_per_epoch=8, batch_size=batch_size, global_batch_size=16,
-               num_workers=0, mixup=0, cutmix=0, drop_path=0, tensorboard=False, log_every=1, data_order="global",
+               num_workers=0, mixup=0, cutmix=0, drop_path=0, report_to="none", log_every=1, data_order="global",
                grad_checkpointing=True,
                warmup_epochs=0.25, auto_augment="rand-m5-mstd0.5-inc1", reprob=0.25, hflip=0.0, crop_pct=1.0,
                seed=0, output_dir=str(out), mixed_precision=FP32)
@@ -97,7 +97,8 @@ def command(script: Path, args: list[str], nproc: int, log_dir: Path | None = No
 
 
 def env(nproc: int) -> dict[str, str]:
-    return dict(os.environ, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1" if nproc > 1 else "2",
+    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}  # the test process's own W&B service
+    return dict(inherited, ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1" if nproc > 1 else "2",
                 PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
 
 
