@@ -85,6 +85,15 @@ def test_flags_and_config_files_override_the_recipe_and_auto_recipe_false_keeps_
         with pytest.raises(SystemExit):
             parse_config(cls, ["--train_shards", "x.tar", "--val_fraction", "0.1", *extra])
         assert "--val_fraction splits a --data folder; with shards pass --val_shards" in capsys.readouterr().err
+    # a saved shard run's config.yaml holds the split fields (today's default, or an older run's 0.0): it loads
+    for value in (0.2, 0.0):
+        saved = tmp_path / f"config_{value}.yaml"
+        saved.write_text(f"train_shards: [x.tar]\nval_fraction: {value}\nsplit_seed: 0\n")
+        assert parse_config(PretrainConfig, ["--config", str(saved)]).val_fraction == value
+    saved.write_text("train_shards: [x.tar]\nsplit_seed: 3\n")
+    with pytest.raises(SystemExit):
+        parse_config(PretrainConfig, ["--config", str(saved)])
+    assert "--split_seed splits a --data folder" in capsys.readouterr().err
 
 
 def test_finetuning_takes_the_geometry_of_its_pretraining_and_pretraining_the_tokenizers_grid(tmp_path, capsys):

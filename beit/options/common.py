@@ -125,8 +125,10 @@ class TrainDataOptions(ShardSourceOptions):
 
     def fit_to_data(self, given: set[str]):
         """Called by ``parse_config`` with the options given by flags or --config: a split asked for without
-        --data is refused."""
-        split = sorted(given & {"val_fraction", "split_seed"}) if not self.data else []
+        --data is refused. A saved run's config.yaml holds the split fields with a value that asks for nothing
+        (no split, today's or an older default, seed 0): those load, so a run on shards resumes from its config."""
+        inert = {"val_fraction": (0.0, type(self).__dataclass_fields__["val_fraction"].default), "split_seed": (0,)}
+        split = sorted(k for k in given & set(inert) if getattr(self, k) not in inert[k]) if not self.data else []
         if split:
             raise ValueError(f"--{split[0]} splits a --data folder; with shards pass --val_shards")
         return self
