@@ -12,6 +12,7 @@
 """
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -42,6 +43,9 @@ from beit.checkpoints.integrity import verify_checkpoint
 from beit.runtime.stopping import EXIT_STOPPED
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("terminal_signals")]  # conftest.py
+
+
+OUR_FRAME = re.compile(r'File "' + re.escape(str(Path(__file__).resolve().parents[1])) + r'/(?:beit|data|tokenizers)/')
 
 
 def rank_stderr(log_dir: Path, rank: int) -> str:
@@ -229,7 +233,9 @@ def test_the_slurm_script_stops_the_training_on_preemption_with_a_checkpoint_and
     step = stop_step(out, 2)
     assert 5 <= step < 48 and logged_step(out) == step, text[-4000:]
     assert f"stopped at step {step} on SIGTERM; the checkpoint is {checkpoint_path(out, step)}" in text
-    assert rc == 128 + signal.SIGTERM and "Traceback" not in text, text[-4000:]
+    # no traceback from our code; torch's elastic launcher, TERMed with every process, may print its own
+    # (a SignalException raised inside its logging of "Sending process ... closing signal"), as it does under SLURM
+    assert rc == 128 + signal.SIGTERM and not OUR_FRAME.search(text), text[-4000:]
     assert "requeueing" not in text and not requeues.exists()   # the script requeued nothing
 
     p = job(tmp_path / "job2.log")                              # SLURM's requeue of the preempted job
