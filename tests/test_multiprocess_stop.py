@@ -45,7 +45,7 @@ from beit.runtime.stopping import EXIT_STOPPED
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("terminal_signals")]  # conftest.py
 
 
-OUR_FRAME = re.compile(r'File "' + re.escape(str(Path(__file__).resolve().parents[1])) + r'/(?:beit|data|tokenizers)/')
+OUR_FRAME = re.compile(r'File "' + re.escape(str(REPO)) + r'/(?:beit|data|tokenizers)/')  # a frame of our code
 
 
 def rank_stderr(log_dir: Path, rank: int) -> str:
